@@ -1,0 +1,203 @@
+//! The command line: `serve`, `migrate`, `healthcheck`, `openapi`, and the one-shot `compress`
+//! and `plan` that run the engine without a server.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::compress::engine::{self, Control, EngineJob};
+use crate::compress::plan::plan;
+use crate::compress::spec::{canonical_json, parse_compress, CompressSpec};
+use crate::config::Settings;
+use crate::formats::safetensors::read_header;
+
+#[derive(Debug, Parser)]
+#[command(name = "modelpress", version, about = "Makes neural-network models smaller")]
+pub struct Cli {
+    /// Settings file layered over config/default.toml (then MODELPRESS__SECTION__KEY variables).
+    #[arg(long, global = true, env = "MODELPRESS_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server and its workers.
+    Serve,
+    /// Create or upgrade the database, then exit.
+    Migrate,
+    /// Exit 0 when the server on the configured address is ready (for container health checks).
+    Healthcheck,
+    /// Print the OpenAPI document.
+    Openapi,
+    /// Compress a model file without a server, writing the artifacts to a directory.
+    Compress {
+        /// The .safetensors model.
+        model: PathBuf,
+        /// A JSON spec with `steps` and optional `outputs` (as for POST /v1/jobs, without model_id).
+        #[arg(long)]
+        spec: PathBuf,
+        /// Output directory (created; must be empty if it exists).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print what a spec would do to a model (reads only the header).
+    Plan {
+        model: PathBuf,
+        #[arg(long)]
+        spec: PathBuf,
+    },
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve => {
+            let settings = Settings::load(cli.config.as_deref())?;
+            crate::telemetry::init(&settings.log);
+            runtime()?.block_on(async {
+                let app = crate::startup::Application::build(settings).await?;
+                app.run_until_stopped().await
+            })?;
+        }
+        Command::Migrate => {
+            let settings = Settings::load(cli.config.as_deref())?;
+            crate::telemetry::init(&settings.log);
+            runtime()?.block_on(async {
+                std::fs::create_dir_all(&settings.storage.data_dir)?;
+                crate::storage::db::connect(&settings.storage.data_dir).await?;
+                println!("database at {} is up to date", settings.storage.data_dir.join("modelpress.db").display());
+                Ok::<_, anyhow::Error>(())
+            })?;
+        }
+        Command::Healthcheck => {
+            let settings = Settings::load(cli.config.as_deref())?;
+            return Ok(healthcheck(&settings));
+        }
+        Command::Openapi => println!("{}", crate::http::openapi_document()),
+        Command::Plan { model, spec } => {
+            let spec = load_spec(&spec)?;
+            let header = read_header(&model, u64::MAX).with_context(|| format!("reading {}", model.display()))?;
+            println!("{}", serde_json::to_string_pretty(&plan(&spec.0, &header))?);
+        }
+        Command::Compress { model, spec, out } => return compress(&model, &spec, &out),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+}
+
+/// A plain HTTP/1.0 GET of `/readyz` on the configured address: no client library needed.
+fn healthcheck(settings: &Settings) -> ExitCode {
+    let host = if settings.server.host == "0.0.0.0" { "127.0.0.1" } else { settings.server.host.as_str() };
+    let address = format!("{host}:{}", settings.server.port);
+    let check = || -> std::io::Result<bool> {
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&address)?.next().ok_or(std::io::ErrorKind::NotFound)?;
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(format!("GET /readyz HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes())?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"))
+    };
+    match check() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("{address} is not ready");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("{address}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reads a CLI spec: `steps` and `outputs`; `model_id`/`dataset_id` of a job spec are ignored.
+fn load_spec(path: &Path) -> anyhow::Result<(CompressSpec, String)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let obj = value.as_object_mut().context("the spec must be a JSON object")?;
+    obj.remove("model_id");
+    obj.remove("dataset_id");
+    if let Some(k) = obj.keys().find(|k| *k != "steps" && *k != "outputs") {
+        anyhow::bail!("{}: unknown field `{k}` (expected `steps`, `outputs`)", path.display());
+    }
+    let steps = obj.get("steps").context("missing field `steps`")?;
+    let spec = parse_compress(steps, obj.get("outputs"))
+        .map_err(|errors| anyhow::anyhow!(errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")))?;
+    Ok((spec, canonical_json(&value)))
+}
+
+/// A progress bar on a terminal; indicatif draws nothing when stderr is not one.
+struct Bar(indicatif::ProgressBar);
+
+impl Control for Bar {
+    fn progress(&self, fraction: f64, _step: &str, message: &str) {
+        self.0.set_position((fraction * 1000.0) as u64);
+        self.0.set_message(message.to_owned());
+    }
+
+    fn canceled(&self) -> bool {
+        false
+    }
+}
+
+fn compress(model: &Path, spec_path: &Path, out: &Path) -> anyhow::Result<ExitCode> {
+    use sha2::Digest;
+    let (spec, canonical) = load_spec(spec_path)?;
+    let header = read_header(model, u64::MAX).with_context(|| format!("reading {}", model.display()))?;
+    let plan = plan(&spec, &header);
+    if !plan.refusals.is_empty() {
+        for r in &plan.refusals {
+            eprintln!("refused: {}: {}", r.pointer, r.detail);
+        }
+        return Ok(ExitCode::from(2));
+    }
+    std::fs::create_dir_all(out)?;
+    if std::fs::read_dir(out)?.next().is_some() {
+        anyhow::bail!("output directory {} is not empty", out.display());
+    }
+    let (input_sha, _) = crate::scheduler::hash_file(model)?;
+    let spec_sha = hex::encode(sha2::Sha256::digest(canonical.as_bytes()));
+    let bar = indicatif::ProgressBar::new(1000).with_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {percent:>3}% {elapsed_precise} {msg}").expect("template"),
+    );
+    let job = EngineJob {
+        model_path: model,
+        header: &header,
+        spec: &spec,
+        plan: &plan,
+        out_dir: out,
+        input_sha256: &input_sha,
+        spec_sha256: &spec_sha,
+    };
+    let output = engine::run(&job, &Bar(bar.clone()))?;
+    bar.finish_and_clear();
+    let t = &output.report.totals;
+    println!(
+        "{} tensors ({} changed), {} -> {} bytes (x{:.2}), {:.2} bits per weight",
+        t.tensors, t.tensors_changed, t.bytes_in, t.bytes_out, t.ratio, t.bits_per_weight
+    );
+    for a in &output.artifacts {
+        println!("{}", a.path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

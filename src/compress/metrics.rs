@@ -1,0 +1,132 @@
+//! Reconstruction-error metrics shared by every step's report entry.
+
+/// Error of a reconstruction `approx` against the `original`, accumulated in f64.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ErrorMetrics {
+    /// ||x - x'||_F / ||x||_F (0 when both are zero).
+    pub relative_error: f64,
+    /// 10 log10(||x||^2 / ||x - x'||^2) in dB; `None` stands for infinity (exact reconstruction).
+    pub sqnr_db: Option<f64>,
+    /// <x, x'> / (||x|| ||x'||); 1 when both are zero.
+    pub cosine: f64,
+    /// max |x - x'|.
+    pub max_abs_error: f64,
+    /// Fraction of the L2 norm the reconstruction keeps: ||x'|| / ||x||.
+    pub norm_kept: f64,
+}
+
+/// Running sums so metrics can be accumulated row by row or chunk by chunk.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ErrorAccumulator {
+    sum_x2: f64,
+    sum_y2: f64,
+    sum_xy: f64,
+    sum_d2: f64,
+    max_abs: f64,
+}
+
+impl ErrorAccumulator {
+    pub fn add(&mut self, original: &[f32], approx: &[f32]) {
+        debug_assert_eq!(original.len(), approx.len());
+        // Accumulate in f32 lanes per chunk, then fold into f64: vectorises and stays accurate
+        // for the few thousand values of one row.
+        for (xs, ys) in original.chunks(1024).zip(approx.chunks(1024)) {
+            let (mut x2, mut y2, mut xy, mut d2, mut mx) = (0f32, 0f32, 0f32, 0f32, 0f32);
+            for (&x, &y) in xs.iter().zip(ys) {
+                let d = x - y;
+                x2 += x * x;
+                y2 += y * y;
+                xy += x * y;
+                d2 += d * d;
+                mx = mx.max(d.abs());
+            }
+            self.sum_x2 += x2 as f64;
+            self.sum_y2 += y2 as f64;
+            self.sum_xy += xy as f64;
+            self.sum_d2 += d2 as f64;
+            self.max_abs = self.max_abs.max(mx as f64);
+        }
+    }
+
+    pub fn merge(&mut self, other: &ErrorAccumulator) {
+        self.sum_x2 += other.sum_x2;
+        self.sum_y2 += other.sum_y2;
+        self.sum_xy += other.sum_xy;
+        self.sum_d2 += other.sum_d2;
+        self.max_abs = self.max_abs.max(other.max_abs);
+    }
+
+    pub fn finish(&self) -> ErrorMetrics {
+        let nx = self.sum_x2.sqrt();
+        let ny = self.sum_y2.sqrt();
+        let relative_error = if nx > 0.0 {
+            (self.sum_d2.sqrt() / nx).min(f64::MAX)
+        } else if self.sum_d2 > 0.0 {
+            f64::INFINITY
+        } else {
+            0.0
+        };
+        let sqnr_db = if self.sum_d2 > 0.0 && self.sum_x2 > 0.0 {
+            Some(10.0 * (self.sum_x2 / self.sum_d2).log10())
+        } else {
+            None
+        };
+        let cosine = if nx > 0.0 && ny > 0.0 {
+            (self.sum_xy / (nx * ny)).clamp(-1.0, 1.0)
+        } else if nx == 0.0 && ny == 0.0 {
+            1.0
+        } else {
+            0.0
+        };
+        let norm_kept = if nx > 0.0 { ny / nx } else { 1.0 };
+        ErrorMetrics { relative_error, sqnr_db, cosine, max_abs_error: self.max_abs, norm_kept }
+    }
+}
+
+/// Metrics of a whole tensor in one call.
+pub fn error_metrics(original: &[f32], approx: &[f32]) -> ErrorMetrics {
+    let mut acc = ErrorAccumulator::default();
+    acc.add(original, approx);
+    acc.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOL: f64 = 1e-9;
+
+    #[test]
+    fn exact_reconstruction_has_no_error_and_infinite_sqnr() {
+        let x = [1.0f32, -2.0, 3.0];
+        let m = error_metrics(&x, &x);
+        assert_eq!(m.relative_error, 0.0);
+        assert_eq!(m.sqnr_db, None);
+        assert!((m.cosine - 1.0).abs() < TOL);
+        assert_eq!(m.max_abs_error, 0.0);
+    }
+
+    #[test]
+    fn a_known_error_gives_the_hand_computed_figures() {
+        // x = (3, 4), y = (3, 3): ||x|| = 5, ||d|| = 1 -> rel 0.2, SQNR 10 log10(25) dB.
+        let m = error_metrics(&[3.0, 4.0], &[3.0, 3.0]);
+        assert!((m.relative_error - 0.2).abs() < TOL);
+        assert!((m.sqnr_db.unwrap() - 10.0 * 25f64.log10()).abs() < 1e-6);
+        assert!((m.cosine - 21.0 / (5.0 * 18f64.sqrt())).abs() < 1e-6);
+        assert_eq!(m.max_abs_error, 1.0);
+    }
+
+    #[test]
+    fn accumulating_in_pieces_equals_one_pass() {
+        let x: Vec<f32> = (0..5000).map(|i| (i as f32).sin()).collect();
+        let y: Vec<f32> = x.iter().map(|v| v * 0.99).collect();
+        let mut acc = ErrorAccumulator::default();
+        for (a, b) in x.chunks(333).zip(y.chunks(333)) {
+            let mut part = ErrorAccumulator::default();
+            part.add(a, b);
+            acc.merge(&part);
+        }
+        let whole = error_metrics(&x, &y);
+        assert!((acc.finish().relative_error - whole.relative_error).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,125 @@
+//! Layered settings: `config/default.toml` (compiled in), an optional file, then environment
+//! variables `MODELPRESS__SECTION__KEY`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+const DEFAULTS: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub storage: StorageSettings,
+    pub queue: QueueSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub host: String,
+    pub port: u16,
+    pub shutdown_grace_secs: u64,
+    pub body_idle_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSettings {
+    pub data_dir: PathBuf,
+    pub max_upload_bytes: u64,
+    pub max_header_bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSettings {
+    pub workers: Option<usize>,
+    pub lease_secs: u64,
+    pub max_attempts: u32,
+    pub retry_backoff_secs: u64,
+    pub max_queued: u64,
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+impl QueueSettings {
+    /// Worker count, unset resolved to the number of cores.
+    pub fn worker_count(&self) -> usize {
+        self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+}
+
+impl Settings {
+    /// Defaults, then `file` if given, then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Settings, config::ConfigError> {
+        let mut builder =
+            config::Config::builder().add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        builder
+            .add_source(
+                config::Environment::with_prefix("MODELPRESS").prefix_separator("__").separator("__").try_parsing(true),
+            )
+            .build()?
+            .try_deserialize()
+    }
+
+    /// Defaults only: what tests start from before pointing the data dir at a temp dir.
+    pub fn defaults() -> Settings {
+        config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .expect("config/default.toml is valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_listen_on_loopback_8080_with_data_under_dot_data() {
+        let s = Settings::defaults();
+        assert_eq!((s.server.host.as_str(), s.server.port), ("127.0.0.1", 8080));
+        assert_eq!(s.storage.data_dir, PathBuf::from("./data"));
+        assert_eq!(s.storage.max_header_bytes, 16 * 1024 * 1024);
+    }
+
+    #[test]
+    fn a_file_overrides_the_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prod.toml");
+        std::fs::write(&path, "[server]\nport = 9999\n[queue]\nworkers = 3\n").unwrap();
+        let s = Settings::load(Some(&path)).unwrap();
+        assert_eq!(s.server.port, 9999);
+        assert_eq!(s.queue.worker_count(), 3);
+        assert_eq!(s.server.host, "127.0.0.1");
+    }
+
+    #[test]
+    fn unknown_keys_in_a_file_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "[server]\nprot = 1\n").unwrap();
+        let err = Settings::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("prot"), "{err}");
+    }
+}

@@ -1,0 +1,74 @@
+//! The job spec as the API accepts it: the compression spec plus which model and dataset.
+
+use serde::Deserialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::compress::spec::{canonical_json, from_value_at, parse_compress, CompressSpec, SpecError};
+
+/// A validated job spec with its canonical text and hash (idempotency and provenance).
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub model_id: String,
+    pub dataset_id: Option<String>,
+    pub compress: CompressSpec,
+    pub canonical: String,
+    pub sha256: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope {
+    model_id: uuid::Uuid,
+    dataset_id: Option<uuid::Uuid>,
+    steps: Value,
+    outputs: Option<Value>,
+}
+
+/// Parses and validates a job spec; the errors name JSON pointers into `body`.
+pub fn parse_job_spec(body: &Value) -> Result<JobSpec, Vec<SpecError>> {
+    if !body.is_object() {
+        return Err(vec![SpecError::new("", "invalid_field", "the job spec must be a JSON object")]);
+    }
+    let env: Envelope = from_value_at(body, "").map_err(|e| vec![e])?;
+    let compress = parse_compress(&env.steps, env.outputs.as_ref())?;
+    let canonical = canonical_json(body);
+    let sha256 = hex::encode(Sha256::digest(canonical.as_bytes()));
+    Ok(JobSpec {
+        model_id: env.model_id.to_string(),
+        dataset_id: env.dataset_id.map(|d| d.to_string()),
+        compress,
+        canonical,
+        sha256,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn key_order_does_not_change_the_hash() {
+        let a = json!({"model_id": "0190c5e6-0000-7000-8000-000000000000", "steps": [{"op": "quantize", "bits": 8}]});
+        let b: Value = serde_json::from_str(
+            r#"{"steps":[{"bits":8,"op":"quantize"}],"model_id":"0190c5e6-0000-7000-8000-000000000000"}"#,
+        )
+        .unwrap();
+        assert_eq!(parse_job_spec(&a).unwrap().sha256, parse_job_spec(&b).unwrap().sha256);
+    }
+
+    #[test]
+    fn a_malformed_model_id_names_its_pointer() {
+        let e = parse_job_spec(&json!({"model_id": "nope", "steps": []})).unwrap_err();
+        assert_eq!(e[0].pointer, "/model_id");
+    }
+
+    #[test]
+    fn unknown_top_level_fields_are_refused() {
+        let e =
+            parse_job_spec(&json!({"model_id": "0190c5e6-0000-7000-8000-000000000000", "steps": [], "priority": 1}))
+                .unwrap_err();
+        assert!(e[0].detail.contains("unknown field `priority`"), "{:?}", e);
+    }
+}

@@ -1,0 +1,3 @@
+//! Model file formats: reading and validating safetensors, and writing every output layout.
+
+pub mod safetensors;

@@ -1,0 +1,292 @@
+//! `/v1/jobs`: create, list, get, cancel, events, report and artifacts.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use futures_util::Stream;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::{ApiError, ApiResult};
+use super::extract::Query;
+use super::plans::checked_plan;
+use super::{page_limit, parse_id, AppState, Page};
+use crate::domain::job::{JobFailure, JobRecord, JobStatus, Progress};
+use crate::storage::queue::{Enqueued, JobFilter, NewJob};
+use crate::storage::rfc3339;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobView {
+    pub id: String,
+    pub status: JobStatus,
+    pub model_id: String,
+    pub dataset_id: Option<String>,
+    #[schema(value_type = Object)]
+    pub spec: serde_json::Value,
+    pub progress: Progress,
+    pub attempt: i64,
+    pub max_attempts: i64,
+    pub cancel_requested: bool,
+    pub error: Option<JobFailure>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub canceled_at: Option<String>,
+    pub links: JobLinks,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobLinks {
+    #[serde(rename = "self")]
+    pub this: String,
+    pub events: String,
+    pub artifacts: String,
+    pub report: String,
+}
+
+impl From<&JobRecord> for JobView {
+    fn from(j: &JobRecord) -> JobView {
+        let base = format!("/v1/jobs/{}", j.id);
+        JobView {
+            id: j.id.clone(),
+            status: j.status(),
+            model_id: j.model_id.clone(),
+            dataset_id: j.dataset_id.clone(),
+            spec: serde_json::from_str(&j.spec).unwrap_or(serde_json::Value::Null),
+            progress: j.progress(),
+            attempt: j.attempt,
+            max_attempts: j.max_attempts,
+            cancel_requested: j.cancel_requested != 0,
+            error: j.failure(),
+            created_at: rfc3339(j.created_at),
+            started_at: j.started_at.map(rfc3339),
+            finished_at: j.finished_at.map(rfc3339),
+            canceled_at: j.canceled_at.map(rfc3339),
+            links: JobLinks {
+                events: format!("{base}/events"),
+                artifacts: format!("{base}/artifacts"),
+                report: format!("{base}/report"),
+                this: base,
+            },
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ArtifactView {
+    pub name: String,
+    pub format: String,
+    pub bytes: i64,
+    pub sha256: String,
+    pub url: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct JobListParams {
+    /// Only jobs in this status.
+    pub status: Option<String>,
+    /// Only jobs of this model.
+    pub model_id: Option<String>,
+    /// Page size, 1-200 (default 50).
+    pub limit: Option<u32>,
+    /// The `next` cursor of the previous page.
+    pub after: Option<String>,
+}
+
+/// Idempotency keys longer than this are refused (they are stored and indexed).
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// Submit a job. Answers 202 with `Location`; the same `Idempotency-Key` and body answer 200
+/// with the job created the first time.
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body(content = Object, description = "A job spec"),
+    responses((status = 202, body = JobView), (status = 200, body = JobView, description = "Idempotent replay"),
+              (status = 422, body = super::error::Problem), (status = 429, body = super::error::Problem)))]
+pub async fn create_job(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
+    let key = match headers.get("idempotency-key") {
+        Some(v) => {
+            let k = v
+                .to_str()
+                .map_err(|_| ApiError::bad_request("invalid_header", "Idempotency-Key must be visible ASCII"))?;
+            if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY {
+                return Err(ApiError::bad_request(
+                    "invalid_header",
+                    format!("Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} characters"),
+                ));
+            }
+            Some(k.to_owned())
+        }
+        None => None,
+    };
+    let (spec, _plan) = checked_plan(&state, &body).await?;
+    let outcome = state
+        .queue
+        .enqueue(
+            NewJob {
+                model_id: spec.model_id.clone(),
+                dataset_id: spec.dataset_id.clone(),
+                spec: spec.canonical.clone(),
+                spec_hash: spec.sha256.clone(),
+                idempotency_key: key,
+                max_attempts: state.settings.queue.max_attempts,
+            },
+            state.settings.queue.max_queued,
+        )
+        .await
+        .map_err(|e| match e {
+            crate::storage::queue::QueueError::NotFound(id) => ApiError::unprocessable(
+                "unknown_model",
+                format!("model `{id}` was deleted while the job was submitted"),
+            )
+            .with_pointer("/model_id"),
+            other => other.into(),
+        })?;
+    let (status, job) = match outcome {
+        Enqueued::Created(j) => (StatusCode::ACCEPTED, j),
+        Enqueued::Replayed(j) => (StatusCode::OK, j),
+    };
+    tracing::info!(job_id = %job.id, replay = status == StatusCode::OK, "job accepted");
+    Ok((status, [(header::LOCATION, format!("/v1/jobs/{}", job.id))], Json(JobView::from(&job))).into_response())
+}
+
+/// List jobs, newest first, with optional filters.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(JobListParams), responses((status = 200, body = Page<JobView>)))]
+pub async fn list_jobs(
+    State(state): State<AppState>,
+    Query(p): Query<JobListParams>,
+) -> ApiResult<Json<Page<JobView>>> {
+    let limit = page_limit(p.limit)?;
+    let status = p
+        .status
+        .as_deref()
+        .map(|s| {
+            JobStatus::parse(s).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_query",
+                    format!("status `{s}` is not one of queued, running, succeeded, failed, canceled"),
+                )
+                .with_pointer("/status")
+            })
+        })
+        .transpose()?;
+    let filter = JobFilter {
+        status,
+        model_id: p.model_id.as_deref().map(|m| parse_id(m, "model_id")).transpose()?,
+        after: p.after.as_deref().map(|a| parse_id(a, "after")).transpose()?,
+        limit: limit + 1,
+    };
+    let mut rows = state.queue.list(&filter).await?;
+    Ok(Json(Page::from_rows(&mut rows, limit, |j| j.id.clone(), |j| JobView::from(j))))
+}
+
+async fn load(state: &AppState, id: &str) -> ApiResult<JobRecord> {
+    let id = parse_id(id, "id")?;
+    state.queue.get(&id).await?.ok_or_else(|| ApiError::not_found("job", &id))
+}
+
+/// A job: status, progress, attempts, timestamps and the error of a failed job.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", responses((status = 200, body = JobView), (status = 404, body = super::error::Problem)))]
+pub async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<JobView>> {
+    Ok(Json(JobView::from(&load(&state, &id).await?)))
+}
+
+/// Cancel a job: a queued one at once (200), a running one at its next tensor (202).
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs",
+    responses((status = 200, body = JobView), (status = 202, body = JobView), (status = 409, body = super::error::Problem)))]
+pub async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let id = parse_id(&id, "id")?;
+    let job = state.queue.cancel(&id).await?;
+    let status = if job.status() == JobStatus::Running { StatusCode::ACCEPTED } else { StatusCode::OK };
+    Ok((status, Json(JobView::from(&job))).into_response())
+}
+
+/// The job's stored events as Server-Sent Events; resumes after `Last-Event-ID` and ends after
+/// the terminal state.
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", responses((status = 200, content_type = "text/event-stream")))]
+pub async fn job_events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let job = load(&state, &id).await?;
+    let last: i64 = headers.get("last-event-id").and_then(|v| v.to_str().ok()?.trim().parse().ok()).unwrap_or(0);
+    let stream = super::events::job_event_stream(state.queue.clone(), job.id, last);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// Artifacts of a succeeded job.
+#[utoipa::path(get, path = "/v1/jobs/{id}/artifacts", tag = "jobs", responses((status = 200, body = Vec<ArtifactView>)))]
+pub async fn list_artifacts(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<ArtifactView>>> {
+    let job = load(&state, &id).await?;
+    let rows = state.catalog.artifacts(&job.id).await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|a| ArtifactView {
+                url: format!("/v1/jobs/{}/artifacts/{}", job.id, a.name),
+                name: a.name,
+                format: a.format,
+                bytes: a.bytes,
+                sha256: a.sha256,
+            })
+            .collect(),
+    ))
+}
+
+fn content_type_of(name: &str) -> &'static str {
+    if name.ends_with(".json") {
+        "application/json"
+    } else if name.ends_with(".html") {
+        "text/html; charset=utf-8"
+    } else {
+        "application/octet-stream"
+    }
+}
+
+async fn serve_artifact(state: &AppState, job: &JobRecord, name: &str, headers: &HeaderMap) -> ApiResult<Response> {
+    let Some(a) = state.catalog.artifact(&job.id, name).await? else {
+        let hint =
+            if job.status() == JobStatus::Succeeded { String::new() } else { format!(" (the job is {})", job.status) };
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("job `{}` has no artifact `{name}`{hint}", job.id),
+        ));
+    };
+    let path = state.blobs.local_path(&a.sha256).await.map_err(ApiError::io)?;
+    let filename = name.rsplit('/').next().unwrap_or(name);
+    super::download::serve_file(&path, &a.sha256, content_type_of(name), filename, headers).await
+}
+
+/// Download one artifact (supports `Range` and `If-None-Match`).
+#[utoipa::path(get, path = "/v1/jobs/{id}/artifacts/{name}", tag = "jobs", responses((status = 200), (status = 206), (status = 404, body = super::error::Problem)))]
+pub async fn download_artifact(
+    State(state): State<AppState>,
+    Path((id, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let job = load(&state, &id).await?;
+    serve_artifact(&state, &job, &name, &headers).await
+}
+
+/// The job's report (`report.json`): the per-tensor ledger and totals.
+#[utoipa::path(get, path = "/v1/jobs/{id}/report", tag = "jobs", responses((status = 200, content_type = "application/json"), (status = 404, body = super::error::Problem)))]
+pub async fn get_report(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let job = load(&state, &id).await?;
+    serve_artifact(&state, &job, "report.json", &headers).await.map(|mut r| {
+        r.headers_mut().remove(header::CONTENT_DISPOSITION);
+        r
+    })
+}

@@ -1,0 +1,183 @@
+//! HTTP: routing, extraction, errors. Handlers are grouped per resource.
+
+pub mod download;
+pub mod error;
+pub mod events;
+pub mod extract;
+pub mod jobs;
+pub mod models;
+pub mod ops;
+pub mod plans;
+pub mod upload;
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::Router;
+use serde::Serialize;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::{OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::config::Settings;
+use crate::storage::blobs::BlobStore;
+use crate::storage::catalog::Catalog;
+use crate::storage::queue::JobQueue;
+use error::{ApiError, ApiResult, REQUEST_ID};
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub queue: Arc<dyn JobQueue>,
+    pub blobs: Arc<dyn BlobStore>,
+    pub catalog: Catalog,
+    /// Worker loops currently alive, and how many were started (readiness).
+    pub workers_alive: Arc<AtomicUsize>,
+    pub workers_expected: usize,
+    /// The rendered OpenAPI document, built once at start.
+    pub openapi: Arc<String>,
+}
+
+/// A page of a cursor-paginated list.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub has_more: bool,
+    /// Pass as `after` to get the next page; absent on the last page.
+    pub next: Option<String>,
+}
+
+impl<T> Page<T> {
+    /// `rows` were fetched with `limit + 1` to learn whether more exist.
+    pub fn from_rows<R>(rows: &mut Vec<R>, limit: u32, id: impl Fn(&R) -> String, view: impl Fn(&R) -> T) -> Page<T> {
+        let has_more = rows.len() > limit as usize;
+        rows.truncate(limit as usize);
+        Page {
+            next: if has_more { rows.last().map(&id) } else { None },
+            items: rows.iter().map(view).collect(),
+            has_more,
+        }
+    }
+}
+
+/// Default and maximum page sizes.
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 200;
+
+pub fn page_limit(limit: Option<u32>) -> ApiResult<u32> {
+    match limit.unwrap_or(DEFAULT_PAGE) {
+        n @ 1..=MAX_PAGE => Ok(n),
+        n => Err(ApiError::bad_request("invalid_query", format!("limit must be between 1 and {MAX_PAGE}, got {n}"))
+            .with_pointer("/limit")),
+    }
+}
+
+/// Ids are UUIDs; anything else is a 400 naming the parameter (and never reaches SQL).
+pub fn parse_id(raw: &str, what: &str) -> ApiResult<String> {
+    uuid::Uuid::parse_str(raw).map(|u| u.to_string()).map_err(|_| {
+        ApiError::bad_request("invalid_id", format!("`{what}` must be a UUID, got `{raw}`"))
+            .with_pointer(format!("/{what}"))
+    })
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "ModelPress", description = "Makes neural-network models smaller: upload a safetensors model, plan and run compression jobs, download the artifacts and the per-tensor report."),
+    tags((name = "models"), (name = "datasets"), (name = "jobs"), (name = "plans"), (name = "operations"))
+)]
+struct ApiDoc;
+
+/// The API routes and their OpenAPI document.
+fn api_router() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(models::upload_model, models::list_models))
+        .routes(routes!(models::get_model, models::delete_model))
+        .routes(routes!(models::download_model))
+        .routes(routes!(models::upload_dataset, models::list_datasets))
+        .routes(routes!(models::get_dataset, models::delete_dataset))
+        .routes(routes!(models::download_dataset))
+        .routes(routes!(jobs::create_job, jobs::list_jobs))
+        .routes(routes!(jobs::get_job))
+        .routes(routes!(jobs::cancel_job))
+        .routes(routes!(jobs::job_events))
+        .routes(routes!(jobs::list_artifacts))
+        .routes(routes!(jobs::get_report))
+        .routes(routes!(plans::create_plan))
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::metrics_text))
+        .split_for_parts()
+}
+
+/// The rendered OpenAPI document (also used by `modelpress openapi`).
+pub fn openapi_document() -> String {
+    api_router().1.to_pretty_json().expect("OpenAPI JSON")
+}
+
+pub fn router(mut state: AppState) -> Router {
+    let (api, doc) = api_router();
+    state.openapi = Arc::new(doc.to_pretty_json().expect("OpenAPI JSON"));
+    let idle = Duration::from_secs(state.settings.server.body_idle_timeout_secs);
+    api
+        // Artifact names may contain '/' (compressed-tensors/config.json): a wildcard route.
+        .route("/v1/jobs/{id}/artifacts/{*name}", axum::routing::get(jobs::download_artifact))
+        .route("/openapi.json", axum::routing::get(ops::openapi_json))
+        .route("/docs", axum::routing::get(ops::docs))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .layer(axum::middleware::from_fn(record_metrics))
+        .layer(axum::middleware::from_fn(scope_request_id))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(idle))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |m| m.as_str()).to_owned();
+            let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            tracing::info_span!("request", method = %req.method(), route = %route, request_id = %id)
+        }))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "route_not_found",
+        format!("no route for {} {}", req.method(), req.uri().path()),
+    )
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+}
+
+/// Makes the request id available to error bodies built anywhere in the handler.
+async fn scope_request_id(req: Request, next: Next) -> Response {
+    let id =
+        req.extensions().get::<RequestId>().and_then(|r| r.header_value().to_str().ok()).unwrap_or_default().to_owned();
+    REQUEST_ID.scope(id, next.run(req)).await
+}
+
+/// Requests by matched route and status, and their durations.
+async fn record_metrics(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().to_string();
+    let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let res = next.run(req).await;
+    let status = res.status().as_u16().to_string();
+    metrics::counter!("modelpress_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status).increment(1);
+    metrics::histogram!("modelpress_http_request_duration_seconds", "method" => method, "route" => route)
+        .record(start.elapsed().as_secs_f64());
+    res
+}

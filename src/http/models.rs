@@ -1,0 +1,253 @@
+//! `/v1/models` and `/v1/datasets`: the same upload, list, get, download and delete for both.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::{ApiError, ApiResult};
+use super::extract::Query;
+use super::{page_limit, parse_id, upload, AppState, Page};
+use crate::storage::catalog::{DeleteOutcome, ModelKind, ModelRecord, NewModel};
+use crate::storage::rfc3339;
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TensorView {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelView {
+    pub id: String,
+    pub kind: String,
+    pub name: Option<String>,
+    pub sha256: String,
+    pub bytes: i64,
+    pub parameters: i64,
+    pub tensor_count: usize,
+    pub created_at: String,
+    /// Set when the model was registered from a job's output.
+    pub source_job: Option<String>,
+    /// The tensor table (only on `GET /v1/models/{id}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tensors: Option<Vec<TensorView>>,
+}
+
+impl ModelView {
+    fn from_record(m: &ModelRecord, with_tensors: bool) -> ModelView {
+        let tensors: Vec<TensorView> = serde_json::from_str(&m.tensors).unwrap_or_default();
+        ModelView {
+            id: m.id.clone(),
+            kind: m.kind.clone(),
+            name: m.name.clone(),
+            sha256: m.sha256.clone(),
+            bytes: m.bytes,
+            parameters: m.parameters,
+            tensor_count: tensors.len(),
+            created_at: rfc3339(m.created_at),
+            source_job: m.source_job.clone(),
+            tensors: with_tensors.then_some(tensors),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct UploadParams {
+    /// A human name for the upload (e.g. the original file name).
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// Page size, 1-200 (default 50).
+    pub limit: Option<u32>,
+    /// The `next` cursor of the previous page.
+    pub after: Option<String>,
+}
+
+async fn upload_kind(
+    state: &AppState,
+    kind: ModelKind,
+    params: UploadParams,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let settings = &state.settings.storage;
+    let staged = upload::receive(
+        &headers,
+        body,
+        state.blobs.staging_path("upload"),
+        settings.max_upload_bytes,
+        settings.max_header_bytes,
+    )
+    .await?;
+    if kind == ModelKind::Dataset && staged.header.get("inputs").is_none() {
+        let _ = std::fs::remove_file(&staged.path);
+        return Err(ApiError::unprocessable(
+            "invalid_dataset",
+            "a dataset must hold an `inputs` tensor (and optionally `labels`)",
+        )
+        .with_pointer("/tensors/inputs"));
+    }
+    let tensors: Vec<TensorView> = staged
+        .header
+        .tensors
+        .iter()
+        .map(|t| TensorView {
+            name: t.name.clone(),
+            dtype: t.dtype.as_str().into(),
+            shape: t.shape.clone(),
+            bytes: t.bytes(),
+        })
+        .collect();
+    let parameters = staged.header.parameter_count() as i64;
+    if let Err(e) = state.blobs.persist(&staged.path, &staged.sha256).await {
+        let _ = std::fs::remove_file(&staged.path);
+        return Err(ApiError::io(e));
+    }
+    let record = state
+        .catalog
+        .insert_model(NewModel {
+            kind,
+            name: params.name,
+            sha256: staged.sha256,
+            bytes: staged.bytes as i64,
+            tensors: serde_json::to_string(&tensors).expect("tensor table JSON"),
+            parameters,
+            source_job: None,
+        })
+        .await?;
+    tracing::info!(id = %record.id, kind = kind.as_str(), bytes = record.bytes, "stored upload");
+    let location = format!("/v1/{}s/{}", kind.as_str(), record.id);
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(ModelView::from_record(&record, true)))
+        .into_response())
+}
+
+async fn list_kind(state: &AppState, kind: ModelKind, params: ListParams) -> ApiResult<Json<Page<ModelView>>> {
+    let limit = page_limit(params.limit)?;
+    let after = params.after.as_deref().map(|a| parse_id(a, "after")).transpose()?;
+    let mut rows = state.catalog.list_models(kind, after.as_deref(), limit + 1).await?;
+    Ok(Json(Page::from_rows(&mut rows, limit, |m| m.id.clone(), |m| ModelView::from_record(m, false))))
+}
+
+async fn get_kind(state: &AppState, kind: ModelKind, id: &str) -> ApiResult<ModelRecord> {
+    let id = parse_id(id, "id")?;
+    state.catalog.get_model(kind, &id).await?.ok_or_else(|| ApiError::not_found(kind.as_str(), &id))
+}
+
+async fn download_kind(state: &AppState, kind: ModelKind, id: &str, headers: HeaderMap) -> ApiResult<Response> {
+    let m = get_kind(state, kind, id).await?;
+    let path = state.blobs.local_path(&m.sha256).await.map_err(ApiError::io)?;
+    let filename = m.name.clone().unwrap_or_else(|| format!("{}.safetensors", m.id));
+    super::download::serve_file(&path, &m.sha256, "application/octet-stream", &filename, &headers).await
+}
+
+async fn delete_kind(state: &AppState, kind: ModelKind, id: &str) -> ApiResult<StatusCode> {
+    let id = parse_id(id, "id")?;
+    match state.catalog.delete_model(kind, &id).await? {
+        DeleteOutcome::NotFound => Err(ApiError::not_found(kind.as_str(), &id)),
+        DeleteOutcome::InUse(n) => Err(ApiError::conflict(
+            "in_use",
+            format!("{} `{id}` is used by {n} queued or running job(s); cancel them or wait", kind.as_str()),
+        )),
+        DeleteOutcome::Deleted { orphan_blob } => {
+            if let Some(sha) = orphan_blob {
+                if let Err(e) = state.blobs.delete(&sha).await {
+                    tracing::warn!(error = %e, sha256 = %sha, "row deleted but blob file remains; removed at next start");
+                }
+            }
+            Ok(StatusCode::NO_CONTENT)
+        }
+    }
+}
+
+/// Upload a model: the raw safetensors file as the body (`curl -T model.safetensors`).
+#[utoipa::path(post, path = "/v1/models", tag = "models", params(UploadParams),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 201, body = ModelView), (status = 413, body = super::error::Problem),
+              (status = 415, body = super::error::Problem), (status = 422, body = super::error::Problem)))]
+pub async fn upload_model(
+    State(s): State<AppState>,
+    Query(p): Query<UploadParams>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    upload_kind(&s, ModelKind::Model, p, headers, body).await
+}
+
+/// List models, newest first.
+#[utoipa::path(get, path = "/v1/models", tag = "models", params(ListParams), responses((status = 200, body = Page<ModelView>)))]
+pub async fn list_models(State(s): State<AppState>, Query(p): Query<ListParams>) -> ApiResult<Json<Page<ModelView>>> {
+    list_kind(&s, ModelKind::Model, p).await
+}
+
+/// A model with its tensor table.
+#[utoipa::path(get, path = "/v1/models/{id}", tag = "models", responses((status = 200, body = ModelView), (status = 404, body = super::error::Problem)))]
+pub async fn get_model(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<ModelView>> {
+    Ok(Json(ModelView::from_record(&get_kind(&s, ModelKind::Model, &id).await?, true)))
+}
+
+/// Download the model file (supports `Range` and `If-None-Match`).
+#[utoipa::path(get, path = "/v1/models/{id}/file", tag = "models", responses((status = 200), (status = 206), (status = 404, body = super::error::Problem)))]
+pub async fn download_model(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    download_kind(&s, ModelKind::Model, &id, headers).await
+}
+
+/// Delete a model (409 while a queued or running job uses it).
+#[utoipa::path(delete, path = "/v1/models/{id}", tag = "models", responses((status = 204), (status = 404, body = super::error::Problem), (status = 409, body = super::error::Problem)))]
+pub async fn delete_model(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    delete_kind(&s, ModelKind::Model, &id).await
+}
+
+/// Upload a dataset: safetensors with `inputs` and optional `labels`.
+#[utoipa::path(post, path = "/v1/datasets", tag = "datasets", params(UploadParams),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 201, body = ModelView), (status = 422, body = super::error::Problem)))]
+pub async fn upload_dataset(
+    State(s): State<AppState>,
+    Query(p): Query<UploadParams>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    upload_kind(&s, ModelKind::Dataset, p, headers, body).await
+}
+
+/// List datasets, newest first.
+#[utoipa::path(get, path = "/v1/datasets", tag = "datasets", params(ListParams), responses((status = 200, body = Page<ModelView>)))]
+pub async fn list_datasets(State(s): State<AppState>, Query(p): Query<ListParams>) -> ApiResult<Json<Page<ModelView>>> {
+    list_kind(&s, ModelKind::Dataset, p).await
+}
+
+/// A dataset with its tensor table.
+#[utoipa::path(get, path = "/v1/datasets/{id}", tag = "datasets", responses((status = 200, body = ModelView), (status = 404, body = super::error::Problem)))]
+pub async fn get_dataset(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<ModelView>> {
+    Ok(Json(ModelView::from_record(&get_kind(&s, ModelKind::Dataset, &id).await?, true)))
+}
+
+/// Download the dataset file.
+#[utoipa::path(get, path = "/v1/datasets/{id}/file", tag = "datasets", responses((status = 200), (status = 206)))]
+pub async fn download_dataset(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    download_kind(&s, ModelKind::Dataset, &id, headers).await
+}
+
+/// Delete a dataset (409 while a queued or running job uses it).
+#[utoipa::path(delete, path = "/v1/datasets/{id}", tag = "datasets", responses((status = 204), (status = 409, body = super::error::Problem)))]
+pub async fn delete_dataset(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    delete_kind(&s, ModelKind::Dataset, &id).await
+}

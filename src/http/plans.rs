@@ -1,0 +1,64 @@
+//! `POST /v1/plans`: what a spec will do, from the model's header alone.
+
+use axum::extract::State;
+use axum::Json;
+use bytes::Bytes;
+
+use super::error::{ApiError, ApiResult};
+use super::AppState;
+use crate::compress::plan::{plan, Plan};
+use crate::compress::spec::SpecError;
+use crate::domain::spec::{parse_job_spec, JobSpec};
+use crate::formats::safetensors::read_header;
+use crate::storage::catalog::ModelKind;
+
+/// Parses a job spec body, checks its model and dataset exist, and plans it.
+pub async fn spec_and_plan(state: &AppState, body: &[u8]) -> ApiResult<(JobSpec, Plan)> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")))?;
+    let spec = parse_job_spec(&value).map_err(ApiError::spec)?;
+    let model = state.catalog.get_model(ModelKind::Model, &spec.model_id).await?.ok_or_else(|| {
+        ApiError::spec(vec![SpecError::new(
+            "/model_id",
+            "unknown_model",
+            format!("no model with id `{}`", spec.model_id),
+        )])
+    })?;
+    if let Some(ds) = &spec.dataset_id {
+        if state.catalog.get_model(ModelKind::Dataset, ds).await?.is_none() {
+            return Err(ApiError::spec(vec![SpecError::new(
+                "/dataset_id",
+                "unknown_dataset",
+                format!("no dataset with id `{ds}`"),
+            )]));
+        }
+    }
+    let path = state.blobs.local_path(&model.sha256).await.map_err(ApiError::io)?;
+    let limit = state.settings.storage.max_header_bytes;
+    let compress = spec.compress.clone();
+    let plan = tokio::task::spawn_blocking(move || read_header(&path, limit).map(|h| plan(&compress, &h)))
+        .await
+        .expect("plan task")
+        .map_err(ApiError::internal)?;
+    Ok((spec, plan))
+}
+
+/// Like [`spec_and_plan`], but a plan with refusals is a 422 carrying the plan's words.
+pub async fn checked_plan(state: &AppState, body: &[u8]) -> ApiResult<(JobSpec, Plan)> {
+    let (spec, plan) = spec_and_plan(state, body).await?;
+    if !plan.refusals.is_empty() {
+        let errors =
+            plan.refusals.iter().map(|r| SpecError::new(r.pointer.clone(), "plan_refused", r.detail.clone())).collect();
+        return Err(ApiError::spec(errors));
+    }
+    Ok((spec, plan))
+}
+
+/// Plan a job without running it: per tensor the scheme it will get or why not, predicted
+/// sizes, bits per weight and peak memory. `refusals` lists what `POST /v1/jobs` would refuse.
+#[utoipa::path(post, path = "/v1/plans", tag = "plans", request_body(content = Object, description = "A job spec"),
+    responses((status = 200, body = Object), (status = 422, body = super::error::Problem)))]
+pub async fn create_plan(State(state): State<AppState>, body: Bytes) -> ApiResult<Json<Plan>> {
+    let (_, plan) = spec_and_plan(&state, &body).await?;
+    Ok(Json(plan))
+}

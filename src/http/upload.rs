@@ -1,0 +1,182 @@
+//! Streaming uploads: the request body goes to a staging file on a blocking thread that hashes
+//! as it writes; the safetensors header is captured on the way and validated before anything
+//! becomes visible. Every failure path deletes the staging file.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use super::error::ApiError;
+use crate::formats::safetensors::{check_prefix, parse_header, Header, HeaderError};
+
+/// A validated upload sitting in staging, ready to persist.
+pub struct StagedUpload {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub bytes: u64,
+    pub header: Header,
+}
+
+/// Deletes the staged file unless disarmed: every early return cleans up.
+struct StagingGuard(Option<PathBuf>);
+
+impl Drop for StagingGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+pub fn header_error(e: HeaderError) -> ApiError {
+    match e {
+        HeaderError::NotSafetensors(d) => {
+            ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "not_safetensors", format!("not a safetensors file: {d}"))
+        }
+        HeaderError::HeaderTooLarge { .. } => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "header_too_large", e.to_string())
+        }
+        HeaderError::Invalid { detail, tensor } => {
+            let err = ApiError::unprocessable("invalid_safetensors", detail);
+            match tensor {
+                Some(t) => err.with_pointer(format!("/tensors/{}", t.replace('~', "~0").replace('/', "~1"))),
+                None => err,
+            }
+        }
+    }
+}
+
+fn too_large(limit: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "upload_too_large",
+        format!("the upload exceeds the limit of {limit} bytes (storage.max_upload_bytes)"),
+    )
+}
+
+/// What the writer thread returns.
+struct Written {
+    sha256: String,
+    bytes: u64,
+    /// The first bytes of the file, up to the end of the header (or the header cap).
+    head: Vec<u8>,
+}
+
+fn writer_thread(path: &Path, mut rx: mpsc::Receiver<Bytes>, head_limit: usize) -> std::io::Result<Written> {
+    let file = std::fs::File::create(path)?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut hasher = Sha256::new();
+    let mut head = Vec::new();
+    let mut total = 0u64;
+    while let Some(chunk) = rx.blocking_recv() {
+        if head.len() < head_limit {
+            let take = (head_limit - head.len()).min(chunk.len());
+            head.extend_from_slice(&chunk[..take]);
+        }
+        hasher.update(&chunk);
+        out.write_all(&chunk)?;
+        total += chunk.len() as u64;
+    }
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok(Written { sha256: hex::encode(hasher.finalize()), bytes: total, head })
+}
+
+/// Streams `body` to `path`, enforcing `max_bytes` and the header cap, and validates it.
+pub async fn receive(
+    headers: &HeaderMap,
+    body: Body,
+    path: PathBuf,
+    max_bytes: u64,
+    header_limit: u64,
+) -> Result<StagedUpload, ApiError> {
+    if let Some(len) =
+        headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    {
+        if len > max_bytes {
+            return Err(too_large(max_bytes));
+        }
+    }
+    if let Some(ct) = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+        if ct.starts_with("multipart/") || ct.starts_with("application/x-www-form-urlencoded") {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_content_type",
+                format!("send the raw file as the body (curl -T model.safetensors URL), not `{ct}`"),
+            ));
+        }
+    }
+    let guard = StagingGuard(Some(path.clone()));
+    let (tx, rx) = mpsc::channel::<Bytes>(32);
+    let head_limit = (8 + header_limit) as usize;
+    let writer_path = path.clone();
+    let writer = tokio::task::spawn_blocking(move || writer_thread(&writer_path, rx, head_limit));
+
+    let mut stream = body.into_data_stream();
+    let mut received = 0u64;
+    let mut prefix: Vec<u8> = Vec::with_capacity(9);
+    let mut failure: Option<ApiError> = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                failure = Some(ApiError::bad_request(
+                    "upload_interrupted",
+                    format!("the upload stopped before its end: {e}"),
+                ));
+                break;
+            }
+        };
+        received += chunk.len() as u64;
+        if received > max_bytes {
+            failure = Some(too_large(max_bytes));
+            break;
+        }
+        if prefix.len() < 9 {
+            let take = (9 - prefix.len()).min(chunk.len());
+            prefix.extend_from_slice(&chunk[..take]);
+            // Refuse foreign files and oversized headers from the first bytes, not after the body.
+            if let Err(e) = check_prefix(&prefix, header_limit) {
+                failure = Some(header_error(e));
+                break;
+            }
+        }
+        if tx.send(chunk).await.is_err() {
+            break; // the writer stopped: its error is reported below
+        }
+    }
+    drop(tx);
+    let written = writer.await.expect("upload writer thread");
+    if let Some(f) = failure {
+        return Err(f);
+    }
+    let written = written.map_err(ApiError::io)?;
+    metrics::counter!("modelpress_upload_bytes_total").increment(written.bytes);
+
+    let header = validate(&written.head, written.bytes, header_limit)?;
+    let mut guard = guard;
+    guard.0 = None;
+    Ok(StagedUpload { path, sha256: written.sha256, bytes: written.bytes, header })
+}
+
+fn validate(head: &[u8], file_len: u64, header_limit: u64) -> Result<Header, ApiError> {
+    let len = check_prefix(head, header_limit).map_err(header_error)?.ok_or_else(|| {
+        header_error(HeaderError::NotSafetensors("the file is shorter than a safetensors header".into()))
+    })?;
+    if 8 + len > file_len {
+        return Err(header_error(HeaderError::Invalid {
+            detail: format!(
+                "file is truncated: the header claims {len} bytes but the file has {}",
+                file_len.saturating_sub(8)
+            ),
+            tensor: None,
+        }));
+    }
+    parse_header(&head[8..8 + len as usize], file_len).map_err(header_error)
+}

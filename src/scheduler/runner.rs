@@ -1,0 +1,276 @@
+//! Runs one claimed job: heartbeat and cancel watch, the engine on a blocking thread inside the
+//! job's span, throttled progress, artifact persistence, and the outcome.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tracing::Instrument;
+
+use super::WorkerContext;
+use crate::compress::engine::{self, Control, EngineError, EngineJob};
+use crate::compress::plan;
+use crate::domain::job::{JobFailure, JobRecord, Progress};
+use crate::domain::spec::parse_job_spec;
+use crate::formats::safetensors::read_header;
+use crate::storage::catalog::ModelKind;
+use crate::storage::queue::{NewArtifact, Outcome};
+
+/// Why a running job's cancel flag was raised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CancelReason {
+    None = 0,
+    /// The user asked (`POST /v1/jobs/{id}/cancel`).
+    User = 1,
+    /// The process is shutting down past its grace period.
+    Shutdown = 2,
+    /// Another worker owns the job now (our lease expired).
+    LeaseLost = 3,
+}
+
+/// Shared between the engine thread and the async side of one job.
+struct JobControl {
+    cancel: AtomicU8,
+    /// Latest progress, picked up and stored by the throttling task.
+    latest: Mutex<Option<Progress>>,
+}
+
+impl JobControl {
+    fn reason(&self) -> CancelReason {
+        match self.cancel.load(Ordering::SeqCst) {
+            1 => CancelReason::User,
+            2 => CancelReason::Shutdown,
+            3 => CancelReason::LeaseLost,
+            _ => CancelReason::None,
+        }
+    }
+
+    fn raise(&self, reason: CancelReason) {
+        let _ = self.cancel.compare_exchange(0, reason as u8, Ordering::SeqCst, Ordering::SeqCst);
+    }
+}
+
+impl Control for JobControl {
+    fn progress(&self, fraction: f64, step: &str, message: &str) {
+        *self.latest.lock().expect("progress lock") =
+            Some(Progress { fraction, step: Some(step.into()), message: Some(message.into()) });
+    }
+
+    fn canceled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst) != 0
+    }
+}
+
+/// How often the worker renews its lease and checks for a cancel request. Cancel latency is
+/// this plus one unit of work.
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+/// Progress is stored (and streamed) at most this often.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(300);
+
+fn failure(code: &str, detail: impl Into<String>) -> JobFailure {
+    JobFailure { code: code.into(), detail: detail.into() }
+}
+
+pub(super) async fn run_job(ctx: &WorkerContext, worker: &str, job: JobRecord) {
+    let span = tracing::info_span!("job", job_id = %job.id, attempt = job.attempt, worker = %worker);
+    async {
+        let started = Instant::now();
+        tracing::info!("job started");
+        let outcome = execute(ctx, worker, &job).await;
+        let label = match &outcome {
+            Outcome::Succeeded(_) => "succeeded",
+            Outcome::Failed(_) => "failed",
+            Outcome::Canceled => "canceled",
+            Outcome::Retry(_) => "retry",
+            Outcome::Released => "released",
+        };
+        if let Outcome::Failed(f) | Outcome::Retry(f) = &outcome {
+            tracing::warn!(code = %f.code, detail = %f.detail, "job did not succeed");
+        }
+        metrics::counter!("modelpress_jobs_finished_total", "outcome" => label).increment(1);
+        metrics::histogram!("modelpress_job_duration_seconds", "outcome" => label)
+            .record(started.elapsed().as_secs_f64());
+        match ctx.queue.finish(&job.id, worker, outcome).await {
+            Ok(done) => {
+                tracing::info!(status = %done.status, seconds = started.elapsed().as_secs_f64(), "job finished")
+            }
+            Err(e) => tracing::warn!(error = %e, "could not record the job's outcome (lease lost?)"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn execute(ctx: &WorkerContext, worker: &str, job: &JobRecord) -> Outcome {
+    let body: serde_json::Value = match serde_json::from_str(&job.spec) {
+        Ok(v) => v,
+        Err(e) => return Outcome::Failed(failure("invalid_spec", format!("stored spec is not JSON: {e}"))),
+    };
+    let spec = match parse_job_spec(&body) {
+        Ok(s) => s,
+        Err(errors) => {
+            let detail = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+            return Outcome::Failed(failure("invalid_spec", detail));
+        }
+    };
+    let model = match ctx.catalog.get_model(ModelKind::Model, &job.model_id).await {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            return Outcome::Failed(failure("model_not_found", format!("model {} no longer exists", job.model_id)))
+        }
+        Err(e) => return Outcome::Retry(failure("database_error", e.to_string())),
+    };
+    let model_path = match ctx.blobs.local_path(&model.sha256).await {
+        Ok(p) => p,
+        Err(e) => return Outcome::Retry(failure("storage_error", e.to_string())),
+    };
+    let out_dir = ctx.blobs.staging_path("job");
+    if let Err(e) = tokio::fs::create_dir_all(&out_dir).await {
+        return Outcome::Retry(failure("storage_error", e.to_string()));
+    }
+
+    let control = Arc::new(JobControl { cancel: AtomicU8::new(0), latest: Mutex::new(None) });
+    let watcher = tokio::spawn(watch_job(ctx.clone(), worker.to_owned(), job.id.clone(), control.clone()));
+
+    let engine_control = control.clone();
+    let header_limit = ctx.header_limit;
+    let (dir, sha) = (out_dir.clone(), model.sha256.clone());
+    let span = tracing::Span::current();
+    let result = tokio::task::spawn_blocking(move || {
+        let _entered = span.enter();
+        let header = read_header(&model_path, header_limit)
+            .map_err(|e| EngineError::Io(std::io::Error::other(e.to_string())))?;
+        let plan = plan::plan(&spec.compress, &header);
+        let job = EngineJob {
+            model_path: &model_path,
+            header: &header,
+            spec: &spec.compress,
+            plan: &plan,
+            out_dir: &dir,
+            input_sha256: &sha,
+            spec_sha256: &spec.sha256,
+        };
+        let out = engine::run(&job, engine_control.as_ref())?;
+        metrics::counter!("modelpress_bytes_processed_total").increment(header.tensors.iter().map(|t| t.bytes()).sum());
+        Ok::<_, EngineError>(out)
+    })
+    .await;
+    watcher.abort();
+
+    let outcome = match result {
+        Err(join) if join.is_panic() => {
+            let msg = panic_message(join.into_panic());
+            tracing::error!(panic = %msg, "job panicked");
+            Outcome::Failed(failure("internal_error", "the engine stopped on an internal error; the log has details"))
+        }
+        Err(join) => Outcome::Retry(failure("internal_error", join.to_string())),
+        Ok(Ok(output)) => match persist(ctx, &output.artifacts).await {
+            Ok(artifacts) => Outcome::Succeeded(artifacts),
+            Err(e) => io_outcome(&e),
+        },
+        Ok(Err(EngineError::Canceled)) => match control.reason() {
+            CancelReason::User => Outcome::Canceled,
+            _ => Outcome::Released,
+        },
+        Ok(Err(EngineError::Refused(r))) => {
+            Outcome::Failed(failure("plan_refused", r.iter().map(|r| r.detail.as_str()).collect::<Vec<_>>().join("; ")))
+        }
+        Ok(Err(EngineError::Tensor { code, detail, tensor })) => {
+            Outcome::Failed(failure(code, format!("tensor `{tensor}`: {detail}")))
+        }
+        Ok(Err(EngineError::Io(e))) => io_outcome(&e),
+    };
+    if let Err(e) = tokio::fs::remove_dir_all(&out_dir).await {
+        tracing::warn!(error = %e, dir = %out_dir.display(), "could not remove the job's staging dir");
+    }
+    outcome
+}
+
+fn io_outcome(e: &std::io::Error) -> Outcome {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        Outcome::Failed(failure("insufficient_storage", "the disk is full; free space and submit the job again"))
+    } else {
+        Outcome::Retry(failure("io_error", e.to_string()))
+    }
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Renews the lease, turns cancel requests, lost leases and shutdown into the cancel flag, and
+/// stores throttled progress.
+async fn watch_job(ctx: WorkerContext, worker: String, id: String, control: Arc<JobControl>) {
+    let mut abort = ctx.abort.clone();
+    let mut last_progress = Instant::now() - PROGRESS_INTERVAL;
+    let mut last_beat = Instant::now();
+    let beat_every = (ctx.lease / 3).max(WATCH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+            _ = abort.changed() => {}
+        }
+        if *abort.borrow() {
+            control.raise(CancelReason::Shutdown);
+        }
+        // The heartbeat also reads the cancel flag, so it runs every tick; the lease itself
+        // only needs renewing every `beat_every`, but one cheap UPDATE does both.
+        match ctx.queue.heartbeat(&id, &worker, ctx.lease).await {
+            Ok(state) if !state.held => control.raise(CancelReason::LeaseLost),
+            Ok(state) if state.cancel_requested => control.raise(CancelReason::User),
+            Ok(_) => last_beat = Instant::now(),
+            Err(e) if last_beat.elapsed() > beat_every * 2 => {
+                tracing::warn!(error = %e, "heartbeat failing; stopping the job before the lease expires");
+                control.raise(CancelReason::LeaseLost);
+            }
+            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+        }
+        if last_progress.elapsed() >= PROGRESS_INTERVAL {
+            let latest = control.latest.lock().expect("progress lock").take();
+            if let Some(p) = latest {
+                if let Err(e) = ctx.queue.progress(&id, &worker, &p).await {
+                    tracing::warn!(error = %e, "could not store progress");
+                }
+                last_progress = Instant::now();
+            }
+        }
+    }
+}
+
+/// Hashes each artifact, moves it into the blob store and records the blob rows.
+async fn persist(ctx: &WorkerContext, files: &[engine::ArtifactFile]) -> std::io::Result<Vec<NewArtifact>> {
+    let mut out = Vec::with_capacity(files.len());
+    for f in files {
+        let path = f.path.clone();
+        let (sha, bytes) = tokio::task::spawn_blocking(move || hash_file(&path)).await.expect("hash task")?;
+        ctx.blobs.persist(&f.path, &sha).await?;
+        ctx.catalog.ensure_blob(&sha, bytes as i64).await.map_err(std::io::Error::other)?;
+        out.push(NewArtifact { name: f.name.clone(), format: f.format.clone(), sha256: sha, bytes: bytes as i64 });
+    }
+    Ok(out)
+}
+
+/// SHA-256 and length of a file, fsyncing it first so a persisted blob is durable.
+pub fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    file.sync_all()?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((hex::encode(hasher.finalize()), total))
+}

@@ -1,0 +1,160 @@
+//! Builds the application from settings and runs it until a shutdown signal.
+
+use std::future::Future;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::config::Settings;
+use crate::http::{self, AppState};
+use crate::scheduler::WorkerPool;
+use crate::storage::blobs::{BlobStore, LocalBlobStore};
+use crate::storage::catalog::Catalog;
+use crate::storage::queue::JobQueue;
+use crate::storage::{db, sqlite_queue::SqliteQueue};
+
+pub struct Application {
+    listener: TcpListener,
+    router: axum::Router,
+    workers: WorkerPool,
+    settings: Arc<Settings>,
+    /// Held for the process's life: one server per data dir (the embedded queue re-queues every
+    /// running job at start, which is only right when no other process runs them).
+    _lock: std::fs::File,
+}
+
+/// Takes an exclusive advisory lock on `<data_dir>/.lock`, failing fast if another process has it.
+fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(".lock"))?;
+    // SAFETY: flock on a valid, owned descriptor.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        anyhow::bail!("data dir {} is in use by another ModelPress process", dir.display());
+    }
+    Ok(file)
+}
+
+/// Removes blob files that no row names (a crash between persisting a file and its row).
+async fn remove_unreferenced_blob_files(data_dir: &Path, catalog: &Catalog) -> anyhow::Result<usize> {
+    let known: std::collections::HashSet<String> = catalog.blob_keys().await?.into_iter().collect();
+    let mut removed = 0;
+    let mut shards = tokio::fs::read_dir(data_dir.join("blobs")).await?;
+    while let Some(shard) = shards.next_entry().await? {
+        if !shard.file_type().await?.is_dir() {
+            continue;
+        }
+        let mut files = tokio::fs::read_dir(shard.path()).await?;
+        while let Some(f) = files.next_entry().await? {
+            if !known.contains(f.file_name().to_string_lossy().as_ref()) {
+                tokio::fs::remove_file(f.path()).await?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        let settings = Arc::new(settings);
+        let data_dir = settings.storage.data_dir.clone();
+        std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data dir {}", data_dir.display()))?;
+        let lock = lock_data_dir(&data_dir)?;
+        let pool = db::connect(&data_dir).await.context("opening the database")?;
+        let blobs = Arc::new(LocalBlobStore::open(&data_dir)?);
+        let catalog = Catalog::new(pool.clone());
+
+        // Crash recovery, in order: partial files, rows naming nothing, files named by nothing,
+        // then jobs whose worker died with the previous process.
+        let swept = blobs.sweep_staging().await?;
+        let orphans = catalog.remove_orphan_blobs().await?;
+        for sha in &orphans {
+            blobs.delete(sha).await?;
+        }
+        let stray = remove_unreferenced_blob_files(&data_dir, &catalog).await?;
+        let queue: Arc<dyn JobQueue> =
+            Arc::new(SqliteQueue::new(pool.clone(), Duration::from_secs(settings.queue.retry_backoff_secs)));
+        let rescued = queue.rescue(true).await?;
+        tracing::info!(swept, orphan_blobs = orphans.len() + stray, rescued, data_dir = %data_dir.display(), "recovered state");
+
+        let worker_count = settings.queue.worker_count();
+        let blob_store: Arc<dyn BlobStore> = blobs;
+        let workers = WorkerPool::start(
+            worker_count,
+            queue.clone(),
+            blob_store.clone(),
+            catalog.clone(),
+            Duration::from_secs(settings.queue.lease_secs),
+            settings.storage.max_header_bytes,
+        );
+        http::ops::prometheus();
+        let state = AppState {
+            settings: settings.clone(),
+            queue,
+            blobs: blob_store,
+            catalog,
+            workers_alive: workers.alive(),
+            workers_expected: worker_count,
+            openapi: Arc::default(),
+        };
+        let address = format!("{}:{}", settings.server.host, settings.server.port);
+        let listener = TcpListener::bind(&address).await.with_context(|| format!("binding {address}"))?;
+        tracing::info!(address = %listener.local_addr()?, workers = worker_count, "ModelPress listening");
+        Ok(Application { listener, router: http::router(state), workers, settings, _lock: lock })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Serves until SIGTERM or SIGINT.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Serves until `signal` resolves, then shuts down: stop accepting and claiming, give
+    /// running jobs their grace period (then re-queue them), give in-flight requests theirs.
+    pub async fn run_until(self, signal: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut http_stop = stop_rx.clone();
+        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
+            let _ = http_stop.wait_for(|s| *s).await;
+        });
+        let server = tokio::spawn(async move { server.await });
+        signal.await;
+        tracing::info!("shutdown requested: no new requests or jobs");
+        let _ = stop_tx.send(true);
+        self.workers.shutdown(Duration::from_secs(self.settings.queue.shutdown_grace_secs)).await;
+        // axum's graceful shutdown waits for every connection without limit (an upload kept a
+        // process alive 18 s in FACTS.md): bound it.
+        let grace = Duration::from_secs(self.settings.server.shutdown_grace_secs);
+        match tokio::time::timeout(grace, server).await {
+            Ok(res) => res??,
+            Err(_) => tracing::warn!(grace_secs = grace.as_secs(), "in-flight requests cut off after the grace period"),
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

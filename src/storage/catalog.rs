@@ -1,0 +1,218 @@
+//! Models, datasets and artifacts: the rows that name blobs.
+
+use serde::Serialize;
+use sqlx::SqlitePool;
+
+use super::now_ms;
+
+/// Models and datasets share one table and one upload path; `kind` tells them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    Model,
+    Dataset,
+}
+
+impl ModelKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::Model => "model",
+            ModelKind::Dataset => "dataset",
+        }
+    }
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ModelRecord {
+    pub id: String,
+    pub kind: String,
+    pub name: Option<String>,
+    pub sha256: String,
+    pub bytes: i64,
+    /// JSON array of `{name, dtype, shape, bytes}`.
+    pub tensors: String,
+    pub parameters: i64,
+    pub graph: Option<String>,
+    pub source_job: Option<String>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ArtifactRecord {
+    pub job_id: String,
+    pub name: String,
+    pub format: String,
+    pub sha256: String,
+    pub bytes: i64,
+    pub created_at: i64,
+}
+
+/// A model row to insert once its blob is persisted.
+#[derive(Debug, Clone)]
+pub struct NewModel {
+    pub kind: ModelKind,
+    pub name: Option<String>,
+    pub sha256: String,
+    pub bytes: i64,
+    pub tensors: String,
+    pub parameters: i64,
+    pub source_job: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum DeleteOutcome {
+    /// Deleted; `orphan_blob` names a blob no row uses any more, for the caller to remove.
+    Deleted {
+        orphan_blob: Option<String>,
+    },
+    InUse(i64),
+    NotFound,
+}
+
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    pool: SqlitePool,
+}
+
+impl Catalog {
+    pub fn new(pool: SqlitePool) -> Self {
+        Self { pool }
+    }
+
+    /// Records the blob (if new) and the model in one transaction.
+    pub async fn insert_model(&self, m: NewModel) -> Result<ModelRecord, sqlx::Error> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let now = now_ms();
+        sqlx::query("insert or ignore into blobs (sha256, bytes, created_at) values (?, ?, ?)")
+            .bind(&m.sha256)
+            .bind(m.bytes)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        let rec = sqlx::query_as(
+            "insert into models (id, kind, name, sha256, bytes, tensors, parameters, source_job, created_at)
+             values (?, ?, ?, ?, ?, ?, ?, ?, ?) returning *",
+        )
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(m.kind.as_str())
+        .bind(&m.name)
+        .bind(&m.sha256)
+        .bind(m.bytes)
+        .bind(&m.tensors)
+        .bind(m.parameters)
+        .bind(&m.source_job)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(rec)
+    }
+
+    pub async fn get_model(&self, kind: ModelKind, id: &str) -> Result<Option<ModelRecord>, sqlx::Error> {
+        sqlx::query_as("select * from models where id = ? and kind = ?")
+            .bind(id)
+            .bind(kind.as_str())
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    /// Newest first; `after` is the last id of the previous page.
+    pub async fn list_models(
+        &self,
+        kind: ModelKind,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<ModelRecord>, sqlx::Error> {
+        sqlx::query_as("select * from models where kind = ?1 and (?2 is null or id < ?2) order by id desc limit ?3")
+            .bind(kind.as_str())
+            .bind(after)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    /// Deletes unless a queued or running job reads it; the check and the delete are one
+    /// transaction, serialised with job inserts by SQLite's write lock.
+    pub async fn delete_model(&self, kind: ModelKind, id: &str) -> Result<DeleteOutcome, sqlx::Error> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let active: i64 = sqlx::query_scalar(
+            "select count(*) from jobs where (model_id = ?1 or dataset_id = ?1) and status in ('queued', 'running')",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if active > 0 {
+            return Ok(DeleteOutcome::InUse(active));
+        }
+        let sha: Option<String> = sqlx::query_scalar("delete from models where id = ? and kind = ? returning sha256")
+            .bind(id)
+            .bind(kind.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(sha) = sha else { return Ok(DeleteOutcome::NotFound) };
+        let orphan = delete_blob_row_if_unused(&mut tx, &sha).await?;
+        tx.commit().await?;
+        Ok(DeleteOutcome::Deleted { orphan_blob: orphan.then_some(sha) })
+    }
+
+    /// Records a blob a job produced (before the job's artifact rows name it).
+    pub async fn ensure_blob(&self, sha256: &str, bytes: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("insert or ignore into blobs (sha256, bytes, created_at) values (?, ?, ?)")
+            .bind(sha256)
+            .bind(bytes)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Blob rows no model or artifact names (left by a crash between persist and finish).
+    pub async fn remove_orphan_blobs(&self) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            "delete from blobs where sha256 not in (select sha256 from models)
+               and sha256 not in (select sha256 from artifacts) returning sha256",
+        )
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Every blob key the database knows (start-up sweep of stray files).
+    pub async fn blob_keys(&self) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar("select sha256 from blobs").fetch_all(&self.pool).await
+    }
+
+    pub async fn artifacts(&self, job_id: &str) -> Result<Vec<ArtifactRecord>, sqlx::Error> {
+        sqlx::query_as("select * from artifacts where job_id = ? order by name")
+            .bind(job_id)
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    pub async fn artifact(&self, job_id: &str, name: &str) -> Result<Option<ArtifactRecord>, sqlx::Error> {
+        sqlx::query_as("select * from artifacts where job_id = ? and name = ?")
+            .bind(job_id)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("select 1").execute(&self.pool).await.map(|_| ())
+    }
+}
+
+async fn delete_blob_row_if_unused(
+    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    sha: &str,
+) -> Result<bool, sqlx::Error> {
+    let deleted = sqlx::query(
+        "delete from blobs where sha256 = ?1
+           and not exists (select 1 from models where sha256 = ?1)
+           and not exists (select 1 from artifacts where sha256 = ?1)",
+    )
+    .bind(sha)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    Ok(deleted == 1)
+}

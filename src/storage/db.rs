@@ -1,0 +1,29 @@
+//! The SQLite pool: WAL, a busy timeout and foreign keys, migrations applied at start.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+
+/// Opens (creating if needed) `modelpress.db` in `data_dir` and applies pending migrations.
+pub async fn connect(data_dir: &Path) -> Result<SqlitePool, sqlx::Error> {
+    let url = format!("sqlite://{}", data_dir.join("modelpress.db").display());
+    let options = SqliteConnectOptions::from_str(&url)?
+        .create_if_missing(true)
+        // WAL lets readers (status polls) proceed while a worker writes.
+        .journal_mode(SqliteJournalMode::Wal)
+        // NORMAL in WAL mode is durable across process crashes (only an OS crash can lose the
+        // last commits), which is the failure the service promises to survive.
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(true);
+    let pool = SqlitePoolOptions::new().max_connections(8).connect_with(options).await?;
+    migrate(&pool).await?;
+    Ok(pool)
+}
+
+pub async fn migrate(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+    sqlx::migrate!("./migrations").run(pool).await?;
+    Ok(())
+}

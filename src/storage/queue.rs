@@ -1,0 +1,104 @@
+//! The job queue contract. [`super::sqlite_queue::SqliteQueue`] is the embedded implementation;
+//! a Postgres one (`FOR UPDATE SKIP LOCKED`, `LISTEN/NOTIFY`) fits the same calls.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+
+use crate::domain::job::{JobEvent, JobFailure, JobRecord, JobStatus, Progress};
+
+/// A job to enqueue; `spec` is the canonical JSON the job will run.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub model_id: String,
+    pub dataset_id: Option<String>,
+    pub spec: String,
+    pub spec_hash: String,
+    pub idempotency_key: Option<String>,
+    pub max_attempts: u32,
+}
+
+#[derive(Debug)]
+pub enum Enqueued {
+    Created(JobRecord),
+    /// Same `Idempotency-Key` and same spec: the job created the first time.
+    Replayed(JobRecord),
+}
+
+/// A file a finished job produced, already persisted in the blob store.
+#[derive(Debug, Clone)]
+pub struct NewArtifact {
+    pub name: String,
+    pub format: String,
+    pub sha256: String,
+    pub bytes: i64,
+}
+
+/// How a worker ends its attempt.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Succeeded(Vec<NewArtifact>),
+    /// A permanent failure: bad weights, an impossible spec, a panic.
+    Failed(JobFailure),
+    /// The cancel flag was seen and the work stopped.
+    Canceled,
+    /// Infrastructure trouble worth another attempt (after backoff) while attempts remain.
+    Retry(JobFailure),
+    /// The worker is shutting down: back to the queue at once, the attempt not counted.
+    Released,
+}
+
+/// What a heartbeat learns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseState {
+    /// False when the lease was lost (expired and taken, or the job left `running`).
+    pub held: bool,
+    pub cancel_requested: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub status: Option<JobStatus>,
+    pub model_id: Option<String>,
+    /// Cursor: list jobs older than this id (ids are time-ordered UUIDv7, newest first).
+    pub after: Option<String>,
+    pub limit: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("Idempotency-Key was already used with a different request body")]
+    IdempotencyConflict,
+    #[error("the queue holds {queued} jobs, its limit")]
+    Full { queued: u64 },
+    #[error("no job {0}")]
+    NotFound(String),
+    #[error("job {id} is {status:?} and can no longer change")]
+    Finished { id: String, status: JobStatus },
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+#[async_trait]
+pub trait JobQueue: Send + Sync + 'static {
+    async fn enqueue(&self, job: NewJob, max_queued: u64) -> Result<Enqueued, QueueError>;
+    /// Atomically takes the oldest runnable job, leasing it to `worker`.
+    async fn claim(&self, worker: &str, lease: Duration) -> Result<Option<JobRecord>, QueueError>;
+    async fn heartbeat(&self, id: &str, worker: &str, lease: Duration) -> Result<LeaseState, QueueError>;
+    async fn progress(&self, id: &str, worker: &str, progress: &Progress) -> Result<(), QueueError>;
+    async fn finish(&self, id: &str, worker: &str, outcome: Outcome) -> Result<JobRecord, QueueError>;
+    /// Cancels a queued job at once; flags a running one for its worker to stop.
+    async fn cancel(&self, id: &str) -> Result<JobRecord, QueueError>;
+    /// Puts running jobs back in the queue: those with expired leases, or all of them when
+    /// `all` (at start-up of the single process that owns an embedded database).
+    async fn rescue(&self, all: bool) -> Result<u64, QueueError>;
+    async fn get(&self, id: &str) -> Result<Option<JobRecord>, QueueError>;
+    async fn list(&self, filter: &JobFilter) -> Result<Vec<JobRecord>, QueueError>;
+    async fn events_after(&self, id: &str, after_seq: i64) -> Result<Vec<JobEvent>, QueueError>;
+    async fn counts(&self) -> Result<Vec<(JobStatus, i64)>, QueueError>;
+    /// Queued or running jobs that read this model or dataset.
+    async fn active_uses(&self, model_id: &str) -> Result<i64, QueueError>;
+    /// Wakes on every stored event with the job id (SSE streams wait on it).
+    fn subscribe(&self) -> broadcast::Receiver<String>;
+}

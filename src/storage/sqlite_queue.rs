@@ -1,0 +1,365 @@
+//! The embedded queue: jobs, events and artifacts in SQLite.
+//!
+//! Every state change is one `BEGIN IMMEDIATE` transaction that also appends the matching event,
+//! so the event log and the job row never disagree. Claims are one `UPDATE ... WHERE id =
+//! (SELECT ... LIMIT 1) RETURNING *` (FACTS.md: 0 duplicates over 20,000 jobs across processes).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::{Sqlite, SqlitePool, Transaction};
+use tokio::sync::broadcast;
+
+use super::now_ms;
+use super::queue::{Enqueued, JobFilter, JobQueue, LeaseState, NewJob, Outcome, QueueError};
+use crate::domain::job::{JobEvent, JobFailure, JobRecord, JobStatus, Progress};
+
+#[derive(Debug, Clone)]
+pub struct SqliteQueue {
+    pool: SqlitePool,
+    /// First retry delay; doubles per attempt.
+    backoff: Duration,
+    /// Fans out "job X has a new event" to SSE streams in this process.
+    notify: broadcast::Sender<String>,
+}
+
+impl SqliteQueue {
+    pub fn new(pool: SqlitePool, backoff: Duration) -> Self {
+        let (notify, _) = broadcast::channel(1024);
+        Self { pool, backoff, notify }
+    }
+
+    async fn write_tx(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+        // IMMEDIATE takes the write lock up front: a deferred transaction that reads, then
+        // writes, can fail with SQLITE_BUSY_SNAPSHOT without waiting for the busy timeout.
+        self.pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
+    fn wake(&self, id: &str) {
+        let _ = self.notify.send(id.to_owned());
+    }
+}
+
+async fn append_event(
+    tx: &mut Transaction<'static, Sqlite>,
+    id: &str,
+    kind: &str,
+    data: serde_json::Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "insert into job_events (job_id, seq, kind, data, created_at)
+         values (?1, (select coalesce(max(seq), 0) + 1 from job_events where job_id = ?1), ?2, ?3, ?4)",
+    )
+    .bind(id)
+    .bind(kind)
+    .bind(data.to_string())
+    .bind(now_ms())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn state_event(job: &JobRecord) -> serde_json::Value {
+    serde_json::json!({
+        "status": job.status,
+        "attempt": job.attempt,
+        "error": job.failure(),
+    })
+}
+
+async fn fetch(tx: &mut Transaction<'static, Sqlite>, id: &str) -> Result<Option<JobRecord>, sqlx::Error> {
+    sqlx::query_as("select * from jobs where id = ?").bind(id).fetch_optional(&mut **tx).await
+}
+
+#[async_trait]
+impl JobQueue for SqliteQueue {
+    async fn enqueue(&self, job: NewJob, max_queued: u64) -> Result<Enqueued, QueueError> {
+        let mut tx = self.write_tx().await?;
+        if let Some(key) = &job.idempotency_key {
+            let existing: Option<JobRecord> = sqlx::query_as("select * from jobs where idempotency_key = ?")
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(existing) = existing {
+                return if existing.spec_hash == job.spec_hash {
+                    Ok(Enqueued::Replayed(existing))
+                } else {
+                    Err(QueueError::IdempotencyConflict)
+                };
+            }
+        }
+        let queued: i64 =
+            sqlx::query_scalar("select count(*) from jobs where status = 'queued'").fetch_one(&mut *tx).await?;
+        if queued as u64 >= max_queued {
+            return Err(QueueError::Full { queued: queued as u64 });
+        }
+        let id = uuid::Uuid::now_v7().to_string();
+        let now = now_ms();
+        // Inserted only while the inputs still exist, in the same statement: a concurrent
+        // DELETE of the model either sees this job or happens before it and this inserts nothing.
+        let record: Option<JobRecord> = sqlx::query_as(
+            "insert into jobs (id, model_id, dataset_id, spec, spec_hash, idempotency_key, status,
+                               max_attempts, run_after, created_at, updated_at)
+             select ?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?8, ?8
+             where exists (select 1 from models where id = ?2 and kind = 'model')
+               and (?3 is null or exists (select 1 from models where id = ?3 and kind = 'dataset'))
+             returning *",
+        )
+        .bind(&id)
+        .bind(&job.model_id)
+        .bind(&job.dataset_id)
+        .bind(&job.spec)
+        .bind(&job.spec_hash)
+        .bind(&job.idempotency_key)
+        .bind(job.max_attempts as i64)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let record = record.ok_or_else(|| QueueError::NotFound(job.model_id.clone()))?;
+        append_event(&mut tx, &id, "state", state_event(&record)).await?;
+        tx.commit().await?;
+        self.wake(&id);
+        Ok(Enqueued::Created(record))
+    }
+
+    async fn claim(&self, worker: &str, lease: Duration) -> Result<Option<JobRecord>, QueueError> {
+        let mut tx = self.write_tx().await?;
+        let now = now_ms();
+        let job: Option<JobRecord> = sqlx::query_as(
+            "update jobs set status = 'running', attempt = attempt + 1, lease_owner = ?1,
+                    lease_expires_at = ?2, started_at = ?3, updated_at = ?3, progress_fraction = 0,
+                    progress_step = null, progress_message = null
+             where id = (select id from jobs where status = 'queued' and run_after <= ?3
+                         order by run_after, id limit 1)
+               and status = 'queued'
+             returning *",
+        )
+        .bind(worker)
+        .bind(now + lease.as_millis() as i64)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(job) = &job {
+            append_event(&mut tx, &job.id, "state", state_event(job)).await?;
+        }
+        tx.commit().await?;
+        if let Some(job) = &job {
+            self.wake(&job.id);
+        }
+        Ok(job)
+    }
+
+    async fn heartbeat(&self, id: &str, worker: &str, lease: Duration) -> Result<LeaseState, QueueError> {
+        let row: Option<i64> = sqlx::query_scalar(
+            "update jobs set lease_expires_at = ?3
+             where id = ?1 and lease_owner = ?2 and status = 'running'
+             returning cancel_requested",
+        )
+        .bind(id)
+        .bind(worker)
+        .bind(now_ms() + lease.as_millis() as i64)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(flag) => LeaseState { held: true, cancel_requested: flag != 0 },
+            None => LeaseState { held: false, cancel_requested: false },
+        })
+    }
+
+    async fn progress(&self, id: &str, worker: &str, p: &Progress) -> Result<(), QueueError> {
+        let mut tx = self.write_tx().await?;
+        let updated = sqlx::query(
+            "update jobs set progress_fraction = ?3, progress_step = ?4, progress_message = ?5, updated_at = ?6
+             where id = ?1 and lease_owner = ?2 and status = 'running'",
+        )
+        .bind(id)
+        .bind(worker)
+        .bind(p.fraction)
+        .bind(&p.step)
+        .bind(&p.message)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated == 1 {
+            append_event(&mut tx, id, "progress", serde_json::to_value(p).expect("progress JSON")).await?;
+        }
+        tx.commit().await?;
+        self.wake(id);
+        Ok(())
+    }
+
+    async fn finish(&self, id: &str, worker: &str, outcome: Outcome) -> Result<JobRecord, QueueError> {
+        let mut tx = self.write_tx().await?;
+        let current = fetch(&mut tx, id).await?.ok_or_else(|| QueueError::NotFound(id.to_owned()))?;
+        if current.status() != JobStatus::Running || current.lease_owner.as_deref() != Some(worker) {
+            return Err(QueueError::Finished { id: id.to_owned(), status: current.status() });
+        }
+        let now = now_ms();
+        let retry_at = |attempt: i64| now + self.backoff.as_millis() as i64 * (1i64 << (attempt - 1).clamp(0, 16));
+        let (status, error, run_after) = match &outcome {
+            Outcome::Succeeded(_) => ("succeeded", None, current.run_after),
+            Outcome::Failed(f) => ("failed", Some(f.clone()), current.run_after),
+            Outcome::Canceled => ("canceled", None, current.run_after),
+            Outcome::Released => ("queued", current.failure(), now),
+            Outcome::Retry(f) if current.attempt < current.max_attempts => {
+                ("queued", Some(f.clone()), retry_at(current.attempt))
+            }
+            Outcome::Retry(f) => (
+                "failed",
+                Some(JobFailure {
+                    code: "attempts_exhausted".into(),
+                    detail: format!("gave up after {} attempts; last: {}", current.attempt, f.detail),
+                }),
+                current.run_after,
+            ),
+        };
+        if let Outcome::Succeeded(artifacts) = &outcome {
+            for a in artifacts {
+                sqlx::query(
+                    "insert or replace into artifacts (job_id, name, format, sha256, bytes, created_at)
+                     values (?, ?, ?, ?, ?, ?)",
+                )
+                .bind(id)
+                .bind(&a.name)
+                .bind(&a.format)
+                .bind(&a.sha256)
+                .bind(a.bytes)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        let terminal = status != "queued";
+        let attempt = current.attempt - i64::from(matches!(outcome, Outcome::Released));
+        let job: JobRecord = sqlx::query_as(
+            "update jobs set status = ?2, error = ?3, run_after = ?4, lease_owner = null, lease_expires_at = null, attempt = ?7,
+                    finished_at = case when ?5 then ?6 end, canceled_at = case when ?2 = 'canceled' then ?6 end,
+                    progress_fraction = case when ?2 = 'succeeded' then 1.0 else progress_fraction end,
+                    updated_at = ?6
+             where id = ?1 returning *",
+        )
+        .bind(id)
+        .bind(status)
+        .bind(error.map(|e| serde_json::to_string(&e).expect("failure JSON")))
+        .bind(run_after)
+        .bind(terminal)
+        .bind(now)
+        .bind(attempt)
+        .fetch_one(&mut *tx)
+        .await?;
+        append_event(&mut tx, id, "state", state_event(&job)).await?;
+        tx.commit().await?;
+        self.wake(id);
+        Ok(job)
+    }
+
+    async fn cancel(&self, id: &str) -> Result<JobRecord, QueueError> {
+        let mut tx = self.write_tx().await?;
+        let current = fetch(&mut tx, id).await?.ok_or_else(|| QueueError::NotFound(id.to_owned()))?;
+        let now = now_ms();
+        let job: JobRecord = match current.status() {
+            JobStatus::Queued => {
+                let job = sqlx::query_as(
+                    "update jobs set status = 'canceled', canceled_at = ?2, finished_at = ?2, updated_at = ?2
+                     where id = ?1 returning *",
+                )
+                .bind(id)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?;
+                append_event(&mut tx, id, "state", state_event(&job)).await?;
+                job
+            }
+            JobStatus::Running => {
+                sqlx::query_as("update jobs set cancel_requested = 1, updated_at = ?2 where id = ?1 returning *")
+                    .bind(id)
+                    .bind(now)
+                    .fetch_one(&mut *tx)
+                    .await?
+            }
+            status => return Err(QueueError::Finished { id: id.to_owned(), status }),
+        };
+        tx.commit().await?;
+        self.wake(id);
+        Ok(job)
+    }
+
+    async fn rescue(&self, all: bool) -> Result<u64, QueueError> {
+        let mut tx = self.write_tx().await?;
+        let now = now_ms();
+        let rescued: Vec<JobRecord> = sqlx::query_as(
+            "update jobs set
+                status = case when cancel_requested = 1 then 'canceled'
+                              when attempt >= max_attempts then 'failed' else 'queued' end,
+                error = case when cancel_requested = 1 then null
+                             when attempt >= max_attempts
+                             then json_object('code', 'attempts_exhausted', 'detail',
+                                  'the worker running attempt ' || attempt || ' of ' || max_attempts || ' stopped (crash or lost lease)')
+                             else error end,
+                finished_at = case when cancel_requested = 1 or attempt >= max_attempts then ?1 end,
+                canceled_at = case when cancel_requested = 1 then ?1 end,
+                lease_owner = null, lease_expires_at = null, run_after = ?1, updated_at = ?1
+             where status = 'running' and (?2 or lease_expires_at < ?1)
+             returning *",
+        )
+        .bind(now)
+        .bind(all)
+        .fetch_all(&mut *tx)
+        .await?;
+        for job in &rescued {
+            append_event(&mut tx, &job.id, "state", state_event(job)).await?;
+        }
+        tx.commit().await?;
+        for job in &rescued {
+            tracing::warn!(job_id = %job.id, status = %job.status, attempt = job.attempt, "rescued a job whose worker stopped");
+            self.wake(&job.id);
+        }
+        Ok(rescued.len() as u64)
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<JobRecord>, QueueError> {
+        Ok(sqlx::query_as("select * from jobs where id = ?").bind(id).fetch_optional(&self.pool).await?)
+    }
+
+    async fn list(&self, f: &JobFilter) -> Result<Vec<JobRecord>, QueueError> {
+        Ok(sqlx::query_as(
+            "select * from jobs
+             where (?1 is null or status = ?1) and (?2 is null or model_id = ?2) and (?3 is null or id < ?3)
+             order by id desc limit ?4",
+        )
+        .bind(f.status.map(JobStatus::as_str))
+        .bind(&f.model_id)
+        .bind(&f.after)
+        .bind(f.limit as i64)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn events_after(&self, id: &str, after_seq: i64) -> Result<Vec<JobEvent>, QueueError> {
+        Ok(sqlx::query_as("select * from job_events where job_id = ? and seq > ? order by seq limit 1000")
+            .bind(id)
+            .bind(after_seq)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    async fn counts(&self) -> Result<Vec<(JobStatus, i64)>, QueueError> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("select status, count(*) from jobs group by status").fetch_all(&self.pool).await?;
+        Ok(JobStatus::ALL.iter().map(|s| (*s, rows.iter().find(|(n, _)| n == s.as_str()).map_or(0, |r| r.1))).collect())
+    }
+
+    async fn active_uses(&self, model_id: &str) -> Result<i64, QueueError> {
+        Ok(sqlx::query_scalar(
+            "select count(*) from jobs where (model_id = ?1 or dataset_id = ?1) and status in ('queued', 'running')",
+        )
+        .bind(model_id)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.notify.subscribe()
+    }
+}

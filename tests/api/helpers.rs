@@ -1,0 +1,250 @@
+//! `spawn_app` and a typed client with one method per endpoint.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use modelpress::config::Settings;
+use modelpress::startup::Application;
+use serde_json::{json, Value};
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub dir: tempfile::TempDir,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Settings for a test app: temp data dir, port 0, `workers` worker loops.
+pub fn test_settings(dir: &Path, workers: usize) -> Settings {
+    let mut s = Settings::defaults();
+    s.server.port = 0;
+    s.storage.data_dir = dir.to_path_buf();
+    s.queue.workers = Some(workers);
+    s.queue.shutdown_grace_secs = 1;
+    s.server.shutdown_grace_secs = 1;
+    s
+}
+
+pub async fn spawn_app(workers: usize) -> TestApp {
+    spawn_app_with(workers, |_| {}).await
+}
+
+pub async fn spawn_app_with(workers: usize, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = test_settings(dir.path(), workers);
+    tweak(&mut settings);
+    let app = Application::build(settings).await.expect("app builds");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(app.run_until(async move {
+        let _ = rx.await;
+    }));
+    TestApp { address, client: reqwest::Client::new(), dir, shutdown: Some(tx), task: Some(task) }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    /// Stops the app the way SIGTERM would and waits for it.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("app task").expect("app stops cleanly");
+        }
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
+    pub async fn upload(&self, bytes: Vec<u8>) -> reqwest::Response {
+        self.client.post(self.url("/v1/models")).body(bytes).send().await.expect("request")
+    }
+
+    pub async fn upload_dataset(&self, bytes: Vec<u8>) -> reqwest::Response {
+        self.client.post(self.url("/v1/datasets")).body(bytes).send().await.expect("request")
+    }
+
+    /// Uploads and returns the new model's id.
+    pub async fn upload_ok(&self, bytes: Vec<u8>) -> String {
+        let res = self.upload(bytes).await;
+        assert_eq!(res.status(), 201, "upload: {}", res.text().await.unwrap());
+        res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.expect("request")
+    }
+
+    pub async fn get_json(&self, path: &str) -> Value {
+        let res = self.get(path).await;
+        assert!(res.status().is_success(), "GET {path}: {} {}", res.status(), res.text().await.unwrap());
+        res.json().await.unwrap()
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client.post(self.url(path)).json(body).send().await.expect("request")
+    }
+
+    pub async fn create_job(&self, spec: &Value) -> reqwest::Response {
+        self.post_json("/v1/jobs", spec).await
+    }
+
+    /// Submits and returns the job id (asserting 202).
+    pub async fn create_job_ok(&self, spec: &Value) -> String {
+        let res = self.create_job(spec).await;
+        assert_eq!(res.status(), 202, "create job: {}", res.text().await.unwrap());
+        res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn job(&self, id: &str) -> Value {
+        self.get_json(&format!("/v1/jobs/{id}")).await
+    }
+
+    pub async fn cancel(&self, id: &str) -> reqwest::Response {
+        self.client.post(self.url(&format!("/v1/jobs/{id}/cancel"))).send().await.expect("request")
+    }
+
+    /// Polls until the job's status satisfies `done`, failing after `timeout`.
+    pub async fn wait_for(&self, id: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            let job = self.job(id).await;
+            if done(&job) {
+                return job;
+            }
+            assert!(start.elapsed() < timeout, "job {id} did not get there in {timeout:?}: {job}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn wait_terminal(&self, id: &str) -> Value {
+        self.wait_for(id, Duration::from_secs(60), |j| {
+            matches!(j["status"].as_str(), Some("succeeded" | "failed" | "canceled"))
+        })
+        .await
+    }
+
+    pub async fn download(&self, path: &str) -> Vec<u8> {
+        let res = self.get(path).await;
+        assert_eq!(res.status(), 200, "GET {path}");
+        res.bytes().await.unwrap().to_vec()
+    }
+
+    /// (model rows via the API, blob files, staging entries): what a failed upload must not change.
+    pub async fn stored_state(&self) -> (usize, Vec<String>, usize) {
+        let models = self.get_json("/v1/models?limit=200").await["items"].as_array().unwrap().len();
+        (models, blob_files(&self.data_dir()), staging_entries(&self.data_dir()))
+    }
+}
+
+pub fn blob_files(data_dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(shards) = std::fs::read_dir(data_dir.join("blobs")) {
+        for shard in shards.flatten() {
+            for f in std::fs::read_dir(shard.path()).into_iter().flatten().flatten() {
+                out.push(f.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+pub fn staging_entries(data_dir: &Path) -> usize {
+    std::fs::read_dir(data_dir.join("staging")).map_or(0, |d| d.count())
+}
+
+/// A safetensors file from (name, shape, values) as f32, written by the reference crate.
+pub fn safetensors_f32(tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, s, v)| (n.to_string(), s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
+        })
+        .collect();
+    let meta: Option<std::collections::HashMap<String, String>> =
+        Some([("format".to_string(), "pt".to_string())].into());
+    safetensors::tensor::serialize(views, meta).unwrap()
+}
+
+/// Deterministic pseudo-random values in [-scale, scale].
+pub fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut rng = modelpress::compress::synth::SplitMix64::new(seed);
+    (0..n).map(|_| ((rng.next_f64() * 2.0 - 1.0) as f32) * scale).collect()
+}
+
+/// A small MLP-like model: two weight matrices, a bias, and an int tensor that must be copied.
+pub fn small_model() -> Vec<u8> {
+    safetensors_f32(&[
+        ("fc1.weight", vec![16, 32], values(512, 1, 0.1)),
+        ("fc1.bias", vec![16], values(16, 2, 0.1)),
+        ("fc2.weight", vec![8, 16], values(128, 3, 0.1)),
+    ])
+}
+
+/// A model big enough that a job on it runs for a while: `count` matrices of `rows x cols`.
+pub fn big_model(count: usize, rows: usize, cols: usize) -> Vec<u8> {
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = (0..count)
+        .map(|i| (format!("layers.{i}.weight"), vec![rows, cols], values(rows * cols, 100 + i as u64, 0.05)))
+        .collect();
+    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> =
+        tensors.iter().map(|(n, s, v)| (n.as_str(), s.clone(), v.clone())).collect();
+    safetensors_f32(&refs)
+}
+
+pub fn int8_spec(model_id: &str) -> Value {
+    json!({"model_id": model_id, "steps": [{"op": "quantize", "bits": 8, "granularity": "channel", "symmetric": true}]})
+}
+
+/// Parses a safetensors file into name -> (shape, f32 values) for F32 tensors.
+pub fn read_f32_tensors(bytes: &[u8]) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
+        .map(|(n, v)| {
+            let vals = v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            (n, (v.shape().to_vec(), vals))
+        })
+        .collect()
+}
+
+/// Reads a whole SSE stream (it ends after the terminal event) into (id, event, data) triples.
+pub async fn read_events(app: &TestApp, id: &str, last_event_id: Option<i64>) -> Vec<(i64, String, Value)> {
+    let mut req = app.client.get(app.url(&format!("/v1/jobs/{id}/events")));
+    if let Some(l) = last_event_id {
+        req = req.header("Last-Event-ID", l.to_string());
+    }
+    let res = req.send().await.unwrap();
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let text = tokio::time::timeout(Duration::from_secs(60), res.text()).await.expect("stream ends").unwrap();
+    let mut out = Vec::new();
+    for block in text.split("\n\n").filter(|b| !b.trim().is_empty()) {
+        let (mut id, mut event, mut data) = (0, String::new(), Value::Null);
+        for line in block.lines() {
+            if let Some(v) = line.strip_prefix("id:") {
+                id = v.trim().parse().unwrap();
+            } else if let Some(v) = line.strip_prefix("event:") {
+                event = v.trim().to_owned();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data = serde_json::from_str(v.trim()).unwrap();
+            }
+        }
+        if !event.is_empty() {
+            out.push((id, event, data));
+        }
+    }
+    out
+}

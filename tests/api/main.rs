@@ -1,0 +1,7 @@
+//! Integration tests: the real application on port 0 with a temp data dir, spoken to over HTTP.
+
+mod crash;
+mod helpers;
+mod jobs;
+mod models;
+mod operations;

@@ -1,0 +1,192 @@
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn an_uploaded_model_is_listed_described_and_downloaded_whole_and_by_range() {
+    let app = spawn_app(0).await;
+    let bytes = small_model();
+    let res = app.upload(bytes.clone()).await;
+    assert_eq!(res.status(), 201);
+    let location = res.headers()["location"].to_str().unwrap().to_owned();
+    let model: Value = res.json().await.unwrap();
+    let id = model["id"].as_str().unwrap();
+    assert_eq!(location, format!("/v1/models/{id}"));
+    assert_eq!(model["bytes"], bytes.len());
+    assert_eq!(model["parameters"], 512 + 16 + 128);
+    let fc1 = model["tensors"].as_array().unwrap().iter().find(|t| t["name"] == "fc1.weight").unwrap();
+    assert_eq!(fc1, &json!({"name": "fc1.weight", "dtype": "F32", "shape": [16, 32], "bytes": 2048}));
+
+    let list = app.get_json("/v1/models").await;
+    assert_eq!(list["items"][0]["id"], id);
+    assert_eq!(list["has_more"], false);
+    assert!(list["items"][0].get("tensors").is_none(), "lists omit the tensor table");
+
+    let file = app.get(&format!("/v1/models/{id}/file")).await;
+    let etag = file.headers()["etag"].to_str().unwrap().to_owned();
+    assert_eq!(etag, format!("\"{}\"", model["sha256"].as_str().unwrap()));
+    assert_eq!(file.bytes().await.unwrap().to_vec(), bytes);
+
+    let part =
+        app.client.get(app.url(&format!("/v1/models/{id}/file"))).header("Range", "bytes=8-15").send().await.unwrap();
+    assert_eq!(part.status(), 206);
+    assert_eq!(part.headers()["content-range"], format!("bytes 8-15/{}", bytes.len()));
+    assert_eq!(part.bytes().await.unwrap().to_vec(), bytes[8..16].to_vec());
+
+    let cached =
+        app.client.get(app.url(&format!("/v1/models/{id}/file"))).header("If-None-Match", &etag).send().await.unwrap();
+    assert_eq!(cached.status(), 304);
+    let bad =
+        app.client.get(app.url(&format!("/v1/models/{id}/file"))).header("Range", "bytes=99999-").send().await.unwrap();
+    assert_eq!(bad.status(), 416);
+}
+
+#[tokio::test]
+async fn the_same_file_uploaded_twice_shares_one_blob() {
+    let app = spawn_app(0).await;
+    let a = app.upload_ok(small_model()).await;
+    let b = app.upload_ok(small_model()).await;
+    assert_ne!(a, b);
+    assert_eq!(blob_files(&app.data_dir()).len(), 1);
+    // Deleting one keeps the blob for the other.
+    assert_eq!(app.client.delete(app.url(&format!("/v1/models/{a}"))).send().await.unwrap().status(), 204);
+    assert_eq!(blob_files(&app.data_dir()).len(), 1);
+    assert_eq!(app.get(&format!("/v1/models/{b}/file")).await.status(), 200);
+    assert_eq!(app.client.delete(app.url(&format!("/v1/models/{b}"))).send().await.unwrap().status(), 204);
+    assert_eq!(blob_files(&app.data_dir()).len(), 0);
+    assert_eq!(app.get(&format!("/v1/models/{b}")).await.status(), 404);
+}
+
+async fn assert_problem(res: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(res.status(), status);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status);
+    assert!(body["request_id"].as_str().is_some_and(|r| !r.is_empty()), "{body}");
+    body
+}
+
+#[tokio::test]
+async fn every_bad_upload_gets_its_status_and_leaves_nothing_behind() {
+    let app = spawn_app_with(0, |s| {
+        s.storage.max_header_bytes = 4096;
+        s.storage.max_upload_bytes = 1 << 20;
+    })
+    .await;
+    app.upload_ok(small_model()).await;
+    let before = app.stored_state().await;
+
+    let pickle = vec![0x80, 0x02, b'}', b'q', 0, b'.'];
+    let body = assert_problem(app.upload(pickle).await, 415, "not_safetensors").await;
+    assert!(body["detail"].as_str().unwrap().contains("Python pickle"));
+    assert_problem(app.upload(b"PK\x03\x04zipzipzip".to_vec()).await, 415, "not_safetensors").await;
+    assert_problem(app.upload(Vec::new()).await, 415, "not_safetensors").await;
+    assert_problem(
+        app.upload(values(64, 9, 1.0).iter().flat_map(|v| v.to_le_bytes()).collect()).await,
+        415,
+        "not_safetensors",
+    )
+    .await;
+
+    let mut truncated = small_model();
+    truncated.truncate(truncated.len() - 10);
+    let body = assert_problem(app.upload(truncated).await, 422, "invalid_safetensors").await;
+    assert_eq!(body["pointer"], "/tensors/fc2.weight", "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("truncated"), "{body}");
+
+    let mut header = format!(
+        "{{\"w\":{{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}},\"__metadata__\":{{\"pad\":\"{}\"}}}}",
+        "x".repeat(5000)
+    )
+    .into_bytes();
+    let mut huge = (header.len() as u64).to_le_bytes().to_vec();
+    huge.append(&mut header);
+    huge.extend_from_slice(&[0; 4]);
+    let body = assert_problem(app.upload(huge).await, 413, "header_too_large").await;
+    assert!(body["detail"].as_str().unwrap().contains("limit of 4096 bytes"));
+
+    let too_big = safetensors_f32(&[("w.weight", vec![512, 1024], vec![0.0; 512 * 1024])]);
+    assert_problem(app.upload(too_big.clone()).await, 413, "upload_too_large").await;
+    // Without Content-Length (chunked), the limit trips mid-stream.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = too_big.chunks(64 * 1024).map(|c| Ok(c.to_vec())).collect();
+    let res = app
+        .client
+        .post(app.url("/v1/models"))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 413, "upload_too_large").await;
+
+    let dup = br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+    let mut file = (dup.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(dup);
+    file.extend_from_slice(&[0; 8]);
+    let body = assert_problem(app.upload(file).await, 422, "invalid_safetensors").await;
+    assert!(body["detail"].as_str().unwrap().contains("appears twice"));
+
+    assert_eq!(app.stored_state().await, before);
+}
+
+#[tokio::test]
+async fn a_dataset_needs_an_inputs_tensor() {
+    let app = spawn_app(0).await;
+    let res = app.upload_dataset(small_model()).await;
+    assert_problem(res, 422, "invalid_dataset").await;
+    let ds =
+        safetensors_f32(&[("inputs", vec![4, 2], values(8, 1, 1.0)), ("labels", vec![4], vec![0.0, 1.0, 0.0, 1.0])]);
+    let res = app.upload_dataset(ds).await;
+    assert_eq!(res.status(), 201);
+    let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    assert_eq!(app.get_json(&format!("/v1/datasets/{id}")).await["kind"], "dataset");
+    // A dataset is not a model.
+    assert_eq!(app.get(&format!("/v1/models/{id}")).await.status(), 404);
+}
+
+#[tokio::test]
+async fn a_model_used_by_a_queued_job_cannot_be_deleted() {
+    let app = spawn_app(0).await;
+    let id = app.upload_ok(small_model()).await;
+    let job = app.create_job_ok(&int8_spec(&id)).await;
+    let res = app.client.delete(app.url(&format!("/v1/models/{id}"))).send().await.unwrap();
+    let body = assert_problem(res, 409, "in_use").await;
+    assert!(body["detail"].as_str().unwrap().contains("1 queued or running job"));
+    app.cancel(&job).await;
+    assert_eq!(app.client.delete(app.url(&format!("/v1/models/{id}"))).send().await.unwrap().status(), 204);
+}
+
+#[tokio::test]
+async fn malformed_ids_and_queries_are_400_problems() {
+    let app = spawn_app(0).await;
+    let body = assert_problem(app.get("/v1/models/not-a-uuid").await, 400, "invalid_id").await;
+    assert_eq!(body["pointer"], "/id");
+    let body = assert_problem(app.get("/v1/models?limit=abc").await, 400, "invalid_query").await;
+    assert_eq!(body["pointer"], "/limit");
+    assert_problem(app.get("/v1/models?limit=0").await, 400, "invalid_query").await;
+    assert_problem(app.get("/v1/models?color=red").await, 400, "invalid_query").await;
+}
+
+#[tokio::test]
+async fn model_pages_never_repeat_or_skip() {
+    let app = spawn_app(0).await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let m = safetensors_f32(&[("w.weight", vec![2, 2], values(4, i, 1.0))]);
+        ids.push(app.upload_ok(m).await);
+    }
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let q = after.as_ref().map_or(String::new(), |a| format!("&after={a}"));
+        let page = app.get_json(&format!("/v1/models?limit=3{q}")).await;
+        seen.extend(page["items"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_owned()));
+        if !page["has_more"].as_bool().unwrap() {
+            assert!(page["next"].is_null());
+            break;
+        }
+        after = Some(page["next"].as_str().unwrap().to_owned());
+    }
+    ids.reverse();
+    assert_eq!(seen, ids, "newest first, each exactly once");
+}

@@ -1,0 +1,66 @@
+use serde_json::Value;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn health_and_readiness_answer() {
+    let app = spawn_app(2).await;
+    assert_eq!(app.get_json("/healthz").await["status"], "ok");
+    let ready = app.get_json("/readyz").await;
+    assert_eq!(ready["status"], "ready", "{ready}");
+    assert_eq!(ready["workers"], "ok");
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_jobs_by_status() {
+    let app = spawn_app(0).await;
+    let id = app.upload_ok(small_model()).await;
+    app.get(&format!("/v1/models/{id}")).await;
+    app.create_job_ok(&int8_spec(&id)).await;
+    let text = app.get("/metrics").await.text().await.unwrap();
+    assert!(text.contains(r#"route="/v1/models/{id}""#), "{text}");
+    assert!(text.contains("modelpress_http_request_duration_seconds"));
+    assert!(text.contains(r#"modelpress_jobs{status="queued"} 1"#), "{text}");
+    assert!(text.contains("modelpress_upload_bytes_total"));
+}
+
+#[tokio::test]
+async fn the_openapi_document_and_docs_page_are_served() {
+    let app = spawn_app(0).await;
+    let doc = app.get_json("/openapi.json").await;
+    for path in ["/v1/models", "/v1/jobs", "/v1/jobs/{id}/events", "/v1/plans", "/readyz"] {
+        assert!(doc["paths"].get(path).is_some(), "{path} missing");
+    }
+    let page = app.get("/docs").await.text().await.unwrap();
+    assert!(page.contains("/openapi.json"));
+    assert!(!page.contains("https://"), "the docs page loads nothing from the network");
+}
+
+#[tokio::test]
+async fn unknown_routes_are_problems_carrying_the_request_id() {
+    let app = spawn_app(0).await;
+    let res = app.client.get(app.url("/v2/nothing")).header("x-request-id", "trace-me-123").send().await.unwrap();
+    assert_eq!(res.status(), 404);
+    assert_eq!(res.headers()["x-request-id"], "trace-me-123");
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["code"], "route_not_found");
+    assert_eq!(body["request_id"], "trace-me-123");
+    let res = app.client.delete(app.url("/v1/jobs")).send().await.unwrap();
+    assert_eq!(res.status(), 405);
+}
+
+#[tokio::test]
+async fn a_restarted_app_keeps_its_models_jobs_and_artifacts() {
+    let app = spawn_app(1).await;
+    let id = app.upload_ok(small_model()).await;
+    let job = app.create_job_ok(&int8_spec(&id)).await;
+    assert_eq!(app.wait_terminal(&job).await["status"], "succeeded");
+    let report = app.download(&format!("/v1/jobs/{job}/report")).await;
+    let dir = app.stop().await;
+
+    let app = spawn_app_with(0, |s| s.storage.data_dir = dir.path().to_path_buf()).await;
+    assert_eq!(app.get_json(&format!("/v1/models/{id}")).await["id"], id);
+    assert_eq!(app.job(&job).await["status"], "succeeded");
+    assert_eq!(app.download(&format!("/v1/jobs/{job}/report")).await, report);
+    drop(dir);
+}
