@@ -4,10 +4,14 @@
 //! [`engine::run`] directly.
 
 pub mod engine;
+pub mod ggml;
 pub mod metrics;
+pub mod mixed;
 pub mod plan;
+pub mod prune;
 pub mod quant;
 pub mod report;
+pub mod report_html;
 pub mod select;
 pub mod spec;
 pub mod synth;

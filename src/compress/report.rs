@@ -12,6 +12,8 @@ pub struct Report {
     pub tensors: Vec<TensorReport>,
     pub totals: Totals,
     pub steps: Vec<StepTiming>,
+    /// Decisions of automatic mixed-precision steps.
+    pub mixed: Vec<super::engine::MixedDecision>,
     pub outputs: Vec<OutputSummary>,
     pub duration_ms: f64,
     /// Peak resident memory of the process while the job ran (VmHWM), when the OS reports it.
@@ -33,9 +35,14 @@ pub struct TensorReport {
     pub bits_per_weight: f64,
     pub parameters: u64,
     pub nonzeros: u64,
+    /// Achieved fraction of exact zeros.
     pub sparsity: f64,
+    /// What a per-tensor pruning step asked for (layer magnitude, N:M).
+    pub requested_sparsity: Option<f64>,
     /// Reconstruction error of the final values against the input; absent when unchanged.
     pub error: Option<ErrorMetrics>,
+    /// With `search: mse`: the relative error plain round-to-nearest would have had.
+    pub rtn_relative_error: Option<f64>,
     pub milliseconds: f64,
     /// Why a step skipped this tensor, or how it fell back.
     pub notes: Vec<String>,

@@ -4,10 +4,12 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::ggml::GgufType;
+use super::prune::Norm;
 use super::quant::{Granularity, IntParams, ScaleSearch};
 use super::select::Selector;
 
-/// A validated compression spec: steps in order, output formats, options.
+/// A validated compression spec: steps in order, output formats.
 #[derive(Debug, Clone)]
 pub struct CompressSpec {
     pub steps: Vec<Step>,
@@ -17,18 +19,21 @@ pub struct CompressSpec {
 #[derive(Debug, Clone)]
 pub enum Step {
     Quantize(QuantizeStep),
+    Prune(PruneStep),
 }
 
 impl Step {
     pub fn op(&self) -> &'static str {
         match self {
             Step::Quantize(_) => "quantize",
+            Step::Prune(_) => "prune",
         }
     }
 
     pub fn selector(&self) -> &Selector {
         match self {
             Step::Quantize(q) => &q.select,
+            Step::Prune(p) => &p.select,
         }
     }
 }
@@ -39,9 +44,42 @@ pub struct QuantizeStep {
     pub method: QuantMethod,
 }
 
+/// One way to store a tensor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scheme {
+    /// Integer round-to-nearest (the compressed-tensors layouts).
+    Int(IntParams),
+    /// A GGUF block type through candle's kernels; `fallback` decides for rows the block does
+    /// not divide (None = refuse).
+    Ggml { ty: GgufType, fallback: Option<GgufType> },
+}
+
 #[derive(Debug, Clone)]
 pub enum QuantMethod {
-    Int(IntParams),
+    /// One scheme for every targeted tensor.
+    Fixed(Scheme),
+    /// First matching glob wins; unmatched targeted tensors are left alone (reported).
+    Rules(Vec<(glob::Pattern, Scheme)>),
+    /// Per-tensor choice among candidates minimising total error with average bits per weight
+    /// (over the targeted tensors) <= `target_bits`, from errors measured on the weights.
+    Auto { target_bits: f64, candidates: Vec<Scheme> },
+}
+
+#[derive(Debug, Clone)]
+pub struct PruneStep {
+    pub select: Selector,
+    pub method: PruneMethod,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PruneMethod {
+    /// Smallest magnitudes, `sparsity` of each tensor (`layer`) or of all targeted weights (`global`).
+    Magnitude { global: bool, sparsity: f64 },
+    /// Keep the `n` largest of every `m` consecutive weights along a row; rows whose length `m`
+    /// does not divide are refused, or left alone when `skip_mismatch`.
+    NM { n: usize, m: usize, skip_mismatch: bool },
+    /// Zero the `amount` fraction of output units (rows/filters) with the lowest norm.
+    Structured { norm: Norm, amount: f64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -156,10 +194,11 @@ fn parse_step(value: &Value, at: &str) -> Result<Step, SpecError> {
         value.get("op").ok_or_else(|| SpecError::new(format!("{at}/op"), "invalid_field", "missing field `op`"))?;
     match op.as_str() {
         Some("quantize") => parse_quantize(value, at).map(Step::Quantize),
+        Some("prune") => parse_prune(value, at).map(Step::Prune),
         Some(other) => Err(SpecError::new(
             format!("{at}/op"),
             "invalid_field",
-            format!("unknown op `{other}`, expected one of `quantize`"),
+            format!("unknown op `{other}`, expected one of `quantize`, `prune`"),
         )),
         None => Err(SpecError::new(format!("{at}/op"), "invalid_field", "`op` must be a string")),
     }
@@ -180,6 +219,19 @@ enum RawSearch {
     Mse,
 }
 
+/// The fields that describe one scheme, shared by a step, a rule and a mixed candidate.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawScheme {
+    bits: Option<u8>,
+    granularity: Option<RawGranularity>,
+    group_size: Option<usize>,
+    symmetric: Option<bool>,
+    search: Option<RawSearch>,
+    gguf_type: Option<String>,
+    fallback: Option<String>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawQuantize {
@@ -190,23 +242,87 @@ struct RawQuantize {
     group_size: Option<usize>,
     symmetric: Option<bool>,
     search: Option<RawSearch>,
+    gguf_type: Option<String>,
+    fallback: Option<String>,
+    rules: Option<Vec<RawRule>>,
+    mixed: Option<RawMixed>,
     targets: Option<Vec<String>>,
     ignore: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+struct RawRule {
+    #[serde(rename = "match")]
+    pattern: String,
+    #[serde(flatten)]
+    scheme: RawSchemeFields,
+}
+
+/// `RawScheme` again for `#[serde(flatten)]` (which cannot be combined with
+/// `deny_unknown_fields`); unknown keys land in `rest` and are refused by hand.
+#[derive(Deserialize)]
+struct RawSchemeFields {
+    bits: Option<u8>,
+    granularity: Option<RawGranularity>,
+    group_size: Option<usize>,
+    symmetric: Option<bool>,
+    search: Option<RawSearch>,
+    gguf_type: Option<String>,
+    fallback: Option<String>,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMixed {
+    target_bits: f64,
+    candidates: Vec<Value>,
 }
 
 /// Group size used when `granularity` is `group` and none is given (the common int4 choice).
 pub const DEFAULT_GROUP_SIZE: usize = 128;
 
-fn parse_quantize(value: &Value, at: &str) -> Result<QuantizeStep, SpecError> {
-    let raw: RawQuantize = from_value_at(value, at)?;
-    let select = Selector::parse(raw.targets.as_deref(), raw.ignore.as_deref(), at)?;
-    let bits = raw
-        .bits
-        .ok_or_else(|| SpecError::new(format!("{at}/bits"), "invalid_field", "missing field `bits` (2, 4 or 8)"))?;
+fn field(at: &str, name: &str, detail: impl Into<String>) -> SpecError {
+    SpecError::new(format!("{at}/{name}"), "invalid_field", detail)
+}
+
+fn parse_gguf_type(name: &str, at: &str, key: &str) -> Result<GgufType, SpecError> {
+    name.parse::<GgufType>().map_err(|e| field(at, key, e.to_string()))
+}
+
+/// Turns one scheme description into a [`Scheme`]; `at` points at the object holding it.
+fn parse_scheme(raw: RawScheme, at: &str) -> Result<Scheme, SpecError> {
+    let int_fields = raw.bits.is_some() as u8
+        + raw.granularity.is_some() as u8
+        + raw.group_size.is_some() as u8
+        + raw.symmetric.is_some() as u8
+        + raw.search.is_some() as u8;
+    if let Some(name) = &raw.gguf_type {
+        if int_fields > 0 {
+            return Err(field(
+                at,
+                "gguf_type",
+                "give either `gguf_type` or integer fields (`bits`, `granularity`, ...), not both",
+            ));
+        }
+        let ty = parse_gguf_type(name, at, "gguf_type")?;
+        let fallback = match raw.fallback.as_deref() {
+            None | Some("refuse") => None,
+            Some(f) => Some(parse_gguf_type(f, at, "fallback")?),
+        };
+        return Ok(Scheme::Ggml { ty, fallback });
+    }
+    if raw.fallback.is_some() {
+        return Err(field(at, "fallback", "`fallback` applies only with `gguf_type`"));
+    }
+    let bits = raw.bits.ok_or_else(|| {
+        SpecError::new(at.to_owned(), "invalid_field", "give `bits` (2, 4 or 8), `gguf_type`, `rules` or `mixed`")
+    })?;
     if ![2, 4, 8].contains(&bits) {
-        return Err(SpecError::new(
-            format!("{at}/bits"),
-            "invalid_field",
+        return Err(field(
+            at,
+            "bits",
             format!("bits must be 2, 4 or 8, got {bits} (the compressed-tensors layouts emit only these)"),
         ));
     }
@@ -216,15 +332,9 @@ fn parse_quantize(value: &Value, at: &str) -> Result<QuantizeStep, SpecError> {
         RawGranularity::Group => Granularity::Group(raw.group_size.unwrap_or(DEFAULT_GROUP_SIZE)),
     };
     match (granularity, raw.group_size) {
-        (Granularity::Group(0), _) => {
-            return Err(SpecError::new(format!("{at}/group_size"), "invalid_field", "group_size must be at least 1"))
-        }
+        (Granularity::Group(0), _) => return Err(field(at, "group_size", "group_size must be at least 1")),
         (Granularity::Tensor | Granularity::Channel, Some(_)) => {
-            return Err(SpecError::new(
-                format!("{at}/group_size"),
-                "invalid_field",
-                "group_size applies only with granularity `group`",
-            ))
+            return Err(field(at, "group_size", "group_size applies only with granularity `group`"))
         }
         _ => {}
     }
@@ -232,10 +342,194 @@ fn parse_quantize(value: &Value, at: &str) -> Result<QuantizeStep, SpecError> {
         RawSearch::None => ScaleSearch::None,
         RawSearch::Mse => ScaleSearch::Mse,
     };
-    Ok(QuantizeStep {
-        select,
-        method: QuantMethod::Int(IntParams { bits, granularity, symmetric: raw.symmetric.unwrap_or(true), search }),
-    })
+    Ok(Scheme::Int(IntParams { bits, granularity, symmetric: raw.symmetric.unwrap_or(true), search }))
+}
+
+fn parse_quantize(value: &Value, at: &str) -> Result<QuantizeStep, SpecError> {
+    let raw: RawQuantize = from_value_at(value, at)?;
+    let select = Selector::parse(raw.targets.as_deref(), raw.ignore.as_deref(), at)?;
+    let scheme = RawScheme {
+        bits: raw.bits,
+        granularity: raw.granularity,
+        group_size: raw.group_size,
+        symmetric: raw.symmetric,
+        search: raw.search,
+        gguf_type: raw.gguf_type,
+        fallback: raw.fallback,
+    };
+    let has_scheme = scheme.bits.is_some() || scheme.gguf_type.is_some();
+    let method = match (raw.rules, raw.mixed) {
+        (Some(_), Some(_)) => return Err(field(at, "mixed", "give either `rules` or `mixed`, not both")),
+        (Some(_), None) | (None, Some(_)) if has_scheme => {
+            return Err(SpecError::new(
+                at.to_owned(),
+                "invalid_field",
+                "`rules`/`mixed` replace `bits`/`gguf_type`: give one of them",
+            ))
+        }
+        (Some(rules), None) => {
+            if rules.is_empty() {
+                return Err(field(at, "rules", "rules must not be empty"));
+            }
+            let mut out = Vec::with_capacity(rules.len());
+            for (i, r) in rules.into_iter().enumerate() {
+                let rat = format!("{at}/rules/{i}");
+                if let Some(k) = r.scheme.rest.keys().next() {
+                    return Err(field(&rat, k, format!("unknown field `{k}`")));
+                }
+                let pattern = glob::Pattern::new(&r.pattern)
+                    .map_err(|e| field(&rat, "match", format!("bad glob `{}`: {e}", r.pattern)))?;
+                let f = r.scheme;
+                let scheme = parse_scheme(
+                    RawScheme {
+                        bits: f.bits,
+                        granularity: f.granularity,
+                        group_size: f.group_size,
+                        symmetric: f.symmetric,
+                        search: f.search,
+                        gguf_type: f.gguf_type,
+                        fallback: f.fallback,
+                    },
+                    &rat,
+                )?;
+                out.push((pattern, scheme));
+            }
+            QuantMethod::Rules(out)
+        }
+        (None, Some(mixed)) => {
+            let mat = format!("{at}/mixed");
+            if !(mixed.target_bits.is_finite() && mixed.target_bits > 0.0) {
+                return Err(field(
+                    &mat,
+                    "target_bits",
+                    format!("target_bits must be a positive number, got {}", mixed.target_bits),
+                ));
+            }
+            if mixed.candidates.len() < 2 {
+                return Err(field(&mat, "candidates", "give at least two candidate schemes"));
+            }
+            let mut candidates = Vec::new();
+            for (i, c) in mixed.candidates.iter().enumerate() {
+                let cat = format!("{mat}/candidates/{i}");
+                let scheme = match c {
+                    Value::String(name) => {
+                        Scheme::Ggml { ty: parse_gguf_type(name, &mat, &format!("candidates/{i}"))?, fallback: None }
+                    }
+                    other => parse_scheme(from_value_at(other, &cat)?, &cat)?,
+                };
+                candidates.push(scheme);
+            }
+            QuantMethod::Auto { target_bits: mixed.target_bits, candidates }
+        }
+        (None, None) => QuantMethod::Fixed(parse_scheme(scheme, at)?),
+    };
+    Ok(QuantizeStep { select, method })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+enum RawPruneMethod {
+    Magnitude,
+    NM,
+    Structured,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+enum RawScope {
+    Layer,
+    Global,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+enum RawMismatch {
+    Refuse,
+    Skip,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+enum RawNorm {
+    L1,
+    L2,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrune {
+    #[allow(dead_code)]
+    op: String,
+    method: RawPruneMethod,
+    scope: Option<RawScope>,
+    sparsity: Option<f64>,
+    n: Option<usize>,
+    m: Option<usize>,
+    on_mismatch: Option<RawMismatch>,
+    norm: Option<RawNorm>,
+    amount: Option<f64>,
+    targets: Option<Vec<String>>,
+    ignore: Option<Vec<String>>,
+}
+
+fn fraction(v: Option<f64>, at: &str, name: &str) -> Result<f64, SpecError> {
+    let v = v.ok_or_else(|| field(at, name, format!("missing field `{name}` (a fraction in [0, 1))")))?;
+    if !(0.0..1.0).contains(&v) {
+        return Err(field(at, name, format!("{name} must be in [0, 1), got {v}")));
+    }
+    Ok(v)
+}
+
+fn parse_prune(value: &Value, at: &str) -> Result<PruneStep, SpecError> {
+    let raw: RawPrune = from_value_at(value, at)?;
+    let select = Selector::parse(raw.targets.as_deref(), raw.ignore.as_deref(), at)?;
+    let misplaced = |name: &str, present: bool| -> Result<(), SpecError> {
+        if present {
+            Err(field(at, name, format!("`{name}` does not apply to this pruning method")))
+        } else {
+            Ok(())
+        }
+    };
+    let method = match raw.method {
+        RawPruneMethod::Magnitude => {
+            misplaced("n", raw.n.is_some())?;
+            misplaced("m", raw.m.is_some())?;
+            misplaced("norm", raw.norm.is_some())?;
+            misplaced("amount", raw.amount.is_some())?;
+            PruneMethod::Magnitude {
+                global: matches!(raw.scope, Some(RawScope::Global)),
+                sparsity: fraction(raw.sparsity, at, "sparsity")?,
+            }
+        }
+        RawPruneMethod::NM => {
+            misplaced("sparsity", raw.sparsity.is_some())?;
+            misplaced("scope", raw.scope.is_some())?;
+            let m = raw.m.unwrap_or(4);
+            let n = raw.n.unwrap_or(2);
+            if m == 0 {
+                return Err(field(at, "m", "m must be at least 1"));
+            }
+            if n == 0 || n > m {
+                return Err(field(at, "n", format!("n must be between 1 and m ({m}), got {n}")));
+            }
+            PruneMethod::NM { n, m, skip_mismatch: matches!(raw.on_mismatch, Some(RawMismatch::Skip)) }
+        }
+        RawPruneMethod::Structured => {
+            misplaced("sparsity", raw.sparsity.is_some())?;
+            misplaced("scope", raw.scope.is_some())?;
+            PruneMethod::Structured {
+                norm: match raw.norm.unwrap_or(RawNorm::L2) {
+                    RawNorm::L1 => Norm::L1,
+                    RawNorm::L2 => Norm::L2,
+                },
+                amount: fraction(raw.amount, at, "amount")?,
+            }
+        }
+    };
+    if raw.on_mismatch.is_some() && !matches!(method, PruneMethod::NM { .. }) {
+        return Err(field(at, "on_mismatch", "`on_mismatch` applies only to method `n_m`"));
+    }
+    Ok(PruneStep { select, method })
 }
 
 /// Canonical text of a spec value (sorted keys, no whitespace) for hashing and storage.
@@ -259,8 +553,8 @@ mod tests {
             parse_compress(&json!([{"op": "quantize", "bits": 8, "granularity": "channel", "symmetric": true}]), None)
                 .unwrap();
         assert_eq!(spec.outputs, vec![OutputFormat::Safetensors]);
-        let Step::Quantize(q) = &spec.steps[0];
-        let QuantMethod::Int(p) = q.method;
+        let Step::Quantize(q) = &spec.steps[0] else { panic!() };
+        let QuantMethod::Fixed(Scheme::Int(p)) = q.method else { panic!() };
         assert_eq!(
             p,
             IntParams { bits: 8, granularity: Granularity::Channel, symmetric: true, search: ScaleSearch::None }
@@ -296,5 +590,53 @@ mod tests {
     fn group_size_needs_group_granularity() {
         let e = errors(json!([{"op": "quantize", "bits": 4, "group_size": 64}]), None);
         assert_eq!(e[0].pointer, "/steps/0/group_size");
+    }
+
+    #[test]
+    fn gguf_rules_and_mixed_parse() {
+        let spec = parse_compress(
+            &json!([
+                {"op": "quantize", "gguf_type": "q4_k", "fallback": "f16"},
+                {"op": "quantize", "rules": [{"match": "*embed*", "gguf_type": "q8_0"}, {"match": "*", "bits": 4, "granularity": "group", "group_size": 32}]},
+                {"op": "quantize", "mixed": {"target_bits": 5.0, "candidates": ["q8_0", "q4_k"]}}
+            ]),
+            None,
+        )
+        .unwrap();
+        let Step::Quantize(q) = &spec.steps[0] else { panic!() };
+        assert!(matches!(
+            q.method,
+            QuantMethod::Fixed(Scheme::Ggml { ty: GgufType::Q4K, fallback: Some(GgufType::F16) })
+        ));
+        let Step::Quantize(q) = &spec.steps[1] else { panic!() };
+        assert!(matches!(&q.method, QuantMethod::Rules(r) if r.len() == 2));
+        let Step::Quantize(q) = &spec.steps[2] else { panic!() };
+        assert!(matches!(&q.method, QuantMethod::Auto { candidates, .. } if candidates.len() == 2));
+    }
+
+    #[test]
+    fn bad_gguf_names_and_rule_fields_name_their_pointer() {
+        let e = errors(json!([{"op": "quantize", "gguf_type": "q4_z"}]), None);
+        assert_eq!(e[0].pointer, "/steps/0/gguf_type");
+        let e = errors(json!([{"op": "quantize", "rules": [{"match": "*", "bitz": 4}]}]), None);
+        assert_eq!(e[0].pointer, "/steps/0/rules/0/bitz");
+        let e = errors(json!([{"op": "quantize", "bits": 8, "gguf_type": "q8_0"}]), None);
+        assert_eq!(e[0].pointer, "/steps/0/gguf_type");
+    }
+
+    #[test]
+    fn bad_prune_parameters_name_their_pointer() {
+        let cases = [
+            (json!({"op": "prune", "method": "magnitude", "sparsity": 1.0}), "/steps/0/sparsity"),
+            (json!({"op": "prune", "method": "n_m", "n": 2, "m": 0}), "/steps/0/m"),
+            (json!({"op": "prune", "method": "n_m", "n": 5, "m": 4}), "/steps/0/n"),
+            (json!({"op": "prune", "method": "magnitude", "scope": "planet", "sparsity": 0.5}), "/steps/0/scope"),
+            (json!({"op": "prune", "method": "structured", "amount": -0.1}), "/steps/0/amount"),
+            (json!({"op": "prune", "method": "magnitude", "sparsity": 0.5, "n": 2}), "/steps/0/n"),
+        ];
+        for (step, pointer) in cases {
+            let e = errors(json!([step]), None);
+            assert_eq!(e[0].pointer, pointer, "{step}: {:?}", e[0]);
+        }
     }
 }

@@ -1,3 +1,5 @@
 //! Model file formats: reading and validating safetensors, and writing every output layout.
 
+pub mod gguf;
 pub mod safetensors;
+pub mod sparse;

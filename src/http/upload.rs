@@ -180,3 +180,20 @@ fn validate(head: &[u8], file_len: u64, header_limit: u64) -> Result<Header, Api
     }
     parse_header(&head[8..8 + len as usize], file_len).map_err(header_error)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_while_writing_an_upload_is_a_507() {
+        // /dev/full fails every write with ENOSPC: the real error a full disk gives.
+        let (tx, rx) = mpsc::channel(1);
+        tx.blocking_send(Bytes::from(vec![1u8; 4 << 20])).unwrap();
+        drop(tx);
+        let err = writer_thread(Path::new("/dev/full"), rx, 16).err().expect("write fails");
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        let api = ApiError::io(err);
+        assert_eq!((api.status.as_u16(), api.code), (507, "insufficient_storage"));
+    }
+}

@@ -274,3 +274,17 @@ pub fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
     }
     Ok((hex::encode(hasher.finalize()), total))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_fails_the_job_while_other_io_errors_retry() {
+        match io_outcome(&std::io::Error::from_raw_os_error(libc::ENOSPC)) {
+            Outcome::Failed(f) => assert_eq!(f.code, "insufficient_storage"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(io_outcome(&std::io::Error::other("flaky NFS")), Outcome::Retry(_)));
+    }
+}

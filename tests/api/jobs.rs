@@ -27,7 +27,7 @@ async fn a_job_runs_to_success_and_its_artifacts_match_its_report() {
 
     let artifacts = app.get_json(&format!("/v1/jobs/{id}/artifacts")).await;
     let names: Vec<&str> = artifacts.as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["model.safetensors", "report.json"]);
+    assert_eq!(names, ["model.safetensors", "report.html", "report.json"]);
     let out = app.download(&format!("/v1/jobs/{id}/artifacts/model.safetensors")).await;
     assert_eq!(out.len() as i64, artifacts[0]["bytes"].as_i64().unwrap());
 
@@ -66,6 +66,8 @@ async fn a_job_runs_to_success_and_its_artifacts_match_its_report() {
         }
     }
     assert_eq!(report["outputs"][0]["bytes"], out.len());
+    let html = String::from_utf8(app.download(&format!("/v1/jobs/{id}/artifacts/report.html")).await).unwrap();
+    assert!(html.contains("<svg") && html.contains("fc1.weight"), "the HTML report charts the tensors");
     assert!(report["totals"]["ratio"].as_f64().unwrap() > 3.0, "{}", report["totals"]);
 }
 

@@ -3,5 +3,6 @@
 mod crash;
 mod helpers;
 mod jobs;
+mod mlp;
 mod models;
 mod operations;

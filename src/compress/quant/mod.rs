@@ -1,91 +1,94 @@
-//! Integer round-to-nearest quantization (interim scalar version; replaced by the optimised kernels).
+//! Integer round-to-nearest quantization in the compressed-tensors (vLLM) conventions.
+//!
+//! Conventions, read from compressed-tensors' sources (`quantization/utils/helpers.py::calculate_qparams`,
+//! `quantization/lifecycle/forward.py::_quantize/_dequantize`, `quant_args.py::round_to_quantized_type_args`):
+//! - the range is first widened to hold 0: `lo = min(min, 0)`, `hi = max(max, 0)`;
+//! - integer codes live in `[q_min, q_max] = [-2^(b-1), 2^(b-1) - 1]` and `bit_range = q_max - q_min = 2^b - 1`;
+//! - symmetric: `scale = max(|lo|, |hi|) / (bit_range / 2)` (7.5 for int4, 127.5 for int8), zero point 0;
+//! - asymmetric: `scale = (hi - lo) / bit_range`, `zp = round(clamp(q_min - lo / scale, q_min, q_max))`;
+//! - a scale of exactly 0 (an all-zero block) is replaced by the dtype's epsilon (`f32::EPSILON` here);
+//! - quantize: `q = round_half_even(clamp(x / scale + zp, q_min, q_max))` (`torch.round` rounds half to even);
+//! - dequantize: `x' = (q - zp) * scale`.
+//!
+//! Because `zp` is an integer, 0.0 quantizes to `zp` and dequantizes to exactly 0.0 in both modes, so pruned
+//! zeros survive. Packing into `weight_packed` / `weight_zero_point` int32 words lives in [`pack`].
 
+mod int;
+pub mod pack;
+mod search;
+
+pub use int::{dequantize_into, quantize, quantize_into};
+pub use pack::{pack_int32, pack_int32_into, pack_zero_points, packed_len, unpack_int32, unpack_zero_points};
+
+/// How many values share one scale (and zero point).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Granularity {
+    /// One scale for the whole tensor.
     Tensor,
+    /// One scale per row (output channel).
     Channel,
+    /// One scale per `g` consecutive values of a row; `cols % g` must be 0.
     Group(usize),
 }
 
+/// How each block's clipping range is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScaleSearch {
+    /// Plain min/max (round-to-nearest, RTN).
     None,
+    /// Shrink the range by the factor in [0.5, 1.0] that minimises the block's squared error.
     Mse,
 }
 
+/// One integer quantization scheme.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IntParams {
+    /// 2, 4 or 8 (compressed-tensors changed the packing of 3, 5, 6, 7 bits in 2026: we never emit them).
     pub bits: u8,
     pub granularity: Granularity,
+    /// `true`: zero point 0; `false`: one signed zero point per scale.
     pub symmetric: bool,
     pub search: ScaleSearch,
 }
 
-#[derive(Debug, Clone, Default)]
+/// A quantized matrix; every buffer is reused by [`quantize_into`] across calls.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct IntQuantized {
     pub rows: usize,
     pub cols: usize,
     pub bits: u8,
     pub symmetric: bool,
+    /// `rows * cols` signed codes in `[-2^(b-1), 2^(b-1) - 1]`, row-major.
     pub codes: Vec<i8>,
+    /// Row-major `scale_shape[0] x scale_shape[1]`.
     pub scales: Vec<f32>,
+    /// Same layout as `scales`; `None` when symmetric.
     pub zero_points: Option<Vec<i8>>,
+    /// `[rows, 1]` per channel, `[rows, cols / g]` per group, `[1, 1]` per tensor.
     pub scale_shape: [usize; 2],
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum QuantError {
-    #[error("non-finite value at flat index {0}")]
-    NonFinite(usize),
-    #[error("row length {cols} is not a multiple of group_size {group_size}")]
-    GroupSize { cols: usize, group_size: usize },
+impl IntQuantized {
+    /// Values sharing one scale along a row (`cols` for channel and tensor granularity).
+    pub fn block_len(&self) -> usize {
+        self.cols.checked_div(self.scale_shape[1]).unwrap_or(0)
+    }
 }
 
-pub fn quantize_into(
-    data: &[f32],
-    rows: usize,
-    cols: usize,
-    p: &IntParams,
-    q: &mut IntQuantized,
-    dequant: &mut [f32],
-) -> Result<(), QuantError> {
-    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
-        return Err(QuantError::NonFinite(i));
-    }
-    let group = match p.granularity {
-        Granularity::Tensor => rows * cols,
-        Granularity::Channel => cols,
-        Granularity::Group(g) => {
-            if !cols.is_multiple_of(g) {
-                return Err(QuantError::GroupSize { cols, group_size: g });
-            }
-            g
-        }
-    };
-    let qmax = ((1i32 << (p.bits - 1)) - 1) as f32;
-    let qmin = -(1i32 << (p.bits - 1)) as f32;
-    q.codes.resize(data.len(), 0);
-    q.scales.clear();
-    q.rows = rows;
-    q.cols = cols;
-    q.bits = p.bits;
-    q.symmetric = true;
-    q.zero_points = None;
-    for (i, block) in data.chunks(group.max(1)).enumerate() {
-        let absmax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let scale = if absmax > 0.0 { absmax / ((qmax - qmin) / 2.0) } else { 1.0 };
-        q.scales.push(scale);
-        let base = i * group;
-        for (j, &v) in block.iter().enumerate() {
-            let c = (v / scale).round().clamp(qmin, qmax);
-            q.codes[base + j] = c as i8;
-            dequant[base + j] = c * scale;
-        }
-    }
-    q.scale_shape = match p.granularity {
-        Granularity::Tensor => [1, 1],
-        Granularity::Channel => [rows, 1],
-        Granularity::Group(g) => [rows, cols / g],
-    };
-    Ok(())
+/// Why a tensor cannot be quantized; the engine prefixes the tensor name.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum QuantError {
+    #[error("bits must be 2, 4 or 8, got {0}")]
+    UnsupportedBits(u8),
+    #[error("group size {group} does not divide the row length cols={cols}")]
+    GroupDoesNotDivide { cols: usize, group: usize },
+    #[error("group size must be at least 1, got 0")]
+    ZeroGroup,
+    #[error("{what} has {got} values, expected rows*cols = {rows}*{cols} = {expected}")]
+    LengthMismatch { what: &'static str, got: usize, expected: usize, rows: usize, cols: usize },
+    #[error("non-finite value {value} at flat index {index}")]
+    NonFinite { index: usize, value: f32 },
 }
+
+#[cfg(test)]
+mod tests;

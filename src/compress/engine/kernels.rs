@@ -1,0 +1,194 @@
+//! Runs one tensor's planned actions on reused buffers.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use super::EngineError;
+use crate::compress::ggml::{self, GgufType};
+use crate::compress::metrics::error_metrics;
+use crate::compress::plan::{Kernel, PlannedAction};
+use crate::compress::prune::{self, GlobalCut, TieState};
+use crate::compress::quant::{quantize_into, IntParams, IntQuantized, QuantError, ScaleSearch};
+use crate::compress::report::StepTiming;
+use crate::compress::spec::Scheme;
+use crate::formats::safetensors::TensorInfo;
+
+/// Buffers reused from one tensor to the next: memory stays at a few copies of the largest.
+#[derive(Default)]
+pub struct Buffers {
+    /// The tensor as read (f32).
+    pub orig: Vec<f32>,
+    /// The values after the actions so far.
+    pub work: Vec<f32>,
+    pub scratch: Vec<f32>,
+    pub int: IntQuantized,
+    pub ggml: Vec<u8>,
+}
+
+/// The quantization that still describes `work` after the last action, if any.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LastQuant {
+    None,
+    Int(IntParams),
+    Ggml(GgufType),
+}
+
+/// Results of the passes before the main one, and state the main pass carries across tensors.
+#[derive(Default)]
+pub struct Resolved {
+    /// Mixed precision: (step, tensor) -> the chosen scheme.
+    pub auto: HashMap<(usize, String), Scheme>,
+    /// Global magnitude: step -> the threshold and the tie counter (in processing order).
+    pub global: HashMap<usize, (GlobalCut, TieState)>,
+    /// Structured pruning: (step, weight name) -> the rows it zeroed, for the matching bias.
+    pub removed_rows: HashMap<(usize, String), Vec<usize>>,
+}
+
+/// What happened to one tensor, for the report and the output sinks.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub quant: LastQuant,
+    pub labels: Vec<String>,
+    pub notes: Vec<String>,
+    pub requested_sparsity: Option<f64>,
+    /// With `search: mse`, the relative error plain round-to-nearest would have had.
+    pub rtn_relative_error: Option<f64>,
+}
+
+fn tensor_error(t: &TensorInfo, code: &'static str, detail: impl ToString) -> EngineError {
+    EngineError::Tensor { tensor: t.name.clone(), code, detail: detail.to_string() }
+}
+
+fn quant_error(t: &TensorInfo, e: QuantError) -> EngineError {
+    let code = if matches!(e, QuantError::NonFinite { .. }) { "non_finite_weights" } else { "kernel_error" };
+    tensor_error(t, code, e)
+}
+
+fn check_finite(t: &TensorInfo, data: &[f32]) -> Result<(), EngineError> {
+    match data.iter().position(|v| !v.is_finite()) {
+        Some(i) => {
+            Err(tensor_error(t, "non_finite_weights", format!("non-finite value {} at flat index {i}", data[i])))
+        }
+        None => Ok(()),
+    }
+}
+
+/// Quantizes `b.work` in place with `scheme`; returns what now describes it.
+pub fn quantize(t: &TensorInfo, scheme: &Scheme, b: &mut Buffers) -> Result<LastQuant, EngineError> {
+    let (rows, cols) = t.matrix();
+    b.scratch.resize(b.work.len(), 0.0);
+    match scheme {
+        Scheme::Int(p) => {
+            quantize_into(&b.work, rows, cols, p, &mut b.int, &mut b.scratch).map_err(|e| quant_error(t, e))?;
+            std::mem::swap(&mut b.work, &mut b.scratch);
+            Ok(LastQuant::Int(*p))
+        }
+        Scheme::Ggml { ty, .. } => {
+            check_finite(t, &b.work)?;
+            ggml::quantize(&b.work, rows, cols, *ty, &mut b.ggml).map_err(|e| tensor_error(t, "kernel_error", e))?;
+            ggml::dequantize(&b.ggml, rows, cols, *ty, &mut b.work).map_err(|e| tensor_error(t, "kernel_error", e))?;
+            Ok(LastQuant::Ggml(*ty))
+        }
+    }
+}
+
+/// Runs the actions of steps `< until` (all when `None`) on `b.work`, which holds the tensor.
+pub fn apply(
+    t: &TensorInfo,
+    actions: &[PlannedAction],
+    until: Option<usize>,
+    b: &mut Buffers,
+    resolved: &mut Resolved,
+    mut timings: Option<&mut [StepTiming]>,
+) -> Result<Outcome, EngineError> {
+    let (rows, cols) = t.matrix();
+    let mut out = Outcome {
+        quant: LastQuant::None,
+        labels: Vec::new(),
+        notes: Vec::new(),
+        requested_sparsity: None,
+        rtn_relative_error: None,
+    };
+    for a in actions.iter().filter(|a| until.is_none_or(|u| a.step < u)) {
+        let started = Instant::now();
+        let mut label = a.scheme.clone();
+        let mut pruned = false;
+        match &a.kernel {
+            Kernel::Int(p) => {
+                if p.search == ScaleSearch::Mse {
+                    // The report shows what plain round-to-nearest would have lost, for comparison.
+                    let rtn = IntParams { search: ScaleSearch::None, ..*p };
+                    let mut probe = IntQuantized::default();
+                    b.scratch.resize(b.work.len(), 0.0);
+                    quantize_into(&b.work, rows, cols, &rtn, &mut probe, &mut b.scratch)
+                        .map_err(|e| quant_error(t, e))?;
+                    out.rtn_relative_error = Some(error_metrics(&b.work, &b.scratch).relative_error);
+                }
+                out.quant = quantize(t, &Scheme::Int(*p), b)?;
+            }
+            Kernel::Ggml(ty) => out.quant = quantize(t, &Scheme::Ggml { ty: *ty, fallback: None }, b)?,
+            Kernel::Auto { step } => {
+                let scheme = *resolved.auto.get(&(*step, t.name.clone())).ok_or_else(|| {
+                    tensor_error(t, "internal_error", "mixed precision was not resolved before the main pass")
+                })?;
+                label = format!("{} (auto)", crate::compress::plan::scheme_name(&scheme));
+                out.quant = quantize(t, &scheme, b)?;
+            }
+            Kernel::Magnitude { sparsity } => {
+                prune::prune_magnitude(&mut b.work, *sparsity).map_err(|e| tensor_error(t, "kernel_error", e))?;
+                out.requested_sparsity = Some(*sparsity);
+                pruned = true;
+            }
+            Kernel::GlobalMagnitude { step } => {
+                let (cut, ties) = resolved
+                    .global
+                    .get_mut(step)
+                    .ok_or_else(|| tensor_error(t, "internal_error", "global threshold missing"))?;
+                cut.apply(&mut b.work, ties);
+                pruned = true;
+            }
+            Kernel::NM { n, m } => {
+                prune::prune_n_m(&mut b.work, rows, cols, *n, *m).map_err(|e| tensor_error(t, "kernel_error", e))?;
+                out.requested_sparsity = Some(1.0 - *n as f64 / *m as f64);
+                pruned = true;
+            }
+            Kernel::Structured { norm, amount } => {
+                let r = prune::prune_rows(&mut b.work, rows, cols, *amount, *norm)
+                    .map_err(|e| tensor_error(t, "kernel_error", e))?;
+                out.notes.push(format!(
+                    "step {}: zeroed {} of {rows} rows (the shape cannot shrink without an architecture graph)",
+                    a.step,
+                    r.removed_rows.len()
+                ));
+                resolved.removed_rows.insert((a.step, t.name.clone()), r.removed_rows);
+                pruned = true;
+            }
+            Kernel::BiasOf { weight, step } => {
+                if let Some(removed) = resolved.removed_rows.get(&(*step, weight.clone())) {
+                    for &r in removed {
+                        if let Some(v) = b.work.get_mut(r) {
+                            *v = 0.0;
+                        }
+                    }
+                }
+                pruned = true;
+            }
+        }
+        if pruned && out.quant != LastQuant::None {
+            out.quant = LastQuant::None;
+            out.notes.push(format!(
+                "step {}: pruning after quantization changed the quantized values; compressed layouts store this tensor dense",
+                a.step
+            ));
+        }
+        if let Some(note) = &a.note {
+            out.notes.push(format!("step {}: {note}", a.step));
+        }
+        out.labels.push(label);
+        if let Some(t) = timings.as_deref_mut() {
+            t[a.step].milliseconds += started.elapsed().as_secs_f64() * 1e3;
+            t[a.step].tensors += 1;
+        }
+    }
+    Ok(out)
+}

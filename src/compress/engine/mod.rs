@@ -1,0 +1,329 @@
+//! The engine: runs a plan over a model one tensor at a time and writes every output.
+//!
+//! Memory is bounded by the largest tensor: each tensor is read with positioned I/O into reused
+//! buffers, passed through its planned kernels and handed to every output sink before the next
+//! is read. Steps that must see all tensors first (global pruning, mixed precision) get their own
+//! read passes before the main one. Cancellation and progress are checked between tensors.
+
+mod kernels;
+mod prepass;
+mod sinks;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub use prepass::{MixedChoice, MixedDecision};
+
+use super::ggml::GgufType;
+use super::metrics::error_metrics;
+use super::plan::{Kernel, Plan, Refusal, TensorPlan};
+use super::report::{peak_rss_bytes, OutputSummary, Report, StepTiming, TensorReport, Totals};
+use super::spec::{CompressSpec, OutputFormat, Scheme};
+use crate::formats::gguf::{MetaValue, TensorInfo as GgufTensor};
+use crate::formats::safetensors::{Header, TensorReader};
+use kernels::{Buffers, Resolved};
+use sinks::{QuantRef, Sink, TensorData};
+
+/// Everything one run needs. `out_dir` must exist and be empty; the caller owns it.
+pub struct EngineJob<'a> {
+    pub model_path: &'a Path,
+    pub header: &'a Header,
+    pub spec: &'a CompressSpec,
+    pub plan: &'a Plan,
+    pub out_dir: &'a Path,
+    pub input_sha256: &'a str,
+    pub spec_sha256: &'a str,
+}
+
+/// How the engine talks to whoever runs it (a server worker, the CLI, a benchmark).
+pub trait Control: Sync {
+    /// Called before each tensor of each pass; implementations throttle as they need.
+    fn progress(&self, fraction: f64, step: &str, message: &str);
+    fn canceled(&self) -> bool;
+}
+
+/// A control that never cancels and ignores progress (benchmarks, tests).
+pub struct Silent;
+
+impl Control for Silent {
+    fn progress(&self, _: f64, _: &str, _: &str) {}
+    fn canceled(&self) -> bool {
+        false
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ArtifactFile {
+    /// Name under the job, e.g. `model.safetensors` or `compressed-tensors/config.json`.
+    pub name: String,
+    pub format: String,
+    pub path: PathBuf,
+}
+
+#[derive(Debug)]
+pub struct EngineOutput {
+    pub artifacts: Vec<ArtifactFile>,
+    pub report: Report,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("canceled")]
+    Canceled,
+    #[error("the plan refuses this spec: {}", .0.iter().map(|r| r.detail.as_str()).collect::<Vec<_>>().join("; "))]
+    Refused(Vec<Refusal>),
+    #[error("tensor `{tensor}`: {detail}")]
+    Tensor { tensor: String, code: &'static str, detail: String },
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Progress over every pass, in bytes of tensors read; also the cancellation point.
+pub struct Tracker<'a> {
+    ctl: &'a dyn Control,
+    total: u64,
+    done: u64,
+}
+
+impl Tracker<'_> {
+    fn check(&mut self, message: &str) -> Result<(), EngineError> {
+        if self.ctl.canceled() {
+            return Err(EngineError::Canceled);
+        }
+        self.ctl.progress(self.done as f64 / self.total.max(1) as f64, "compress", message);
+        Ok(())
+    }
+
+    fn done(&mut self, bytes: u64) {
+        self.done += bytes;
+    }
+}
+
+/// Provenance written into every model artifact's metadata. Deterministic (no times, no job
+/// ids) so a re-run after a crash produces byte-identical files.
+pub fn provenance(job: &EngineJob<'_>) -> BTreeMap<String, String> {
+    let mut meta = job.header.metadata.clone();
+    meta.insert("modelpress.version".into(), env!("CARGO_PKG_VERSION").into());
+    meta.insert("modelpress.input_sha256".into(), job.input_sha256.into());
+    meta.insert("modelpress.spec_sha256".into(), job.spec_sha256.into());
+    meta
+}
+
+/// The GGUF type each tensor ends with, after mixed precision is resolved.
+fn final_ggml(tp: &TensorPlan, resolved: &Resolved) -> Option<GgufType> {
+    match &tp.actions.last()?.kernel {
+        Kernel::Ggml(ty) => Some(*ty),
+        Kernel::Auto { step } => match resolved.auto.get(&(*step, tp.name.clone()))? {
+            Scheme::Ggml { ty, .. } => Some(*ty),
+            Scheme::Int(_) => None,
+        },
+        _ => None,
+    }
+}
+
+fn open_sinks(
+    job: &EngineJob<'_>,
+    resolved: &Resolved,
+    labels: &BTreeMap<String, String>,
+) -> std::io::Result<Vec<Box<dyn Sink>>> {
+    let mut out: Vec<Box<dyn Sink>> = Vec::new();
+    for f in &job.spec.outputs {
+        out.push(match f {
+            OutputFormat::Safetensors => Box::new(sinks::DenseSink::create(job.out_dir)?),
+            OutputFormat::CompressedTensors => Box::new(sinks::CompressedTensorsSink::create(job.out_dir)?),
+            OutputFormat::Sparse => Box::new(sinks::SparseSink::create(job.out_dir)?),
+            OutputFormat::Gguf => {
+                let tensors: Vec<GgufTensor> = job
+                    .plan
+                    .tensors
+                    .iter()
+                    .filter_map(|tp| {
+                        let t = &job.header.tensors[tp.index];
+                        sinks::gguf_type_for(t, final_ggml(tp, resolved))
+                            .map(|ty| GgufTensor::new(&t.name, &t.shape, ty))
+                    })
+                    .collect();
+                let schemes: Vec<String> = tensors
+                    .iter()
+                    .map(|t| format!("{}={}", t.name, labels.get(&t.name).map_or(t.ty.name(), |s| s)))
+                    .collect();
+                let meta = vec![
+                    ("general.name".to_string(), MetaValue::from("modelpress output")),
+                    ("modelpress.version".to_string(), MetaValue::from(env!("CARGO_PKG_VERSION"))),
+                    ("modelpress.input_sha256".to_string(), MetaValue::from(job.input_sha256)),
+                    ("modelpress.spec_sha256".to_string(), MetaValue::from(job.spec_sha256)),
+                    ("modelpress.tensor_schemes".to_string(), MetaValue::from(schemes)),
+                ];
+                Box::new(sinks::GgufSink::create(job.out_dir, &tensors, &meta)?)
+            }
+        });
+    }
+    Ok(out)
+}
+
+pub fn run(job: &EngineJob<'_>, ctl: &dyn Control) -> Result<EngineOutput, EngineError> {
+    if !job.plan.refusals.is_empty() {
+        return Err(EngineError::Refused(job.plan.refusals.clone()));
+    }
+    let started = Instant::now();
+    let main_bytes: u64 = job.header.tensors.iter().map(|t| t.bytes()).sum();
+    let prepass_bytes: u64 = job
+        .plan
+        .tensors
+        .iter()
+        .flat_map(|tp| tp.actions.iter().map(move |a| (tp, a)))
+        .map(|(tp, a)| match a.kernel {
+            Kernel::GlobalMagnitude { .. } => 2 * tp.bytes_in,
+            Kernel::Auto { .. } => tp.bytes_in,
+            _ => 0,
+        })
+        .sum();
+    let mut tracker = Tracker { ctl, total: main_bytes + prepass_bytes, done: 0 };
+    let mut reader = TensorReader::open(job.model_path)?;
+    let mut b = Buffers::default();
+    let (mut resolved, mixed) = prepass::resolve(job, &mut reader, &mut b, &mut tracker)?;
+
+    let labels: BTreeMap<String, String> = job
+        .plan
+        .tensors
+        .iter()
+        .filter(|tp| !tp.actions.is_empty())
+        .map(|tp| {
+            let label = match final_ggml(tp, &resolved) {
+                Some(ty) => ty.name().to_owned(),
+                None => tp.actions.last().map(|a| a.scheme.clone()).unwrap_or_default(),
+            };
+            (tp.name.clone(), label)
+        })
+        .collect();
+    let mut sinks = open_sinks(job, &resolved, &labels)?;
+    let mut steps: Vec<StepTiming> = job
+        .spec
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| StepTiming { step: i, op: s.op().into(), milliseconds: 0.0, tensors: 0 })
+        .collect();
+    let mut reports = Vec::with_capacity(job.plan.tensors.len());
+
+    for tp in &job.plan.tensors {
+        let t = &job.header.tensors[tp.index];
+        tracker.check(&format!("tensor {}", t.name))?;
+        let t0 = Instant::now();
+        let mut notes: Vec<String> = tp.skipped.iter().map(|s| format!("step {}: {}", s.step, s.reason)).collect();
+        if tp.actions.is_empty() {
+            let raw = reader.read_raw(t)?;
+            for sink in &mut sinks {
+                sink.write(t, &TensorData::Raw(raw))?;
+            }
+            let nonzeros = raw.chunks_exact(t.dtype.size()).filter(|c| c.iter().any(|x| *x != 0)).count() as u64;
+            reports.push(unchanged_report(t, nonzeros, notes, t0));
+        } else {
+            reader.read_f32(t, &mut b.orig)?;
+            b.work.clear();
+            b.work.extend_from_slice(&b.orig);
+            let outcome = kernels::apply(t, &tp.actions, None, &mut b, &mut resolved, Some(&mut steps))?;
+            let pruned = tp.actions.iter().any(|a| a.op == "prune");
+            let data =
+                TensorData::Values { values: &b.work, quant: QuantRef::new(outcome.quant, &b.int, &b.ggml), pruned };
+            for sink in &mut sinks {
+                sink.write(t, &data)?;
+            }
+            notes.extend(outcome.notes);
+            let nonzeros = b.work.iter().filter(|v| **v != 0.0).count() as u64;
+            let (bytes_out, bits) = match (&tp.actions.last().map(|a| &a.kernel), final_ggml(tp, &resolved)) {
+                (Some(Kernel::Auto { step }), _) => {
+                    let scheme = resolved.auto[&(*step, tp.name.clone())];
+                    let bits = super::plan::scheme_bits(&scheme, t);
+                    ((bits * t.numel() as f64 / 8.0).round() as u64, bits)
+                }
+                _ => (tp.bytes_out, tp.bits_per_weight),
+            };
+            let n = t.numel().max(1) as f64;
+            reports.push(TensorReport {
+                name: t.name.clone(),
+                shape_in: t.shape.clone(),
+                shape_out: t.shape.clone(),
+                dtype_in: t.dtype.as_str().into(),
+                dtype_out: t.dtype.as_str().into(),
+                scheme: outcome.labels.join(" + "),
+                bytes_in: t.bytes(),
+                bytes_out,
+                bits_per_weight: bits,
+                parameters: t.numel() as u64,
+                nonzeros,
+                sparsity: 1.0 - nonzeros as f64 / n,
+                requested_sparsity: outcome.requested_sparsity,
+                error: Some(error_metrics(&b.orig, &b.work)),
+                rtn_relative_error: outcome.rtn_relative_error,
+                milliseconds: t0.elapsed().as_secs_f64() * 1e3,
+                notes,
+            });
+        }
+        tracker.done(t.bytes());
+    }
+    tracker.check("writing outputs")?;
+
+    let metadata = provenance(job);
+    let mut artifacts = Vec::new();
+    for sink in sinks {
+        artifacts.extend(sink.finish(&metadata)?);
+    }
+    let outputs = artifacts
+        .iter()
+        .map(|a| {
+            Ok(OutputSummary {
+                format: a.format.clone(),
+                artifact: a.name.clone(),
+                bytes: std::fs::metadata(&a.path)?.len(),
+            })
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let report = Report {
+        engine: format!("modelpress {}", env!("CARGO_PKG_VERSION")),
+        input_sha256: job.input_sha256.into(),
+        spec_sha256: job.spec_sha256.into(),
+        totals: Totals::from_tensors(&reports),
+        tensors: reports,
+        steps,
+        mixed,
+        outputs,
+        duration_ms: started.elapsed().as_secs_f64() * 1e3,
+        peak_rss_bytes: peak_rss_bytes(),
+    };
+    let json_path = job.out_dir.join("report.json");
+    std::fs::write(&json_path, serde_json::to_vec_pretty(&report).expect("report JSON"))?;
+    artifacts.push(ArtifactFile { name: "report.json".into(), format: "report".into(), path: json_path });
+    let html_path = job.out_dir.join("report.html");
+    std::fs::write(&html_path, super::report_html::render(&report))?;
+    artifacts.push(ArtifactFile { name: "report.html".into(), format: "report".into(), path: html_path });
+    Ok(EngineOutput { artifacts, report })
+}
+
+fn unchanged_report(
+    t: &crate::formats::safetensors::TensorInfo,
+    nonzeros: u64,
+    notes: Vec<String>,
+    t0: Instant,
+) -> TensorReport {
+    TensorReport {
+        name: t.name.clone(),
+        shape_in: t.shape.clone(),
+        shape_out: t.shape.clone(),
+        dtype_in: t.dtype.as_str().into(),
+        dtype_out: t.dtype.as_str().into(),
+        scheme: "unchanged".into(),
+        bytes_in: t.bytes(),
+        bytes_out: t.bytes(),
+        bits_per_weight: (t.dtype.size() * 8) as f64,
+        parameters: t.numel() as u64,
+        nonzeros,
+        sparsity: 1.0 - nonzeros as f64 / t.numel().max(1) as f64,
+        requested_sparsity: None,
+        error: None,
+        rtn_relative_error: None,
+        milliseconds: t0.elapsed().as_secs_f64() * 1e3,
+        notes,
+    }
+}

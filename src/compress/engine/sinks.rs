@@ -1,0 +1,373 @@
+//! Output sinks: each receives every tensor once, in processing order, and writes one layout.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use super::kernels::LastQuant;
+use super::ArtifactFile;
+use crate::compress::ggml::{self, GgufType};
+use crate::compress::plan::{scale_dtype, sparse_dtype};
+use crate::compress::quant::{pack_int32_into, pack_zero_points, packed_len, Granularity, IntParams, IntQuantized};
+use crate::formats::gguf::{GgufWriter, MetaValue, TensorInfo as GgufTensor};
+use crate::formats::safetensors::{decode_f32, encode_f32, Dtype, SafetensorsWriter, TensorInfo};
+use crate::formats::sparse::SparseEncoder;
+
+/// What a sink receives for one tensor.
+pub enum TensorData<'a> {
+    /// Untouched: the bytes exactly as stored.
+    Raw(&'a [u8]),
+    /// Changed: the final values, the quantization that still describes them, and whether a
+    /// prune step touched the tensor.
+    Values { values: &'a [f32], quant: QuantRef<'a>, pruned: bool },
+}
+
+#[derive(Clone, Copy)]
+pub enum QuantRef<'a> {
+    None,
+    Int(IntParams, &'a IntQuantized),
+    Ggml(GgufType, &'a [u8]),
+}
+
+impl<'a> QuantRef<'a> {
+    pub fn new(last: LastQuant, int: &'a IntQuantized, ggml: &'a [u8]) -> Self {
+        match last {
+            LastQuant::None => QuantRef::None,
+            LastQuant::Int(p) => QuantRef::Int(p, int),
+            LastQuant::Ggml(ty) => QuantRef::Ggml(ty, ggml),
+        }
+    }
+}
+
+pub trait Sink {
+    fn write(&mut self, t: &TensorInfo, data: &TensorData<'_>) -> std::io::Result<()>;
+    fn finish(self: Box<Self>, metadata: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>>;
+}
+
+fn io_err(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+/// Writes the dense form of a tensor (raw bytes or values in its own dtype).
+fn write_dense(
+    w: &mut SafetensorsWriter,
+    buf: &mut Vec<u8>,
+    t: &TensorInfo,
+    data: &TensorData<'_>,
+) -> std::io::Result<()> {
+    match data {
+        TensorData::Raw(raw) => w.write(&t.name, t.dtype, &t.shape, raw),
+        TensorData::Values { values, .. } => {
+            buf.clear();
+            encode_f32(values, t.dtype, buf);
+            w.write(&t.name, t.dtype, &t.shape, buf)
+        }
+    }
+}
+
+fn artifact(dir: &Path, name: &str, format: &str) -> ArtifactFile {
+    ArtifactFile { name: name.into(), format: format.into(), path: dir.join(name) }
+}
+
+/// Dense safetensors: same names, shapes and dtypes; changed tensors hold their final values.
+pub struct DenseSink {
+    writer: SafetensorsWriter,
+    dir: PathBuf,
+    buf: Vec<u8>,
+}
+
+impl DenseSink {
+    pub fn create(dir: &Path) -> std::io::Result<Self> {
+        Ok(Self {
+            writer: SafetensorsWriter::create(&dir.join("model.safetensors"))?,
+            dir: dir.into(),
+            buf: Vec::new(),
+        })
+    }
+}
+
+impl Sink for DenseSink {
+    fn write(&mut self, t: &TensorInfo, data: &TensorData<'_>) -> std::io::Result<()> {
+        write_dense(&mut self.writer, &mut self.buf, t, data)
+    }
+
+    fn finish(self: Box<Self>, metadata: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>> {
+        self.writer.finish(metadata)?;
+        Ok(vec![artifact(&self.dir, "model.safetensors", "safetensors")])
+    }
+}
+
+/// The vLLM compressed-tensors `pack-quantized` layout: int-quantized matrices as
+/// `weight_packed` / `weight_scale` / `weight_zero_point` / `weight_shape`, everything else dense
+/// and, when it is a module's weight, listed in `ignore` (the reference loader treats every
+/// `*.weight` as a target otherwise).
+pub struct CompressedTensorsSink {
+    writer: SafetensorsWriter,
+    dir: PathBuf,
+    buf: Vec<u8>,
+    words: Vec<i32>,
+    /// Scheme -> module names stored packed with it.
+    groups: BTreeMap<String, (IntParams, Vec<String>)>,
+    ignore: BTreeSet<String>,
+}
+
+impl CompressedTensorsSink {
+    pub fn create(dir: &Path) -> std::io::Result<Self> {
+        let dir = dir.join("compressed-tensors");
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self {
+            writer: SafetensorsWriter::create(&dir.join("model.safetensors"))?,
+            dir,
+            buf: Vec::new(),
+            words: Vec::new(),
+            groups: BTreeMap::new(),
+            ignore: BTreeSet::new(),
+        })
+    }
+
+    fn write_packed(&mut self, t: &TensorInfo, p: &IntParams, q: &IntQuantized) -> std::io::Result<()> {
+        let module = t.name.strip_suffix(".weight").unwrap_or(&t.name).to_owned();
+        let (rows, cols) = (q.rows, q.cols);
+        let width = packed_len(cols, q.bits);
+        self.words.resize(rows * width, 0);
+        pack_int32_into(&q.codes, rows, cols, q.bits, &mut self.words);
+        self.buf.clear();
+        self.words.iter().for_each(|w| self.buf.extend_from_slice(&w.to_le_bytes()));
+        self.writer.write(&format!("{module}.weight_packed"), Dtype::I32, &[rows, width], &self.buf)?;
+
+        let sd = scale_dtype(t.dtype);
+        let scale_shape: Vec<usize> = match p.granularity {
+            Granularity::Tensor => vec![1],
+            _ => q.scale_shape.to_vec(),
+        };
+        self.buf.clear();
+        encode_f32(&q.scales, sd, &mut self.buf);
+        self.writer.write(&format!("{module}.weight_scale"), sd, &scale_shape, &self.buf)?;
+
+        if let Some(zps) = &q.zero_points {
+            self.buf.clear();
+            let shape = match p.granularity {
+                Granularity::Tensor => {
+                    self.buf.extend(zps.iter().map(|z| *z as u8));
+                    (vec![1], Dtype::I8)
+                }
+                _ => {
+                    let [zr, zg] = q.scale_shape;
+                    let packed = pack_zero_points(zps, zr, zg, q.bits);
+                    packed.iter().for_each(|w| self.buf.extend_from_slice(&w.to_le_bytes()));
+                    (vec![packed_len(zr, q.bits), zg], Dtype::I32)
+                }
+            };
+            self.writer.write(&format!("{module}.weight_zero_point"), shape.1, &shape.0, &self.buf)?;
+        }
+        self.buf.clear();
+        [rows as i64, cols as i64].iter().for_each(|v| self.buf.extend_from_slice(&v.to_le_bytes()));
+        self.writer.write(&format!("{module}.weight_shape"), Dtype::I64, &[2], &self.buf)?;
+        let key = crate::compress::plan::int_scheme_name(p);
+        self.groups.entry(key).or_insert_with(|| (*p, Vec::new())).1.push(module);
+        Ok(())
+    }
+}
+
+impl Sink for CompressedTensorsSink {
+    fn write(&mut self, t: &TensorInfo, data: &TensorData<'_>) -> std::io::Result<()> {
+        if let TensorData::Values { quant: QuantRef::Int(p, q), .. } = data {
+            if t.shape.len() == 2 {
+                return self.write_packed(t, &p.clone(), q);
+            }
+        }
+        if let Some(module) = t.name.strip_suffix(".weight") {
+            self.ignore.insert(module.to_owned());
+        }
+        write_dense(&mut self.writer, &mut self.buf, t, data)
+    }
+
+    fn finish(self: Box<Self>, metadata: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>> {
+        let mut meta = metadata.clone();
+        meta.insert("format".into(), "pt".into());
+        self.writer.finish(&meta)?;
+        let single = self.groups.len() == 1;
+        let config_groups: serde_json::Map<String, serde_json::Value> = self
+            .groups
+            .values()
+            .enumerate()
+            .map(|(i, (p, modules))| {
+                let (strategy, group_size) = match p.granularity {
+                    Granularity::Tensor => ("tensor", None),
+                    Granularity::Channel => ("channel", None),
+                    Granularity::Group(g) => ("group", Some(g)),
+                };
+                // One scheme: target every Linear (the usual llm-compressor shape) with the
+                // rest in `ignore`; several: name each group's modules exactly.
+                let targets = if single { vec!["Linear".to_string()] } else { modules.clone() };
+                let group = json!({
+                    "targets": targets,
+                    "weights": {"num_bits": p.bits, "type": "int", "symmetric": p.symmetric, "strategy": strategy,
+                                "group_size": group_size, "dynamic": false, "observer": "minmax"},
+                    "input_activations": null,
+                    "output_activations": null,
+                });
+                (format!("group_{i}"), group)
+            })
+            .collect();
+        let config = json!({
+            "quantization_config": {
+                "quant_method": "compressed-tensors",
+                "format": "pack-quantized",
+                "quantization_status": "compressed",
+                "config_groups": config_groups,
+                "ignore": self.ignore.iter().collect::<Vec<_>>(),
+                "kv_cache_scheme": null,
+            }
+        });
+        std::fs::write(self.dir.join("config.json"), serde_json::to_vec_pretty(&config).expect("config JSON"))?;
+        let parent = self.dir.parent().expect("job dir").to_path_buf();
+        Ok(vec![
+            artifact(&parent, "compressed-tensors/model.safetensors", "compressed-tensors"),
+            artifact(&parent, "compressed-tensors/config.json", "compressed-tensors"),
+        ])
+    }
+}
+
+/// The storage type a tensor gets in GGUF: its block type when GGUF-quantized, otherwise its
+/// float values as F32 (F16 for F16 inputs). Non-float tensors are not written (reported).
+pub fn gguf_type_for(t: &TensorInfo, last_ggml: Option<GgufType>) -> Option<GgufType> {
+    match last_ggml {
+        Some(ty) => Some(ty),
+        None if t.dtype == Dtype::F16 => Some(GgufType::F16),
+        None if t.dtype.is_float() => Some(GgufType::F32),
+        None => None,
+    }
+}
+
+/// GGUF through the streaming writer; the tensor list is fixed when the sink opens.
+pub struct GgufSink {
+    writer: Option<GgufWriter<std::io::BufWriter<std::fs::File>>>,
+    types: BTreeMap<String, GgufType>,
+    dir: PathBuf,
+    buf: Vec<u8>,
+    values: Vec<f32>,
+}
+
+impl GgufSink {
+    pub fn create(dir: &Path, tensors: &[GgufTensor], metadata: &[(String, MetaValue)]) -> std::io::Result<Self> {
+        let writer = GgufWriter::create(&dir.join("model.gguf"), metadata, tensors).map_err(io_err)?;
+        let types = tensors.iter().map(|t| (t.name.clone(), t.ty)).collect();
+        Ok(Self { writer: Some(writer), types, dir: dir.into(), buf: Vec::new(), values: Vec::new() })
+    }
+}
+
+impl Sink for GgufSink {
+    fn write(&mut self, t: &TensorInfo, data: &TensorData<'_>) -> std::io::Result<()> {
+        let Some(&ty) = self.types.get(&t.name) else { return Ok(()) };
+        let w = self.writer.as_mut().expect("open writer");
+        let (rows, cols) = t.matrix();
+        let bytes: &[u8] = match data {
+            TensorData::Values { quant: QuantRef::Ggml(q, bytes), .. } if *q == ty => bytes,
+            TensorData::Raw(raw)
+                if (ty == GgufType::F32 && t.dtype == Dtype::F32) || (ty == GgufType::F16 && t.dtype == Dtype::F16) =>
+            {
+                raw
+            }
+            TensorData::Raw(raw) => {
+                self.values.resize(t.numel(), 0.0);
+                decode_f32(raw, t.dtype, &mut self.values);
+                ggml::quantize(&self.values, rows, cols, ty, &mut self.buf).map_err(io_err)?;
+                &self.buf
+            }
+            TensorData::Values { values, .. } => {
+                ggml::quantize(values, rows, cols, ty, &mut self.buf).map_err(io_err)?;
+                &self.buf
+            }
+        };
+        w.write_tensor(&t.name, bytes).map_err(io_err)
+    }
+
+    fn finish(mut self: Box<Self>, _: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>> {
+        self.writer.take().expect("open writer").finish().map_err(io_err)?;
+        Ok(vec![artifact(&self.dir, "model.gguf", "gguf")])
+    }
+}
+
+/// The legacy compressed-tensors `sparse-bitmask` layout: each pruned tensor as
+/// `NAME.shape` / `.bitmask` / `.row_offsets` / `.compressed`, the rest dense.
+pub struct SparseSink {
+    writer: SafetensorsWriter,
+    dir: PathBuf,
+    encoder: SparseEncoder,
+    buf: Vec<u8>,
+    targets: Vec<String>,
+    zeros: u64,
+    total: u64,
+}
+
+impl SparseSink {
+    pub fn create(dir: &Path) -> std::io::Result<Self> {
+        let dir = dir.join("sparse");
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self {
+            writer: SafetensorsWriter::create(&dir.join("model.safetensors"))?,
+            dir,
+            encoder: SparseEncoder::new(),
+            buf: Vec::new(),
+            targets: Vec::new(),
+            zeros: 0,
+            total: 0,
+        })
+    }
+}
+
+fn own_dtype(d: safetensors::Dtype) -> Dtype {
+    Dtype::parse(&d.to_string()).expect("safetensors dtype names match ours")
+}
+
+impl Sink for SparseSink {
+    fn write(&mut self, t: &TensorInfo, data: &TensorData<'_>) -> std::io::Result<()> {
+        if let TensorData::Values { values, pruned: true, .. } = data {
+            if t.shape.len() >= 2 {
+                let prefix = crate::formats::sparse::part_prefix(&t.name).to_owned();
+                self.zeros += values.iter().filter(|v| **v == 0.0).count() as u64;
+                self.total += values.len() as u64;
+                let parts = self.encoder.encode(values, &t.shape, sparse_dtype(t.dtype)).map_err(io_err)?;
+                for part in parts {
+                    self.writer.write(
+                        &format!("{prefix}.{}", part.suffix),
+                        own_dtype(part.dtype),
+                        &part.shape,
+                        part.data,
+                    )?;
+                }
+                self.targets.push(t.name.clone());
+                return Ok(());
+            }
+        }
+        write_dense(&mut self.writer, &mut self.buf, t, data)
+    }
+
+    fn finish(self: Box<Self>, metadata: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>> {
+        let mut meta = metadata.clone();
+        meta.insert("format".into(), "pt".into());
+        self.writer.finish(&meta)?;
+        let global = if self.total > 0 { self.zeros as f64 / self.total as f64 } else { 0.0 };
+        let config = json!({
+            "quantization_config": {
+                "quant_method": "compressed-tensors",
+                "format": "sparse-bitmask",
+                "sparsity_config": {
+                    "format": "sparse-bitmask",
+                    "global_sparsity": global,
+                    "sparsity_structure": "unstructured",
+                    "targets": self.targets,
+                    "ignore": [],
+                }
+            }
+        });
+        std::fs::write(self.dir.join("config.json"), serde_json::to_vec_pretty(&config).expect("config JSON"))?;
+        let parent = self.dir.parent().expect("job dir").to_path_buf();
+        Ok(vec![
+            artifact(&parent, "sparse/model.safetensors", "sparse"),
+            artifact(&parent, "sparse/config.json", "sparse"),
+        ])
+    }
+}

@@ -1,0 +1,123 @@
+//! `report.html`: the ledger as a table plus bar charts of error and bits per tensor, in inline
+//! SVG so the page works with no network.
+
+use std::fmt::Write;
+
+use super::report::Report;
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// One horizontal bar chart: a row per tensor, bar length proportional to its value.
+fn bar_chart(title: &str, rows: &[(String, f64, String)], color: &str) -> String {
+    let max = rows.iter().map(|r| r.1).fold(0f64, f64::max).max(f64::MIN_POSITIVE);
+    let (label_w, bar_w, row_h) = (260.0, 420.0, 18.0);
+    let height = 30.0 + row_h * rows.len() as f64;
+    let mut svg = format!(
+        r#"<h2>{}</h2><svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{height}" role="img" aria-label="{}">"#,
+        esc(title),
+        label_w + bar_w + 120.0,
+        esc(title)
+    );
+    for (i, (name, value, text)) in rows.iter().enumerate() {
+        let y = 20.0 + row_h * i as f64;
+        let w = (value / max * bar_w).max(0.5);
+        let _ = write!(
+            svg,
+            r#"<text x="{:.0}" y="{:.0}" font-size="11" text-anchor="end">{}</text><rect x="{label_w}" y="{:.0}" width="{w:.1}" height="{:.0}" fill="{color}"><title>{}: {}</title></rect><text x="{:.0}" y="{:.0}" font-size="11">{}</text>"#,
+            label_w - 6.0,
+            y + 12.0,
+            esc(name),
+            y + 2.0,
+            row_h - 4.0,
+            esc(name),
+            esc(text),
+            label_w + w + 4.0,
+            y + 12.0,
+            esc(text)
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+fn fmt_bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.2} MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
+}
+
+pub fn render(r: &Report) -> String {
+    let t = &r.totals;
+    let mut html = String::from(
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>ModelPress report</title><style>
+body{font:14px/1.45 system-ui,sans-serif;margin:2rem;color:#222}table{border-collapse:collapse;font-size:12px}
+td,th{border:1px solid #ddd;padding:3px 6px;text-align:right}td:first-child,th:first-child{text-align:left}
+th{background:#f4f4f4}.note{color:#a60;text-align:left}.sum{font-size:16px}</style></head><body><h1>ModelPress report</h1>"#,
+    );
+    let _ = write!(
+        html,
+        r#"<p class="sum">{} tensors ({} changed), {} &rarr; {} (&times;{:.2}), {:.3} bits per weight, {:.1}% zeros. Engine {}, {:.0} ms.</p>"#,
+        t.tensors,
+        t.tensors_changed,
+        fmt_bytes(t.bytes_in),
+        fmt_bytes(t.bytes_out),
+        t.ratio,
+        t.bits_per_weight,
+        100.0 * (1.0 - t.nonzeros as f64 / t.parameters.max(1) as f64),
+        esc(&r.engine),
+        r.duration_ms
+    );
+    html.push_str("<ul>");
+    for o in &r.outputs {
+        let _ = write!(html, "<li><code>{}</code> ({}): {}</li>", esc(&o.artifact), esc(&o.format), fmt_bytes(o.bytes));
+    }
+    html.push_str("</ul>");
+    let changed: Vec<_> = r.tensors.iter().filter(|x| x.error.is_some()).collect();
+    let err_rows: Vec<(String, f64, String)> = changed
+        .iter()
+        .map(|x| {
+            let e = x.error.as_ref().map_or(0.0, |e| e.relative_error);
+            (x.name.clone(), e, format!("{:.3}%", 100.0 * e))
+        })
+        .collect();
+    html.push_str(&bar_chart("Relative error per changed tensor", &err_rows, "#d9534f"));
+    let bit_rows: Vec<(String, f64, String)> = r
+        .tensors
+        .iter()
+        .map(|x| (x.name.clone(), x.bits_per_weight, format!("{:.2} bits ({})", x.bits_per_weight, x.scheme)))
+        .collect();
+    html.push_str(&bar_chart("Bits per weight per tensor", &bit_rows, "#337ab7"));
+    html.push_str("<h2>Ledger</h2><table><tr><th>tensor</th><th>shape</th><th>dtype</th><th>scheme</th><th>bytes in</th><th>bytes out</th><th>bits/w</th><th>sparsity</th><th>rel. error</th><th>SQNR dB</th><th>cosine</th><th>max abs err</th><th>ms</th><th>notes</th></tr>");
+    for x in &r.tensors {
+        let (rel, sqnr, cos, max) = match &x.error {
+            Some(e) => (
+                format!("{:.4}%", 100.0 * e.relative_error),
+                e.sqnr_db.map_or("∞".into(), |s| format!("{s:.1}")),
+                format!("{:.6}", e.cosine),
+                format!("{:.3e}", e.max_abs_error),
+            ),
+            None => Default::default(),
+        };
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{:?}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.2}</td><td>{:.1}%</td><td>{rel}</td><td>{sqnr}</td><td>{cos}</td><td>{max}</td><td>{:.1}</td><td class=\"note\">{}</td></tr>",
+            esc(&x.name),
+            x.shape_in,
+            esc(&x.dtype_in),
+            esc(&x.scheme),
+            x.bytes_in,
+            x.bytes_out,
+            x.bits_per_weight,
+            100.0 * x.sparsity,
+            x.milliseconds,
+            esc(&x.notes.join("; "))
+        );
+    }
+    html.push_str("</table></body></html>\n");
+    html
+}
