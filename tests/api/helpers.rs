@@ -248,3 +248,34 @@ pub async fn read_events(app: &TestApp, id: &str, last_event_id: Option<i64>) ->
     }
     out
 }
+
+/// Runs a job to success and downloads every artifact: (job, report, name -> bytes).
+pub async fn run_job(app: &TestApp, spec: &Value) -> (Value, Value, BTreeMap<String, Vec<u8>>) {
+    let id = app.create_job_ok(spec).await;
+    let job = app.wait_terminal(&id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let list = app.get_json(&format!("/v1/jobs/{id}/artifacts")).await;
+    let mut files = BTreeMap::new();
+    for a in list.as_array().unwrap() {
+        let name = a["name"].as_str().unwrap().to_owned();
+        let bytes = app.download(&format!("/v1/jobs/{id}/artifacts/{name}")).await;
+        assert_eq!(bytes.len() as u64, a["bytes"].as_u64().unwrap(), "{name}");
+        files.insert(name, bytes);
+    }
+    let report: Value = serde_json::from_slice(&files["report.json"]).unwrap();
+    (job, report, files)
+}
+
+/// The report entry of one tensor.
+pub fn entry<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in report"))
+}
+
+pub fn teacher() -> Vec<u8> {
+    std::fs::read(crate::mlp::TEACHER).unwrap()
+}

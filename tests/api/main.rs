@@ -6,3 +6,5 @@ mod jobs;
 mod mlp;
 mod models;
 mod operations;
+mod prune;
+mod quantize;
