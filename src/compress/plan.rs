@@ -338,7 +338,7 @@ impl Planner<'_> {
         tp.sparsity = 1.0 - (1.0 - tp.sparsity) * (1.0 - sparsity);
         if tp.actions.iter().all(|a| matches!(a.op, "prune"))
             && spec.outputs.contains(&OutputFormat::Sparse)
-            && t.shape.len() >= 2
+            && t.shape.len() == 2
         {
             let nnz = ((1.0 - tp.sparsity) * t.numel() as f64).round() as u64;
             tp.bytes_out =
@@ -556,7 +556,7 @@ fn predict_output(f: OutputFormat, header: &Header, tensors: &[TensorPlan]) -> u
                 .iter()
                 .zip(tensors.iter().map(|tp| &header.tensors[tp.index]))
                 .map(|(tp, t)| {
-                    if tp.actions.iter().any(|a| a.op == "prune") && t.shape.len() >= 2 {
+                    if tp.actions.iter().any(|a| a.op == "prune") && t.shape.len() == 2 {
                         let nnz = ((1.0 - tp.sparsity) * t.numel() as f64).round() as u64;
                         crate::formats::sparse::predicted_bytes(&t.shape, nnz, sparse_dtype(t.dtype))
                             .unwrap_or(tp.bytes_in)

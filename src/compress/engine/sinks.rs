@@ -290,7 +290,7 @@ impl Sink for GgufSink {
     }
 }
 
-/// The legacy compressed-tensors `sparse-bitmask` layout: each pruned tensor as
+/// The legacy compressed-tensors `sparse-bitmask` layout: each pruned matrix as
 /// `NAME.shape` / `.bitmask` / `.row_offsets` / `.compressed`, the rest dense.
 pub struct SparseSink {
     writer: SafetensorsWriter,
@@ -325,7 +325,9 @@ fn own_dtype(d: safetensors::Dtype) -> Dtype {
 impl Sink for SparseSink {
     fn write(&mut self, t: &TensorInfo, data: &TensorData<'_>) -> std::io::Result<()> {
         if let TensorData::Values { values, pruned: true, .. } = data {
-            if t.shape.len() >= 2 {
+            // compressed-tensors decodes the bitmask along the last axis of a 2-D shape only:
+            // other ranks (conv kernels) stay dense so every reader can load the file.
+            if t.shape.len() == 2 {
                 let prefix = crate::formats::sparse::part_prefix(&t.name).to_owned();
                 self.zeros += values.iter().filter(|v| **v == 0.0).count() as u64;
                 self.total += values.len() as u64;

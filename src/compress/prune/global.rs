@@ -13,12 +13,12 @@ use rayon::prelude::*;
 use super::{magnitude_key, prune_count, PruneError, PruneStats};
 
 /// The key's bit 31 is clear, so its high half takes 2^15 values.
-const HI_BUCKETS: usize = 1 << 15;
+pub(super) const HI_BUCKETS: usize = 1 << 15;
 const LO_BUCKETS: usize = 1 << 16;
 /// Values per parallel work item: 256 KiB of f32, large enough to amortise rayon, small enough to balance.
-const CHUNK: usize = 1 << 16;
+pub(super) const CHUNK: usize = 1 << 16;
 /// Per-thread histograms count in u32; an observed slice is split so no counter can overflow.
-const MAX_SLICE: usize = u32::MAX as usize;
+pub(super) const MAX_SLICE: usize = u32::MAX as usize;
 
 /// Pass bookkeeping for exact global magnitude pruning (see the module docs).
 #[derive(Debug, Clone)]
@@ -89,12 +89,21 @@ impl GlobalMagnitude {
         }
         for part in data.chunks(MAX_SLICE) {
             let local = if pass == 0 {
-                histogram(part, HI_BUCKETS, |key, h| h[(key >> 16) as usize & (HI_BUCKETS - 1)] += 1)
+                high_histogram(part)
             } else {
                 let bucket = self.bucket;
-                histogram(part, LO_BUCKETS, move |key, h| {
-                    if key >> 16 == bucket {
-                        h[key as usize & (LO_BUCKETS - 1)] += 1;
+                histogram(part, LO_BUCKETS, move |chunk, h| {
+                    // Most blocks of 64 hold no value of the bucket: a vectorised OR skips them.
+                    for block in chunk.chunks(64) {
+                        let hit = block.iter().fold(false, |a, x| a | (magnitude_key(*x) >> 16 == bucket));
+                        if hit {
+                            for &x in block {
+                                let key = magnitude_key(x);
+                                if key >> 16 == bucket {
+                                    h[key as usize & (LO_BUCKETS - 1)] += 1;
+                                }
+                            }
+                        }
                     }
                 })
             };
@@ -141,7 +150,7 @@ impl GlobalMagnitude {
 }
 
 /// Finds the bucket holding the `k`-th smallest value (k >= 1) and the value's 1-based rank in it.
-fn find_rank(hist: &[u64], k: u64) -> (usize, u64) {
+pub(super) fn find_rank(hist: &[u64], k: u64) -> (usize, u64) {
     let mut below = 0u64;
     for (i, &count) in hist.iter().enumerate() {
         if below + count >= k {
@@ -152,18 +161,25 @@ fn find_rank(hist: &[u64], k: u64) -> (usize, u64) {
     unreachable!("k <= total was checked when the passes were counted")
 }
 
-/// Parallel histogram of the keys of `data`; `bump` adds one key to a thread-local histogram.
-fn histogram<F>(data: &[f32], buckets: usize, bump: F) -> Vec<u32>
+/// Parallel histogram of the high 16 bits of the magnitude keys of `data` (at most 2^32 - 1 values).
+pub(super) fn high_histogram(data: &[f32]) -> Vec<u32> {
+    histogram(data, HI_BUCKETS, |chunk, h| {
+        for &x in chunk {
+            h[(magnitude_key(x) >> 16) as usize & (HI_BUCKETS - 1)] += 1;
+        }
+    })
+}
+
+/// Parallel histogram over chunks of `data`; `count` adds one chunk to a thread-local histogram.
+fn histogram<F>(data: &[f32], buckets: usize, count: F) -> Vec<u32>
 where
-    F: Fn(u32, &mut [u32]) + Sync,
+    F: Fn(&[f32], &mut [u32]) + Sync,
 {
     data.par_chunks(CHUNK)
         .fold(
             || vec![0u32; buckets],
             |mut h, chunk| {
-                for &x in chunk {
-                    bump(magnitude_key(x), &mut h);
-                }
+                count(chunk, &mut h);
                 h
             },
         )

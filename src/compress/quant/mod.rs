@@ -12,8 +12,13 @@
 //!
 //! Because `zp` is an integer, 0.0 quantizes to `zp` and dequantizes to exactly 0.0 in both modes, so pruned
 //! zeros survive. Packing into `weight_packed` / `weight_zero_point` int32 words lives in [`pack`].
+//!
+//! Sources read: vllm-project/compressed-tensors `helpers.py` (commit 04a58ff), `forward.py` (01dd1a5),
+//! `pack_quantized.py` (179cba9). That `pack_quantized.py`'s `match_scheme` lists `num_bits in (4, 8)`;
+//! FACTS.md allows 2 as well, and the packing itself is defined for any width.
 
 mod int;
+mod kernel;
 pub mod pack;
 mod search;
 
@@ -54,9 +59,13 @@ pub struct IntParams {
 /// A quantized matrix; every buffer is reused by [`quantize_into`] across calls.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct IntQuantized {
+    /// Rows of the quantized matrix (`shape[0]`).
     pub rows: usize,
+    /// Values per row (product of the other dims).
     pub cols: usize,
+    /// 2, 4 or 8.
     pub bits: u8,
+    /// Whether zero points are all 0 (and `zero_points` is `None`).
     pub symmetric: bool,
     /// `rows * cols` signed codes in `[-2^(b-1), 2^(b-1) - 1]`, row-major.
     pub codes: Vec<i8>,

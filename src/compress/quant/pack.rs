@@ -17,17 +17,48 @@ pub fn packed_len(cols: usize, bits: u8) -> usize {
     (cols * bits as usize).div_ceil(32)
 }
 
+/// Packs one row at `B` bits. Full words go through [`swar_word`]; the padded tail word bit by bit.
 #[inline]
-fn pack_row(row: &[i8], out: &mut [i32], bits: u8) {
-    let per_word = 32 / bits as usize;
-    let offset = 1i32 << (bits - 1);
-    let mask = (1u32 << bits) - 1;
-    for (w, vals) in out.iter_mut().zip(row.chunks(per_word)) {
-        let mut word = 0u32;
-        for (j, &v) in vals.iter().enumerate() {
-            word |= ((v as i32 + offset) as u32 & mask) << (j * bits as usize);
+fn pack_row<const B: usize>(row: &[i8], out: &mut [i32]) {
+    let per_word = 32 / B;
+    let full = row.chunks_exact(per_word);
+    let tail = full.remainder();
+    let mut words = out.iter_mut();
+    // `full` first: zip must not pull (and lose) the tail's word when the full words run out.
+    for (vals, w) in full.zip(words.by_ref()) {
+        *w = swar_word::<B>(vals) as i32;
+    }
+    if let Some(w) = words.next() {
+        let offset = 1i32 << (B - 1);
+        let mask = (1u32 << B) - 1;
+        *w = tail.iter().enumerate().fold(0u32, |w, (j, &v)| w | (((v as i32 + offset) as u32 & mask) << (j * B)))
+            as i32;
+    }
+}
+
+/// One full word from `32 / B` codes with 64-bit lane tricks instead of a shift per value (the per-value
+/// loop made int4 packing as slow as quantizing). For a `B`-bit signed code, `code + 2^(B-1)` equals its
+/// low `B` bits XOR `2^(B-1)`; then neighbouring fields are merged pairwise: 8 -> 4 -> 2 -> 1 per lane.
+#[inline(always)]
+fn swar_word<const B: usize>(vals: &[i8]) -> u32 {
+    let lane = |v: &[i8]| u64::from_le_bytes(std::array::from_fn(|j| v[j] as u8));
+    match B {
+        8 => u32::from_le_bytes(std::array::from_fn(|j| vals[j] as u8)) ^ 0x8080_8080,
+        4 => {
+            let mut x = (lane(vals) & 0x0F0F_0F0F_0F0F_0F0F) ^ 0x0808_0808_0808_0808;
+            x = (x | (x >> 4)) & 0x00FF_00FF_00FF_00FF;
+            x = (x | (x >> 8)) & 0x0000_FFFF_0000_FFFF;
+            (x | (x >> 16)) as u32
         }
-        *w = word as i32;
+        _ => {
+            let two = |v: &[i8]| {
+                let mut x = (lane(v) & 0x0303_0303_0303_0303) ^ 0x0202_0202_0202_0202;
+                x = (x | (x >> 6)) & 0x000F_000F_000F_000F;
+                x = (x | (x >> 12)) & 0x0000_00FF_0000_00FF;
+                (x | (x >> 24)) as u32 & 0xFFFF
+            };
+            two(&vals[..8]) | (two(&vals[8..16]) << 16)
+        }
     }
 }
 
@@ -44,7 +75,11 @@ pub fn pack_int32_into(codes: &[i8], rows: usize, cols: usize, bits: u8, out: &m
     let rows_per_task = 32;
     out.par_chunks_mut(words * rows_per_task).zip(codes.par_chunks(cols * rows_per_task)).for_each(|(o, c)| {
         for (o, c) in o.chunks_exact_mut(words).zip(c.chunks_exact(cols)) {
-            pack_row(c, o, bits);
+            match bits {
+                2 => pack_row::<2>(c, o),
+                4 => pack_row::<4>(c, o),
+                _ => pack_row::<8>(c, o),
+            }
         }
     });
 }

@@ -219,3 +219,32 @@ fn packed_codes_from_the_kernel_unpack_to_the_dequantized_values() {
         assert_eq!((c as f32 - zps[k] as f32) * q.scales[k], dv, "at {i}");
     }
 }
+
+/// Signature of `kernel::blocks_chunk`: data, codes, dequant, scales, zero points, block, levels, mse.
+type BlocksFn = fn(
+    &[f32],
+    &mut [i8],
+    &mut [f32],
+    &mut [f32],
+    Option<&mut [i8]>,
+    usize,
+    &super::kernel::Levels,
+    bool,
+) -> Result<(), ()>;
+
+#[test]
+fn the_avx2_and_baseline_kernels_give_bit_identical_results() {
+    use super::kernel::{blocks_chunk, blocks_chunk_baseline, Levels};
+    let (rows, cols, blk) = (4, 256, 64);
+    let x = benchmark_matrix(rows, cols, 11);
+    for (bits, symmetric, mse) in [(4, true, false), (4, false, true), (8, true, true), (2, false, false)] {
+        let lv = Levels::new(bits, symmetric);
+        let run = |f: BlocksFn| {
+            let (mut c, mut d) = (vec![0i8; x.len()], vec![0f32; x.len()]);
+            let (mut s, mut z) = (vec![0f32; x.len() / blk], vec![0i8; x.len() / blk]);
+            f(&x, &mut c, &mut d, &mut s, Some(&mut z), blk, &lv, mse).unwrap();
+            (c, d, s, z)
+        };
+        assert_eq!(run(blocks_chunk), run(blocks_chunk_baseline), "bits {bits} symmetric {symmetric} mse {mse}");
+    }
+}
