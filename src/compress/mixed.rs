@@ -11,8 +11,9 @@
 //! [`Allocation::exact`] says so.
 
 /// Frontier states kept per step before thinning; bounds time (~states x candidates per tensor)
-/// and the back-pointer memory (8 bytes per state per tensor: 32 KiB x tensors).
-pub const MAX_FRONTIER: usize = 4096;
+/// and the back-pointer memory (4 bytes per state per tensor: 64 KiB x tensors). Must stay
+/// below 2^24, the parent field of [`State::back`].
+pub const MAX_FRONTIER: usize = 16384;
 
 /// Relative slack on the budget that absorbs float rounding of sums of `params x bits`.
 const BUDGET_SLACK: f64 = 1e-9;
@@ -57,6 +58,9 @@ pub struct Allocation {
     pub average_bits: f64,
     /// Sum of the chosen candidates' errors.
     pub total_error: f64,
+    /// A proven lower bound on the optimal total error (Lagrangian dual bound, capped at
+    /// `total_error`): when `exact` is false, `total_error - lower_bound` bounds the loss.
+    pub lower_bound: f64,
     /// True when the frontier never needed thinning, i.e. the result is proven optimal.
     pub exact: bool,
 }
@@ -65,10 +69,12 @@ pub struct Allocation {
 struct State {
     cost: f64,
     error: f64,
-    /// Index of the parent state in the previous frontier.
-    parent: u32,
-    choice: u32,
+    /// Back-pointer: index of the parent state in the previous frontier << 8 | candidate index.
+    back: u32,
 }
+
+/// Candidates per tensor that fit the 8-bit choice field of [`State::back`].
+const MAX_CANDIDATES: usize = 256;
 
 /// Chooses per tensor the candidate minimising total error with average bits <= `target_bits`.
 pub fn allocate(tensors: &[TensorOptions], target_bits: f64) -> Result<Allocation, MixedError> {
@@ -82,6 +88,13 @@ fn validate(tensors: &[TensorOptions], target_bits: f64) -> Result<(), MixedErro
     for t in tensors {
         if t.candidates.is_empty() {
             return Err(MixedError::NoCandidates(t.name.clone()));
+        }
+        if t.candidates.len() > MAX_CANDIDATES {
+            return Err(MixedError::InvalidCandidate {
+                tensor: t.name.clone(),
+                index: MAX_CANDIDATES,
+                reason: format!("at most {MAX_CANDIDATES} candidates per tensor are supported"),
+            });
         }
         for (index, c) in t.candidates.iter().enumerate() {
             let reason = if !(c.bits_per_weight.is_finite() && c.bits_per_weight > 0.0) {
@@ -113,17 +126,16 @@ fn allocate_with_cap(tensors: &[TensorOptions], target_bits: f64, cap: usize) ->
     }
 
     let mut exact = true;
-    let start = [State { cost: 0.0, error: 0.0, parent: 0, choice: 0 }];
-    // layers[i] is the frontier after tensor i, kept for back-tracking the choices.
-    let mut layers: Vec<Vec<State>> = Vec::with_capacity(tensors.len());
+    let mut frontier = vec![State { cost: 0.0, error: 0.0, back: 0 }];
+    // backs[i][k]: the back-pointer of state k of the frontier after tensor i.
+    let mut backs: Vec<Vec<u32>> = Vec::with_capacity(tensors.len());
     let mut next = Vec::new();
     for (i, t) in tensors.iter().enumerate() {
-        let prev: &[State] = layers.last().map_or(&start[..], |l| &l[..]);
         next.clear();
-        for (p, s) in prev.iter().enumerate() {
+        for (p, s) in frontier.iter().enumerate() {
             for (j, c) in t.candidates.iter().enumerate() {
                 let state =
-                    State { cost: s.cost + cost(t, c), error: s.error + c.error, parent: p as u32, choice: j as u32 };
+                    State { cost: s.cost + cost(t, c), error: s.error + c.error, back: (p as u32) << 8 | j as u32 };
                 if state.cost + min_rest[i + 1] <= budget {
                     next.push(state);
                 }
@@ -131,37 +143,69 @@ fn allocate_with_cap(tensors: &[TensorOptions], target_bits: f64, cap: usize) ->
         }
         next.sort_unstable_by(|a, b| a.cost.total_cmp(&b.cost).then(a.error.total_cmp(&b.error)));
         // Keep the Pareto frontier: error strictly falls as cost rises.
-        let mut kept: Vec<State> = Vec::with_capacity(next.len().min(cap * 2));
+        frontier.clear();
         for s in &next {
-            if kept.last().is_none_or(|k| s.error < k.error) {
-                kept.push(*s);
+            if frontier.last().is_none_or(|k| s.error < k.error) {
+                frontier.push(*s);
             }
         }
-        if kept.len() > cap {
-            kept = thin(&kept, cap);
+        if frontier.len() > cap {
+            frontier = thin(&frontier, cap);
             exact = false;
         }
-        if kept.is_empty() {
+        if frontier.is_empty() {
             // Only reachable through float rounding right at the budget's edge.
             return Err(MixedError::OverBudget { target: target_bits, minimum: min_rest[0] / params });
         }
-        layers.push(kept);
+        backs.push(frontier.iter().map(|s| s.back).collect());
     }
 
     // The final frontier's last state has the lowest error, and every state in it fits the budget
     // (min_rest pruning left only states that can finish, and the initial check made one exist).
+    let total_error = frontier.last().map_or(0.0, |s| s.error);
     let mut choices = vec![0usize; tensors.len()];
-    let mut total_error = 0.0;
-    if let Some(last) = layers.last() {
-        total_error = last[last.len() - 1].error;
-        let mut idx = last.len() - 1;
-        for (i, layer) in layers.iter().enumerate().rev() {
-            choices[i] = layer[idx].choice as usize;
-            idx = layer[idx].parent as usize;
-        }
+    let mut idx = frontier.len() - 1;
+    for (i, layer) in backs.iter().enumerate().rev() {
+        choices[i] = (layer[idx] & 0xFF) as usize;
+        idx = (layer[idx] >> 8) as usize;
     }
     let spent: f64 = tensors.iter().zip(&choices).map(|(t, &j)| cost(t, &t.candidates[j])).sum();
-    Ok(Allocation { choices, average_bits: if params > 0.0 { spent / params } else { 0.0 }, total_error, exact })
+    Ok(Allocation {
+        choices,
+        average_bits: if params > 0.0 { spent / params } else { 0.0 },
+        total_error,
+        lower_bound: lagrangian_bound(tensors, target_bits * params).min(total_error),
+        exact,
+    })
+}
+
+/// max over lambda >= 0 of  sum_i min_j (error_ij + lambda cost_ij) - lambda budget: a lower bound
+/// on the constrained optimum (weak duality). The dual is concave in lambda, so a golden-section
+/// search over log(lambda) finds its maximum; lambda = 0 (no budget) is checked as well.
+fn lagrangian_bound(tensors: &[TensorOptions], budget: f64) -> f64 {
+    let dual = |lambda: f64| {
+        let inner: f64 = tensors
+            .iter()
+            .map(|t| {
+                let p = t.params as f64;
+                t.candidates.iter().map(|c| c.error + lambda * p * c.bits_per_weight).fold(f64::INFINITY, f64::min)
+            })
+            .sum();
+        inner - lambda * budget
+    };
+    // lambda in [e^-120, e^120] spans any ratio of error units to bit units that f64 sums hold;
+    // 200 golden-section steps shrink that interval below f64 resolution.
+    let (mut lo, mut hi) = (-120f64, 120f64);
+    let ratio = (5f64.sqrt() - 1.0) / 2.0;
+    for _ in 0..200 {
+        let (a, b) = (hi - ratio * (hi - lo), lo + ratio * (hi - lo));
+        if dual(a.exp()) < dual(b.exp()) {
+            lo = a;
+        } else {
+            hi = b;
+        }
+    }
+    dual(0.0).max(dual(((lo + hi) / 2.0).exp()))
 }
 
 /// Keeps, in each of `cap` equal cost buckets, the state with the lowest error (the last one),
@@ -307,6 +351,9 @@ mod tests {
         assert!(thinned.total_error >= exact.total_error * (1.0 - SUM_TOLERANCE));
         // Measured 1.4% above optimal for this case (cap 128 is already optimal here).
         assert!(thinned.total_error <= exact.total_error * THINNED_LOSS_BOUND);
+        // The dual bound certifies both: it never exceeds the optimum.
+        assert!(thinned.lower_bound <= exact.total_error * (1.0 + SUM_TOLERANCE));
+        assert!(exact.lower_bound <= exact.total_error);
     }
 
     fn small_problem() -> impl Strategy<Value = (Vec<TensorOptions>, f64)> {
@@ -341,6 +388,7 @@ mod tests {
                     prop_assert!(a.exact);
                     prop_assert!(average_bits(&tensors, &a.choices) <= target * (1.0 + BUDGET_SLACK));
                     prop_assert!((a.total_error - best).abs() <= SUM_TOLERANCE * best.max(1.0));
+                    prop_assert!(a.lower_bound <= best + SUM_TOLERANCE * best.max(1.0));
                     let chosen: f64 = tensors.iter().zip(&a.choices).map(|(t, &j)| t.candidates[j].error).sum();
                     prop_assert!((chosen - a.total_error).abs() <= SUM_TOLERANCE * chosen.max(1.0));
                 }

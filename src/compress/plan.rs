@@ -176,7 +176,8 @@ pub fn scheme_refusal(s: &Scheme, t: &TensorInfo) -> Option<String> {
             }
             _ => None,
         },
-        Scheme::Ggml { ty, .. } => ty.row_refusal(cols),
+        // ggml blocks run along the last dimension, whatever the flattened row length.
+        Scheme::Ggml { ty, .. } => ty.shape_refusal(&t.shape),
     }
 }
 
@@ -219,7 +220,7 @@ impl Planner<'_> {
                 }
                 None => (Kernel::Int(*p), int_scheme_name(p), int_bytes(p, t), note),
             },
-            Scheme::Ggml { ty, fallback } => match (ty.row_refusal(t.matrix().1), fallback) {
+            Scheme::Ggml { ty, fallback } => match (ty.shape_refusal(&t.shape), fallback) {
                 (None, _) => (Kernel::Ggml(*ty), ty.name().to_owned(), ggml_bytes(*ty, t), note),
                 (Some(reason), None) => {
                     let detail =
@@ -227,7 +228,7 @@ impl Planner<'_> {
                     return self.refuse(format!("{pointer}/gguf_type"), t, detail);
                 }
                 (Some(reason), Some(fb)) => {
-                    if let Some(again) = fb.row_refusal(t.matrix().1) {
+                    if let Some(again) = fb.shape_refusal(&t.shape) {
                         return self.refuse(
                             format!("{pointer}/fallback"),
                             t,

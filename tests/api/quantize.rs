@@ -136,7 +136,7 @@ async fn gguf_read_back_by_candle_equals_the_dense_output_and_conv_rows_fall_bac
     assert!(conv_plan["actions"][0]["note"]
         .as_str()
         .unwrap()
-        .contains("row length 27 is not a multiple of the q4_k block size 256"));
+        .contains("innermost row length 3 is not a multiple of the q4_k block size 256"));
 
     let (_, report, files) = run_job(&app, &spec).await;
     assert_eq!(entry(&report, "fc.weight")["scheme"], "q4_k");

@@ -144,6 +144,14 @@ fn open_sinks(
                             .map(|ty| GgufTensor::new(&t.name, &t.shape, ty))
                     })
                     .collect();
+                let omitted: Vec<String> = job
+                    .plan
+                    .tensors
+                    .iter()
+                    .map(|tp| &job.header.tensors[tp.index])
+                    .filter(|t| !tensors.iter().any(|g| g.name == t.name))
+                    .map(|t| t.name.clone())
+                    .collect();
                 let schemes: Vec<String> = tensors
                     .iter()
                     .map(|t| format!("{}={}", t.name, labels.get(&t.name).map_or(t.ty.name(), |s| s)))
@@ -154,6 +162,7 @@ fn open_sinks(
                     ("modelpress.input_sha256".to_string(), MetaValue::from(job.input_sha256)),
                     ("modelpress.spec_sha256".to_string(), MetaValue::from(job.spec_sha256)),
                     ("modelpress.tensor_schemes".to_string(), MetaValue::from(schemes)),
+                    ("modelpress.omitted_tensors".to_string(), MetaValue::from(omitted)),
                 ];
                 Box::new(sinks::GgufSink::create(job.out_dir, &tensors, &meta)?)
             }

@@ -231,8 +231,12 @@ impl Sink for CompressedTensorsSink {
 }
 
 /// The storage type a tensor gets in GGUF: its block type when GGUF-quantized, otherwise its
-/// float values as F32 (F16 for F16 inputs). Non-float tensors are not written (reported).
+/// float values as F32 (F16 for F16 inputs). Tensors GGUF cannot hold (not floating point, rank
+/// 0 or above 4) are left out and listed in the file's `modelpress.omitted_tensors`.
 pub fn gguf_type_for(t: &TensorInfo, last_ggml: Option<GgufType>) -> Option<GgufType> {
+    if GgufType::F32.shape_refusal(&t.shape).is_some() {
+        return None;
+    }
     match last_ggml {
         Some(ty) => Some(ty),
         None if t.dtype == Dtype::F16 => Some(GgufType::F16),

@@ -85,15 +85,15 @@ pub(super) fn quantize_chunk(ty: GgufType, xs: &[f32], ys: &mut [u8]) {
     match ty {
         GgufType::F32 => quantize_with::<f32>(xs, ys),
         GgufType::F16 => quantize_with::<f16>(xs, ys),
-        GgufType::Q8_0 => quantize_with::<BlockQ8_0>(xs, ys),
+        GgufType::Q8_0 => super::fast::quantize_q8_0(xs, ys),
         GgufType::Q4_0 => quantize_with::<BlockQ4_0>(xs, ys),
         GgufType::Q4_1 => quantize_with::<BlockQ4_1>(xs, ys),
         GgufType::Q5_0 => quantize_with::<BlockQ5_0>(xs, ys),
         GgufType::Q5_1 => quantize_with::<BlockQ5_1>(xs, ys),
         GgufType::Q2K => quantize_with::<BlockQ2K>(xs, ys),
         GgufType::Q3K => quantize_with::<BlockQ3K>(xs, ys),
-        GgufType::Q4K => quantize_with::<BlockQ4K>(xs, ys),
-        GgufType::Q5K => quantize_with::<BlockQ5K>(xs, ys),
+        GgufType::Q4K => super::fast_k::quantize_q4k(xs, ys),
+        GgufType::Q5K => super::fast_k::quantize_q5k(xs, ys),
         GgufType::Q6K => quantize_with::<BlockQ6K>(xs, ys),
     }
 }

@@ -193,3 +193,57 @@ fn wrong_lengths_are_refused_naming_the_shape() {
     let err = dequantize(&[0; 10], 2, 32, GgufType::Q8_0, &mut [0.0; 64]).unwrap_err();
     assert_eq!(err.to_string(), "q8_0 data of a 2x32 matrix is 68 bytes, got 10");
 }
+
+#[test]
+fn hand_written_kernels_equal_candles_on_both_code_paths() {
+    // Values on exact .5 rounding boundaries after scaling, negatives first, and repeated maxima.
+    let mut data = normal_matrix(ROWS, COLS, 5);
+    for (i, x) in data[..COLS].iter_mut().enumerate() {
+        *x = ((i % 64) as f32 - 32.0) * 0.25;
+    }
+    data[COLS..COLS + 32].fill(-2.0);
+    data[COLS + 40] = f32::MIN_POSITIVE;
+    // Subnormal blocks, where the reciprocal scale overflows to infinity.
+    for (i, x) in data[COLS + 256..COLS + 512].iter_mut().enumerate() {
+        *x = (i as f32 - 100.0) * 1e-41;
+    }
+    data[2 * COLS..3 * COLS].fill(0.25);
+    for ty in [GgufType::Q8_0, GgufType::Q4K, GgufType::Q5K] {
+        let theirs = candle_bytes(&data, ty);
+        let mut ours = vec![0u8; theirs.len()];
+        match ty {
+            GgufType::Q8_0 => fast::quantize_portable(&data, &mut ours),
+            _ => fast_k::quantize_portable(ty == GgufType::Q5K, &data, &mut ours),
+        }
+        assert!(ours == theirs, "{ty} portable path differs from candle");
+        ours.fill(0);
+        kernels::quantize_chunk(ty, &data, &mut ours);
+        assert!(ours == theirs, "{ty} dispatched path differs from candle");
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+    /// Random super-blocks mixing scales, exact zeros, repeats and signs: every hand-written
+    /// kernel must still give candle's bytes.
+    #[test]
+    fn hand_written_kernels_equal_candles_on_random_blocks(
+        values in proptest::collection::vec(
+            proptest::prop_oneof![
+                4 => -2.0f32..2.0,
+                1 => -1e-3f32..1e-3,
+                1 => proptest::strategy::Just(0.0f32),
+                1 => proptest::sample::select(vec![-1.0f32, 0.5, 0.25, -0.125, 3.0, 1e-40, -3e-39]),
+            ],
+            512,
+        )
+    ) {
+        for ty in [GgufType::Q8_0, GgufType::Q4K, GgufType::Q5K] {
+            let t = Tensor::from_slice(&values, (2, 256), &Device::Cpu).unwrap();
+            let theirs = QTensor::quantize(&t, ty.ggml_dtype()).unwrap().data().unwrap().into_owned();
+            let mut ours = Vec::new();
+            quantize(&values, 2, 256, ty, &mut ours).unwrap();
+            proptest::prop_assert!(ours == theirs, "{} differs", ty);
+        }
+    }
+}
