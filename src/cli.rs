@@ -180,24 +180,43 @@ fn compress(model: &Path, spec_path: &Path, out: &Path) -> anyhow::Result<ExitCo
     let bar = indicatif::ProgressBar::new(1000).with_style(
         indicatif::ProgressStyle::with_template("{bar:40} {percent:>3}% {elapsed_precise} {msg}").expect("template"),
     );
+    // Outputs are written in a hidden directory and moved into place only when all succeeded:
+    // a failed or interrupted run leaves no partial file under a final name.
+    let staging = out.join(".partial");
+    std::fs::create_dir_all(&staging)?;
     let job = EngineJob {
         model_path: model,
         header: &header,
         spec: &spec,
         plan: &plan,
-        out_dir: out,
+        out_dir: &staging,
         input_sha256: &input_sha,
         spec_sha256: &spec_sha,
     };
-    let output = engine::run(&job, &Bar(bar.clone()))?;
+    let result = engine::run(&job, &Bar(bar.clone()));
     bar.finish_and_clear();
+    let output = match result {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e.into());
+        }
+    };
+    for a in &output.artifacts {
+        let dest = out.join(&a.name);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::rename(&a.path, &dest)?;
+    }
+    std::fs::remove_dir_all(&staging)?;
     let t = &output.report.totals;
     println!(
         "{} tensors ({} changed), {} -> {} bytes (x{:.2}), {:.2} bits per weight",
         t.tensors, t.tensors_changed, t.bytes_in, t.bytes_out, t.ratio, t.bits_per_weight
     );
     for a in &output.artifacts {
-        println!("{}", a.path.display());
+        println!("{}", out.join(&a.name).display());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -81,6 +81,18 @@ impl Application {
         let rescued = queue.rescue(true).await?;
         tracing::info!(swept, orphan_blobs = orphans.len() + stray, rescued, data_dir = %data_dir.display(), "recovered state");
 
+        // Leases that expire while we run (a worker of another process died, or a finish that
+        // could not be recorded) go back to the queue.
+        let rescuer = queue.clone();
+        let lease = Duration::from_secs(settings.queue.lease_secs);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(lease / 2).await;
+                if let Err(e) = rescuer.rescue(false).await {
+                    tracing::warn!(error = %e, "re-queueing expired leases failed");
+                }
+            }
+        });
         let worker_count = settings.queue.worker_count();
         let blob_store: Arc<dyn BlobStore> = blobs;
         let workers = WorkerPool::start(

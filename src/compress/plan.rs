@@ -362,7 +362,8 @@ impl Planner<'_> {
             let bias = format!("{layer}.bias");
             let rows = self.header.tensors.iter().find(|t| t.name == weight).map(|t| t.matrix().0);
             if let Some(tp) = self.tensors.iter_mut().find(|t| t.name == bias) {
-                if tp.shape.first().copied() == rows && tp.shape.len() == 1 {
+                let float = self.header.tensors[tp.index].dtype.is_float();
+                if float && tp.shape.first().copied() == rows && tp.shape.len() == 1 {
                     tp.actions.push(PlannedAction {
                         step,
                         op: "prune",

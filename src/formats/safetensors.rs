@@ -171,24 +171,35 @@ fn sniff_foreign(prefix: &[u8]) -> Option<&'static str> {
 }
 
 /// Checks the first bytes of an upload as soon as they arrive: returns the header length when
-/// they look like safetensors, so an upload can be refused before its body is stored.
+/// they look like safetensors (`None` while fewer than 9 bytes are known), so an upload can be
+/// refused before its body is stored.
+///
+/// Structure decides first: 8 length bytes then `{`. Only when that fails are the bytes matched
+/// against formats people upload by mistake, because a valid header length can itself start
+/// with a pickle's magic (a 640-byte header is `80 02 00 ...`).
 pub fn check_prefix(prefix: &[u8], header_limit: u64) -> Result<Option<u64>, HeaderError> {
-    if let Some(what) = sniff_foreign(prefix) {
+    if prefix.len() < 9 {
+        // Four-byte magics are unambiguous: no sane header length starts with them.
+        return match sniff_foreign(prefix) {
+            Some(what) if !prefix.starts_with(&[0x80]) => Err(HeaderError::NotSafetensors(what.into())),
+            _ => Ok(None),
+        };
+    }
+    if prefix[8] != b'{' {
+        let what =
+            sniff_foreign(prefix).unwrap_or("the first 8 bytes must be the header length followed by a JSON object");
         return Err(HeaderError::NotSafetensors(what.into()));
     }
-    if prefix.len() < 9 {
-        return Ok(None);
-    }
     let len = u64::from_le_bytes(prefix[..8].try_into().expect("8 bytes"));
-    if prefix[8] != b'{' {
-        return Err(HeaderError::NotSafetensors(
-            "the first 8 bytes must be the header length followed by a JSON object".into(),
-        ));
-    }
     if len > header_limit {
         return Err(HeaderError::HeaderTooLarge { len, limit: header_limit });
     }
     Ok(Some(len))
+}
+
+/// Why a complete file too short to hold a header is not safetensors.
+pub fn too_short(prefix: &[u8]) -> HeaderError {
+    HeaderError::NotSafetensors(sniff_foreign(prefix).unwrap_or("the file is shorter than a safetensors header").into())
 }
 
 #[derive(Deserialize)]
@@ -277,7 +288,13 @@ pub fn parse_header(json: &[u8], file_len: u64) -> Result<Header, HeaderError> {
             ));
         }
         let shape = raw.shape.iter().map(|&d| d as usize).collect();
-        tensors.push(TensorInfo { name, dtype, shape, start: data_start + start, end: data_start + end });
+        let (Some(abs_start), Some(abs_end)) = (data_start.checked_add(start), data_start.checked_add(end)) else {
+            return Err(invalid(
+                Some(&name),
+                format!("tensor `{name}`: data_offsets [{start}, {end}] lie past any file"),
+            ));
+        };
+        tensors.push(TensorInfo { name, dtype, shape, start: abs_start, end: abs_end });
     }
 
     // Offsets must tile the data region exactly: no gaps, no overlaps, no trailing bytes.
@@ -324,8 +341,7 @@ pub fn read_header(path: &Path, header_limit: u64) -> Result<Header, ReadError> 
     let file_len = file.metadata()?.len();
     let mut prefix = [0u8; 9];
     let n = file.read_at(&mut prefix, 0)?;
-    let len = check_prefix(&prefix[..n], header_limit)?
-        .ok_or_else(|| HeaderError::NotSafetensors("the file is shorter than a safetensors header".into()))?;
+    let len = check_prefix(&prefix[..n], header_limit)?.ok_or_else(|| too_short(&prefix[..n]))?;
     if 8 + len > file_len {
         return Err(invalid(
             None,
@@ -541,7 +557,7 @@ mod tests {
         let h = r#"{"w":{"dtype":"Q4","shape":[1],"data_offsets":[0,1]}}"#;
         assert!(parse(&file_bytes(h, 1)).unwrap_err().to_string().contains("unknown dtype `Q4`"));
         assert!(matches!(check_prefix(b"PK\x03\x04rest", 100), Err(HeaderError::NotSafetensors(_))));
-        assert!(matches!(check_prefix(b"\x80\x02}q\x00", 100), Err(HeaderError::NotSafetensors(_))));
+        assert!(matches!(check_prefix(b"\x80\x02}q\x00X(K.", 100), Err(HeaderError::NotSafetensors(_))));
         assert!(matches!(check_prefix(b"\x05\0\0\0\0\0\0\0[", 100), Err(HeaderError::NotSafetensors(_))));
         assert_eq!(
             check_prefix(b"\xff\xff\0\0\0\0\0\0{", 100),

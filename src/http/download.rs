@@ -50,13 +50,13 @@ pub async fn serve_file(
         .header(header::ETAG, &etag)
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::CONTENT_TYPE, content_type)
-        .header(header::CONTENT_DISPOSITION, format!("attachment; filename=\"{}\"", filename.replace('"', "")));
+        .header(header::CONTENT_DISPOSITION, format!("attachment; filename=\"{}\"", safe_filename(filename)));
     if headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
     {
-        return Ok(builder.status(StatusCode::NOT_MODIFIED).body(Body::empty()).expect("response"));
+        return builder.status(StatusCode::NOT_MODIFIED).body(Body::empty()).map_err(ApiError::internal);
     }
     // If-Range with another validator means the client's copy changed: send it all.
     let if_range_ok = headers.get(header::IF_RANGE).and_then(|v| v.to_str().ok()).is_none_or(|v| v == etag);
@@ -91,7 +91,18 @@ pub async fn serve_file(
             .header(header::CONTENT_LENGTH, len)
             .body(Body::from_stream(ReaderStream::with_capacity(file, 256 << 10))),
     };
-    Ok(response.expect("response"))
+    response.map_err(ApiError::internal)
+}
+
+/// A user-given name made safe for a header: printable ASCII without quotes or backslashes.
+fn safe_filename(name: &str) -> String {
+    let cleaned: String =
+        name.chars().map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' { c } else { '_' }).collect();
+    if cleaned.trim().is_empty() {
+        "download".into()
+    } else {
+        cleaned
+    }
 }
 
 impl ApiError {
@@ -106,6 +117,12 @@ impl ApiError {
 #[cfg(test)]
 mod tests {
     use super::parse_range;
+
+    #[test]
+    fn filenames_cannot_break_the_header() {
+        assert_eq!(super::safe_filename("a\nb\"c\\d é.safetensors"), "a_b_c_d _.safetensors");
+        assert_eq!(super::safe_filename("  "), "download");
+    }
 
     #[test]
     fn ranges_parse_like_rfc_9110() {

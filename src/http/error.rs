@@ -112,7 +112,13 @@ impl ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        ApiError::internal(e)
+        // SQLITE_FULL (13): the database could not grow because the disk is full.
+        let full = e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "13");
+        if full {
+            ApiError::insufficient_storage()
+        } else {
+            ApiError::internal(e)
+        }
     }
 }
 
@@ -127,7 +133,7 @@ impl From<crate::storage::queue::QueueError> for ApiError {
             },
             Q::NotFound(id) => ApiError::not_found("job", &id),
             Q::Finished { .. } => ApiError::conflict("job_finished", e.to_string()),
-            Q::Db(db) => ApiError::internal(db),
+            Q::Db(db) => db.into(),
         }
     }
 }

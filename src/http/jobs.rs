@@ -124,6 +124,19 @@ pub async fn create_job(State(state): State<AppState>, headers: HeaderMap, body:
         }
         None => None,
     };
+    // A replay answers with the job created the first time, even if its model is gone since.
+    if let Some(k) = &key {
+        if let Some(existing) = state.queue.find_by_idempotency_key(k).await? {
+            let value: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")))?;
+            let same = crate::domain::spec::parse_job_spec(&value).is_ok_and(|s| s.sha256 == existing.spec_hash);
+            if !same {
+                return Err(crate::storage::queue::QueueError::IdempotencyConflict.into());
+            }
+            let location = format!("/v1/jobs/{}", existing.id);
+            return Ok((StatusCode::OK, [(header::LOCATION, location)], Json(JobView::from(&existing))).into_response());
+        }
+    }
     let (spec, _plan) = checked_plan(&state, &body).await?;
     let outcome = state
         .queue

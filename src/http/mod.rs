@@ -129,6 +129,9 @@ pub fn router(mut state: AppState) -> Router {
     api
         // Artifact names may contain '/' (compressed-tensors/config.json): a wildcard route.
         .route("/v1/jobs/{id}/artifacts/{*name}", axum::routing::get(jobs::download_artifact))
+        // `curl -T file URL` streams the file with PUT: accept it wherever POST uploads.
+        .route("/v1/models", axum::routing::put(models::upload_model))
+        .route("/v1/datasets", axum::routing::put(models::upload_dataset))
         .route("/openapi.json", axum::routing::get(ops::openapi_json))
         .route("/docs", axum::routing::get(ops::docs))
         .fallback(not_found)

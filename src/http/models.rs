@@ -109,6 +109,7 @@ async fn upload_kind(
         })
         .collect();
     let parameters = staged.header.parameter_count() as i64;
+    let _gate = state.catalog.blob_gate().await;
     if let Err(e) = state.blobs.persist(&staged.path, &staged.sha256).await {
         let _ = std::fs::remove_file(&staged.path);
         return Err(ApiError::io(e));
@@ -152,6 +153,7 @@ async fn download_kind(state: &AppState, kind: ModelKind, id: &str, headers: Hea
 
 async fn delete_kind(state: &AppState, kind: ModelKind, id: &str) -> ApiResult<StatusCode> {
     let id = parse_id(id, "id")?;
+    let _gate = state.catalog.blob_gate().await;
     match state.catalog.delete_model(kind, &id).await? {
         DeleteOutcome::NotFound => Err(ApiError::not_found(kind.as_str(), &id)),
         DeleteOutcome::InUse(n) => Err(ApiError::conflict(
@@ -169,7 +171,8 @@ async fn delete_kind(state: &AppState, kind: ModelKind, id: &str) -> ApiResult<S
     }
 }
 
-/// Upload a model: the raw safetensors file as the body (`curl -T model.safetensors`).
+/// Upload a model: the raw safetensors file as the body. `PUT` is accepted too, because
+/// `curl -T model.safetensors URL` (the streaming upload) sends PUT.
 #[utoipa::path(post, path = "/v1/models", tag = "models", params(UploadParams),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 201, body = ModelView), (status = 413, body = super::error::Problem),
@@ -211,7 +214,7 @@ pub async fn delete_model(State(s): State<AppState>, Path(id): Path<String>) -> 
     delete_kind(&s, ModelKind::Model, &id).await
 }
 
-/// Upload a dataset: safetensors with `inputs` and optional `labels`.
+/// Upload a dataset: safetensors with `inputs` and optional `labels` (POST or PUT).
 #[utoipa::path(post, path = "/v1/datasets", tag = "datasets", params(UploadParams),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 201, body = ModelView), (status = 422, body = super::error::Problem)))]

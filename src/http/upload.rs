@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::error::ApiError;
-use crate::formats::safetensors::{check_prefix, parse_header, Header, HeaderError};
+use crate::formats::safetensors::{check_prefix, parse_header, too_short, Header, HeaderError};
 
 /// A validated upload sitting in staging, ready to persist.
 pub struct StagedUpload {
@@ -73,8 +73,14 @@ fn writer_thread(path: &Path, mut rx: mpsc::Receiver<Bytes>, head_limit: usize) 
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
     let mut hasher = Sha256::new();
     let mut head = Vec::new();
+    let mut head_limit = head_limit;
     let mut total = 0u64;
     while let Some(chunk) = rx.blocking_recv() {
+        if head.len() >= 8 {
+            // Once the length is known, keep exactly the header (the cap still applies).
+            let len = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+            head_limit = head_limit.min(8usize.saturating_add(len as usize));
+        }
         if head.len() < head_limit {
             let take = (head_limit - head.len()).min(chunk.len());
             head.extend_from_slice(&chunk[..take]);
@@ -166,9 +172,7 @@ pub async fn receive(
 }
 
 fn validate(head: &[u8], file_len: u64, header_limit: u64) -> Result<Header, ApiError> {
-    let len = check_prefix(head, header_limit).map_err(header_error)?.ok_or_else(|| {
-        header_error(HeaderError::NotSafetensors("the file is shorter than a safetensors header".into()))
-    })?;
+    let len = check_prefix(head, header_limit).map_err(header_error)?.ok_or_else(|| header_error(too_short(head)))?;
     if 8 + len > file_len {
         return Err(header_error(HeaderError::Invalid {
             detail: format!(

@@ -16,7 +16,7 @@ use crate::domain::job::{JobFailure, JobRecord, Progress};
 use crate::domain::spec::parse_job_spec;
 use crate::formats::safetensors::read_header;
 use crate::storage::catalog::ModelKind;
-use crate::storage::queue::{NewArtifact, Outcome};
+use crate::storage::queue::{NewArtifact, Outcome, QueueError};
 
 /// Why a running job's cancel flag was raised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +67,8 @@ impl Control for JobControl {
 /// How often the worker renews its lease and checks for a cancel request. Cancel latency is
 /// this plus one unit of work.
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+/// Tries at recording a job's outcome before leaving it to lease expiry.
+const FINISH_ATTEMPTS: u32 = 5;
 /// Progress is stored (and streamed) at most this often.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(300);
 
@@ -79,7 +81,7 @@ pub(super) async fn run_job(ctx: &WorkerContext, worker: &str, job: JobRecord) {
     async {
         let started = Instant::now();
         tracing::info!("job started");
-        let outcome = execute(ctx, worker, &job).await;
+        let (outcome, _gate) = execute(ctx, worker, &job).await;
         let label = match &outcome {
             Outcome::Succeeded(_) => "succeeded",
             Outcome::Failed(_) => "failed",
@@ -93,18 +95,46 @@ pub(super) async fn run_job(ctx: &WorkerContext, worker: &str, job: JobRecord) {
         metrics::counter!("modelpress_jobs_finished_total", "outcome" => label).increment(1);
         metrics::histogram!("modelpress_job_duration_seconds", "outcome" => label)
             .record(started.elapsed().as_secs_f64());
-        match ctx.queue.finish(&job.id, worker, outcome).await {
-            Ok(done) => {
-                tracing::info!(status = %done.status, seconds = started.elapsed().as_secs_f64(), "job finished")
+        // A busy or briefly failing database must not strand the job as `running`: retry, then
+        // leave it to lease expiry, which re-queues it.
+        for attempt in 1..=FINISH_ATTEMPTS {
+            match ctx.queue.finish(&job.id, worker, outcome.clone()).await {
+                Ok(done) => {
+                    tracing::info!(status = %done.status, seconds = started.elapsed().as_secs_f64(), "job finished");
+                    break;
+                }
+                Err(QueueError::Db(e)) if attempt < FINISH_ATTEMPTS => {
+                    tracing::warn!(error = %e, attempt, "recording the job's outcome failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not record the job's outcome (lease lost?)");
+                    break;
+                }
             }
-            Err(e) => tracing::warn!(error = %e, "could not record the job's outcome (lease lost?)"),
         }
     }
     .instrument(span)
     .await
 }
 
-async fn execute(ctx: &WorkerContext, worker: &str, job: &JobRecord) -> Outcome {
+/// Runs the job; on success also returns the blob gate, held until the artifact rows commit.
+async fn execute(
+    ctx: &WorkerContext,
+    worker: &str,
+    job: &JobRecord,
+) -> (Outcome, Option<tokio::sync::OwnedMutexGuard<()>>) {
+    let mut gate = None;
+    let outcome = execute_inner(ctx, worker, job, &mut gate).await;
+    (outcome, gate)
+}
+
+async fn execute_inner(
+    ctx: &WorkerContext,
+    worker: &str,
+    job: &JobRecord,
+    gate: &mut Option<tokio::sync::OwnedMutexGuard<()>>,
+) -> Outcome {
     let body: serde_json::Value = match serde_json::from_str(&job.spec) {
         Ok(v) => v,
         Err(e) => return Outcome::Failed(failure("invalid_spec", format!("stored spec is not JSON: {e}"))),
@@ -167,10 +197,13 @@ async fn execute(ctx: &WorkerContext, worker: &str, job: &JobRecord) -> Outcome 
             Outcome::Failed(failure("internal_error", "the engine stopped on an internal error; the log has details"))
         }
         Err(join) => Outcome::Retry(failure("internal_error", join.to_string())),
-        Ok(Ok(output)) => match persist(ctx, &output.artifacts).await {
-            Ok(artifacts) => Outcome::Succeeded(artifacts),
-            Err(e) => io_outcome(&e),
-        },
+        Ok(Ok(output)) => {
+            *gate = Some(ctx.catalog.blob_gate().await);
+            match persist(ctx, &output.artifacts).await {
+                Ok(artifacts) => Outcome::Succeeded(artifacts),
+                Err(e) => io_outcome(&e),
+            }
+        }
         Ok(Err(EngineError::Canceled)) => match control.reason() {
             CancelReason::User => Outcome::Canceled,
             _ => Outcome::Released,

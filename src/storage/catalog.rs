@@ -72,11 +72,20 @@ pub enum DeleteOutcome {
 #[derive(Debug, Clone)]
 pub struct Catalog {
     pool: SqlitePool,
+    /// Held from persisting a blob file until the row naming it commits, and from deleting a
+    /// row until its file is unlinked: otherwise a delete could unlink a file that an upload
+    /// of the same content just found in place and is about to name.
+    blob_gate: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Catalog {
     pub fn new(pool: SqlitePool) -> Self {
-        Self { pool }
+        Self { pool, blob_gate: Default::default() }
+    }
+
+    /// See `blob_gate`: take it around persist + insert and around delete + unlink.
+    pub async fn blob_gate(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.blob_gate.clone().lock_owned().await
     }
 
     /// Records the blob (if new) and the model in one transaction.

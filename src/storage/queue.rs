@@ -83,6 +83,8 @@ pub enum QueueError {
 #[async_trait]
 pub trait JobQueue: Send + Sync + 'static {
     async fn enqueue(&self, job: NewJob, max_queued: u64) -> Result<Enqueued, QueueError>;
+    /// The job created with this `Idempotency-Key`, if any.
+    async fn find_by_idempotency_key(&self, key: &str) -> Result<Option<JobRecord>, QueueError>;
     /// Atomically takes the oldest runnable job, leasing it to `worker`.
     async fn claim(&self, worker: &str, lease: Duration) -> Result<Option<JobRecord>, QueueError>;
     async fn heartbeat(&self, id: &str, worker: &str, lease: Duration) -> Result<LeaseState, QueueError>;

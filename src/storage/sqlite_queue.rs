@@ -122,6 +122,10 @@ impl JobQueue for SqliteQueue {
         Ok(Enqueued::Created(record))
     }
 
+    async fn find_by_idempotency_key(&self, key: &str) -> Result<Option<JobRecord>, QueueError> {
+        Ok(sqlx::query_as("select * from jobs where idempotency_key = ?").bind(key).fetch_optional(&self.pool).await?)
+    }
+
     async fn claim(&self, worker: &str, lease: Duration) -> Result<Option<JobRecord>, QueueError> {
         let mut tx = self.write_tx().await?;
         let now = now_ms();
@@ -198,6 +202,10 @@ impl JobQueue for SqliteQueue {
         let now = now_ms();
         let retry_at = |attempt: i64| now + self.backoff.as_millis() as i64 * (1i64 << (attempt - 1).clamp(0, 16));
         let (status, error, run_after) = match &outcome {
+            // A cancel request outranks putting the job back in the queue.
+            Outcome::Released | Outcome::Retry(_) if current.cancel_requested != 0 => {
+                ("canceled", None, current.run_after)
+            }
             Outcome::Succeeded(_) => ("succeeded", None, current.run_after),
             Outcome::Failed(f) => ("failed", Some(f.clone()), current.run_after),
             Outcome::Canceled => ("canceled", None, current.run_after),

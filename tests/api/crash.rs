@@ -185,3 +185,20 @@ async fn sigterm_requeues_a_running_job_without_counting_the_attempt() {
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["attempt"], 1, "a shutdown release does not use up an attempt");
 }
+
+#[tokio::test]
+async fn a_job_whose_worker_keeps_dying_fails_with_attempts_exhausted() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("MODELPRESS__QUEUE__MAX_ATTEMPTS", "1")];
+    let server = Server::start(dir.path(), &env).await;
+    let model = server.upload(big_model(300, 256, 256)).await;
+    let job = server.submit(&int8_spec(&model)).await;
+    server.wait(&job, running_midway).await;
+    server.kill9();
+
+    let server = Server::start(dir.path(), &env).await;
+    let done = server.wait_terminal(&job).await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["error"]["code"], "attempts_exhausted");
+    assert!(done["error"]["detail"].as_str().unwrap().contains("attempt 1 of 1"), "{done}");
+}

@@ -273,3 +273,15 @@ async fn a_weight_with_nan_fails_the_job_naming_the_tensor() {
     assert!(job["error"]["detail"].as_str().unwrap().contains("tensor `bad.weight`"), "{job}");
     assert_eq!(job["attempt"], 1, "a bad input is not retried");
 }
+
+#[tokio::test]
+async fn a_full_queue_answers_429_with_retry_after() {
+    let app = spawn_app_with(0, |s| s.queue.max_queued = 2).await;
+    let model_id = app.upload_ok(small_model()).await;
+    app.create_job_ok(&int8_spec(&model_id)).await;
+    app.create_job_ok(&int8_spec(&model_id)).await;
+    let res = app.create_job(&int8_spec(&model_id)).await;
+    assert_eq!(res.status(), 429);
+    assert!(res.headers().get("retry-after").is_some());
+    assert_eq!(res.json::<Value>().await.unwrap()["code"], "queue_full");
+}

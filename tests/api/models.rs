@@ -190,3 +190,20 @@ async fn model_pages_never_repeat_or_skip() {
     ids.reverse();
     assert_eq!(seen, ids, "newest first, each exactly once");
 }
+
+#[tokio::test]
+async fn a_header_whose_length_looks_like_a_pickle_is_still_accepted_and_put_uploads_work() {
+    let app = spawn_app(0).await;
+    // Pad a real header to exactly 640 bytes: its length field then reads 80 02 00 ...
+    let mut json = r#"{"w.weight":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#.to_string();
+    json.push_str(&" ".repeat(640 - json.len()));
+    let mut file = (json.len() as u64).to_le_bytes().to_vec();
+    assert_eq!(&file[..2], &[0x80, 0x02]);
+    file.extend_from_slice(json.as_bytes());
+    file.extend(std::iter::repeat_n(0u8, 16));
+    let res = app.upload(file).await;
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    // `curl -T file URL` sends PUT.
+    let res = app.client.put(app.url("/v1/models")).body(small_model()).send().await.unwrap();
+    assert_eq!(res.status(), 201);
+}

@@ -188,3 +188,42 @@ async fn bad_pruning_parameters_are_422_with_the_field_pointer() {
         assert_eq!(res.json::<Value>().await.unwrap()["pointer"], pointer);
     }
 }
+
+#[tokio::test]
+async fn global_pruning_keeps_its_exact_mask_when_a_later_step_reads_the_tensors_again() {
+    let app = spawn_app(1).await;
+    // Many ties at the threshold, rows of 64 so q8_0/q4_0 blocks fit.
+    let a: Vec<f32> = (0..640).map(|i| ((i % 5) as f32) * 0.1).collect();
+    let b: Vec<f32> = (0..960).map(|i| ((i % 7) as f32) * -0.05).collect();
+    let model = app.upload_ok(safetensors_f32(&[("a.weight", vec![10, 64], a), ("b.weight", vec![15, 64], b)])).await;
+    let global = json!({"op": "prune", "method": "magnitude", "scope": "global", "sparsity": 0.45});
+    let (_, _, alone) = run_job(&app, &json!({"model_id": model, "steps": [global]})).await;
+    let mixed = json!({"op": "quantize", "mixed": {"target_bits": 8.5, "candidates": ["q8_0", "q4_0"]}});
+    let (_, _, both) = run_job(&app, &json!({"model_id": model, "steps": [global, mixed]})).await;
+    let (alone, both) = (read_f32_tensors(&alone["model.safetensors"]), read_f32_tensors(&both["model.safetensors"]));
+    let pruned: usize = ["a.weight", "b.weight"].iter().map(|n| zeros(&alone[*n].1)).sum();
+    assert_eq!(pruned, 720, "round(0.45 * 1600)");
+    for name in ["a.weight", "b.weight"] {
+        for (x, y) in alone[name].1.iter().zip(&both[name].1) {
+            assert!(*x != 0.0 || *y == 0.0, "{name}: a weight the global step pruned came back");
+        }
+    }
+}
+
+#[tokio::test]
+async fn structure_then_weight_pruning_compose_in_one_job() {
+    let app = spawn_app(1).await;
+    let model = app.upload_ok(teacher()).await;
+    let spec = json!({"model_id": model, "steps": [
+        {"op": "prune", "method": "structured", "amount": 0.25, "targets": ["fc1.weight"]},
+        {"op": "prune", "method": "magnitude", "sparsity": 0.5}]});
+    let (_, report, files) = run_job(&app, &spec).await;
+    let out = read_f32_tensors(&files["model.safetensors"]);
+    let fc1 = &out["fc1.weight"].1;
+    let empty_rows = fc1.chunks(64).filter(|r| r.iter().all(|v| *v == 0.0)).count();
+    assert!(empty_rows >= 64, "a quarter of 256 rows removed: {empty_rows}");
+    assert!(zeros(fc1) >= fc1.len() / 2);
+    assert_eq!(entry(&report, "fc1.weight")["scheme"], "structured/l2/0.25 + magnitude/layer/0.50");
+    let bias = &out["fc1.bias"].1;
+    assert!(bias.iter().filter(|v| **v == 0.0).count() >= 64, "the bias of removed rows is zeroed");
+}

@@ -40,6 +40,10 @@ pub struct Resolved {
     pub auto: HashMap<(usize, String), Scheme>,
     /// Global magnitude: step -> the threshold and the tie counter (in processing order).
     pub global: HashMap<usize, (GlobalCut, TieState)>,
+    /// Global magnitude when a later step reads the tensors again in its own pass: (step,
+    /// tensor) -> how many threshold ties that tensor prunes, so applying the cut carries no
+    /// state between tensors and every pass sees the same mask.
+    pub global_ties: HashMap<(usize, String), u64>,
     /// Structured pruning: (step, weight name) -> the rows it zeroed, for the matching bias.
     pub removed_rows: HashMap<(usize, String), Vec<usize>>,
 }
@@ -144,7 +148,14 @@ pub fn apply(
                     .global
                     .get_mut(step)
                     .ok_or_else(|| tensor_error(t, "internal_error", "global threshold missing"))?;
-                cut.apply(&mut b.work, ties);
+                match resolved.global_ties.get(&(*step, t.name.clone())) {
+                    Some(&mine) => {
+                        cut.apply(&mut b.work, &mut TieState { remaining: mine });
+                    }
+                    None => {
+                        cut.apply(&mut b.work, ties);
+                    }
+                }
                 pruned = true;
             }
             Kernel::NM { n, m } => {

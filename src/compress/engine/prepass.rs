@@ -9,7 +9,7 @@ use super::kernels::{apply, quantize, Buffers, Resolved};
 use super::{EngineError, EngineJob, Tracker};
 use crate::compress::mixed::{self, Candidate, TensorOptions};
 use crate::compress::plan::{scheme_bits, scheme_name, scheme_refusal, Kernel, TensorPlan};
-use crate::compress::prune::GlobalMagnitude;
+use crate::compress::prune::{magnitude_key, GlobalMagnitude};
 use crate::compress::spec::{PruneMethod, QuantMethod, Scheme, Step};
 use crate::formats::safetensors::TensorReader;
 
@@ -88,6 +88,9 @@ pub fn resolve(
                 let cut = gm.cut().map_err(|e| global_error(s, e))?;
                 let ties = cut.start();
                 resolved.global.insert(s, (cut, ties));
+                if cut.ties > 0 && later_prepass(job, s) {
+                    allot_ties(job, s, &ids, reader, b, &mut resolved, tracker)?;
+                }
             }
             Step::Quantize(q) => {
                 let QuantMethod::Auto { target_bits, candidates } = &q.method else { continue };
@@ -105,6 +108,40 @@ pub fn resolve(
         }
     }
     Ok((resolved, decisions))
+}
+
+/// Does a step after `s` read the tensors in a pass of its own (and so apply step `s` early)?
+fn later_prepass(job: &EngineJob<'_>, s: usize) -> bool {
+    job.spec.steps[s + 1..].iter().any(|step| match step {
+        Step::Prune(p) => matches!(p.method, PruneMethod::Magnitude { global: true, .. }),
+        Step::Quantize(q) => matches!(q.method, QuantMethod::Auto { .. }),
+    })
+}
+
+/// One counting pass: hands the cut's threshold ties to tensors in processing order, as the
+/// main pass would, and records each tensor's share.
+fn allot_ties(
+    job: &EngineJob<'_>,
+    s: usize,
+    ids: &[usize],
+    reader: &mut TensorReader,
+    b: &mut Buffers,
+    resolved: &mut Resolved,
+    tracker: &mut Tracker<'_>,
+) -> Result<(), EngineError> {
+    let (cut, _) = resolved.global[&s];
+    let mut remaining = cut.ties;
+    for &i in ids {
+        let tp = &job.plan.tensors[i];
+        tracker.check(&format!("sharing threshold ties: {}", tp.name))?;
+        load_before(job, tp, s, reader, b, resolved)?;
+        let equal = b.work.iter().filter(|x| magnitude_key(**x) == cut.threshold).count() as u64;
+        let mine = equal.min(remaining);
+        remaining -= mine;
+        resolved.global_ties.insert((s, tp.name.clone()), mine);
+        tracker.done(tp.bytes_in);
+    }
+    Ok(())
 }
 
 fn global_error(step: usize, e: impl std::fmt::Display) -> EngineError {
