@@ -500,9 +500,100 @@ impl SafetensorsWriter {
     }
 }
 
+/// The header of a file holding `entries` (name, dtype, shape, start, end), padded with spaces
+/// to a multiple of 8 bytes so the data region is aligned, as the reference writer does.
+fn header_bytes(entries: &[(String, Dtype, Vec<usize>, u64, u64)], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+    let mut map = serde_json::Map::new();
+    if !metadata.is_empty() {
+        map.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map"));
+    }
+    for (name, dtype, shape, start, end) in entries {
+        map.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype.as_str(), "shape": shape, "data_offsets": [start, end]}),
+        );
+    }
+    let mut header = serde_json::to_vec(&map).expect("JSON");
+    header.resize(header.len().div_ceil(8) * 8, b' ');
+    header
+}
+
+/// Writes a safetensors file whose tensors are all known up front: the header goes first and
+/// each tensor's bytes stream straight to their place, written once (the deferred writer copies
+/// the data a second time). Tensors must arrive in the declared order with the declared sizes.
+pub struct PlannedSafetensorsWriter {
+    out: BufWriter<File>,
+    entries: Vec<(String, Dtype, Vec<usize>, u64, u64)>,
+    next: usize,
+}
+
+impl PlannedSafetensorsWriter {
+    pub fn create(
+        path: &Path,
+        tensors: &[(String, Dtype, Vec<usize>)],
+        metadata: &BTreeMap<String, String>,
+    ) -> std::io::Result<Self> {
+        let mut offset = 0u64;
+        let entries: Vec<_> = tensors
+            .iter()
+            .map(|(name, dtype, shape)| {
+                let len = shape.iter().product::<usize>() as u64 * dtype.size() as u64;
+                offset += len;
+                (name.clone(), *dtype, shape.clone(), offset - len, offset)
+            })
+            .collect();
+        let header = header_bytes(&entries, metadata);
+        let mut out = BufWriter::with_capacity(1 << 20, File::create(path)?);
+        out.write_all(&(header.len() as u64).to_le_bytes())?;
+        out.write_all(&header)?;
+        Ok(Self { out, entries, next: 0 })
+    }
+
+    pub fn write(&mut self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+        let Some((expected, _, _, start, end)) = self.entries.get(self.next) else {
+            return Err(std::io::Error::other(format!("tensor `{name}` was not declared")));
+        };
+        if expected != name || (end - start) as usize != bytes.len() {
+            return Err(std::io::Error::other(format!(
+                "tensor `{name}` ({} bytes) arrived where `{expected}` ({} bytes) was declared",
+                bytes.len(),
+                end - start
+            )));
+        }
+        self.out.write_all(bytes)?;
+        self.next += 1;
+        Ok(())
+    }
+
+    pub fn finish(self) -> std::io::Result<()> {
+        if let Some((missing, ..)) = self.entries.get(self.next) {
+            return Err(std::io::Error::other(format!("tensor `{missing}` was declared but never written")));
+        }
+        self.out.into_inner().map_err(|e| e.into_error())?.sync_all()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_planned_writer_matches_the_deferred_one_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = BTreeMap::from([("k".to_string(), "v".to_string())]);
+        let (a, b) = (vec![1u8; 12], vec![2u8; 4]);
+        let mut deferred = SafetensorsWriter::create(&dir.path().join("d")).unwrap();
+        deferred.write("a", Dtype::F32, &[3], &a).unwrap();
+        deferred.write("b", Dtype::F16, &[2], &b).unwrap();
+        deferred.finish(&meta).unwrap();
+        let declared = [("a".to_string(), Dtype::F32, vec![3]), ("b".to_string(), Dtype::F16, vec![2])];
+        let mut planned = PlannedSafetensorsWriter::create(&dir.path().join("p"), &declared, &meta).unwrap();
+        assert!(planned.write("b", &b).is_err(), "out of order is refused");
+        planned.write("a", &a).unwrap();
+        planned.write("b", &b).unwrap();
+        planned.finish().unwrap();
+        assert_eq!(std::fs::read(dir.path().join("d")).unwrap(), std::fs::read(dir.path().join("p")).unwrap());
+    }
 
     fn file_bytes(header: &str, data_len: usize) -> Vec<u8> {
         let mut v = (header.len() as u64).to_le_bytes().to_vec();

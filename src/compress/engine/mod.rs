@@ -130,7 +130,18 @@ fn open_sinks(
     let mut out: Vec<Box<dyn Sink>> = Vec::new();
     for f in &job.spec.outputs {
         out.push(match f {
-            OutputFormat::Safetensors => Box::new(sinks::DenseSink::create(job.out_dir)?),
+            OutputFormat::Safetensors => {
+                let tensors: Vec<_> = job
+                    .plan
+                    .tensors
+                    .iter()
+                    .map(|tp| {
+                        let t = &job.header.tensors[tp.index];
+                        (t.name.clone(), t.dtype, t.shape.clone())
+                    })
+                    .collect();
+                Box::new(sinks::DenseSink::create(job.out_dir, &tensors, &provenance(job))?)
+            }
             OutputFormat::CompressedTensors => Box::new(sinks::CompressedTensorsSink::create(job.out_dir)?),
             OutputFormat::Sparse => Box::new(sinks::SparseSink::create(job.out_dir)?),
             OutputFormat::Gguf => {

@@ -11,7 +11,9 @@ use crate::compress::ggml::{self, GgufType};
 use crate::compress::plan::{scale_dtype, sparse_dtype};
 use crate::compress::quant::{pack_int32_into, pack_zero_points, packed_len, Granularity, IntParams, IntQuantized};
 use crate::formats::gguf::{GgufWriter, MetaValue, TensorInfo as GgufTensor};
-use crate::formats::safetensors::{decode_f32, encode_f32, Dtype, SafetensorsWriter, TensorInfo};
+use crate::formats::safetensors::{
+    decode_f32, encode_f32, Dtype, PlannedSafetensorsWriter, SafetensorsWriter, TensorInfo,
+};
 use crate::formats::sparse::SparseEncoder;
 
 /// What a sink receives for one tensor.
@@ -71,29 +73,38 @@ fn artifact(dir: &Path, name: &str, format: &str) -> ArtifactFile {
 }
 
 /// Dense safetensors: same names, shapes and dtypes; changed tensors hold their final values.
+/// Every size is known before the first tensor, so the header goes first and data is written once.
 pub struct DenseSink {
-    writer: SafetensorsWriter,
+    writer: PlannedSafetensorsWriter,
     dir: PathBuf,
     buf: Vec<u8>,
 }
 
 impl DenseSink {
-    pub fn create(dir: &Path) -> std::io::Result<Self> {
-        Ok(Self {
-            writer: SafetensorsWriter::create(&dir.join("model.safetensors"))?,
-            dir: dir.into(),
-            buf: Vec::new(),
-        })
+    pub fn create(
+        dir: &Path,
+        tensors: &[(String, Dtype, Vec<usize>)],
+        metadata: &BTreeMap<String, String>,
+    ) -> std::io::Result<Self> {
+        let writer = PlannedSafetensorsWriter::create(&dir.join("model.safetensors"), tensors, metadata)?;
+        Ok(Self { writer, dir: dir.into(), buf: Vec::new() })
     }
 }
 
 impl Sink for DenseSink {
     fn write(&mut self, t: &TensorInfo, data: &TensorData<'_>) -> std::io::Result<()> {
-        write_dense(&mut self.writer, &mut self.buf, t, data)
+        match data {
+            TensorData::Raw(raw) => self.writer.write(&t.name, raw),
+            TensorData::Values { values, .. } => {
+                self.buf.clear();
+                encode_f32(values, t.dtype, &mut self.buf);
+                self.writer.write(&t.name, &self.buf)
+            }
+        }
     }
 
-    fn finish(self: Box<Self>, metadata: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>> {
-        self.writer.finish(metadata)?;
+    fn finish(self: Box<Self>, _: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>> {
+        self.writer.finish()?;
         Ok(vec![artifact(&self.dir, "model.safetensors", "safetensors")])
     }
 }
