@@ -9,7 +9,7 @@ DURATION=${DURATION:-30s}
 cargo build --release --locked --bin modelpress >/dev/null
 BIN=target/release/modelpress
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/modelpress-bench.XXXXXX")
-trap 'kill $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT
+trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 # A valid safetensors file of SIZE_MIB MiB: one f32 tensor per 64 MiB, data left sparse (zeros)
 # so the client's reads cost nothing and the figure is the server's.

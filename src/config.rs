@@ -42,6 +42,7 @@ pub struct QueueSettings {
     pub retry_backoff_secs: u64,
     pub max_queued: u64,
     pub shutdown_grace_secs: u64,
+    pub job_nice: i32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -102,6 +102,7 @@ impl Application {
             catalog.clone(),
             Duration::from_secs(settings.queue.lease_secs),
             settings.storage.max_header_bytes,
+            settings.queue.job_nice,
         );
         http::ops::prometheus();
         let state = AppState {

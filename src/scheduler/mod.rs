@@ -1,5 +1,6 @@
 //! The worker pool: claims jobs from the queue and runs them off the async runtime.
 
+pub mod priority;
 mod runner;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,6 +24,8 @@ pub struct WorkerContext {
     pub catalog: Catalog,
     pub lease: Duration,
     pub header_limit: u64,
+    /// How much lower than the API's the job threads' CPU priority is (`nice`).
+    pub nice: i32,
     /// Flips to true on shutdown: stop claiming; running jobs get the grace period.
     pub stopping: watch::Receiver<bool>,
     /// Flips to true when the grace period is over: running jobs stop and are re-queued.
@@ -46,7 +49,9 @@ impl WorkerPool {
         catalog: Catalog,
         lease: Duration,
         header_limit: u64,
+        nice: i32,
     ) -> WorkerPool {
+        priority::lower_kernel_pool(nice);
         let (stop_tx, stopping) = watch::channel(false);
         let (abort_tx, abort) = watch::channel(false);
         let alive = Arc::new(AtomicUsize::new(0));
@@ -59,6 +64,7 @@ impl WorkerPool {
                 catalog: catalog.clone(),
                 lease,
                 header_limit,
+                nice,
                 stopping: stopping.clone(),
                 abort: abort.clone(),
             };

@@ -169,7 +169,7 @@ async fn execute_inner(
     let header_limit = ctx.header_limit;
     let (dir, sha) = (out_dir.clone(), model.sha256.clone());
     let span = tracing::Span::current();
-    let result = tokio::task::spawn_blocking(move || {
+    let result = super::priority::run_job_thread(ctx.nice, move || {
         let _entered = span.enter();
         let header = read_header(&model_path, header_limit)
             .map_err(|e| EngineError::Io(std::io::Error::other(e.to_string())))?;
@@ -191,12 +191,11 @@ async fn execute_inner(
     watcher.abort();
 
     let outcome = match result {
-        Err(join) if join.is_panic() => {
-            let msg = panic_message(join.into_panic());
+        Err(panic) => {
+            let msg = panic_message(panic);
             tracing::error!(panic = %msg, "job panicked");
             Outcome::Failed(failure("internal_error", "the engine stopped on an internal error; the log has details"))
         }
-        Err(join) => Outcome::Retry(failure("internal_error", join.to_string())),
         Ok(Ok(output)) => {
             *gate = Some(ctx.catalog.blob_gate().await);
             match persist(ctx, &output.artifacts).await {

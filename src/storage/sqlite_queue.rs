@@ -4,7 +4,9 @@
 //! so the event log and the job row never disagree. Claims are one `UPDATE ... WHERE id =
 //! (SELECT ... LIMIT 1) RETURNING *` (FACTS.md: 0 duplicates over 20,000 jobs across processes).
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use sqlx::{Sqlite, SqlitePool, Transaction};
@@ -21,12 +23,33 @@ pub struct SqliteQueue {
     backoff: Duration,
     /// Fans out "job X has a new event" to SSE streams in this process.
     notify: broadcast::Sender<String>,
+    /// Recently read or written job rows. `GET /v1/jobs/{id}` is the hot read (clients poll it
+    /// while kernels hold every core): every write this process makes refreshes its entry, and
+    /// `CACHE_TTL` bounds how stale a row written by another process can be.
+    cache: Arc<RwLock<HashMap<String, (JobRecord, Instant)>>>,
 }
+
+/// How long a cached job row is served before it is read again.
+const CACHE_TTL: Duration = Duration::from_millis(250);
+/// Entries kept before the cache starts over (rows are small; this bounds memory).
+const CACHE_MAX: usize = 10_000;
 
 impl SqliteQueue {
     pub fn new(pool: SqlitePool, backoff: Duration) -> Self {
         let (notify, _) = broadcast::channel(1024);
-        Self { pool, backoff, notify }
+        Self { pool, backoff, notify, cache: Arc::default() }
+    }
+
+    fn remember(&self, job: &JobRecord) {
+        let mut cache = self.cache.write().expect("job cache lock");
+        if cache.len() >= CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(job.id.clone(), (job.clone(), Instant::now()));
+    }
+
+    fn forget(&self, id: &str) {
+        self.cache.write().expect("job cache lock").remove(id);
     }
 
     async fn write_tx(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
@@ -118,6 +141,7 @@ impl JobQueue for SqliteQueue {
         let record = record.ok_or_else(|| QueueError::NotFound(job.model_id.clone()))?;
         append_event(&mut tx, &id, "state", state_event(&record)).await?;
         tx.commit().await?;
+        self.remember(&record);
         self.wake(&id);
         Ok(Enqueued::Created(record))
     }
@@ -148,6 +172,7 @@ impl JobQueue for SqliteQueue {
         }
         tx.commit().await?;
         if let Some(job) = &job {
+            self.remember(job);
             self.wake(&job.id);
         }
         Ok(job)
@@ -189,6 +214,7 @@ impl JobQueue for SqliteQueue {
             append_event(&mut tx, id, "progress", serde_json::to_value(p).expect("progress JSON")).await?;
         }
         tx.commit().await?;
+        self.forget(id);
         self.wake(id);
         Ok(())
     }
@@ -258,6 +284,7 @@ impl JobQueue for SqliteQueue {
         .await?;
         append_event(&mut tx, id, "state", state_event(&job)).await?;
         tx.commit().await?;
+        self.remember(&job);
         self.wake(id);
         Ok(job)
     }
@@ -289,6 +316,7 @@ impl JobQueue for SqliteQueue {
             status => return Err(QueueError::Finished { id: id.to_owned(), status }),
         };
         tx.commit().await?;
+        self.remember(&job);
         self.wake(id);
         Ok(job)
     }
@@ -320,6 +348,7 @@ impl JobQueue for SqliteQueue {
         }
         tx.commit().await?;
         for job in &rescued {
+            self.remember(job);
             tracing::warn!(job_id = %job.id, status = %job.status, attempt = job.attempt, "rescued a job whose worker stopped");
             self.wake(&job.id);
         }
@@ -327,7 +356,17 @@ impl JobQueue for SqliteQueue {
     }
 
     async fn get(&self, id: &str) -> Result<Option<JobRecord>, QueueError> {
-        Ok(sqlx::query_as("select * from jobs where id = ?").bind(id).fetch_optional(&self.pool).await?)
+        if let Some((job, at)) = self.cache.read().expect("job cache lock").get(id) {
+            if at.elapsed() < CACHE_TTL {
+                return Ok(Some(job.clone()));
+            }
+        }
+        let job: Option<JobRecord> =
+            sqlx::query_as("select * from jobs where id = ?").bind(id).fetch_optional(&self.pool).await?;
+        if let Some(job) = &job {
+            self.remember(job);
+        }
+        Ok(job)
     }
 
     async fn list(&self, f: &JobFilter) -> Result<Vec<JobRecord>, QueueError> {
