@@ -219,9 +219,10 @@ enum RawSearch {
     Mse,
 }
 
-/// The fields that describe one scheme, shared by a step, a rule and a mixed candidate.
+/// The fields that describe one scheme, shared by a step, a rule and a mixed candidate. Rules
+/// embed it with `#[serde(flatten)]`, which cannot be combined with `deny_unknown_fields`, so
+/// unknown keys are collected in `rest` and refused by [`parse_scheme`] with their pointer.
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 struct RawScheme {
     bits: Option<u8>,
     granularity: Option<RawGranularity>,
@@ -230,6 +231,8 @@ struct RawScheme {
     search: Option<RawSearch>,
     gguf_type: Option<String>,
     fallback: Option<String>,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
 }
 
 #[derive(Deserialize)]
@@ -255,22 +258,7 @@ struct RawRule {
     #[serde(rename = "match")]
     pattern: String,
     #[serde(flatten)]
-    scheme: RawSchemeFields,
-}
-
-/// `RawScheme` again for `#[serde(flatten)]` (which cannot be combined with
-/// `deny_unknown_fields`); unknown keys land in `rest` and are refused by hand.
-#[derive(Deserialize)]
-struct RawSchemeFields {
-    bits: Option<u8>,
-    granularity: Option<RawGranularity>,
-    group_size: Option<usize>,
-    symmetric: Option<bool>,
-    search: Option<RawSearch>,
-    gguf_type: Option<String>,
-    fallback: Option<String>,
-    #[serde(flatten)]
-    rest: serde_json::Map<String, Value>,
+    scheme: RawScheme,
 }
 
 #[derive(Deserialize)]
@@ -293,6 +281,9 @@ fn parse_gguf_type(name: &str, at: &str, key: &str) -> Result<GgufType, SpecErro
 
 /// Turns one scheme description into a [`Scheme`]; `at` points at the object holding it.
 fn parse_scheme(raw: RawScheme, at: &str) -> Result<Scheme, SpecError> {
+    if let Some(k) = raw.rest.keys().next() {
+        return Err(field(at, k, format!("unknown field `{k}`")));
+    }
     let int_fields = raw.bits.is_some() as u8
         + raw.granularity.is_some() as u8
         + raw.group_size.is_some() as u8
@@ -356,6 +347,7 @@ fn parse_quantize(value: &Value, at: &str) -> Result<QuantizeStep, SpecError> {
         search: raw.search,
         gguf_type: raw.gguf_type,
         fallback: raw.fallback,
+        rest: Default::default(),
     };
     let has_scheme = scheme.bits.is_some() || scheme.gguf_type.is_some();
     let method = match (raw.rules, raw.mixed) {
@@ -374,25 +366,9 @@ fn parse_quantize(value: &Value, at: &str) -> Result<QuantizeStep, SpecError> {
             let mut out = Vec::with_capacity(rules.len());
             for (i, r) in rules.into_iter().enumerate() {
                 let rat = format!("{at}/rules/{i}");
-                if let Some(k) = r.scheme.rest.keys().next() {
-                    return Err(field(&rat, k, format!("unknown field `{k}`")));
-                }
                 let pattern = glob::Pattern::new(&r.pattern)
                     .map_err(|e| field(&rat, "match", format!("bad glob `{}`: {e}", r.pattern)))?;
-                let f = r.scheme;
-                let scheme = parse_scheme(
-                    RawScheme {
-                        bits: f.bits,
-                        granularity: f.granularity,
-                        group_size: f.group_size,
-                        symmetric: f.symmetric,
-                        search: f.search,
-                        gguf_type: f.gguf_type,
-                        fallback: f.fallback,
-                    },
-                    &rat,
-                )?;
-                out.push((pattern, scheme));
+                out.push((pattern, parse_scheme(r.scheme, &rat)?));
             }
             QuantMethod::Rules(out)
         }
