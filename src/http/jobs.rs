@@ -27,8 +27,9 @@ pub struct JobView {
     pub status: JobStatus,
     pub model_id: String,
     pub dataset_id: Option<String>,
+    /// The spec as stored: passed through verbatim, not re-parsed on every status read.
     #[schema(value_type = Object)]
-    pub spec: serde_json::Value,
+    pub spec: Box<serde_json::value::RawValue>,
     pub progress: Progress,
     pub attempt: i64,
     pub max_attempts: i64,
@@ -58,7 +59,8 @@ impl From<&JobRecord> for JobView {
             status: j.status(),
             model_id: j.model_id.clone(),
             dataset_id: j.dataset_id.clone(),
-            spec: serde_json::from_str(&j.spec).unwrap_or(serde_json::Value::Null),
+            spec: serde_json::value::RawValue::from_string(j.spec.clone())
+                .unwrap_or_else(|_| serde_json::value::RawValue::from_string("null".into()).expect("null is JSON")),
             progress: j.progress(),
             attempt: j.attempt,
             max_attempts: j.max_attempts,

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::Router;
@@ -172,14 +172,44 @@ async fn scope_request_id(req: Request, next: Next) -> Response {
     REQUEST_ID.scope(id, next.run(req)).await
 }
 
+/// Label values as `&'static str`, so a request allocates none: route templates and status
+/// codes form small, bounded sets, each leaked once. Never pass client-chosen text here.
+fn intern(value: &str) -> &'static str {
+    static SEEN: std::sync::RwLock<std::collections::BTreeSet<&'static str>> =
+        std::sync::RwLock::new(std::collections::BTreeSet::new());
+    if let Some(v) = SEEN.read().expect("label lock").get(value) {
+        return v;
+    }
+    let mut seen = SEEN.write().expect("label lock");
+    match seen.get(value) {
+        Some(v) => v,
+        None => {
+            let leaked: &'static str = Box::leak(value.to_owned().into_boxed_str());
+            seen.insert(leaked);
+            leaked
+        }
+    }
+}
+
 /// Requests by matched route and status, and their durations.
 async fn record_metrics(req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let method = req.method().to_string();
-    let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    // Methods come from the client: only the standard ones get a label of their own.
+    let method = match *req.method() {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "OTHER",
+    };
+    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |m| intern(m.as_str()));
     let res = next.run(req).await;
-    let status = res.status().as_u16().to_string();
-    metrics::counter!("modelpress_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status).increment(1);
+    let status = intern(res.status().as_str());
+    metrics::counter!("modelpress_http_requests_total", "method" => method, "route" => route, "status" => status)
+        .increment(1);
     metrics::histogram!("modelpress_http_request_duration_seconds", "method" => method, "route" => route)
         .record(start.elapsed().as_secs_f64());
     res

@@ -7,13 +7,22 @@
 
 use std::any::Any;
 
+/// `nice` at or above this also moves the thread to `SCHED_IDLE`: it runs only when no normal
+/// thread wants the core, and any waking request handler preempts it at once.
+pub const IDLE_CLASS_NICE: i32 = 19;
+
 /// Lowers the calling thread's priority by `nice` (0 leaves it alone). Best effort: a failure
 /// only costs latency, so it is ignored.
 pub fn lower_current_thread(nice: i32) {
     if nice > 0 {
-        // SAFETY: setpriority on our own thread id; no memory is involved.
+        // SAFETY: setpriority/sched_setscheduler on our own thread id; the param is a valid
+        // local struct for the duration of the call.
         unsafe {
             libc::setpriority(libc::PRIO_PROCESS as _, libc::gettid() as libc::id_t, nice);
+            if nice >= IDLE_CLASS_NICE {
+                let param = libc::sched_param { sched_priority: 0 };
+                libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+            }
         }
     }
 }
