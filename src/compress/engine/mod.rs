@@ -91,7 +91,9 @@ impl Tracker<'_> {
         if self.ctl.canceled() {
             return Err(EngineError::Canceled);
         }
-        self.ctl.progress(self.done as f64 / self.total.max(1) as f64, "compress", message);
+        // The total is an estimate (selection may take one pass or two; tie sharing adds one).
+        let fraction = (self.done as f64 / self.total.max(1) as f64).min(1.0);
+        self.ctl.progress(fraction, "compress", message);
         Ok(())
     }
 
