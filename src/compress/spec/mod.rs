@@ -4,10 +4,16 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+mod prune;
+mod quantize;
+
 use super::ggml::GgufType;
 use super::prune::Norm;
-use super::quant::{Granularity, IntParams, ScaleSearch};
+use super::quant::IntParams;
 use super::select::Selector;
+use prune::parse_prune;
+use quantize::parse_quantize;
+pub use quantize::DEFAULT_GROUP_SIZE;
 
 /// A validated compression spec: steps in order, output formats.
 #[derive(Debug, Clone)]
@@ -122,6 +128,11 @@ impl std::fmt::Display for SpecError {
     }
 }
 
+/// An `invalid_field` error at `{at}/{name}`.
+fn field(at: &str, name: &str, detail: impl Into<String>) -> SpecError {
+    SpecError::new(format!("{at}/{name}"), "invalid_field", detail)
+}
+
 /// Deserialises `value` into `T`, turning serde's error into a pointer below `base`.
 pub fn from_value_at<T: serde::de::DeserializeOwned>(value: &Value, base: &str) -> Result<T, SpecError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
@@ -204,310 +215,6 @@ fn parse_step(value: &Value, at: &str) -> Result<Step, SpecError> {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "lowercase")]
-enum RawGranularity {
-    Tensor,
-    Channel,
-    Group,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "lowercase")]
-enum RawSearch {
-    None,
-    Mse,
-}
-
-/// The fields that describe one scheme, shared by a step, a rule and a mixed candidate. Rules
-/// embed it with `#[serde(flatten)]`, which cannot be combined with `deny_unknown_fields`, so
-/// unknown keys are collected in `rest` and refused by [`parse_scheme`] with their pointer.
-#[derive(Deserialize, Default)]
-struct RawScheme {
-    bits: Option<u8>,
-    granularity: Option<RawGranularity>,
-    group_size: Option<usize>,
-    symmetric: Option<bool>,
-    search: Option<RawSearch>,
-    gguf_type: Option<String>,
-    fallback: Option<String>,
-    #[serde(flatten)]
-    rest: serde_json::Map<String, Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawQuantize {
-    #[allow(dead_code)]
-    op: String,
-    bits: Option<u8>,
-    granularity: Option<RawGranularity>,
-    group_size: Option<usize>,
-    symmetric: Option<bool>,
-    search: Option<RawSearch>,
-    gguf_type: Option<String>,
-    fallback: Option<String>,
-    rules: Option<Vec<RawRule>>,
-    mixed: Option<RawMixed>,
-    targets: Option<Vec<String>>,
-    ignore: Option<Vec<String>>,
-}
-
-#[derive(Deserialize)]
-struct RawRule {
-    #[serde(rename = "match")]
-    pattern: String,
-    #[serde(flatten)]
-    scheme: RawScheme,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMixed {
-    target_bits: f64,
-    candidates: Vec<Value>,
-}
-
-/// Group size used when `granularity` is `group` and none is given (the common int4 choice).
-pub const DEFAULT_GROUP_SIZE: usize = 128;
-
-fn field(at: &str, name: &str, detail: impl Into<String>) -> SpecError {
-    SpecError::new(format!("{at}/{name}"), "invalid_field", detail)
-}
-
-fn parse_gguf_type(name: &str, at: &str, key: &str) -> Result<GgufType, SpecError> {
-    name.parse::<GgufType>().map_err(|e| field(at, key, e.to_string()))
-}
-
-/// Turns one scheme description into a [`Scheme`]; `at` points at the object holding it.
-fn parse_scheme(raw: RawScheme, at: &str) -> Result<Scheme, SpecError> {
-    if let Some(k) = raw.rest.keys().next() {
-        return Err(field(at, k, format!("unknown field `{k}`")));
-    }
-    let int_fields = raw.bits.is_some() as u8
-        + raw.granularity.is_some() as u8
-        + raw.group_size.is_some() as u8
-        + raw.symmetric.is_some() as u8
-        + raw.search.is_some() as u8;
-    if let Some(name) = &raw.gguf_type {
-        if int_fields > 0 {
-            return Err(field(
-                at,
-                "gguf_type",
-                "give either `gguf_type` or integer fields (`bits`, `granularity`, ...), not both",
-            ));
-        }
-        let ty = parse_gguf_type(name, at, "gguf_type")?;
-        let fallback = match raw.fallback.as_deref() {
-            None | Some("refuse") => None,
-            Some(f) => Some(parse_gguf_type(f, at, "fallback")?),
-        };
-        return Ok(Scheme::Ggml { ty, fallback });
-    }
-    if raw.fallback.is_some() {
-        return Err(field(at, "fallback", "`fallback` applies only with `gguf_type`"));
-    }
-    let bits = raw.bits.ok_or_else(|| {
-        SpecError::new(at.to_owned(), "invalid_field", "give `bits` (2, 4 or 8), `gguf_type`, `rules` or `mixed`")
-    })?;
-    if ![2, 4, 8].contains(&bits) {
-        return Err(field(
-            at,
-            "bits",
-            format!("bits must be 2, 4 or 8, got {bits} (the compressed-tensors layouts emit only these)"),
-        ));
-    }
-    let granularity = match raw.granularity.unwrap_or(RawGranularity::Channel) {
-        RawGranularity::Tensor => Granularity::Tensor,
-        RawGranularity::Channel => Granularity::Channel,
-        RawGranularity::Group => Granularity::Group(raw.group_size.unwrap_or(DEFAULT_GROUP_SIZE)),
-    };
-    match (granularity, raw.group_size) {
-        (Granularity::Group(0), _) => return Err(field(at, "group_size", "group_size must be at least 1")),
-        (Granularity::Tensor | Granularity::Channel, Some(_)) => {
-            return Err(field(at, "group_size", "group_size applies only with granularity `group`"))
-        }
-        _ => {}
-    }
-    let search = match raw.search.unwrap_or(RawSearch::None) {
-        RawSearch::None => ScaleSearch::None,
-        RawSearch::Mse => ScaleSearch::Mse,
-    };
-    Ok(Scheme::Int(IntParams { bits, granularity, symmetric: raw.symmetric.unwrap_or(true), search }))
-}
-
-fn parse_quantize(value: &Value, at: &str) -> Result<QuantizeStep, SpecError> {
-    let raw: RawQuantize = from_value_at(value, at)?;
-    let select = Selector::parse(raw.targets.as_deref(), raw.ignore.as_deref(), at)?;
-    let scheme = RawScheme {
-        bits: raw.bits,
-        granularity: raw.granularity,
-        group_size: raw.group_size,
-        symmetric: raw.symmetric,
-        search: raw.search,
-        gguf_type: raw.gguf_type,
-        fallback: raw.fallback,
-        rest: Default::default(),
-    };
-    let has_scheme = scheme.bits.is_some() || scheme.gguf_type.is_some();
-    let method = match (raw.rules, raw.mixed) {
-        (Some(_), Some(_)) => return Err(field(at, "mixed", "give either `rules` or `mixed`, not both")),
-        (Some(_), None) | (None, Some(_)) if has_scheme => {
-            return Err(SpecError::new(
-                at.to_owned(),
-                "invalid_field",
-                "`rules`/`mixed` replace `bits`/`gguf_type`: give one of them",
-            ))
-        }
-        (Some(rules), None) => {
-            if rules.is_empty() {
-                return Err(field(at, "rules", "rules must not be empty"));
-            }
-            let mut out = Vec::with_capacity(rules.len());
-            for (i, r) in rules.into_iter().enumerate() {
-                let rat = format!("{at}/rules/{i}");
-                let pattern = glob::Pattern::new(&r.pattern)
-                    .map_err(|e| field(&rat, "match", format!("bad glob `{}`: {e}", r.pattern)))?;
-                out.push((pattern, parse_scheme(r.scheme, &rat)?));
-            }
-            QuantMethod::Rules(out)
-        }
-        (None, Some(mixed)) => {
-            let mat = format!("{at}/mixed");
-            if !(mixed.target_bits.is_finite() && mixed.target_bits > 0.0) {
-                return Err(field(
-                    &mat,
-                    "target_bits",
-                    format!("target_bits must be a positive number, got {}", mixed.target_bits),
-                ));
-            }
-            if mixed.candidates.len() < 2 {
-                return Err(field(&mat, "candidates", "give at least two candidate schemes"));
-            }
-            let mut candidates = Vec::new();
-            for (i, c) in mixed.candidates.iter().enumerate() {
-                let cat = format!("{mat}/candidates/{i}");
-                let scheme = match c {
-                    Value::String(name) => {
-                        Scheme::Ggml { ty: parse_gguf_type(name, &mat, &format!("candidates/{i}"))?, fallback: None }
-                    }
-                    other => parse_scheme(from_value_at(other, &cat)?, &cat)?,
-                };
-                candidates.push(scheme);
-            }
-            QuantMethod::Auto { target_bits: mixed.target_bits, candidates }
-        }
-        (None, None) => QuantMethod::Fixed(parse_scheme(scheme, at)?),
-    };
-    Ok(QuantizeStep { select, method })
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-enum RawPruneMethod {
-    Magnitude,
-    NM,
-    Structured,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "lowercase")]
-enum RawScope {
-    Layer,
-    Global,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "lowercase")]
-enum RawMismatch {
-    Refuse,
-    Skip,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "lowercase")]
-enum RawNorm {
-    L1,
-    L2,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPrune {
-    #[allow(dead_code)]
-    op: String,
-    method: RawPruneMethod,
-    scope: Option<RawScope>,
-    sparsity: Option<f64>,
-    n: Option<usize>,
-    m: Option<usize>,
-    on_mismatch: Option<RawMismatch>,
-    norm: Option<RawNorm>,
-    amount: Option<f64>,
-    targets: Option<Vec<String>>,
-    ignore: Option<Vec<String>>,
-}
-
-fn fraction(v: Option<f64>, at: &str, name: &str) -> Result<f64, SpecError> {
-    let v = v.ok_or_else(|| field(at, name, format!("missing field `{name}` (a fraction in [0, 1))")))?;
-    if !(0.0..1.0).contains(&v) {
-        return Err(field(at, name, format!("{name} must be in [0, 1), got {v}")));
-    }
-    Ok(v)
-}
-
-fn parse_prune(value: &Value, at: &str) -> Result<PruneStep, SpecError> {
-    let raw: RawPrune = from_value_at(value, at)?;
-    let select = Selector::parse(raw.targets.as_deref(), raw.ignore.as_deref(), at)?;
-    let misplaced = |name: &str, present: bool| -> Result<(), SpecError> {
-        if present {
-            Err(field(at, name, format!("`{name}` does not apply to this pruning method")))
-        } else {
-            Ok(())
-        }
-    };
-    let method = match raw.method {
-        RawPruneMethod::Magnitude => {
-            misplaced("n", raw.n.is_some())?;
-            misplaced("m", raw.m.is_some())?;
-            misplaced("norm", raw.norm.is_some())?;
-            misplaced("amount", raw.amount.is_some())?;
-            PruneMethod::Magnitude {
-                global: matches!(raw.scope, Some(RawScope::Global)),
-                sparsity: fraction(raw.sparsity, at, "sparsity")?,
-            }
-        }
-        RawPruneMethod::NM => {
-            misplaced("sparsity", raw.sparsity.is_some())?;
-            misplaced("scope", raw.scope.is_some())?;
-            let m = raw.m.unwrap_or(4);
-            let n = raw.n.unwrap_or(2);
-            if m == 0 {
-                return Err(field(at, "m", "m must be at least 1"));
-            }
-            if n == 0 || n > m {
-                return Err(field(at, "n", format!("n must be between 1 and m ({m}), got {n}")));
-            }
-            PruneMethod::NM { n, m, skip_mismatch: matches!(raw.on_mismatch, Some(RawMismatch::Skip)) }
-        }
-        RawPruneMethod::Structured => {
-            misplaced("sparsity", raw.sparsity.is_some())?;
-            misplaced("scope", raw.scope.is_some())?;
-            PruneMethod::Structured {
-                norm: match raw.norm.unwrap_or(RawNorm::L2) {
-                    RawNorm::L1 => Norm::L1,
-                    RawNorm::L2 => Norm::L2,
-                },
-                amount: fraction(raw.amount, at, "amount")?,
-            }
-        }
-    };
-    if raw.on_mismatch.is_some() && !matches!(method, PruneMethod::NM { .. }) {
-        return Err(field(at, "on_mismatch", "`on_mismatch` applies only to method `n_m`"));
-    }
-    Ok(PruneStep { select, method })
-}
-
 /// Canonical text of a spec value (sorted keys, no whitespace) for hashing and storage.
 pub fn canonical_json(value: &Value) -> String {
     // serde_json's Map is a BTreeMap unless `preserve_order` is enabled: keys come out sorted.
@@ -517,6 +224,7 @@ pub fn canonical_json(value: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::quant::{Granularity, ScaleSearch};
     use serde_json::json;
 
     fn errors(steps: Value, outputs: Option<Value>) -> Vec<SpecError> {

@@ -1,0 +1,303 @@
+//! Plans: what a spec will do to each tensor, decided from the header alone.
+//!
+//! The engine executes exactly the plan, and `POST /v1/jobs` refuses a spec whose plan has
+//! refusals, with the plan's words, so a shape problem is found before any work starts.
+
+use serde::Serialize;
+
+mod planner;
+mod predict;
+
+use super::ggml::GgufType;
+use super::prune::Norm;
+use super::quant::{Granularity, IntParams, ScaleSearch};
+use super::spec::{CompressSpec, OutputFormat, PruneMethod, QuantMethod, Scheme, Step};
+use crate::formats::safetensors::{Dtype, Header, TensorInfo};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub tensors: Vec<TensorPlan>,
+    /// Non-empty means the spec cannot run on this model; each says where and why.
+    pub refusals: Vec<Refusal>,
+    pub outputs: Vec<OutputPlan>,
+    pub totals: PlanTotals,
+    /// Predicted peak working memory of the engine, in bytes (one tensor at a time).
+    pub peak_memory_bytes: u64,
+    /// Extra full reads of the targeted tensors before the main pass (global pruning, mixed
+    /// precision measurement).
+    pub prepasses: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorPlan {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub bytes_in: u64,
+    /// Steps that change this tensor, in order.
+    pub actions: Vec<PlannedAction>,
+    /// Steps that could have touched it but will not, and why.
+    pub skipped: Vec<Skip>,
+    /// Predicted bits per weight of its compressed representation.
+    pub bits_per_weight: f64,
+    /// Predicted bytes of that representation (codes and scales; kept values and bitmask).
+    pub bytes_out: u64,
+    /// Predicted fraction of zeros after the steps.
+    pub sparsity: f64,
+    #[serde(skip)]
+    pub(crate) index: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedAction {
+    pub step: usize,
+    pub op: &'static str,
+    /// e.g. `int4/group128/sym`, `q4_k`, `f16 (fallback)`, `magnitude/layer/0.50`, `2:4`.
+    pub scheme: String,
+    /// Why this scheme and not the one asked for (fallbacks), or what is decided at run time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    #[serde(skip)]
+    pub kernel: Kernel,
+}
+
+/// The typed instruction the engine runs for one tensor and one step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Kernel {
+    Int(IntParams),
+    Ggml(GgufType),
+    /// Mixed precision: the scheme is chosen by the engine's measurement pass.
+    Auto {
+        step: usize,
+    },
+    Magnitude {
+        sparsity: f64,
+    },
+    /// One threshold over every tensor of the step, found by the engine's selection passes.
+    GlobalMagnitude {
+        step: usize,
+    },
+    NM {
+        n: usize,
+        m: usize,
+    },
+    Structured {
+        norm: Norm,
+        amount: f64,
+    },
+    /// Zero the bias entries of rows a structured step removes from `weight`.
+    BiasOf {
+        weight: String,
+        step: usize,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Skip {
+    pub step: usize,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Refusal {
+    /// JSON pointer of the step field that cannot apply.
+    pub pointer: String,
+    pub tensor: Option<String>,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OutputPlan {
+    pub format: &'static str,
+    pub artifact: String,
+    pub predicted_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanTotals {
+    pub tensors: usize,
+    pub tensors_changed: usize,
+    pub parameters: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Average over all parameters of the compressed representation.
+    pub bits_per_weight: f64,
+}
+
+/// Scheme label used in plans and reports, e.g. `int4/group128/asym`.
+pub fn int_scheme_name(p: &IntParams) -> String {
+    let g = match p.granularity {
+        Granularity::Tensor => "tensor".to_string(),
+        Granularity::Channel => "channel".to_string(),
+        Granularity::Group(g) => format!("group{g}"),
+    };
+    let search = if p.search == ScaleSearch::Mse { "/mse" } else { "" };
+    format!("int{}/{g}/{}{search}", p.bits, if p.symmetric { "sym" } else { "asym" })
+}
+
+pub fn scheme_name(s: &Scheme) -> String {
+    match s {
+        Scheme::Int(p) => int_scheme_name(p),
+        Scheme::Ggml { ty, .. } => ty.name().to_owned(),
+    }
+}
+
+/// Bytes of an int-quantized tensor: packed codes plus one scale (and zero point) per block,
+/// the scale stored in the tensor's own float dtype as compressed-tensors does.
+pub fn int_bytes(p: &IntParams, t: &TensorInfo) -> u64 {
+    let (rows, cols) = t.matrix();
+    let blocks = match p.granularity {
+        Granularity::Tensor => 1,
+        Granularity::Channel => rows,
+        Granularity::Group(g) => rows * cols.div_ceil(g),
+    } as u64;
+    let words_per_row = (cols * p.bits as usize).div_ceil(32) as u64;
+    let per_block = scale_dtype(t.dtype).size() as u64 + if p.symmetric { 0 } else { 1 };
+    rows as u64 * words_per_row * 4 + blocks * per_block
+}
+
+/// Scales are stored in the weight's float type (f32 for f64 weights).
+pub fn scale_dtype(d: Dtype) -> Dtype {
+    if matches!(d, Dtype::F16 | Dtype::BF16) {
+        d
+    } else {
+        Dtype::F32
+    }
+}
+
+fn ggml_bytes(ty: GgufType, t: &TensorInfo) -> u64 {
+    ty.encoded_len(t.numel()) as u64
+}
+
+/// Why a scheme cannot store `t`, if it cannot.
+pub fn scheme_refusal(s: &Scheme, t: &TensorInfo) -> Option<String> {
+    let (_, cols) = t.matrix();
+    match s {
+        Scheme::Int(p) => match p.granularity {
+            Granularity::Group(g) if !cols.is_multiple_of(g) => {
+                Some(format!("row length {cols} is not a multiple of group_size {g}"))
+            }
+            _ => None,
+        },
+        // ggml blocks run along the last dimension, whatever the flattened row length.
+        Scheme::Ggml { ty, .. } => ty.shape_refusal(&t.shape),
+    }
+}
+
+/// Working memory per element of the largest tensor: original and working f32, scratch f32,
+/// codes, and the encoded outputs.
+const BYTES_PER_ELEMENT_IN_FLIGHT: u64 = 4 * 3 + 1 + 4 + 2;
+/// Fixed overhead of the process (runtime, buffers, SQLite) included in the prediction.
+const BASE_MEMORY_BYTES: u64 = 64 << 20;
+
+/// The dtype the sparse layout stores kept values in.
+pub fn sparse_dtype(d: Dtype) -> safetensors::Dtype {
+    match d {
+        Dtype::F16 => safetensors::Dtype::F16,
+        Dtype::BF16 => safetensors::Dtype::BF16,
+        _ => safetensors::Dtype::F32,
+    }
+}
+
+pub fn plan(spec: &CompressSpec, header: &Header) -> Plan {
+    let tensors = header
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(index, t)| TensorPlan {
+            name: t.name.clone(),
+            dtype: t.dtype.as_str().to_owned(),
+            shape: t.shape.clone(),
+            bytes_in: t.bytes(),
+            actions: Vec::new(),
+            skipped: Vec::new(),
+            bits_per_weight: (t.dtype.size() * 8) as f64,
+            bytes_out: t.bytes(),
+            sparsity: 0.0,
+            index,
+        })
+        .collect();
+    let mut planner = planner::Planner { header, tensors, refusals: Vec::new() };
+    for (i, step) in spec.steps.iter().enumerate() {
+        planner.step(i, step, spec);
+    }
+    let planner::Planner { mut tensors, mut refusals, .. } = planner;
+    predict::check_budgets(spec, header, &tensors, &mut refusals);
+    if let Some(i) = spec.outputs.iter().position(|f| *f == OutputFormat::Gguf) {
+        for t in
+            header.tensors.iter().filter(|t| t.dtype.is_float() && t.name.len() > crate::formats::gguf::MAX_NAME_BYTES)
+        {
+            refusals.push(Refusal {
+                pointer: format!("/outputs/{i}"),
+                tensor: Some(t.name.clone()),
+                detail: format!(
+                    "tensor `{}`: its name is {} bytes; GGUF readers (llama.cpp) accept at most {}",
+                    t.name,
+                    t.name.len(),
+                    crate::formats::gguf::MAX_NAME_BYTES
+                ),
+            });
+        }
+    }
+
+    // Biases that follow a structurally pruned weight are processed after every other tensor,
+    // so the rows removed from their weight are known when they are written.
+    tensors.sort_by_key(|t| (t.actions.iter().any(|a| matches!(a.kernel, Kernel::BiasOf { .. })), t.index));
+
+    let parameters = header.parameter_count();
+    let bytes_in: u64 = tensors.iter().map(|t| t.bytes_in).sum();
+    let bytes_out: u64 = tensors.iter().map(|t| t.bytes_out).sum();
+    let outputs = spec
+        .outputs
+        .iter()
+        .map(|f| OutputPlan {
+            format: f.as_str(),
+            artifact: artifact_name(*f).to_owned(),
+            predicted_bytes: predict::output_bytes(*f, header, &tensors),
+        })
+        .collect();
+    let max_numel = header.tensors.iter().map(|t| t.numel() as u64).max().unwrap_or(0);
+    let prepasses = spec
+        .steps
+        .iter()
+        .map(|s| match s {
+            Step::Prune(p) if matches!(p.method, PruneMethod::Magnitude { global: true, .. }) => 2,
+            Step::Quantize(q) if matches!(q.method, QuantMethod::Auto { .. }) => 1,
+            _ => 0,
+        })
+        .sum();
+    Plan {
+        totals: PlanTotals {
+            tensors: tensors.len(),
+            tensors_changed: tensors.iter().filter(|t| !t.actions.is_empty()).count(),
+            parameters,
+            bytes_in,
+            bytes_out,
+            bits_per_weight: if parameters > 0 { bytes_out as f64 * 8.0 / parameters as f64 } else { 0.0 },
+        },
+        tensors,
+        refusals,
+        outputs,
+        peak_memory_bytes: BASE_MEMORY_BYTES + max_numel * BYTES_PER_ELEMENT_IN_FLIGHT,
+        prepasses,
+    }
+}
+
+/// Bits per weight a scheme costs on tensor `t`, scales included.
+pub fn scheme_bits(s: &Scheme, t: &TensorInfo) -> f64 {
+    let bytes = match s {
+        Scheme::Int(p) => int_bytes(p, t),
+        Scheme::Ggml { ty, .. } => ggml_bytes(*ty, t),
+    };
+    bytes as f64 * 8.0 / t.numel().max(1) as f64
+}
+
+/// The main artifact each output format produces.
+pub fn artifact_name(f: OutputFormat) -> &'static str {
+    match f {
+        OutputFormat::Safetensors => "model.safetensors",
+        OutputFormat::CompressedTensors => "compressed-tensors/model.safetensors",
+        OutputFormat::Gguf => "model.gguf",
+        OutputFormat::Sparse => "sparse/model.safetensors",
+    }
+}

@@ -1,0 +1,86 @@
+//! What a plan predicts from shapes alone: output sizes, and whether a mixed budget can be met.
+
+use super::*;
+
+/// A mixed-precision budget below what the cheapest candidates reach is refused up front.
+pub(super) fn check_budgets(spec: &CompressSpec, header: &Header, tensors: &[TensorPlan], refusals: &mut Vec<Refusal>) {
+    for (i, step) in spec.steps.iter().enumerate() {
+        let Step::Quantize(q) = step else { continue };
+        let QuantMethod::Auto { target_bits, candidates } = &q.method else { continue };
+        let (mut params, mut min_bits) = (0f64, 0f64);
+        for (tp, t) in tensors.iter().zip(&header.tensors) {
+            if !tp.actions.iter().any(|a| a.kernel == Kernel::Auto { step: i }) {
+                continue;
+            }
+            let cheapest = candidates
+                .iter()
+                .filter(|c| scheme_refusal(c, t).is_none())
+                .map(|c| scheme_bits(c, t))
+                .fold(f64::INFINITY, f64::min);
+            params += t.numel() as f64;
+            min_bits += cheapest * t.numel() as f64;
+        }
+        if params > 0.0 && min_bits / params > *target_bits + 1e-9 {
+            refusals.push(Refusal {
+                pointer: format!("/steps/{i}/mixed/target_bits"),
+                tensor: None,
+                detail: format!(
+                    "target_bits {target_bits} is below the {:.3} bits per weight the cheapest candidates reach on this model",
+                    min_bits / params
+                ),
+            });
+        }
+    }
+}
+
+pub(super) fn output_bytes(f: OutputFormat, header: &Header, tensors: &[TensorPlan]) -> u64 {
+    let dense: u64 = header.tensors.iter().map(|t| t.bytes()).sum();
+    // Headers are small next to the data; this allowance covers names, shapes and provenance.
+    let header_allowance = header.data_start + 512 + 64 * header.tensors.len() as u64;
+    let quantized = |tp: &TensorPlan, want: fn(&Kernel) -> bool| tp.actions.last().is_some_and(|a| want(&a.kernel));
+    match f {
+        OutputFormat::Safetensors => dense + header_allowance,
+        OutputFormat::CompressedTensors => {
+            tensors
+                .iter()
+                .map(|tp| {
+                    if tp.shape.len() == 2 && quantized(tp, |k| matches!(k, Kernel::Int(_))) {
+                        tp.bytes_out + 16
+                    } else {
+                        tp.bytes_in
+                    }
+                })
+                .sum::<u64>()
+                + header_allowance
+        }
+        OutputFormat::Gguf => {
+            tensors
+                .iter()
+                .map(|tp| {
+                    if quantized(tp, |k| matches!(k, Kernel::Ggml(_) | Kernel::Auto { .. })) {
+                        tp.bytes_out
+                    } else {
+                        tp.bytes_in
+                    }
+                })
+                .sum::<u64>()
+                + header_allowance
+        }
+        OutputFormat::Sparse => {
+            tensors
+                .iter()
+                .zip(tensors.iter().map(|tp| &header.tensors[tp.index]))
+                .map(|(tp, t)| {
+                    if tp.actions.iter().any(|a| a.op == "prune") && t.shape.len() == 2 {
+                        let nnz = ((1.0 - tp.sparsity) * t.numel() as f64).round() as u64;
+                        crate::formats::sparse::predicted_bytes(&t.shape, nnz, sparse_dtype(t.dtype))
+                            .unwrap_or(tp.bytes_in)
+                    } else {
+                        tp.bytes_in
+                    }
+                })
+                .sum::<u64>()
+                + header_allowance
+        }
+    }
+}
