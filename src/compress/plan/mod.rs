@@ -223,6 +223,7 @@ pub fn plan(spec: &CompressSpec, header: &Header) -> Plan {
     }
     let planner::Planner { mut tensors, mut refusals, .. } = planner;
     predict::check_budgets(spec, header, &tensors, &mut refusals);
+    predict::check_output_names(spec, header, &tensors, &mut refusals);
     if let Some(i) = spec.outputs.iter().position(|f| *f == OutputFormat::Gguf) {
         for t in
             header.tensors.iter().filter(|t| t.dtype.is_float() && t.name.len() > crate::formats::gguf::MAX_NAME_BYTES)

@@ -84,3 +84,82 @@ pub(super) fn output_bytes(f: OutputFormat, header: &Header, tensors: &[TensorPl
         }
     }
 }
+
+/// Names an output layout derives from a tensor (compressed-tensors and sparse-bitmask split
+/// one tensor into several named parts); collisions are refused, since one entry would
+/// silently replace another.
+pub(super) fn check_output_names(
+    spec: &CompressSpec,
+    header: &Header,
+    tensors: &[TensorPlan],
+    refusals: &mut Vec<Refusal>,
+) {
+    for (i, f) in spec.outputs.iter().enumerate() {
+        let mut seen: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
+        for tp in tensors {
+            let t = &header.tensors[tp.index];
+            let prefix = t.name.strip_suffix(".weight").unwrap_or(&t.name);
+            let last = tp.actions.last().map(|a| &a.kernel);
+            let names: Vec<String> = match f {
+                OutputFormat::CompressedTensors
+                    if t.shape.len() == 2 && matches!(last, Some(Kernel::Int(_) | Kernel::Auto { .. })) =>
+                {
+                    ["weight_packed", "weight_scale", "weight_zero_point", "weight_shape"]
+                        .iter()
+                        .map(|p| format!("{prefix}.{p}"))
+                        .collect()
+                }
+                OutputFormat::Sparse if t.shape.len() == 2 && tp.actions.iter().any(|a| a.op == "prune") => {
+                    ["shape", "bitmask", "row_offsets", "compressed"].iter().map(|p| format!("{prefix}.{p}")).collect()
+                }
+                _ => vec![t.name.clone()],
+            };
+            for n in names {
+                if let Some(other) = seen.insert(n.clone(), &t.name) {
+                    refusals.push(Refusal {
+                        pointer: format!("/outputs/{i}"),
+                        tensor: Some(t.name.clone()),
+                        detail: format!(
+                            "tensor `{}`: its {} entry `{n}` would collide with one from `{other}`; exclude one with `ignore`",
+                            t.name,
+                            f.as_str()
+                        ),
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compress::spec::parse_compress;
+
+    fn header(names: &[&str]) -> Header {
+        let mut start = 100;
+        let tensors = names
+            .iter()
+            .map(|n| {
+                let t =
+                    TensorInfo { name: n.to_string(), dtype: Dtype::F32, shape: vec![4, 8], start, end: start + 128 };
+                start += 128;
+                t
+            })
+            .collect();
+        Header { tensors, metadata: Default::default(), data_start: 100 }
+    }
+
+    #[test]
+    fn derived_names_that_collide_are_refused() {
+        let spec = parse_compress(
+            &serde_json::json!([{"op": "prune", "method": "magnitude", "sparsity": 0.5, "targets": ["*"]}]),
+            Some(&serde_json::json!(["sparse"])),
+        )
+        .unwrap();
+        let p = plan(&spec, &header(&["fc", "fc.weight"]));
+        assert_eq!(p.refusals.len(), 4, "{:?}", p.refusals);
+        assert!(p.refusals[0].detail.contains("`fc.shape` would collide with one from `fc`"), "{:?}", p.refusals[0]);
+        assert!(plan(&spec, &header(&["a.weight", "b.weight"])).refusals.is_empty());
+    }
+}
