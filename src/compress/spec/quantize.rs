@@ -39,6 +39,9 @@ struct RawScheme {
     rest: serde_json::Map<String, Value>,
 }
 
+/// The step object. It restates `RawScheme`'s fields instead of flattening it: a flattened
+/// struct is buffered, which loses both `deny_unknown_fields` and the exact pointer of a bad
+/// field (`/steps/0/granularity`), the errors users see most.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawQuantize {
