@@ -7,6 +7,7 @@ use std::time::Instant;
 use modelpress::compress::metrics::error_metrics;
 use modelpress::compress::quant::{
     pack_int32_into, pack_zero_points, packed_len, quantize_into, Granularity, IntParams, IntQuantized, ScaleSearch,
+    StoreDtype,
 };
 use modelpress::compress::synth::{benchmark_model, memcpy_bytes_per_sec};
 
@@ -24,7 +25,7 @@ struct Buffers {
 fn run(model: &[(String, Vec<f32>)], p: &IntParams, pack: bool, b: &mut Buffers) -> f64 {
     let start = Instant::now();
     for (_, m) in model {
-        quantize_into(m, ROWS, COLS, p, &mut b.q, &mut b.dequant).expect("benchmark data is finite");
+        quantize_into(m, ROWS, COLS, p, StoreDtype::F32, &mut b.q, &mut b.dequant).expect("benchmark data is finite");
         if pack {
             b.packed.resize(ROWS * packed_len(COLS, p.bits), 0);
             pack_int32_into(&b.q.codes, ROWS, COLS, p.bits, &mut b.packed);

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 
 use crate::compress::engine::{self, Control, EngineJob};
 use crate::compress::plan::plan;
-use crate::compress::spec::{canonical_json, parse_compress, CompressSpec};
+use crate::compress::spec::{parse_compress, work_sha256, CompressSpec};
 use crate::config::Settings;
 use crate::formats::safetensors::read_header;
 
@@ -88,11 +88,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let settings = Settings::load(cli.config.as_deref())?;
             return Ok(healthcheck(&settings));
         }
-        Command::Openapi => println!("{}", crate::http::openapi_document()),
+        Command::Openapi => print_out(&crate::http::openapi_document())?,
         Command::Plan { model, spec } => {
             let spec = load_spec(&spec)?;
             let header = read_header(&model, u64::MAX).with_context(|| format!("reading {}", model.display()))?;
-            println!("{}", serde_json::to_string_pretty(&plan(&spec.0, &header))?);
+            print_out(&serde_json::to_string_pretty(&plan(&spec.0, &header))?)?;
         }
         Command::Compress { model, spec, out } => return compress(&model, &spec, &out),
     }
@@ -130,6 +130,17 @@ fn healthcheck(settings: &Settings) -> ExitCode {
 }
 
 /// Reads a CLI spec: `steps` and `outputs`; `model_id`/`dataset_id` of a job spec are ignored.
+/// Prints `text` and a newline to stdout. A reader that went away (`| head`) ends the output
+/// quietly, as a Unix filter does, instead of panicking like `println!`.
+fn print_out(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.write_all(b"\n")).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
 fn load_spec(path: &Path) -> anyhow::Result<(CompressSpec, String)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut value: serde_json::Value =
@@ -143,7 +154,7 @@ fn load_spec(path: &Path) -> anyhow::Result<(CompressSpec, String)> {
     let steps = obj.get("steps").context("missing field `steps`")?;
     let spec = parse_compress(steps, obj.get("outputs"))
         .map_err(|errors| anyhow::anyhow!(errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")))?;
-    Ok((spec, canonical_json(&value)))
+    Ok((spec, work_sha256(steps, obj.get("outputs"))))
 }
 
 /// A progress bar on a terminal; indicatif draws nothing when stderr is not one.
@@ -161,8 +172,7 @@ impl Control for Bar {
 }
 
 fn compress(model: &Path, spec_path: &Path, out: &Path) -> anyhow::Result<ExitCode> {
-    use sha2::Digest;
-    let (spec, canonical) = load_spec(spec_path)?;
+    let (spec, work_hash) = load_spec(spec_path)?;
     let header = read_header(model, u64::MAX).with_context(|| format!("reading {}", model.display()))?;
     let plan = plan(&spec, &header);
     if !plan.refusals.is_empty() {
@@ -176,7 +186,7 @@ fn compress(model: &Path, spec_path: &Path, out: &Path) -> anyhow::Result<ExitCo
         anyhow::bail!("output directory {} is not empty", out.display());
     }
     let (input_sha, _) = crate::scheduler::hash_file(model)?;
-    let spec_sha = hex::encode(sha2::Sha256::digest(canonical.as_bytes()));
+    let spec_sha = work_hash;
     let bar = indicatif::ProgressBar::new(1000).with_style(
         indicatif::ProgressStyle::with_template("{bar:40} {percent:>3}% {elapsed_precise} {msg}").expect("template"),
     );
@@ -211,12 +221,13 @@ fn compress(model: &Path, spec_path: &Path, out: &Path) -> anyhow::Result<ExitCo
     }
     std::fs::remove_dir_all(&staging)?;
     let t = &output.report.totals;
-    println!(
+    let mut summary = format!(
         "{} tensors ({} changed), {} -> {} bytes (x{:.2}), {:.2} bits per weight",
         t.tensors, t.tensors_changed, t.bytes_in, t.bytes_out, t.ratio, t.bits_per_weight
     );
     for a in &output.artifacts {
-        println!("{}", out.join(&a.name).display());
+        summary.push_str(&format!("\n{}", out.join(&a.name).display()));
     }
+    print_out(&summary)?;
     Ok(ExitCode::SUCCESS)
 }

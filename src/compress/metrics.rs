@@ -28,24 +28,38 @@ pub struct ErrorAccumulator {
 impl ErrorAccumulator {
     pub fn add(&mut self, original: &[f32], approx: &[f32]) {
         debug_assert_eq!(original.len(), approx.len());
-        // Accumulate in f32 lanes per chunk, then fold into f64: vectorises and stays accurate
-        // for the few thousand values of one row.
-        for (xs, ys) in original.chunks(1024).zip(approx.chunks(1024)) {
-            let (mut x2, mut y2, mut xy, mut d2, mut mx) = (0f32, 0f32, 0f32, 0f32, 0f32);
-            for (&x, &y) in xs.iter().zip(ys) {
+        // Everything in f64: squares of f32 values overflow f32 above ~1.8e19 (and an f32 sum of
+        // millions of terms loses digits). Four independent lanes keep the loop vectorisable
+        // without reassociating a single sum.
+        const L: usize = 4;
+        let (mut x2, mut y2, mut xy, mut d2, mut mx) = ([0f64; L], [0f64; L], [0f64; L], [0f64; L], [0f64; L]);
+        let mut xs = original.chunks_exact(L);
+        let mut ys = approx.chunks_exact(L);
+        for (xc, yc) in (&mut xs).zip(&mut ys) {
+            for i in 0..L {
+                let (x, y) = (xc[i] as f64, yc[i] as f64);
                 let d = x - y;
-                x2 += x * x;
-                y2 += y * y;
-                xy += x * y;
-                d2 += d * d;
-                mx = mx.max(d.abs());
+                x2[i] += x * x;
+                y2[i] += y * y;
+                xy[i] += x * y;
+                d2[i] += d * d;
+                mx[i] = if d.abs() > mx[i] { d.abs() } else { mx[i] };
             }
-            self.sum_x2 += x2 as f64;
-            self.sum_y2 += y2 as f64;
-            self.sum_xy += xy as f64;
-            self.sum_d2 += d2 as f64;
-            self.max_abs = self.max_abs.max(mx as f64);
         }
+        for (&x, &y) in xs.remainder().iter().zip(ys.remainder()) {
+            let (x, y) = (x as f64, y as f64);
+            let d = x - y;
+            x2[0] += x * x;
+            y2[0] += y * y;
+            xy[0] += x * y;
+            d2[0] += d * d;
+            mx[0] = mx[0].max(d.abs());
+        }
+        self.sum_x2 += x2.iter().sum::<f64>();
+        self.sum_y2 += y2.iter().sum::<f64>();
+        self.sum_xy += xy.iter().sum::<f64>();
+        self.sum_d2 += d2.iter().sum::<f64>();
+        self.max_abs = mx.iter().fold(self.max_abs, |a, &b| a.max(b));
     }
 
     pub fn merge(&mut self, other: &ErrorAccumulator) {
@@ -60,7 +74,7 @@ impl ErrorAccumulator {
         let nx = self.sum_x2.sqrt();
         let ny = self.sum_y2.sqrt();
         let relative_error = if nx > 0.0 {
-            (self.sum_d2.sqrt() / nx).min(f64::MAX)
+            self.sum_d2.sqrt() / nx
         } else if self.sum_d2 > 0.0 {
             f64::INFINITY
         } else {
@@ -114,6 +128,16 @@ mod tests {
         assert!((m.sqnr_db.unwrap() - 10.0 * 25f64.log10()).abs() < 1e-6);
         assert!((m.cosine - 21.0 / (5.0 * 18f64.sqrt())).abs() < 1e-6);
         assert_eq!(m.max_abs_error, 1.0);
+    }
+
+    #[test]
+    fn huge_values_do_not_overflow_the_sums() {
+        // Squares of 8e6 and of 1e20 overflow nothing in f64 (1e40 is past f32's range).
+        let m = error_metrics(&[8.0e6, 1e20, 0.5], &[8.3e6, 1e20, 0.5]);
+        assert!(m.relative_error.is_finite() && m.relative_error < 1e-10, "{m:?}");
+        assert_eq!(m.max_abs_error, 300_000.0);
+        let m = error_metrics(&[8.4e6, 0.5, 0.5], &[8.32e6, 0.5, 0.5]);
+        assert!((m.relative_error - 80_000.0 / 8.4e6).abs() < 1e-6, "{m:?}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod engine;
 pub mod ggml;
+pub mod layout;
 pub mod metrics;
 pub mod mixed;
 pub mod plan;

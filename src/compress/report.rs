@@ -15,6 +15,8 @@ pub struct Report {
     /// Decisions of automatic mixed-precision steps.
     pub mixed: Vec<super::engine::MixedDecision>,
     pub outputs: Vec<OutputSummary>,
+    /// Every model artifact read back, decoded and compared bit for bit with the dense values.
+    pub checks: Vec<super::engine::OutputCheck>,
     pub duration_ms: f64,
     /// Peak resident memory of the process while the job ran (VmHWM), when the OS reports it.
     pub peak_rss_bytes: Option<u64>,

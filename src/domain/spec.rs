@@ -4,7 +4,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::compress::spec::{canonical_json, from_value_at, parse_compress, CompressSpec, SpecError};
+use crate::compress::spec::{canonical_json, from_value_at, parse_compress, work_sha256, CompressSpec, SpecError};
 
 /// A validated job spec with its canonical text and hash (idempotency and provenance).
 #[derive(Debug, Clone)]
@@ -13,7 +13,10 @@ pub struct JobSpec {
     pub dataset_id: Option<String>,
     pub compress: CompressSpec,
     pub canonical: String,
+    /// Hash of the whole request (ids included): idempotency.
     pub sha256: String,
+    /// Hash of the work alone (steps and outputs): provenance in the artifacts.
+    pub work_sha256: String,
 }
 
 #[derive(Deserialize)]
@@ -40,6 +43,7 @@ pub fn parse_job_spec(body: &Value) -> Result<JobSpec, Vec<SpecError>> {
         compress,
         canonical,
         sha256,
+        work_sha256: work_sha256(&env.steps, env.outputs.as_ref()),
     })
 }
 
@@ -56,6 +60,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(parse_job_spec(&a).unwrap().sha256, parse_job_spec(&b).unwrap().sha256);
+    }
+
+    #[test]
+    fn the_work_hash_ignores_the_model_and_defaults_the_outputs() {
+        let a = json!({"model_id": "0190c5e6-0000-7000-8000-000000000000", "steps": [{"op": "quantize", "bits": 8}]});
+        let b = json!({"model_id": "0190c5e6-0000-7000-8000-000000000001", "steps": [{"op": "quantize", "bits": 8}],
+                       "outputs": ["safetensors"]});
+        let (a, b) = (parse_job_spec(&a).unwrap(), parse_job_spec(&b).unwrap());
+        assert_ne!(a.sha256, b.sha256);
+        assert_eq!(a.work_sha256, b.work_sha256);
+        assert_eq!(a.work_sha256, work_sha256(&json!([{"bits": 8, "op": "quantize"}]), None));
     }
 
     #[test]

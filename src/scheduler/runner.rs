@@ -181,7 +181,7 @@ async fn execute_inner(
             plan: &plan,
             out_dir: &dir,
             input_sha256: &sha,
-            spec_sha256: &spec.sha256,
+            spec_sha256: &spec.work_sha256,
         };
         let out = engine::run(&job, engine_control.as_ref())?;
         metrics::counter!("modelpress_bytes_processed_total").increment(header.tensors.iter().map(|t| t.bytes()).sum());

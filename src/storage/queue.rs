@@ -74,7 +74,7 @@ pub enum QueueError {
     Full { queued: u64 },
     #[error("no job {0}")]
     NotFound(String),
-    #[error("job {id} is {status:?} and can no longer change")]
+    #[error("job {id} is {} and can no longer change", status.as_str())]
     Finished { id: String, status: JobStatus },
     #[error(transparent)]
     Db(#[from] sqlx::Error),

@@ -8,10 +8,10 @@ use crate::compress::ggml::{self, GgufType};
 use crate::compress::metrics::error_metrics;
 use crate::compress::plan::{Kernel, PlannedAction};
 use crate::compress::prune::{self, GlobalCut, TieState};
-use crate::compress::quant::{quantize_into, IntParams, IntQuantized, QuantError, ScaleSearch};
+use crate::compress::quant::{quantize_into, IntParams, IntQuantized, QuantError, ScaleSearch, StoreDtype};
 use crate::compress::report::StepTiming;
 use crate::compress::spec::Scheme;
-use crate::formats::safetensors::TensorInfo;
+use crate::formats::safetensors::{Dtype, TensorInfo};
 
 /// Buffers reused from one tensor to the next: memory stays at a few copies of the largest.
 #[derive(Default)]
@@ -68,8 +68,20 @@ fn quant_error(t: &TensorInfo, e: QuantError) -> EngineError {
     tensor_error(t, code, e)
 }
 
-fn check_finite(t: &TensorInfo, data: &[f32]) -> Result<(), EngineError> {
-    match data.iter().position(|v| !v.is_finite()) {
+/// Flat index of the first NaN/Inf, if any. The scan has no early exit so it vectorises; only a
+/// failing tensor pays for the second, locating pass.
+pub fn first_non_finite(data: &[f32]) -> Option<usize> {
+    let finite = data.iter().fold(true, |ok, v| ok & v.is_finite());
+    if finite {
+        None
+    } else {
+        data.iter().position(|v| !v.is_finite())
+    }
+}
+
+/// Every op refuses NaN/Inf in its input: no kernel's output means anything after one.
+fn check_finite_input(t: &TensorInfo, data: &[f32]) -> Result<(), EngineError> {
+    match first_non_finite(data) {
         Some(i) => {
             Err(tensor_error(t, "non_finite_weights", format!("non-finite value {} at flat index {i}", data[i])))
         }
@@ -77,21 +89,51 @@ fn check_finite(t: &TensorInfo, data: &[f32]) -> Result<(), EngineError> {
     }
 }
 
-/// Quantizes `b.work` in place with `scheme`; returns what now describes it.
-pub fn quantize(t: &TensorInfo, scheme: &Scheme, b: &mut Buffers) -> Result<LastQuant, EngineError> {
+/// Where int scales are stored for a weight of dtype `d` (compressed-tensors: the weight's own
+/// float type; f32 for f32 and f64 weights).
+pub fn store_dtype(d: Dtype) -> StoreDtype {
+    match d {
+        Dtype::F16 => StoreDtype::F16,
+        Dtype::BF16 => StoreDtype::BF16,
+        _ => StoreDtype::F32,
+    }
+}
+
+/// Clamps values a GGUF type cannot hold to its limit (see [`GgufType::input_limit`]); returns how
+/// many were clamped, for the tensor's notes.
+fn saturate_for(ty: GgufType, data: &mut [f32]) -> usize {
+    let Some(limit) = ty.input_limit() else { return 0 };
+    let over = data.iter().filter(|v| v.abs() > limit).count();
+    if over > 0 {
+        data.iter_mut().for_each(|v| *v = v.clamp(-limit, limit));
+    }
+    over
+}
+
+/// Quantizes `b.work` in place with `scheme`; returns what now describes it, and a note when
+/// values had to be saturated to fit the scheme's range.
+pub fn quantize(t: &TensorInfo, scheme: &Scheme, b: &mut Buffers) -> Result<(LastQuant, Option<String>), EngineError> {
     let (rows, cols) = t.matrix();
     b.scratch.resize(b.work.len(), 0.0);
     match scheme {
         Scheme::Int(p) => {
-            quantize_into(&b.work, rows, cols, p, &mut b.int, &mut b.scratch).map_err(|e| quant_error(t, e))?;
+            quantize_into(&b.work, rows, cols, p, store_dtype(t.dtype), &mut b.int, &mut b.scratch)
+                .map_err(|e| quant_error(t, e))?;
             std::mem::swap(&mut b.work, &mut b.scratch);
-            Ok(LastQuant::Int(*p))
+            Ok((LastQuant::Int(*p), None))
         }
         Scheme::Ggml { ty, .. } => {
-            check_finite(t, &b.work)?;
+            let saturated = saturate_for(*ty, &mut b.work);
             ggml::quantize(&b.work, rows, cols, *ty, &mut b.ggml).map_err(|e| tensor_error(t, "kernel_error", e))?;
             ggml::dequantize(&b.ggml, rows, cols, *ty, &mut b.work).map_err(|e| tensor_error(t, "kernel_error", e))?;
-            Ok(LastQuant::Ggml(*ty))
+            let note = (saturated > 0).then(|| {
+                format!(
+                    "{saturated} values beyond +-{:e} were saturated to it: the largest magnitude {} can hold (its block scales are f16)",
+                    ty.input_limit().unwrap_or(f32::MAX),
+                    ty.name()
+                )
+            });
+            Ok((LastQuant::Ggml(*ty), note))
         }
     }
 }
@@ -105,6 +147,7 @@ pub fn apply(
     resolved: &mut Resolved,
     mut timings: Option<&mut [StepTiming]>,
 ) -> Result<Outcome, EngineError> {
+    check_finite_input(t, &b.work)?;
     let (rows, cols) = t.matrix();
     let mut out = Outcome {
         quant: LastQuant::None,
@@ -124,19 +167,25 @@ pub fn apply(
                     let rtn = IntParams { search: ScaleSearch::None, ..*p };
                     let mut probe = IntQuantized::default();
                     b.scratch.resize(b.work.len(), 0.0);
-                    quantize_into(&b.work, rows, cols, &rtn, &mut probe, &mut b.scratch)
+                    quantize_into(&b.work, rows, cols, &rtn, store_dtype(t.dtype), &mut probe, &mut b.scratch)
                         .map_err(|e| quant_error(t, e))?;
                     out.rtn_relative_error = Some(error_metrics(&b.work, &b.scratch).relative_error);
                 }
-                out.quant = quantize(t, &Scheme::Int(*p), b)?;
+                (out.quant, _) = quantize(t, &Scheme::Int(*p), b)?;
             }
-            Kernel::Ggml(ty) => out.quant = quantize(t, &Scheme::Ggml { ty: *ty, fallback: None }, b)?,
+            Kernel::Ggml(ty) => {
+                let note;
+                (out.quant, note) = quantize(t, &Scheme::Ggml { ty: *ty, fallback: None }, b)?;
+                out.notes.extend(note.map(|n| format!("step {}: {n}", a.step)));
+            }
             Kernel::Auto { step } => {
                 let scheme = *resolved.auto.get(&(*step, t.name.clone())).ok_or_else(|| {
                     tensor_error(t, "internal_error", "mixed precision was not resolved before the main pass")
                 })?;
                 label = format!("{} (auto)", crate::compress::plan::scheme_name(&scheme));
-                out.quant = quantize(t, &scheme, b)?;
+                let note;
+                (out.quant, note) = quantize(t, &scheme, b)?;
+                out.notes.extend(note.map(|n| format!("step {}: {n}", a.step)));
             }
             Kernel::Magnitude { sparsity } => {
                 prune::prune_magnitude(&mut b.work, *sparsity).map_err(|e| tensor_error(t, "kernel_error", e))?;

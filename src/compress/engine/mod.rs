@@ -8,12 +8,16 @@
 mod kernels;
 mod prepass;
 mod sinks;
+mod verify;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+pub use kernels::first_non_finite;
 pub use prepass::{MixedChoice, MixedDecision};
+pub use sinks::gguf_type_for;
+pub use verify::{fingerprint, OutputCheck};
 
 use super::ggml::GgufType;
 use super::metrics::error_metrics;
@@ -21,7 +25,7 @@ use super::plan::{Kernel, Plan, Refusal, TensorPlan};
 use super::report::{peak_rss_bytes, OutputSummary, Report, StepTiming, TensorReport, Totals};
 use super::spec::{CompressSpec, OutputFormat, Scheme};
 use crate::formats::gguf::{MetaValue, TensorInfo as GgufTensor};
-use crate::formats::safetensors::{Header, TensorReader};
+use crate::formats::safetensors::{decode_f32, encode_f32, Dtype, Header, TensorInfo, TensorReader};
 use kernels::{Buffers, Resolved};
 use sinks::{QuantRef, Sink, TensorData};
 
@@ -228,17 +232,22 @@ pub fn run(job: &EngineJob<'_>, ctl: &dyn Control) -> Result<EngineOutput, Engin
         .map(|(i, s)| StepTiming { step: i, op: s.op().into(), milliseconds: 0.0, tensors: 0 })
         .collect();
     let mut reports = Vec::with_capacity(job.plan.tensors.len());
+    // Fingerprint of every tensor's dense bytes, for the agreement check of the written layouts.
+    let mut expected = std::collections::HashMap::with_capacity(job.plan.tensors.len());
+    let mut dense = Vec::new();
 
     for tp in &job.plan.tensors {
         let t = &job.header.tensors[tp.index];
         tracker.check(&format!("tensor {}", t.name))?;
         let t0 = Instant::now();
         let mut notes: Vec<String> = tp.skipped.iter().map(|s| format!("step {}: {}", s.step, s.reason)).collect();
+        notes.extend(tp.notes.iter().cloned());
         if tp.actions.is_empty() {
             let raw = reader.read_raw(t)?;
             for sink in &mut sinks {
                 sink.write(t, &TensorData::Raw(raw))?;
             }
+            expected.insert(t.name.clone(), fingerprint(raw));
             let nonzeros = raw.chunks_exact(t.dtype.size()).filter(|c| c.iter().any(|x| *x != 0)).count() as u64;
             reports.push(unchanged_report(t, nonzeros, notes, t0));
         } else {
@@ -246,9 +255,15 @@ pub fn run(job: &EngineJob<'_>, ctl: &dyn Control) -> Result<EngineOutput, Engin
             b.work.clear();
             b.work.extend_from_slice(&b.orig);
             let outcome = kernels::apply(t, &tp.actions, None, &mut b, &mut resolved, Some(&mut steps))?;
+            store_as(t, &mut b.work, &mut dense)?;
+            expected.insert(t.name.clone(), fingerprint(&dense));
             let pruned = tp.actions.iter().any(|a| a.op == "prune");
-            let data =
-                TensorData::Values { values: &b.work, quant: QuantRef::new(outcome.quant, &b.int, &b.ggml), pruned };
+            let data = TensorData::Values {
+                values: &b.work,
+                dense: &dense,
+                quant: QuantRef::new(outcome.quant, &b.int, &b.ggml),
+                pruned,
+            };
             for sink in &mut sinks {
                 sink.write(t, &data)?;
             }
@@ -292,6 +307,8 @@ pub fn run(job: &EngineJob<'_>, ctl: &dyn Control) -> Result<EngineOutput, Engin
     for sink in sinks {
         artifacts.extend(sink.finish(&metadata)?);
     }
+    tracker.check("checking that every output decodes to the dense values")?;
+    let checks = verify::verify(&artifacts, &job.header.tensors, &expected)?;
     let outputs = artifacts
         .iter()
         .map(|a| {
@@ -311,6 +328,7 @@ pub fn run(job: &EngineJob<'_>, ctl: &dyn Control) -> Result<EngineOutput, Engin
         steps,
         mixed,
         outputs,
+        checks,
         duration_ms: started.elapsed().as_secs_f64() * 1e3,
         peak_rss_bytes: peak_rss_bytes(),
     };
@@ -321,6 +339,30 @@ pub fn run(job: &EngineJob<'_>, ctl: &dyn Control) -> Result<EngineOutput, Engin
     std::fs::write(&html_path, super::report_html::render(&report))?;
     artifacts.push(ArtifactFile { name: "report.html".into(), format: "report".into(), path: html_path });
     Ok(EngineOutput { artifacts, report })
+}
+
+/// Encodes the final values in the tensor's own dtype into `dense` (the bytes every dense layout
+/// stores) and makes `values` exactly what those bytes decode to, so the report, the dense output
+/// and every compressed layout describe the same numbers. A value the dtype cannot hold (an f16
+/// overflow) fails the tensor: no job writes NaN/Inf it made itself.
+fn store_as(t: &TensorInfo, values: &mut [f32], dense: &mut Vec<u8>) -> Result<(), EngineError> {
+    dense.clear();
+    encode_f32(values, t.dtype, dense);
+    if t.dtype != Dtype::F32 {
+        decode_f32(dense, t.dtype, values);
+    }
+    match first_non_finite(values) {
+        None => Ok(()),
+        Some(i) => Err(EngineError::Tensor {
+            tensor: t.name.clone(),
+            code: "non_finite_output",
+            detail: format!(
+                "the compressed value at flat index {i} is {} in {}: it exceeds the dtype's largest finite value; exclude the tensor with `ignore` or use a scheme with a smaller range",
+                values[i],
+                t.dtype.as_str()
+            ),
+        }),
+    }
 }
 
 fn unchanged_report(

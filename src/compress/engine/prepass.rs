@@ -176,7 +176,7 @@ fn measure_and_allocate(
             probe.work.clear();
             probe.work.extend_from_slice(&b.work);
             quantize(t, c, &mut probe)?;
-            let error: f64 = b.work.iter().zip(&probe.work).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+            let error: f64 = b.work.iter().zip(&probe.work).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
             cands.push(Candidate { bits_per_weight: scheme_bits(c, t), error });
             measured.push((scheme_name(c), error));
         }

@@ -8,6 +8,8 @@ use serde_json::json;
 use super::kernels::LastQuant;
 use super::ArtifactFile;
 use crate::compress::ggml::{self, GgufType};
+pub use crate::compress::layout::gguf_type_for;
+use crate::compress::layout::packs_as_linear;
 use crate::compress::plan::{scale_dtype, sparse_dtype};
 use crate::compress::quant::{pack_int32_into, pack_zero_points, packed_len, Granularity, IntParams, IntQuantized};
 use crate::formats::gguf::{GgufWriter, MetaValue, TensorInfo as GgufTensor};
@@ -20,9 +22,10 @@ use crate::formats::sparse::SparseEncoder;
 pub enum TensorData<'a> {
     /// Untouched: the bytes exactly as stored.
     Raw(&'a [u8]),
-    /// Changed: the final values, the quantization that still describes them, and whether a
-    /// prune step touched the tensor.
-    Values { values: &'a [f32], quant: QuantRef<'a>, pruned: bool },
+    /// Changed: the final values, the same values encoded in the tensor's dtype (what dense
+    /// layouts store), the quantization that still describes them, and whether a prune step
+    /// touched the tensor.
+    Values { values: &'a [f32], dense: &'a [u8], quant: QuantRef<'a>, pruned: bool },
 }
 
 #[derive(Clone, Copy)]
@@ -51,21 +54,19 @@ fn io_err(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
-/// Writes the dense form of a tensor (raw bytes or values in its own dtype).
-fn write_dense(
-    w: &mut SafetensorsWriter,
-    buf: &mut Vec<u8>,
-    t: &TensorInfo,
-    data: &TensorData<'_>,
-) -> std::io::Result<()> {
-    match data {
-        TensorData::Raw(raw) => w.write(&t.name, t.dtype, &t.shape, raw),
-        TensorData::Values { values, .. } => {
-            buf.clear();
-            encode_f32(values, t.dtype, buf);
-            w.write(&t.name, t.dtype, &t.shape, buf)
+impl TensorData<'_> {
+    /// The tensor's bytes in its own dtype.
+    fn dense(&self) -> &[u8] {
+        match self {
+            TensorData::Raw(raw) => raw,
+            TensorData::Values { dense, .. } => dense,
         }
     }
+}
+
+/// Writes the dense form of a tensor (its bytes in its own dtype).
+fn write_dense(w: &mut SafetensorsWriter, t: &TensorInfo, data: &TensorData<'_>) -> std::io::Result<()> {
+    w.write(&t.name, t.dtype, &t.shape, data.dense())
 }
 
 fn artifact(dir: &Path, name: &str, format: &str) -> ArtifactFile {
@@ -77,7 +78,6 @@ fn artifact(dir: &Path, name: &str, format: &str) -> ArtifactFile {
 pub struct DenseSink {
     writer: PlannedSafetensorsWriter,
     dir: PathBuf,
-    buf: Vec<u8>,
 }
 
 impl DenseSink {
@@ -87,20 +87,13 @@ impl DenseSink {
         metadata: &BTreeMap<String, String>,
     ) -> std::io::Result<Self> {
         let writer = PlannedSafetensorsWriter::create(&dir.join("model.safetensors"), tensors, metadata)?;
-        Ok(Self { writer, dir: dir.into(), buf: Vec::new() })
+        Ok(Self { writer, dir: dir.into() })
     }
 }
 
 impl Sink for DenseSink {
     fn write(&mut self, t: &TensorInfo, data: &TensorData<'_>) -> std::io::Result<()> {
-        match data {
-            TensorData::Raw(raw) => self.writer.write(&t.name, raw),
-            TensorData::Values { values, .. } => {
-                self.buf.clear();
-                encode_f32(values, t.dtype, &mut self.buf);
-                self.writer.write(&t.name, &self.buf)
-            }
-        }
+        self.writer.write(&t.name, data.dense())
     }
 
     fn finish(self: Box<Self>, _: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>> {
@@ -184,14 +177,14 @@ impl CompressedTensorsSink {
 impl Sink for CompressedTensorsSink {
     fn write(&mut self, t: &TensorInfo, data: &TensorData<'_>) -> std::io::Result<()> {
         if let TensorData::Values { quant: QuantRef::Int(p, q), .. } = data {
-            if t.shape.len() == 2 {
+            if packs_as_linear(t) {
                 return self.write_packed(t, &p.clone(), q);
             }
         }
         if let Some(module) = t.name.strip_suffix(".weight") {
             self.ignore.insert(module.to_owned());
         }
-        write_dense(&mut self.writer, &mut self.buf, t, data)
+        write_dense(&mut self.writer, t, data)
     }
 
     fn finish(self: Box<Self>, metadata: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>> {
@@ -238,21 +231,6 @@ impl Sink for CompressedTensorsSink {
             artifact(&parent, "compressed-tensors/model.safetensors", "compressed-tensors"),
             artifact(&parent, "compressed-tensors/config.json", "compressed-tensors"),
         ])
-    }
-}
-
-/// The storage type a tensor gets in GGUF: its block type when GGUF-quantized, otherwise its
-/// float values as F32 (F16 for F16 inputs). Tensors GGUF cannot hold (not floating point, rank
-/// 0 or above 4) are left out and listed in the file's `modelpress.omitted_tensors`.
-pub fn gguf_type_for(t: &TensorInfo, last_ggml: Option<GgufType>) -> Option<GgufType> {
-    if GgufType::F32.shape_refusal(&t.shape).is_some() {
-        return None;
-    }
-    match last_ggml {
-        Some(ty) => Some(ty),
-        None if t.dtype == Dtype::F16 => Some(GgufType::F16),
-        None if t.dtype.is_float() => Some(GgufType::F32),
-        None => None,
     }
 }
 
@@ -311,7 +289,6 @@ pub struct SparseSink {
     writer: SafetensorsWriter,
     dir: PathBuf,
     encoder: SparseEncoder,
-    buf: Vec<u8>,
     targets: Vec<String>,
     zeros: u64,
     total: u64,
@@ -325,7 +302,6 @@ impl SparseSink {
             writer: SafetensorsWriter::create(&dir.join("model.safetensors"))?,
             dir,
             encoder: SparseEncoder::new(),
-            buf: Vec::new(),
             targets: Vec::new(),
             zeros: 0,
             total: 0,
@@ -359,7 +335,7 @@ impl Sink for SparseSink {
                 return Ok(());
             }
         }
-        write_dense(&mut self.writer, &mut self.buf, t, data)
+        write_dense(&mut self.writer, t, data)
     }
 
     fn finish(self: Box<Self>, metadata: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>> {

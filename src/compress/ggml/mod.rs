@@ -162,6 +162,24 @@ impl GgufType {
         }
     }
 
+    /// The largest magnitude this type can store without its f16 block scales overflowing, or
+    /// `None` for F32. Derived from each kernel's scale formula (ggml-quants.c, candle's
+    /// `k_quants.rs`): Q8_0 `d = amax / 127`, Q4_0 `d = max / -8`, Q5_0 `d = max / -16`; Q4_1/Q5_1
+    /// store the block minimum itself as f16, and the k-quants' super-block `d`/`dmin` stay below
+    /// f16's maximum whenever |x| does, so those are limited to f16's 65504 (a conservative bound).
+    pub fn input_limit(self) -> Option<f32> {
+        const F16_MAX: f32 = 65504.0;
+        match self {
+            Self::F32 => None,
+            Self::Q8_0 => Some(F16_MAX * 127.0),
+            Self::Q4_0 => Some(F16_MAX * 8.0),
+            Self::Q5_0 => Some(F16_MAX * 16.0),
+            Self::F16 | Self::Q4_1 | Self::Q5_1 | Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K => {
+                Some(F16_MAX)
+            }
+        }
+    }
+
     /// Bytes taken by `elems` values (a multiple of the block size).
     pub fn encoded_len(self, elems: usize) -> usize {
         elems / self.block_size() * self.type_size()

@@ -44,6 +44,17 @@ pub struct TensorPlan {
     pub bytes_out: u64,
     /// Predicted fraction of zeros after the steps.
     pub sparsity: f64,
+    /// How the steps see a changed tensor: `[rows, row length]`, rows running along the last
+    /// dimension (a per-channel scale and a structured-pruning unit is one row).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub matrix: Option<[usize; 2]>,
+    /// With a `gguf` output: the type the tensor is stored as (`auto` when mixed precision
+    /// decides at run time, `omitted` when GGUF cannot hold it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gguf_type: Option<String>,
+    /// What an output layout does differently with this tensor than its scheme suggests.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     #[serde(skip)]
     pub(crate) index: usize,
 }
@@ -214,6 +225,9 @@ pub fn plan(spec: &CompressSpec, header: &Header) -> Plan {
             bits_per_weight: (t.dtype.size() * 8) as f64,
             bytes_out: t.bytes(),
             sparsity: 0.0,
+            matrix: None,
+            gguf_type: None,
+            notes: Vec::new(),
             index,
         })
         .collect();
@@ -222,6 +236,7 @@ pub fn plan(spec: &CompressSpec, header: &Header) -> Plan {
         planner.step(i, step, spec);
     }
     let planner::Planner { mut tensors, mut refusals, .. } = planner;
+    describe_layouts(spec, header, &mut tensors);
     predict::check_budgets(spec, header, &tensors, &mut refusals);
     predict::check_output_names(spec, header, &tensors, &mut refusals);
     if let Some(i) = spec.outputs.iter().position(|f| *f == OutputFormat::Gguf) {
@@ -281,6 +296,45 @@ pub fn plan(spec: &CompressSpec, header: &Header) -> Plan {
         outputs,
         peak_memory_bytes: BASE_MEMORY_BYTES + max_numel * BYTES_PER_ELEMENT_IN_FLIGHT,
         prepasses,
+    }
+}
+
+/// Fills what each tensor becomes in the requested layouts (plan fields `matrix`, `gguf_type`,
+/// `notes`), from the same rules the sinks follow.
+fn describe_layouts(spec: &CompressSpec, header: &Header, tensors: &mut [TensorPlan]) {
+    let gguf = spec.outputs.contains(&OutputFormat::Gguf);
+    let ct = spec.outputs.contains(&OutputFormat::CompressedTensors);
+    for tp in tensors.iter_mut() {
+        let t = &header.tensors[tp.index];
+        let last = tp.actions.last().map(|a| &a.kernel);
+        if last.is_some() {
+            let (rows, cols) = t.matrix();
+            tp.matrix = Some([rows, cols]);
+        }
+        if gguf {
+            tp.gguf_type = Some(match last {
+                Some(Kernel::Auto { .. }) => "auto".to_string(),
+                Some(Kernel::Ggml(ty)) => ty.name().to_string(),
+                _ => crate::compress::layout::gguf_type_for(t, None).map_or("omitted", |ty| ty.name()).to_string(),
+            });
+        }
+        if ct
+            && matches!(last, Some(Kernel::Int(_) | Kernel::Auto { .. }))
+            && !crate::compress::layout::packs_as_linear(t)
+        {
+            tp.notes.push(
+                "compressed-tensors stores it dense and lists it in `ignore`: its loaders decompress the weights of Linear modules only (rank 2, not embeddings)"
+                    .into(),
+            );
+        }
+        if let Some(Kernel::Int(p)) = last {
+            if tp.bits_per_weight >= (t.dtype.size() * 8) as f64 && p.granularity != Granularity::Tensor {
+                tp.notes.push(format!(
+                    "its scales cost more than the codes save: rows of {} values (the last dimension) each get their own; consider `granularity: tensor`",
+                    t.matrix().1
+                ));
+            }
+        }
     }
 }
 

@@ -44,7 +44,9 @@ pub(super) fn output_bytes(f: OutputFormat, header: &Header, tensors: &[TensorPl
             tensors
                 .iter()
                 .map(|tp| {
-                    if tp.shape.len() == 2 && quantized(tp, |k| matches!(k, Kernel::Int(_))) {
+                    if crate::compress::layout::packs_as_linear(&header.tensors[tp.index])
+                        && quantized(tp, |k| matches!(k, Kernel::Int(_)))
+                    {
                         tp.bytes_out + 16
                     } else {
                         tp.bytes_in
@@ -57,10 +59,11 @@ pub(super) fn output_bytes(f: OutputFormat, header: &Header, tensors: &[TensorPl
             tensors
                 .iter()
                 .map(|tp| {
+                    let t = &header.tensors[tp.index];
                     if quantized(tp, |k| matches!(k, Kernel::Ggml(_) | Kernel::Auto { .. })) {
                         tp.bytes_out
                     } else {
-                        tp.bytes_in
+                        crate::compress::layout::gguf_type_for(t, None).map_or(0, |ty| ty.encoded_len(t.numel()) as u64)
                     }
                 })
                 .sum::<u64>()
@@ -102,7 +105,8 @@ pub(super) fn check_output_names(
             let last = tp.actions.last().map(|a| &a.kernel);
             let names: Vec<String> = match f {
                 OutputFormat::CompressedTensors
-                    if t.shape.len() == 2 && matches!(last, Some(Kernel::Int(_) | Kernel::Auto { .. })) =>
+                    if crate::compress::layout::packs_as_linear(t)
+                        && matches!(last, Some(Kernel::Int(_) | Kernel::Auto { .. })) =>
                 {
                     ["weight_packed", "weight_scale", "weight_zero_point", "weight_shape"]
                         .iter()

@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use super::kernel::{self, qparams, Levels};
 use super::search;
-use super::{Granularity, IntParams, IntQuantized, QuantError, ScaleSearch};
+use super::{Granularity, IntParams, IntQuantized, QuantError, ScaleSearch, StoreDtype};
 
 /// Target number of input values per rayon task (256 KiB of f32): large enough to hide scheduling,
 /// small enough to balance 2-8 cores on a 4096-row matrix.
@@ -35,17 +35,20 @@ fn first_non_finite(data: &[f32]) -> QuantError {
 }
 
 /// Quantizes a row-major `rows x cols` matrix into `q` (buffers reused) and writes `(q - zp) * scale`
-/// into `dequant`. Errors name the offending parameter or the flat index of the first NaN/Inf.
+/// into `dequant`. Scales are rounded to `store` (the dtype they will be saved in) before any code
+/// is computed, and codes are limited so every decoded value is finite in `store`. Errors name the
+/// offending parameter or the flat index of the first NaN/Inf.
 pub fn quantize_into(
     data: &[f32],
     rows: usize,
     cols: usize,
     p: &IntParams,
+    store: StoreDtype,
     q: &mut IntQuantized,
     dequant: &mut [f32],
 ) -> Result<(), QuantError> {
     let blk = validate(data.len(), dequant.len(), rows, cols, p)?;
-    let lv = Levels::new(p.bits, p.symmetric);
+    let lv = Levels::new(p.bits, p.symmetric, store);
     let scale_shape = match p.granularity {
         Granularity::Tensor => [1, 1],
         _ => [rows, cols / blk.max(1)],
@@ -85,7 +88,7 @@ pub fn quantize_into(
         }
         (q.codes.par_chunks_mut(task), dequant.par_chunks_mut(task), data.par_chunks(task))
             .into_par_iter()
-            .for_each(|(c, d, x)| kernel::quantize_chunk(x, c, d, qp, &lv));
+            .for_each(|(c, d, x)| kernel::quantize_chunk(x, c, d, qp));
         return Ok(());
     }
 
@@ -112,11 +115,12 @@ pub fn quantize_into(
     outcome.map_err(|()| first_non_finite(data))
 }
 
-/// Allocating convenience over [`quantize_into`]: returns the quantized tensor and its dequantization.
+/// Allocating convenience over [`quantize_into`] with f32 scales: returns the quantized tensor and
+/// its dequantization.
 pub fn quantize(data: &[f32], rows: usize, cols: usize, p: &IntParams) -> Result<(IntQuantized, Vec<f32>), QuantError> {
     let mut q = IntQuantized::default();
     let mut dequant = vec![0f32; data.len()];
-    quantize_into(data, rows, cols, p, &mut q, &mut dequant)?;
+    quantize_into(data, rows, cols, p, StoreDtype::F32, &mut q, &mut dequant)?;
     Ok((q, dequant))
 }
 

@@ -6,6 +6,7 @@
 //! versions give bit-identical results.
 
 use super::search;
+use super::StoreDtype;
 
 /// Defines `pub(crate) fn $name` whose body is compiled for the baseline and for AVX2, dispatched at run time.
 macro_rules! multiversion {
@@ -46,7 +47,8 @@ macro_rules! multiversion {
 const MAGIC: f32 = 12_582_912.0;
 const MAGIC_BITS: i32 = 0x4B40_0000;
 
-/// Integer range of one bit width, in f32 so the hot loops stay in floating point.
+/// Integer range of one bit width, in f32 so the hot loops stay in floating point, and the float
+/// type the scales (and the dequantized values) are stored in.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Levels {
     pub qmin: f32,
@@ -54,45 +56,51 @@ pub(crate) struct Levels {
     /// `q_max - q_min = 2^b - 1`, the denominator of both scale formulas.
     pub bit_range: f32,
     pub symmetric: bool,
+    pub store: StoreDtype,
 }
 
 impl Levels {
-    pub fn new(bits: u8, symmetric: bool) -> Self {
+    pub fn new(bits: u8, symmetric: bool, store: StoreDtype) -> Self {
         let half = (1i32 << (bits - 1)) as f32;
-        Self { qmin: -half, qmax: half - 1.0, bit_range: 2.0 * half - 1.0, symmetric }
+        Self { qmin: -half, qmax: half - 1.0, bit_range: 2.0 * half - 1.0, symmetric, store }
     }
 }
 
-/// Scale and zero point of one block.
+/// Scale, zero point and usable code range of one block.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Qp {
+    /// Exactly representable in the store dtype, positive and finite.
     pub scale: f32,
     pub zp: i8,
+    /// Codes in `[qlo, qhi]` decode to values the store dtype holds as finite numbers; this is
+    /// `[q_min, q_max]` except for blocks within ~2^b steps of the dtype's largest value.
+    pub qlo: f32,
+    pub qhi: f32,
 }
 
-/// compressed-tensors' `calculate_qparams` for a range `lo <= 0 <= hi` (see the module docs).
+impl Qp {
+    pub const ZERO: Qp = Qp { scale: 0.0, zp: 0, qlo: 0.0, qhi: 0.0 };
+}
+
+/// compressed-tensors' `calculate_qparams` for a range `lo <= 0 <= hi` (see the module docs), with
+/// the scale rounded to the dtype it is stored in before any code is computed, so codes, the
+/// stored scale and every decode agree exactly.
 #[inline(always)]
 pub(crate) fn qparams(lo: f32, hi: f32, lv: &Levels) -> Qp {
-    if lv.symmetric {
+    let (scale, zp) = if lv.symmetric {
         let absmax = if -lo > hi { -lo } else { hi };
-        let scale = absmax / (lv.bit_range / 2.0);
-        Qp { scale: nonzero(scale), zp: 0 }
+        (lv.store.scale(absmax / (lv.bit_range / 2.0)), 0.0)
     } else {
-        // The zero point is computed from the eps-substituted scale so an all-zero block gets
-        // zp = q_min instead of compressed-tensors' 0/0; either way every value decodes to 0.0.
-        let scale = nonzero((hi - lo) / lv.bit_range);
+        // The width can exceed f32's range (lo = -3e38, hi = 3e38): divide in f64. The zero point
+        // is computed from the stored scale, so an all-zero block gets zp = q_min instead of
+        // compressed-tensors' 0/0; either way every value decodes to 0.0.
+        let scale = lv.store.scale(((hi as f64 - lo as f64) / lv.bit_range as f64) as f32);
         let zp = (lv.qmin - lo / scale).clamp(lv.qmin, lv.qmax);
-        Qp { scale, zp: round_code(zp) }
-    }
-}
-
-#[inline(always)]
-fn nonzero(scale: f32) -> f32 {
-    if scale == 0.0 {
-        f32::EPSILON
-    } else {
-        scale
-    }
+        (scale, round_code(zp) as f32)
+    };
+    // |q - zp| <= reach keeps (q - zp) * scale within the store dtype's largest finite value.
+    let reach = (lv.store.max() / scale).floor();
+    Qp { scale, zp: zp as i8, qlo: lv.qmin.max(zp - reach), qhi: lv.qmax.min(zp + reach) }
 }
 
 #[inline(always)]
@@ -102,15 +110,15 @@ fn round_code(t: f32) -> i8 {
 
 /// Clamped, rounded code of `v` as (float code, integer code); the float form feeds the dequantization.
 #[inline(always)]
-fn quant_one(v: f32, scale: f32, zp: f32, lv: &Levels) -> (f32, i8) {
-    clamp_round(v / scale + zp, lv)
+fn quant_one(v: f32, qp: &Qp, zp: f32) -> (f32, i8) {
+    clamp_round(v / qp.scale + zp, qp)
 }
 
 #[inline(always)]
-fn clamp_round(mut t: f32, lv: &Levels) -> (f32, i8) {
+fn clamp_round(mut t: f32, qp: &Qp) -> (f32, i8) {
     // Comparisons (not f32::max/min) compile to maxps/minps without NaN fix-ups; inputs are finite.
-    t = if t < lv.qmin { lv.qmin } else { t };
-    t = if t > lv.qmax { lv.qmax } else { t };
+    t = if t < qp.qlo { qp.qlo } else { t };
+    t = if t > qp.qhi { qp.qhi } else { t };
     let y = t + MAGIC;
     ((y - MAGIC), (y.to_bits() as i32).wrapping_sub(MAGIC_BITS) as i8)
 }
@@ -146,10 +154,10 @@ pub(crate) fn min_max_finite(x: &[f32]) -> (f32, f32, bool) {
 
 /// Writes codes and dequantized values of one block.
 #[inline(always)]
-pub(crate) fn quantize_block(x: &[f32], codes: &mut [i8], deq: &mut [f32], qp: Qp, lv: &Levels) {
+pub(crate) fn quantize_block(x: &[f32], codes: &mut [i8], deq: &mut [f32], qp: Qp) {
     let zp = qp.zp as f32;
     for ((&v, c), d) in x.iter().zip(codes.iter_mut()).zip(deq.iter_mut()) {
-        let (q, code) = quant_one(v, qp.scale, zp, lv);
+        let (q, code) = quant_one(v, &qp, zp);
         *c = code;
         *d = (q - zp) * qp.scale;
     }
@@ -159,7 +167,7 @@ pub(crate) fn quantize_block(x: &[f32], codes: &mut [i8], deq: &mut [f32], qp: Q
 /// [`quantize_block`] (`x / scale`); otherwise `x * (1 / scale)`, which may round a tie differently but
 /// runs the search about 1.5x faster (division is half the loop's cost).
 #[inline(always)]
-pub(crate) fn block_sq_error<const EXACT: bool>(x: &[f32], qp: Qp, lv: &Levels) -> f64 {
+pub(crate) fn block_sq_error<const EXACT: bool>(x: &[f32], qp: Qp) -> f64 {
     // Squared errors go through a small stack buffer: the map loop vectorises like `quantize_block`,
     // and the buffer is then summed in 8 f32 lanes (a float sum cannot be vectorised in place
     // without reassociation).
@@ -172,7 +180,7 @@ pub(crate) fn block_sq_error<const EXACT: bool>(x: &[f32], qp: Qp, lv: &Levels) 
     let mut total = 0f64;
     for chunk in x.chunks(TMP) {
         for (t, &v) in tmp.iter_mut().zip(chunk) {
-            let (q, _) = if EXACT { quant_one(v, qp.scale, zp, lv) } else { clamp_round(v * inv + zp, lv) };
+            let (q, _) = if EXACT { quant_one(v, &qp, zp) } else { clamp_round(v * inv + zp, &qp) };
             let e = (q - zp) * qp.scale - v;
             *t = e * e;
         }
@@ -210,7 +218,7 @@ multiversion! {
                 return Err(());
             }
             let qp = if mse { search::block_range(xb, lo, hi, lv) } else { qparams(lo, hi, lv) };
-            quantize_block(xb, cb, db, qp, lv);
+            quantize_block(xb, cb, db, qp);
             scales[i] = qp.scale;
             if let Some(z) = zps.as_deref_mut() {
                 z[i] = qp.zp;
@@ -229,16 +237,16 @@ multiversion! {
 
 multiversion! {
     /// [`quantize_block`] of a chunk of a tensor quantized with one scale.
-    fn quantize_chunk(x: &[f32], codes: &mut [i8], deq: &mut [f32], qp: Qp, lv: &Levels) -> () {
-        quantize_block(x, codes, deq, qp, lv)
+    fn quantize_chunk(x: &[f32], codes: &mut [i8], deq: &mut [f32], qp: Qp) -> () {
+        quantize_block(x, codes, deq, qp)
     }
 }
 
 multiversion! {
     /// Squared error of `x` under each candidate (the whole-tensor MSE search).
-    fn errors_chunk(x: &[f32], cands: &[Qp], errs: &mut [f64], lv: &Levels, exact: bool) -> () {
+    fn errors_chunk(x: &[f32], cands: &[Qp], errs: &mut [f64], exact: bool) -> () {
         for (c, e) in cands.iter().zip(errs.iter_mut()) {
-            *e = if exact { block_sq_error::<true>(x, *c, lv) } else { block_sq_error::<false>(x, *c, lv) };
+            *e = if exact { block_sq_error::<true>(x, *c) } else { block_sq_error::<false>(x, *c) };
         }
     }
 }

@@ -7,6 +7,8 @@
 //! - symmetric: `scale = max(|lo|, |hi|) / (bit_range / 2)` (7.5 for int4, 127.5 for int8), zero point 0;
 //! - asymmetric: `scale = (hi - lo) / bit_range`, `zp = round(clamp(q_min - lo / scale, q_min, q_max))`;
 //! - a scale of exactly 0 (an all-zero block) is replaced by the dtype's epsilon (`f32::EPSILON` here);
+//!   a nonzero scale is rounded to the dtype it is stored in and clamped to that dtype's smallest
+//!   positive value (not to epsilon, which zeroes rows of tiny weights): see [`StoreDtype::scale`];
 //! - quantize: `q = round_half_even(clamp(x / scale + zp, q_min, q_max))` (`torch.round` rounds half to even);
 //! - dequantize: `x' = (q - zp) * scale`.
 //!
@@ -24,6 +26,68 @@ mod search;
 
 pub use int::{dequantize_into, quantize, quantize_into};
 pub use pack::{pack_int32, pack_int32_into, pack_zero_points, packed_len, unpack_int32, unpack_zero_points};
+
+/// The float type scales and dequantized values are stored in (compressed-tensors keeps scales in
+/// the weight's dtype). Codes are computed with the scale exactly as stored, so the codes, every
+/// layout's decode and the dense output agree bit for bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl StoreDtype {
+    /// Nearest value of this dtype (round half to even), as f32.
+    #[inline(always)]
+    pub fn round(self, v: f32) -> f32 {
+        match self {
+            StoreDtype::F32 => v,
+            StoreDtype::F16 => half::f16::from_f32(v).to_f32(),
+            StoreDtype::BF16 => half::bf16::from_f32(v).to_f32(),
+        }
+    }
+
+    /// Largest finite value.
+    #[inline(always)]
+    pub fn max(self) -> f32 {
+        match self {
+            StoreDtype::F32 => f32::MAX,
+            StoreDtype::F16 => half::f16::MAX.to_f32(),
+            StoreDtype::BF16 => half::bf16::MAX.to_f32(),
+        }
+    }
+
+    /// Smallest positive value (a subnormal): 5.96e-8 for f16, 9.2e-41 for bf16, 1.4e-45 for f32.
+    #[inline(always)]
+    pub fn min_positive(self) -> f32 {
+        match self {
+            StoreDtype::F32 => f32::from_bits(1),
+            StoreDtype::F16 => half::f16::from_bits(1).to_f32(),
+            StoreDtype::BF16 => half::bf16::from_bits(1).to_f32(),
+        }
+    }
+
+    /// A block scale as it will be stored: rounded to this dtype and kept in
+    /// `[min_positive, max]`. compressed-tensors replaces a zero scale by the dtype's epsilon,
+    /// which turns rows of tiny weights into zeros; clamping to the smallest positive value
+    /// instead keeps them (a row of max |x| = 1e-6 still gets ~17 levels in f16). An all-zero
+    /// block (scale 0) gets f32's epsilon, exact in all three dtypes: its codes are all zp.
+    #[inline(always)]
+    pub fn scale(self, s: f32) -> f32 {
+        if s == 0.0 {
+            return f32::EPSILON;
+        }
+        let r = self.round(s);
+        if r < self.min_positive() {
+            self.min_positive()
+        } else if r > self.max() {
+            self.max()
+        } else {
+            r
+        }
+    }
+}
 
 /// How many values share one scale (and zero point).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -30,7 +30,7 @@ trait Evaluate {
 /// Runs the coarse-to-fine search.
 #[inline(always)]
 fn search(lo: f32, hi: f32, lv: &Levels, eval: &impl Evaluate) -> Qp {
-    let mut cands = [Qp { scale: 0.0, zp: 0 }; COARSE];
+    let mut cands = [Qp::ZERO; COARSE];
     let mut factors = [0f32; COARSE];
     let mut errs = [0f64; COARSE];
     for (i, (c, f)) in cands.iter_mut().zip(factors.iter_mut()).enumerate() {
@@ -70,33 +70,31 @@ fn search(lo: f32, hi: f32, lv: &Levels, eval: &impl Evaluate) -> Qp {
 
 struct Block<'a> {
     x: &'a [f32],
-    lv: &'a Levels,
 }
 
 impl Evaluate for Block<'_> {
     #[inline(always)]
     fn eval(&self, cands: &[Qp], errs: &mut [f64]) {
         for (c, e) in cands.iter().zip(errs.iter_mut()) {
-            *e = block_sq_error::<false>(self.x, *c, self.lv);
+            *e = block_sq_error::<false>(self.x, *c);
         }
     }
 
     #[inline(always)]
     fn exact(&self, qp: Qp) -> f64 {
-        block_sq_error::<true>(self.x, qp, self.lv)
+        block_sq_error::<true>(self.x, qp)
     }
 }
 
 /// Best scale and zero point for one block (a row or a group) whose zero-including range is `[lo, hi]`.
 #[inline(always)]
 pub(crate) fn block_range(x: &[f32], lo: f32, hi: f32, lv: &Levels) -> Qp {
-    search(lo, hi, lv, &Block { x, lv })
+    search(lo, hi, lv, &Block { x })
 }
 
 struct Tensor<'a> {
     data: &'a [f32],
     task: usize,
-    lv: &'a Levels,
 }
 
 impl Tensor<'_> {
@@ -106,7 +104,7 @@ impl Tensor<'_> {
             .par_chunks(self.task)
             .map(|x| {
                 let mut e = [0f64; COARSE];
-                kernel::errors_chunk(x, cands, &mut e[..cands.len()], self.lv, exact);
+                kernel::errors_chunk(x, cands, &mut e[..cands.len()], exact);
                 e
             })
             .reduce(
@@ -135,5 +133,5 @@ impl Evaluate for Tensor<'_> {
 /// Best single scale for a whole tensor; every candidate's error is summed over row chunks in parallel,
 /// each chunk evaluating all candidates while it is in cache.
 pub(crate) fn tensor_range(data: &[f32], task: usize, lo: f32, hi: f32, lv: &Levels) -> Qp {
-    search(lo, hi, lv, &Tensor { data, task, lv })
+    search(lo, hi, lv, &Tensor { data, task })
 }

@@ -199,9 +199,18 @@ fn reused_buffers_give_the_same_result_as_fresh_ones() {
     let mut q = IntQuantized::default();
     let mut d = vec![0f32; x.len()];
     // An asymmetric int8 run first leaves zero points and larger scales behind.
-    quantize_into(&x, 16, 64, &params(8, Granularity::Group(8), false, ScaleSearch::None), &mut q, &mut d).unwrap();
+    quantize_into(
+        &x,
+        16,
+        64,
+        &params(8, Granularity::Group(8), false, ScaleSearch::None),
+        StoreDtype::F32,
+        &mut q,
+        &mut d,
+    )
+    .unwrap();
     let p = params(4, Granularity::Channel, true, ScaleSearch::Mse);
-    quantize_into(&x, 16, 64, &p, &mut q, &mut d).unwrap();
+    quantize_into(&x, 16, 64, &p, StoreDtype::F32, &mut q, &mut d).unwrap();
     let (fresh_q, fresh_d) = quantize(&x, 16, 64, &p).unwrap();
     assert_eq!(q, fresh_q);
     assert_eq!(d, fresh_d);
@@ -238,7 +247,7 @@ fn the_avx2_and_baseline_kernels_give_bit_identical_results() {
     let (rows, cols, blk) = (4, 256, 64);
     let x = benchmark_matrix(rows, cols, 11);
     for (bits, symmetric, mse) in [(4, true, false), (4, false, true), (8, true, true), (2, false, false)] {
-        let lv = Levels::new(bits, symmetric);
+        let lv = Levels::new(bits, symmetric, crate::compress::quant::StoreDtype::F16);
         let run = |f: BlocksFn| {
             let (mut c, mut d) = (vec![0i8; x.len()], vec![0f32; x.len()]);
             let (mut s, mut z) = (vec![0f32; x.len() / blk], vec![0i8; x.len() / blk]);

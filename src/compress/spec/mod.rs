@@ -221,6 +221,17 @@ pub fn canonical_json(value: &Value) -> String {
     serde_json::to_string(value).expect("a Value always serialises")
 }
 
+/// SHA-256 (hex) of the work a spec asks for: the canonical JSON of its `steps` and `outputs`
+/// (the default `["safetensors"]` when absent), without the model or dataset ids. Written into
+/// every artifact as `modelpress.spec_sha256`, so the same input file and the same steps give
+/// byte-identical artifacts on any server and from the CLI.
+pub fn work_sha256(steps: &Value, outputs: Option<&Value>) -> String {
+    use sha2::{Digest, Sha256};
+    let outputs = outputs.cloned().unwrap_or_else(|| serde_json::json!(["safetensors"]));
+    let work = serde_json::json!({"steps": steps, "outputs": outputs});
+    hex::encode(Sha256::digest(canonical_json(&work).as_bytes()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

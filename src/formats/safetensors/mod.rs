@@ -114,10 +114,13 @@ impl TensorInfo {
         self.end - self.start
     }
 
-    /// Rows and columns of the tensor seen as a matrix: rows = shape[0], cols = the rest.
+    /// The tensor seen as a matrix of rows along its LAST dimension: cols = the last dim, rows =
+    /// the product of all the others (a channel is every index but the last). This is how GGUF
+    /// blocks run, and it gives a mixture-of-experts weight [experts, out, in] one row (and one
+    /// per-channel scale, one structured-pruning unit) per expert and output, not per expert.
     pub fn matrix(&self) -> (usize, usize) {
-        match self.shape.split_first() {
-            Some((&rows, rest)) => (rows, rest.iter().product()),
+        match self.shape.split_last() {
+            Some((&cols, rest)) => (rest.iter().product(), cols),
             None => (1, 1),
         }
     }

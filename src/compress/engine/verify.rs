@@ -1,0 +1,367 @@
+//! The agreement check run at the end of every job: each written layout is read back from disk,
+//! decoded the way its loader would, and compared bit for bit with the dense values the report
+//! describes. A layout that decodes to anything else fails the job (`layout_mismatch`).
+//!
+//! Memory stays bounded: the main pass keeps one 64-bit fingerprint per tensor of its dense bytes
+//! (in the tensor's own dtype); here each output is read one tensor at a time, decoded to f32,
+//! re-encoded in that dtype and fingerprinted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use candle_core::quantized::gguf_file;
+use serde::{Deserialize, Serialize};
+
+use super::{ArtifactFile, EngineError};
+use crate::compress::ggml::{self, GgufType};
+use crate::compress::quant::{packed_len, unpack_int32, unpack_zero_points};
+use crate::formats::safetensors::{decode_f32, encode_f32, read_header, Dtype, Header, TensorInfo, TensorReader};
+
+/// What the agreement check did for one output, for the report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutputCheck {
+    pub artifact: String,
+    pub format: String,
+    /// Tensors decoded from the file and found equal, bit for bit, to the dense output's values.
+    pub tensors_checked: usize,
+    /// Of those, how many were stored in a compressed form (packed codes, GGUF blocks, bitmask).
+    pub tensors_decoded: usize,
+}
+
+/// Order-sensitive 64-bit fingerprint of a byte string: four independent multiply-xorshift lanes
+/// over 8-byte words (fast enough to hide behind the reads), folded with the length.
+pub fn fingerprint(bytes: &[u8]) -> u64 {
+    const K: [u64; 4] = [0x9E37_79B9_7F4A_7C15, 0xC2B2_AE3D_27D4_EB4F, 0x1656_67B1_9E37_79F9, 0x27D4_EB2F_1656_67C5];
+    let mut lanes = K;
+    let mut chunks = bytes.chunks_exact(32);
+    for c in &mut chunks {
+        for (i, lane) in lanes.iter_mut().enumerate() {
+            let w = u64::from_le_bytes(c[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+            *lane = (*lane ^ w).wrapping_mul(K[i]).rotate_left(31);
+        }
+    }
+    let mut tail = [0u8; 32];
+    let rest = chunks.remainder();
+    tail[..rest.len()].copy_from_slice(rest);
+    for (i, lane) in lanes.iter_mut().enumerate() {
+        let w = u64::from_le_bytes(tail[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+        *lane = (*lane ^ w).wrapping_mul(K[i]).rotate_left(31);
+    }
+    lanes.iter().fold(bytes.len() as u64, |h, l| (h ^ l).wrapping_mul(K[0]).rotate_left(27))
+}
+
+/// Reused buffers of the check.
+#[derive(Default)]
+struct Scratch {
+    values: Vec<f32>,
+    encoded: Vec<u8>,
+    raw: Vec<u8>,
+}
+
+impl Scratch {
+    /// Fingerprint of `self.values` encoded in `dtype`, as the dense output stores them.
+    fn values_fp(&mut self, dtype: Dtype) -> u64 {
+        self.encoded.clear();
+        encode_f32(&self.values, dtype, &mut self.encoded);
+        fingerprint(&self.encoded)
+    }
+}
+
+fn mismatch(tensor: &str, detail: impl Into<String>) -> EngineError {
+    EngineError::Tensor { tensor: tensor.into(), code: "layout_mismatch", detail: detail.into() }
+}
+
+fn bad_file(artifact: &str, detail: impl std::fmt::Display) -> EngineError {
+    EngineError::Tensor { tensor: "(output)".into(), code: "layout_mismatch", detail: format!("{artifact}: {detail}") }
+}
+
+/// Checks every model artifact against the expected fingerprints (tensor name -> fingerprint of its
+/// dense bytes). `tensors` gives each input tensor's dtype and shape.
+pub fn verify(
+    artifacts: &[ArtifactFile],
+    tensors: &[TensorInfo],
+    expected: &HashMap<String, u64>,
+) -> Result<Vec<OutputCheck>, EngineError> {
+    let mut checks = Vec::new();
+    let mut s = Scratch::default();
+    for a in artifacts {
+        let check = match (a.format.as_str(), a.name.ends_with(".safetensors")) {
+            ("safetensors", true) => dense(a, tensors, expected, &mut s)?,
+            ("compressed-tensors", true) => compressed_tensors(a, tensors, expected, &mut s)?,
+            ("sparse", true) => sparse(a, tensors, expected, &mut s)?,
+            ("gguf", _) => gguf(a, tensors, expected, &mut s)?,
+            _ => continue,
+        };
+        checks.push(check);
+    }
+    Ok(checks)
+}
+
+fn open(a: &ArtifactFile) -> Result<(Header, TensorReader), EngineError> {
+    let header = read_header(&a.path, u64::MAX).map_err(|e| bad_file(&a.name, e))?;
+    Ok((header, TensorReader::open(&a.path)?))
+}
+
+fn compare(name: &str, got: u64, expected: &HashMap<String, u64>, artifact: &str) -> Result<(), EngineError> {
+    match expected.get(name) {
+        Some(&want) if want == got => Ok(()),
+        Some(_) => Err(mismatch(name, format!("{artifact} decodes to values that differ from the dense output"))),
+        None => Err(mismatch(name, format!("{artifact} holds a tensor the job did not produce"))),
+    }
+}
+
+fn raw_entry(
+    a: &ArtifactFile,
+    header: &Header,
+    reader: &mut TensorReader,
+    name: &str,
+    expected: &HashMap<String, u64>,
+) -> Result<(), EngineError> {
+    let entry = header.get(name).ok_or_else(|| mismatch(name, format!("{} has no entry `{name}`", a.name)))?;
+    let fp = fingerprint(reader.read_raw(entry)?);
+    compare(name, fp, expected, &a.name)
+}
+
+fn dense(
+    a: &ArtifactFile,
+    tensors: &[TensorInfo],
+    expected: &HashMap<String, u64>,
+    _: &mut Scratch,
+) -> Result<OutputCheck, EngineError> {
+    let (header, mut reader) = open(a)?;
+    for t in tensors {
+        raw_entry(a, &header, &mut reader, &t.name, expected)?;
+    }
+    if header.tensors.len() != tensors.len() {
+        return Err(bad_file(&a.name, format!("{} tensors, expected {}", header.tensors.len(), tensors.len())));
+    }
+    Ok(OutputCheck {
+        artifact: a.name.clone(),
+        format: a.format.clone(),
+        tensors_checked: tensors.len(),
+        tensors_decoded: 0,
+    })
+}
+
+/// One config group of a compressed-tensors `quantization_config`, as its loader reads it.
+#[derive(Debug, Clone, Deserialize)]
+struct CtWeights {
+    num_bits: u8,
+    symmetric: bool,
+    strategy: String,
+    group_size: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CtGroup {
+    targets: Vec<String>,
+    weights: CtWeights,
+}
+
+#[derive(Debug, Deserialize)]
+struct CtQuantConfig {
+    config_groups: BTreeMap<String, CtGroup>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CtConfig {
+    quantization_config: CtQuantConfig,
+}
+
+impl CtQuantConfig {
+    /// The group a packed module belongs to: named explicitly, or the `Linear` catch-all.
+    fn scheme_for(&self, module: &str) -> Option<&CtWeights> {
+        let groups = self.config_groups.values();
+        let named = groups.clone().find(|g| g.targets.iter().any(|t| t == module));
+        named.or_else(|| groups.clone().find(|g| g.targets.iter().any(|t| t == "Linear"))).map(|g| &g.weights)
+    }
+}
+
+/// Reads a whole entry as little-endian i32 words.
+fn read_i32(reader: &mut TensorReader, t: &TensorInfo) -> std::io::Result<Vec<i32>> {
+    Ok(reader.read_raw(t)?.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes"))).collect())
+}
+
+fn compressed_tensors(
+    a: &ArtifactFile,
+    tensors: &[TensorInfo],
+    expected: &HashMap<String, u64>,
+    s: &mut Scratch,
+) -> Result<OutputCheck, EngineError> {
+    let config_path = a.path.with_file_name("config.json");
+    let config: CtConfig = serde_json::from_slice(&std::fs::read(&config_path)?)
+        .map_err(|e| bad_file(&a.name, format!("config.json: {e}")))?;
+    let config = config.quantization_config;
+    let (header, mut reader) = open(a)?;
+    let mut decoded = 0;
+    for t in tensors {
+        let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
+        let Some(packed) = header.get(&format!("{module}.weight_packed")) else {
+            raw_entry(a, &header, &mut reader, &t.name, expected)?;
+            continue;
+        };
+        let w = config
+            .scheme_for(module)
+            .ok_or_else(|| mismatch(&t.name, format!("no config group of {} targets `{module}`", a.name)))?;
+        let (rows, cols) = t.matrix();
+        let part = |suffix: &str| {
+            header
+                .get(&format!("{module}.{suffix}"))
+                .ok_or_else(|| mismatch(&t.name, format!("no `{module}.{suffix}`")))
+        };
+        let shape = read_i32(&mut reader, part("weight_shape")?)?;
+        if shape.len() != 4 || [shape[0] as usize, shape[2] as usize] != [rows, cols] {
+            return Err(mismatch(
+                &t.name,
+                format!("weight_shape {shape:?} (i64 words) does not match [{rows}, {cols}]"),
+            ));
+        }
+        if packed.shape != [rows, packed_len(cols, w.num_bits)] {
+            return Err(mismatch(&t.name, format!("weight_packed has shape {:?}", packed.shape)));
+        }
+        let codes = unpack_int32(&read_i32(&mut reader, packed)?, rows, cols, w.num_bits);
+        let scale_t = part("weight_scale")?;
+        let mut scales = vec![0f32; scale_t.numel()];
+        decode_f32(reader.read_raw(scale_t)?, scale_t.dtype, &mut scales);
+        let block = match (w.strategy.as_str(), w.group_size) {
+            ("tensor", _) => rows * cols,
+            ("channel", _) => cols,
+            ("group", Some(g)) if g > 0 => g,
+            (other, g) => return Err(mismatch(&t.name, format!("strategy {other} with group_size {g:?}"))),
+        };
+        let zps: Option<Vec<i8>> = if w.symmetric {
+            None
+        } else {
+            let z = part("weight_zero_point")?;
+            Some(if z.dtype == Dtype::I8 {
+                reader.read_raw(z)?.iter().map(|b| *b as i8).collect()
+            } else {
+                unpack_zero_points(&read_i32(&mut reader, z)?, rows, scales.len() / rows.max(1), w.num_bits)
+            })
+        };
+        if scales.len() * block != rows * cols {
+            return Err(mismatch(&t.name, format!("{} scales for blocks of {block}", scales.len())));
+        }
+        s.values.clear();
+        s.values.extend(codes.iter().enumerate().map(|(i, &c)| {
+            let k = i / block.max(1);
+            let zp = zps.as_ref().map_or(0.0, |z| z[k] as f32);
+            (c as f32 - zp) * scales[k]
+        }));
+        let fp = s.values_fp(t.dtype);
+        compare(&t.name, fp, expected, &a.name)?;
+        decoded += 1;
+    }
+    Ok(OutputCheck {
+        artifact: a.name.clone(),
+        format: a.format.clone(),
+        tensors_checked: tensors.len(),
+        tensors_decoded: decoded,
+    })
+}
+
+fn sparse(
+    a: &ArtifactFile,
+    tensors: &[TensorInfo],
+    expected: &HashMap<String, u64>,
+    s: &mut Scratch,
+) -> Result<OutputCheck, EngineError> {
+    let (header, mut reader) = open(a)?;
+    let mut decoded = 0;
+    for t in tensors {
+        let prefix = crate::formats::sparse::part_prefix(&t.name);
+        if header.get(&format!("{prefix}.bitmask")).is_none() {
+            raw_entry(a, &header, &mut reader, &t.name, expected)?;
+            continue;
+        }
+        let mut parts = Vec::with_capacity(4);
+        let mut dtype = safetensors::Dtype::F32;
+        for suffix in ["shape", "bitmask", "row_offsets", "compressed"] {
+            let p =
+                header.get(&format!("{prefix}.{suffix}")).ok_or_else(|| mismatch(&t.name, format!("no `{suffix}`")))?;
+            if suffix == "compressed" {
+                dtype = crate::compress::plan::sparse_dtype(p.dtype);
+            }
+            parts.push(reader.read_raw(p)?.to_vec());
+        }
+        let (shape, values) = crate::formats::sparse::decode(&parts[0], &parts[1], &parts[2], &parts[3], dtype)
+            .map_err(|e| mismatch(&t.name, e.to_string()))?;
+        if shape != t.shape {
+            return Err(mismatch(&t.name, format!("sparse shape {shape:?}, expected {:?}", t.shape)));
+        }
+        s.values = values;
+        let fp = s.values_fp(t.dtype);
+        compare(&t.name, fp, expected, &a.name)?;
+        decoded += 1;
+    }
+    Ok(OutputCheck {
+        artifact: a.name.clone(),
+        format: a.format.clone(),
+        tensors_checked: tensors.len(),
+        tensors_decoded: decoded,
+    })
+}
+
+fn gguf(
+    a: &ArtifactFile,
+    tensors: &[TensorInfo],
+    expected: &HashMap<String, u64>,
+    s: &mut Scratch,
+) -> Result<OutputCheck, EngineError> {
+    let mut file = File::open(&a.path)?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| bad_file(&a.name, e))?;
+    let by_name: HashMap<&str, &TensorInfo> = tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let (mut checked, mut decoded) = (0, 0);
+    for (name, info) in &content.tensor_infos {
+        let t =
+            by_name.get(name.as_str()).ok_or_else(|| mismatch(name, format!("{} holds an unknown tensor", a.name)))?;
+        let ty = GgufType::try_from(info.ggml_dtype).map_err(|e| mismatch(name, e.to_string()))?;
+        let dims: Vec<usize> = info.shape.dims().to_vec();
+        if dims != t.shape {
+            return Err(mismatch(name, format!("GGUF shape {dims:?}, expected {:?}", t.shape)));
+        }
+        let (rows, cols) = t.matrix();
+        s.raw.resize(ty.encoded_len(t.numel()), 0);
+        file.read_exact_at(&mut s.raw, content.tensor_data_offset + info.offset)?;
+        s.values.resize(t.numel(), 0.0);
+        if t.numel() > 0 {
+            ggml::dequantize(&s.raw, rows, cols, ty, &mut s.values).map_err(|e| mismatch(name, e.to_string()))?;
+        }
+        let fp = s.values_fp(t.dtype);
+        compare(name, fp, expected, &a.name)?;
+        checked += 1;
+        decoded += usize::from(!matches!(ty, GgufType::F32 | GgufType::F16));
+    }
+    let storable = tensors.iter().filter(|t| super::sinks::gguf_type_for(t, None).is_some()).count();
+    if checked != storable {
+        return Err(bad_file(&a.name, format!("{checked} tensors, expected {storable}")));
+    }
+    Ok(OutputCheck {
+        artifact: a.name.clone(),
+        format: a.format.clone(),
+        tensors_checked: checked,
+        tensors_decoded: decoded,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_see_order_length_and_every_byte() {
+        let a: Vec<u8> = (0..100u8).collect();
+        let mut b = a.clone();
+        b.swap(3, 40);
+        assert_ne!(fingerprint(&a), fingerprint(&b));
+        assert_ne!(fingerprint(&a[..99]), fingerprint(&a));
+        assert_ne!(fingerprint(&[0u8; 8]), fingerprint(&[0u8; 9]));
+        for i in 0..a.len() {
+            let mut c = a.clone();
+            c[i] ^= 1;
+            assert_ne!(fingerprint(&c), fingerprint(&a), "byte {i}");
+        }
+        assert_eq!(fingerprint(&a), fingerprint(&a.clone()));
+    }
+}
