@@ -62,3 +62,31 @@ fn a_refused_spec_exits_2_with_the_reason_and_writes_nothing() {
     assert!(!out.exists() || std::fs::read_dir(&out).unwrap().next().is_none());
     let _ = small_model();
 }
+
+#[test]
+fn plan_exits_quietly_when_its_reader_goes_away() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    // 3,000 tensors: a plan of several hundred KiB, well past a pipe's 64 KiB buffer.
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
+        (0..3000).map(|i| (format!("layers.{i}.weight"), vec![1, 4], vec![0.5; 4])).collect();
+    let refs: Vec<(&str, Vec<usize>, Vec<f32>)> =
+        tensors.iter().map(|(n, s, v)| (n.as_str(), s.clone(), v.clone())).collect();
+    let model = dir.path().join("model.safetensors");
+    std::fs::write(&model, safetensors_f32(&refs)).unwrap();
+    let spec = dir.path().join("job.json");
+    std::fs::write(&spec, r#"{"steps": [{"op": "quantize", "bits": 8}]}"#).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_modelpress"))
+        .args(["plan", model.to_str().unwrap(), "--spec", spec.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut head = [0u8; 800];
+    child.stdout.take().unwrap().read_exact(&mut head).unwrap(); // `| head -c 800`, then the pipe closes
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

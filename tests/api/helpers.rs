@@ -279,3 +279,64 @@ pub fn entry<'a>(report: &'a Value, name: &str) -> &'a Value {
 pub fn teacher() -> Vec<u8> {
     std::fs::read(crate::mlp::TEACHER).unwrap()
 }
+
+/// A safetensors file whose tensors are stored as `dtype` (F32, F16 or BF16), values given as f32.
+pub fn safetensors_typed(tensors: &[(&str, safetensors::Dtype, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, d, _, v)| encode(v, *d)).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, d, s, _), b)| (n.to_string(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::tensor::serialize(views, None).unwrap()
+}
+
+/// f32 values as little-endian bytes of `dtype` (round to nearest even).
+pub fn encode(values: &[f32], dtype: safetensors::Dtype) -> Vec<u8> {
+    match dtype {
+        safetensors::Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        safetensors::Dtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+        safetensors::Dtype::BF16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+        other => panic!("encode: {other:?}"),
+    }
+}
+
+/// Every tensor of a safetensors file as (dtype, shape, f32 values) for float dtypes.
+pub fn read_float_tensors(bytes: &[u8]) -> BTreeMap<String, (safetensors::Dtype, Vec<usize>, Vec<f32>)> {
+    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .filter_map(|(n, v)| {
+            let vals: Vec<f32> = match v.dtype() {
+                safetensors::Dtype::F32 => {
+                    v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+                }
+                safetensors::Dtype::F16 => {
+                    v.data().chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+                }
+                safetensors::Dtype::BF16 => {
+                    v.data().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+                }
+                _ => return None,
+            };
+            Some((n, (v.dtype(), v.shape().to_vec(), vals)))
+        })
+        .collect()
+}
+
+/// Every tensor of a GGUF file, dequantized by candle's reader: name -> (shape, values).
+pub fn read_gguf(bytes: &[u8]) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    use candle_core::quantized::gguf_file::Content;
+    let mut cursor = std::io::Cursor::new(bytes);
+    let content = Content::read(&mut cursor).unwrap();
+    let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
+    names
+        .into_iter()
+        .map(|n| {
+            let q = content.tensor(&mut cursor, &n, &candle_core::Device::Cpu).unwrap();
+            let t = q.dequantize(&candle_core::Device::Cpu).unwrap();
+            let shape = t.dims().to_vec();
+            (n, (shape, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        })
+        .collect()
+}

@@ -2,10 +2,12 @@
 
 mod cli;
 mod crash;
+mod faults;
 mod helpers;
 mod jobs;
 mod mlp;
 mod models;
 mod operations;
+mod properties;
 mod prune;
 mod quantize;

@@ -99,15 +99,27 @@ pub fn store_dtype(d: Dtype) -> StoreDtype {
     }
 }
 
-/// Clamps values a GGUF type cannot hold to its limit (see [`GgufType::input_limit`]); returns how
-/// many were clamped, for the tensor's notes.
-fn saturate_for(ty: GgufType, data: &mut [f32]) -> usize {
-    let Some(limit) = ty.input_limit() else { return 0 };
+/// Block reconstructions can overshoot their block's largest value by a few percent (f16 scale
+/// rounding, 2^-11; the k-quants' 6-bit sub-scales, up to ~2%), so values are kept this far below
+/// the largest finite value of the tensor's dtype, which the dense output must still hold.
+const BLOCK_HEADROOM: f32 = 0.97;
+
+/// The largest magnitude `ty` can take from a tensor of dtype `d` and give back finite in `d`.
+fn saturation_limit(ty: GgufType, d: Dtype) -> Option<f32> {
+    match ty {
+        GgufType::F32 | GgufType::F16 => ty.input_limit(),
+        _ => Some(ty.input_limit().unwrap_or(f32::MAX).min(store_dtype(d).max() * BLOCK_HEADROOM)),
+    }
+}
+
+/// Clamps values `ty` cannot hold to its limit; returns the limit and how many were clamped.
+fn saturate_for(ty: GgufType, d: Dtype, data: &mut [f32]) -> (f32, usize) {
+    let Some(limit) = saturation_limit(ty, d) else { return (f32::MAX, 0) };
     let over = data.iter().filter(|v| v.abs() > limit).count();
     if over > 0 {
         data.iter_mut().for_each(|v| *v = v.clamp(-limit, limit));
     }
-    over
+    (limit, over)
 }
 
 /// Quantizes `b.work` in place with `scheme`; returns what now describes it, and a note when
@@ -123,14 +135,14 @@ pub fn quantize(t: &TensorInfo, scheme: &Scheme, b: &mut Buffers) -> Result<(Las
             Ok((LastQuant::Int(*p), None))
         }
         Scheme::Ggml { ty, .. } => {
-            let saturated = saturate_for(*ty, &mut b.work);
+            let (limit, saturated) = saturate_for(*ty, t.dtype, &mut b.work);
             ggml::quantize(&b.work, rows, cols, *ty, &mut b.ggml).map_err(|e| tensor_error(t, "kernel_error", e))?;
             ggml::dequantize(&b.ggml, rows, cols, *ty, &mut b.work).map_err(|e| tensor_error(t, "kernel_error", e))?;
             let note = (saturated > 0).then(|| {
                 format!(
-                    "{saturated} values beyond +-{:e} were saturated to it: the largest magnitude {} can hold (its block scales are f16)",
-                    ty.input_limit().unwrap_or(f32::MAX),
-                    ty.name()
+                    "{saturated} values beyond +-{limit:e} were saturated to it: the largest magnitude {} can hold here (its block scales are f16, and the result must fit {})",
+                    ty.name(),
+                    t.dtype.as_str()
                 )
             });
             Ok((LastQuant::Ggml(*ty), note))

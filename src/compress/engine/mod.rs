@@ -341,11 +341,14 @@ pub fn run(job: &EngineJob<'_>, ctl: &dyn Control) -> Result<EngineOutput, Engin
     Ok(EngineOutput { artifacts, report })
 }
 
-/// Encodes the final values in the tensor's own dtype into `dense` (the bytes every dense layout
+/// Makes every zero positive, encodes the final values in the tensor's own dtype into `dense` (the bytes every dense layout
 /// stores) and makes `values` exactly what those bytes decode to, so the report, the dense output
 /// and every compressed layout describe the same numbers. A value the dtype cannot hold (an f16
 /// overflow) fails the tensor: no job writes NaN/Inf it made itself.
 fn store_as(t: &TensorInfo, values: &mut [f32], dense: &mut Vec<u8>) -> Result<(), EngineError> {
+    // -0.0 + 0.0 = +0.0: the sparse layout stores zeros as absent bits and decodes them as +0.0,
+    // so every changed tensor's zeros are made positive for all layouts to agree bit for bit.
+    values.iter_mut().for_each(|v| *v += 0.0);
     dense.clear();
     encode_f32(values, t.dtype, dense);
     if t.dtype != Dtype::F32 {

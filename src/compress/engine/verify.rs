@@ -1,6 +1,6 @@
 //! The agreement check run at the end of every job: each written layout is read back from disk,
-//! decoded the way its loader would, and compared bit for bit with the dense values the report
-//! describes. A layout that decodes to anything else fails the job (`layout_mismatch`).
+//! decoded the way its loader would, and compared bit for bit (zeros of either sign being one
+//! number) with the dense values the report describes. A layout that decodes to anything else fails the job (`layout_mismatch`).
 //!
 //! Memory stays bounded: the main pass keeps one 64-bit fingerprint per tensor of its dense bytes
 //! (in the tensor's own dtype); here each output is read one tensor at a time, decoded to f32,
@@ -60,8 +60,11 @@ struct Scratch {
 }
 
 impl Scratch {
-    /// Fingerprint of `self.values` encoded in `dtype`, as the dense output stores them.
+    /// Fingerprint of `self.values` encoded in `dtype`, as the dense output stores them. Zeros
+    /// count as +0.0, as the engine writes them (a GGUF block with a zero scale decodes its
+    /// negative codes to -0.0, which is the same number).
     fn values_fp(&mut self, dtype: Dtype) -> u64 {
+        self.values.iter_mut().for_each(|v| *v += 0.0);
         self.encoded.clear();
         encode_f32(&self.values, dtype, &mut self.encoded);
         fingerprint(&self.encoded)
