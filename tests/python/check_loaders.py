@@ -1,0 +1,139 @@
+"""Loads ModelPress outputs with the real tools (issue 10): transformers, compressed-tensors, gguf.
+
+Builds a tiny Llama with transformers (random weights, untied lm_head), compresses it with the
+`modelpress` CLI to int4 group-32 compressed-tensors, GGUF Q8_0 and dense safetensors, then:
+- transformers' `from_pretrained` loads the compressed-tensors folder (the model's own config.json
+  with ModelPress's `quantization_config` merged in) with no missing or unexpected keys, and gives
+  the logits of the dense output loaded into the same architecture;
+- the compressed-tensors package decompresses the packed weights to exactly the dense values;
+- the gguf package reads the GGUF and its Q8_0 tensors dequantize to the dense values.
+
+Usage: python tests/python/check_loaders.py path/to/modelpress
+Needs: torch, transformers, compressed-tensors, gguf, safetensors, numpy (see .ci/run).
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+# Dense output and decompressed weights are the same numbers, decoded in the same dtype.
+EXACT = 0.0
+# Logits of two loads of identical weights through different code paths (fused vs unfused ops).
+LOGITS_ATOL = 1e-4
+
+
+def run(cmd):
+    print("+", " ".join(map(str, cmd)), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def make_llama(folder: Path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+def check_transformers(src: Path, out: Path, work: Path):
+    from transformers import AutoModelForCausalLM
+
+    folder = work / "ct_folder"
+    shutil.copytree(out / "compressed-tensors", folder)
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = json.loads((folder / "config.json").read_text())["quantization_config"]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    assert not problems, f"compressed-tensors folder loads with problems: {problems}"
+
+    dense_folder = work / "dense_folder"
+    dense_folder.mkdir()
+    shutil.copy(src / "config.json", dense_folder / "config.json")
+    shutil.copy(out / "model.safetensors", dense_folder / "model.safetensors")
+    dense, dinfo = AutoModelForCausalLM.from_pretrained(dense_folder, output_loading_info=True)
+    assert not any(dinfo[k] for k in ("missing_keys", "unexpected_keys")), dinfo
+
+    ids = torch.arange(0, 32).reshape(2, 16)
+    with torch.no_grad():
+        got = model(ids).logits
+        want = dense(ids).logits
+    diff = (got - want).abs().max().item()
+    print(f"transformers: compressed-tensors folder loads cleanly; max |logit difference| vs dense = {diff:.2e}")
+    assert diff <= LOGITS_ATOL, diff
+
+
+def check_compressed_tensors(out: Path):
+    from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
+
+    folder = out / "compressed-tensors"
+    dense = load_file(out / "model.safetensors")
+    dequantizer = CompressedTensorsDequantizer(folder, dtype=torch.float32)
+    packed = load_file(folder / "model.safetensors")
+    n_packed = sum(name.endswith(".weight_packed") for name in packed)
+    # validate() dequantizes and refuses leftover qparams of modules no config group targets.
+    decoded = dequantizer.validate(packed)
+    assert n_packed > 0 and set(decoded) == set(dense), sorted(set(decoded) ^ set(dense))
+    for name, want in dense.items():
+        diff = (decoded[name].to(torch.float32) - want.to(torch.float32)).abs().max().item()
+        assert diff <= EXACT, f"{name}: decompressed differs from dense by {diff}"
+    print(f"compressed-tensors: {n_packed} packed weights decompress to exactly the dense values")
+
+
+def check_gguf(out: Path):
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(out / "model.gguf")
+    dense = load_file(out / "model.safetensors")
+    quantized = 0
+    for t in reader.tensors:
+        values = dequantize(t.data, t.tensor_type).reshape(dense[t.name].shape)
+        want = dense[t.name].to(torch.float32).numpy()
+        diff = float(np.abs(values.astype(np.float32) - want).max()) if want.size else 0.0
+        assert diff <= EXACT, f"{t.name} ({t.tensor_type.name}): differs from dense by {diff}"
+        quantized += t.tensor_type.name == "Q8_0"
+    assert quantized > 0
+    print(f"gguf: {len(reader.tensors)} tensors read, {quantized} Q8_0, all equal to the dense values")
+
+
+def main():
+    binary = Path(sys.argv[1]).resolve()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        src = work / "llama"
+        make_llama(src)
+        model = src / "model.safetensors"
+        for name, spec in [
+            ("ct", {"steps": [{"op": "quantize", "bits": 4, "granularity": "group", "group_size": 32}],
+                    "outputs": ["safetensors", "compressed-tensors"]}),
+            ("gguf", {"steps": [{"op": "quantize", "gguf_type": "q8_0"}], "outputs": ["safetensors", "gguf"]}),
+        ]:
+            (work / f"{name}.json").write_text(json.dumps(spec))
+            run([binary, "compress", model, "--spec", work / f"{name}.json", "--out", work / name])
+        check_transformers(src, work / "ct", work)
+        check_compressed_tensors(work / "ct")
+        check_gguf(work / "gguf")
+    print("all loader checks passed")
+
+
+if __name__ == "__main__":
+    main()
