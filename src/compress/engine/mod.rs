@@ -14,9 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-pub use kernels::first_non_finite;
 pub use prepass::{MixedChoice, MixedDecision};
-pub use sinks::gguf_type_for;
 pub use verify::{fingerprint, OutputCheck};
 
 use super::ggml::GgufType;
@@ -341,9 +339,9 @@ pub fn run(job: &EngineJob<'_>, ctl: &dyn Control) -> Result<EngineOutput, Engin
     Ok(EngineOutput { artifacts, report })
 }
 
-/// Makes every zero positive, encodes the final values in the tensor's own dtype into `dense` (the bytes every dense layout
-/// stores) and makes `values` exactly what those bytes decode to, so the report, the dense output
-/// and every compressed layout describe the same numbers. A value the dtype cannot hold (an f16
+/// Makes every zero positive, encodes the final values in the tensor's own dtype into `dense` (the
+/// bytes every dense layout stores) and makes `values` exactly what those bytes decode to, so the
+/// report, the dense output and every compressed layout describe the same numbers. A value the dtype cannot hold (an f16
 /// overflow) fails the tensor: no job writes NaN/Inf it made itself.
 fn store_as(t: &TensorInfo, values: &mut [f32], dense: &mut Vec<u8>) -> Result<(), EngineError> {
     // -0.0 + 0.0 = +0.0: the sparse layout stores zeros as absent bits and decodes them as +0.0,
@@ -354,7 +352,7 @@ fn store_as(t: &TensorInfo, values: &mut [f32], dense: &mut Vec<u8>) -> Result<(
     if t.dtype != Dtype::F32 {
         decode_f32(dense, t.dtype, values);
     }
-    match first_non_finite(values) {
+    match kernels::first_non_finite(values) {
         None => Ok(()),
         Some(i) => Err(EngineError::Tensor {
             tensor: t.name.clone(),

@@ -29,6 +29,12 @@ pub struct OutputCheck {
     pub tensors_decoded: usize,
 }
 
+impl OutputCheck {
+    fn new(a: &ArtifactFile, tensors_checked: usize, tensors_decoded: usize) -> Self {
+        OutputCheck { artifact: a.name.clone(), format: a.format.clone(), tensors_checked, tensors_decoded }
+    }
+}
+
 /// Order-sensitive 64-bit fingerprint of a byte string: four independent multiply-xorshift lanes
 /// over 8-byte words (fast enough to hide behind the reads), folded with the length.
 pub fn fingerprint(bytes: &[u8]) -> u64 {
@@ -139,12 +145,7 @@ fn dense(
     if header.tensors.len() != tensors.len() {
         return Err(bad_file(&a.name, format!("{} tensors, expected {}", header.tensors.len(), tensors.len())));
     }
-    Ok(OutputCheck {
-        artifact: a.name.clone(),
-        format: a.format.clone(),
-        tensors_checked: tensors.len(),
-        tensors_decoded: 0,
-    })
+    Ok(OutputCheck::new(a, tensors.len(), 0))
 }
 
 /// One config group of a compressed-tensors `quantization_config`, as its loader reads it.
@@ -256,12 +257,7 @@ fn compressed_tensors(
         compare(&t.name, fp, expected, &a.name)?;
         decoded += 1;
     }
-    Ok(OutputCheck {
-        artifact: a.name.clone(),
-        format: a.format.clone(),
-        tensors_checked: tensors.len(),
-        tensors_decoded: decoded,
-    })
+    Ok(OutputCheck::new(a, tensors.len(), decoded))
 }
 
 fn sparse(
@@ -298,12 +294,7 @@ fn sparse(
         compare(&t.name, fp, expected, &a.name)?;
         decoded += 1;
     }
-    Ok(OutputCheck {
-        artifact: a.name.clone(),
-        format: a.format.clone(),
-        tensors_checked: tensors.len(),
-        tensors_decoded: decoded,
-    })
+    Ok(OutputCheck::new(a, tensors.len(), decoded))
 }
 
 fn gguf(
@@ -340,12 +331,7 @@ fn gguf(
     if checked != storable {
         return Err(bad_file(&a.name, format!("{checked} tensors, expected {storable}")));
     }
-    Ok(OutputCheck {
-        artifact: a.name.clone(),
-        format: a.format.clone(),
-        tensors_checked: checked,
-        tensors_decoded: decoded,
-    })
+    Ok(OutputCheck::new(a, checked, decoded))
 }
 
 #[cfg(test)]
