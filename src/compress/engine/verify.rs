@@ -11,6 +11,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use candle_core::quantized::gguf_file;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{ArtifactFile, EngineError};
@@ -247,12 +248,14 @@ fn compressed_tensors(
         if scales.len() * block != rows * cols {
             return Err(mismatch(&t.name, format!("{} scales for blocks of {block}", scales.len())));
         }
-        s.values.clear();
-        s.values.extend(codes.iter().enumerate().map(|(i, &c)| {
-            let k = i / block.max(1);
-            let zp = zps.as_ref().map_or(0.0, |z| z[k] as f32);
-            (c as f32 - zp) * scales[k]
-        }));
+        s.values.resize(rows * cols, 0.0);
+        // One block (scale, zero point) at a time, blocks in parallel: (q - zp) * scale.
+        s.values.par_chunks_mut(block.max(1)).zip(codes.par_chunks(block.max(1))).enumerate().for_each(
+            |(k, (out, q))| {
+                let zp = zps.as_ref().map_or(0.0, |z| z[k] as f32);
+                out.iter_mut().zip(q).for_each(|(o, &c)| *o = (c as f32 - zp) * scales[k]);
+            },
+        );
         let fp = s.values_fp(t.dtype);
         compare(&t.name, fp, expected, &a.name)?;
         decoded += 1;

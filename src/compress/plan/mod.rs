@@ -196,8 +196,9 @@ pub fn scheme_refusal(s: &Scheme, t: &TensorInfo) -> Option<String> {
 }
 
 /// Working memory per element of the largest tensor: original and working f32, scratch f32,
-/// codes, and the encoded outputs.
-const BYTES_PER_ELEMENT_IN_FLIGHT: u64 = 4 * 3 + 1 + 4 + 2;
+/// codes, the encoded outputs, and the dense encoding in the tensor's dtype (up to f32). The
+/// layout check after the main pass runs after those buffers are freed and needs fewer.
+const BYTES_PER_ELEMENT_IN_FLIGHT: u64 = 4 * 3 + 1 + 4 + 2 + 4;
 /// Fixed overhead of the process (runtime, buffers, SQLite) included in the prediction.
 const BASE_MEMORY_BYTES: u64 = 64 << 20;
 
