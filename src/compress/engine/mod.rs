@@ -155,7 +155,7 @@ fn open_sinks(
                     .iter()
                     .filter_map(|tp| {
                         let t = &job.header.tensors[tp.index];
-                        sinks::gguf_type_for(t, final_ggml(tp, resolved))
+                        crate::compress::layout::gguf_type_for(t, final_ggml(tp, resolved))
                             .map(|ty| GgufTensor::new(&t.name, &t.shape, ty))
                     })
                     .collect();
@@ -352,6 +352,7 @@ fn store_as(t: &TensorInfo, values: &mut [f32], dense: &mut Vec<u8>) -> Result<(
     dense.clear();
     encode_f32(values, t.dtype, dense);
     if t.dtype != Dtype::F32 {
+        // What the narrower dtype holds, including an overflow to Inf, which the check below finds.
         decode_f32(dense, t.dtype, values);
     }
     match kernels::first_non_finite(values) {

@@ -8,7 +8,6 @@ use serde_json::json;
 use super::kernels::LastQuant;
 use super::ArtifactFile;
 use crate::compress::ggml::{self, GgufType};
-pub use crate::compress::layout::gguf_type_for;
 use crate::compress::layout::packs_as_linear;
 use crate::compress::plan::{scale_dtype, sparse_dtype};
 use crate::compress::quant::{pack_int32_into, pack_zero_points, packed_len, Granularity, IntParams, IntQuantized};

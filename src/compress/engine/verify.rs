@@ -133,20 +133,41 @@ fn raw_entry(
     compare(name, fp, expected, &a.name)
 }
 
+/// Checks every input tensor in a safetensors-based output. `decode` fills `s.values` and returns
+/// true for a tensor the layout stores in a compressed form, or returns false for one it stores as
+/// is (then its bytes are compared directly).
+fn each_tensor(
+    a: &ArtifactFile,
+    tensors: &[TensorInfo],
+    expected: &HashMap<String, u64>,
+    s: &mut Scratch,
+    mut decode: impl FnMut(&TensorInfo, &Header, &mut TensorReader, &mut Scratch) -> Result<bool, EngineError>,
+) -> Result<(OutputCheck, Header), EngineError> {
+    let (header, mut reader) = open(a)?;
+    let mut decoded = 0;
+    for t in tensors {
+        if decode(t, &header, &mut reader, s)? {
+            let fp = s.values_fp(t.dtype);
+            compare(&t.name, fp, expected, &a.name)?;
+            decoded += 1;
+        } else {
+            raw_entry(a, &header, &mut reader, &t.name, expected)?;
+        }
+    }
+    Ok((OutputCheck::new(a, tensors.len(), decoded), header))
+}
+
 fn dense(
     a: &ArtifactFile,
     tensors: &[TensorInfo],
     expected: &HashMap<String, u64>,
-    _: &mut Scratch,
+    s: &mut Scratch,
 ) -> Result<OutputCheck, EngineError> {
-    let (header, mut reader) = open(a)?;
-    for t in tensors {
-        raw_entry(a, &header, &mut reader, &t.name, expected)?;
-    }
+    let (check, header) = each_tensor(a, tensors, expected, s, |_, _, _, _| Ok(false))?;
     if header.tensors.len() != tensors.len() {
         return Err(bad_file(&a.name, format!("{} tensors, expected {}", header.tensors.len(), tensors.len())));
     }
-    Ok(OutputCheck::new(a, tensors.len(), 0))
+    Ok(check)
 }
 
 /// One config group of a compressed-tensors `quantization_config`, as its loader reads it.
@@ -198,14 +219,9 @@ fn compressed_tensors(
     let config: CtConfig = serde_json::from_slice(&std::fs::read(&config_path)?)
         .map_err(|e| bad_file(&a.name, format!("config.json: {e}")))?;
     let config = config.quantization_config;
-    let (header, mut reader) = open(a)?;
-    let mut decoded = 0;
-    for t in tensors {
+    let (check, _) = each_tensor(a, tensors, expected, s, |t, header, reader, s| {
         let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
-        let Some(packed) = header.get(&format!("{module}.weight_packed")) else {
-            raw_entry(a, &header, &mut reader, &t.name, expected)?;
-            continue;
-        };
+        let Some(packed) = header.get(&format!("{module}.weight_packed")) else { return Ok(false) };
         let w = config
             .scheme_for(module)
             .ok_or_else(|| mismatch(&t.name, format!("no config group of {} targets `{module}`", a.name)))?;
@@ -215,7 +231,7 @@ fn compressed_tensors(
                 .get(&format!("{module}.{suffix}"))
                 .ok_or_else(|| mismatch(&t.name, format!("no `{module}.{suffix}`")))
         };
-        let shape = read_i32(&mut reader, part("weight_shape")?)?;
+        let shape = read_i32(reader, part("weight_shape")?)?;
         if shape.len() != 4 || [shape[0] as usize, shape[2] as usize] != [rows, cols] {
             return Err(mismatch(
                 &t.name,
@@ -225,7 +241,7 @@ fn compressed_tensors(
         if packed.shape != [rows, packed_len(cols, w.num_bits)] {
             return Err(mismatch(&t.name, format!("weight_packed has shape {:?}", packed.shape)));
         }
-        let codes = unpack_int32(&read_i32(&mut reader, packed)?, rows, cols, w.num_bits);
+        let codes = unpack_int32(&read_i32(reader, packed)?, rows, cols, w.num_bits);
         let scale_t = part("weight_scale")?;
         let mut scales = vec![0f32; scale_t.numel()];
         decode_f32(reader.read_raw(scale_t)?, scale_t.dtype, &mut scales);
@@ -242,7 +258,7 @@ fn compressed_tensors(
             Some(if z.dtype == Dtype::I8 {
                 reader.read_raw(z)?.iter().map(|b| *b as i8).collect()
             } else {
-                unpack_zero_points(&read_i32(&mut reader, z)?, rows, scales.len() / rows.max(1), w.num_bits)
+                unpack_zero_points(&read_i32(reader, z)?, rows, scales.len() / rows.max(1), w.num_bits)
             })
         };
         if scales.len() * block != rows * cols {
@@ -256,11 +272,9 @@ fn compressed_tensors(
                 out.iter_mut().zip(q).for_each(|(o, &c)| *o = (c as f32 - zp) * scales[k]);
             },
         );
-        let fp = s.values_fp(t.dtype);
-        compare(&t.name, fp, expected, &a.name)?;
-        decoded += 1;
-    }
-    Ok(OutputCheck::new(a, tensors.len(), decoded))
+        Ok(true)
+    })?;
+    Ok(check)
 }
 
 fn sparse(
@@ -269,13 +283,10 @@ fn sparse(
     expected: &HashMap<String, u64>,
     s: &mut Scratch,
 ) -> Result<OutputCheck, EngineError> {
-    let (header, mut reader) = open(a)?;
-    let mut decoded = 0;
-    for t in tensors {
+    let (check, _) = each_tensor(a, tensors, expected, s, |t, header, reader, s| {
         let prefix = crate::formats::sparse::part_prefix(&t.name);
         if header.get(&format!("{prefix}.bitmask")).is_none() {
-            raw_entry(a, &header, &mut reader, &t.name, expected)?;
-            continue;
+            return Ok(false);
         }
         let mut parts = Vec::with_capacity(4);
         let mut dtype = safetensors::Dtype::F32;
@@ -293,11 +304,9 @@ fn sparse(
             return Err(mismatch(&t.name, format!("sparse shape {shape:?}, expected {:?}", t.shape)));
         }
         s.values = values;
-        let fp = s.values_fp(t.dtype);
-        compare(&t.name, fp, expected, &a.name)?;
-        decoded += 1;
-    }
-    Ok(OutputCheck::new(a, tensors.len(), decoded))
+        Ok(true)
+    })?;
+    Ok(check)
 }
 
 fn gguf(
@@ -330,7 +339,7 @@ fn gguf(
         checked += 1;
         decoded += usize::from(!matches!(ty, GgufType::F32 | GgufType::F16));
     }
-    let storable = tensors.iter().filter(|t| super::sinks::gguf_type_for(t, None).is_some()).count();
+    let storable = tensors.iter().filter(|t| crate::compress::layout::gguf_type_for(t, None).is_some()).count();
     if checked != storable {
         return Err(bad_file(&a.name, format!("{checked} tensors, expected {storable}")));
     }
@@ -340,6 +349,70 @@ fn gguf(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::engine::{run, EngineJob, Silent};
+    use crate::compress::{plan::plan, spec::parse_compress};
+
+    /// Runs a small job with every layout; returns the temp dir, the artifacts, the input tensors and
+    /// the fingerprints of the dense output (what the engine's own map holds).
+    fn job() -> (tempfile::TempDir, Vec<ArtifactFile>, Vec<TensorInfo>, HashMap<String, u64>) {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("in.safetensors");
+        let values: Vec<f32> = (0..8 * 64).map(|i| ((i * 37 % 101) as f32 - 50.0) / 100.0).collect();
+        let mut w = crate::formats::safetensors::SafetensorsWriter::create(&model).unwrap();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        w.write("fc.weight", Dtype::F32, &[8, 64], &bytes).unwrap();
+        w.finish(&BTreeMap::new()).unwrap();
+        let steps = serde_json::json!([{"op": "prune", "method": "magnitude", "sparsity": 0.5},
+                                       {"op": "quantize", "bits": 4, "granularity": "group", "group_size": 32}]);
+        let outputs = serde_json::json!(["safetensors", "compressed-tensors", "sparse"]);
+        let spec = parse_compress(&steps, Some(&outputs)).unwrap();
+        let header = read_header(&model, u64::MAX).unwrap();
+        let plan = plan(&spec, &header);
+        let out_dir = dir.path().join("out");
+        std::fs::create_dir(&out_dir).unwrap();
+        let job = EngineJob {
+            model_path: &model,
+            header: &header,
+            spec: &spec,
+            plan: &plan,
+            out_dir: &out_dir,
+            input_sha256: "0",
+            spec_sha256: "0",
+        };
+        let out = run(&job, &Silent).unwrap();
+        let dense = out.artifacts.iter().find(|a| a.format == "safetensors").unwrap();
+        let (dense_header, mut reader) = open(dense).unwrap();
+        let expected =
+            dense_header.tensors.iter().map(|t| (t.name.clone(), fingerprint(reader.read_raw(t).unwrap()))).collect();
+        (dir, out.artifacts, header.tensors, expected)
+    }
+
+    /// Flips one byte inside the data of entry `name` of a safetensors file.
+    fn corrupt(path: &std::path::Path, name: &str) {
+        let header = read_header(path, u64::MAX).unwrap();
+        let t = header.get(name).unwrap();
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[t.start as usize] ^= 0x10;
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn a_layout_that_decodes_to_other_values_fails_the_check() {
+        for (format, entry) in [("compressed-tensors", "fc.weight_scale"), ("sparse", "fc.compressed")] {
+            let (_dir, artifacts, tensors, expected) = job();
+            let checks = verify(&artifacts, &tensors, &expected).unwrap();
+            assert_eq!(checks.iter().map(|c| c.tensors_decoded).collect::<Vec<_>>(), [0, 1, 1]);
+            let a = artifacts.iter().find(|a| a.format == format && a.name.ends_with(".safetensors")).unwrap();
+            corrupt(&a.path, entry);
+            match verify(&artifacts, &tensors, &expected) {
+                Err(EngineError::Tensor { tensor, code, detail }) => {
+                    assert_eq!((tensor.as_str(), code), ("fc.weight", "layout_mismatch"), "{detail}");
+                    assert!(detail.contains(&a.name), "{detail}");
+                }
+                other => panic!("{format}: corrupted {entry} passed the check: {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn fingerprints_see_order_length_and_every_byte() {
