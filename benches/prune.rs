@@ -9,7 +9,8 @@ use modelpress::compress::prune::{
     prune_magnitude, prune_n_m, prune_rows, GlobalMagnitude, Norm, DEFAULT_M, DEFAULT_N,
 };
 use modelpress::compress::synth::{benchmark_model, memcpy_bytes_per_sec};
-use modelpress::formats::sparse::{Dtype, SparseEncoder};
+use modelpress::formats::safetensors::Dtype;
+use modelpress::formats::sparse::SparseEncoder;
 
 const REPEATS: usize = 5;
 const ROWS: usize = 4096;

@@ -8,9 +8,10 @@ use std::time::Instant;
 
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
-use modelpress::compress::ggml::{dequantize, quantize, GgufType};
+use modelpress::compress::ggml::{dequantize, quantize};
 use modelpress::compress::mixed::{allocate, Candidate, TensorOptions};
 use modelpress::compress::synth::{benchmark_model, memcpy_bytes_per_sec};
+use modelpress::formats::gguf::GgufType;
 use modelpress::formats::gguf::{GgufWriter, MetaValue, TensorInfo};
 
 const MIB: f64 = 1024.0 * 1024.0;

@@ -13,7 +13,7 @@ pub struct Report {
     pub totals: Totals,
     pub steps: Vec<StepTiming>,
     /// Decisions of automatic mixed-precision steps.
-    pub mixed: Vec<super::engine::MixedDecision>,
+    pub mixed: Vec<MixedDecision>,
     pub outputs: Vec<OutputSummary>,
     /// Every model artifact read back, decoded and compared bit for bit with the dense values.
     pub checks: Vec<super::engine::OutputCheck>,
@@ -61,6 +61,27 @@ pub struct Totals {
     /// bytes_in / bytes_out.
     pub ratio: f64,
     pub bits_per_weight: f64,
+}
+
+/// What a mixed-precision step decided, for the report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MixedDecision {
+    pub step: usize,
+    pub target_bits: f64,
+    /// Parameter-weighted average bits per weight of the chosen schemes (<= target).
+    pub achieved_bits: f64,
+    /// True when the allocation is proven optimal.
+    pub exact: bool,
+    pub choices: Vec<MixedChoice>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MixedChoice {
+    pub tensor: String,
+    pub scheme: String,
+    pub bits_per_weight: f64,
+    /// Squared error of each candidate measured on this tensor, by scheme name.
+    pub measured: Vec<(String, f64)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -14,9 +14,9 @@
 //! accepted: the reference decoder unpacks along the last axis of the stored shape, so a flattened
 //! conv weight would not decode there (newer versions refuse non-2-D bitmasks too).
 
+use crate::formats::safetensors::Dtype;
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
-pub use safetensors::Dtype;
 
 /// The four parts' name suffixes, in the order [`SparseEncoder::encode`] returns them.
 pub const SUFFIXES: [&str; 4] = ["shape", "bitmask", "row_offsets", "compressed"];
@@ -338,7 +338,7 @@ mod tests {
             assert_eq!((shape, dense), (vec![rows, cols], data.clone()));
             for part in &parts {
                 let elems: usize = part.shape.iter().product();
-                assert_eq!(part.data.len(), elems * part.dtype.bitsize() / 8, "{}", part.suffix);
+                assert_eq!(part.data.len(), elems * part.dtype.size(), "{}", part.suffix);
             }
         }
     }

@@ -4,13 +4,14 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use super::EngineError;
-use crate::compress::ggml::{self, GgufType};
+use crate::compress::ggml;
 use crate::compress::metrics::error_metrics;
 use crate::compress::plan::{Kernel, PlannedAction};
 use crate::compress::prune::{self, GlobalCut, TieState};
 use crate::compress::quant::{quantize_into, IntParams, IntQuantized, QuantError, ScaleSearch, StoreDtype};
 use crate::compress::report::StepTiming;
 use crate::compress::spec::Scheme;
+use crate::formats::gguf::GgufType;
 use crate::formats::safetensors::{Dtype, TensorInfo};
 
 /// Buffers reused from one tensor to the next: memory stays at a few copies of the largest.

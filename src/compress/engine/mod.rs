@@ -14,14 +14,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-pub use prepass::{MixedChoice, MixedDecision};
 pub use verify::{fingerprint, OutputCheck};
 
-use super::ggml::GgufType;
 use super::metrics::error_metrics;
 use super::plan::{Kernel, Plan, Refusal, TensorPlan};
 use super::report::{peak_rss_bytes, OutputSummary, Report, StepTiming, TensorReport, Totals};
 use super::spec::{CompressSpec, OutputFormat, Scheme};
+use crate::formats::gguf::GgufType;
 use crate::formats::gguf::{MetaValue, TensorInfo as GgufTensor};
 use crate::formats::safetensors::{decode_f32, encode_f32, Dtype, Header, TensorInfo, TensorReader};
 use kernels::{Buffers, Resolved};

@@ -3,36 +3,14 @@
 //! (error of every candidate on every tensor, then the allocation under the budget). Each pass
 //! reads the tensors one at a time, so memory stays bounded.
 
-use serde::{Deserialize, Serialize};
-
 use super::kernels::{apply, quantize, Buffers, Resolved};
 use super::{EngineError, EngineJob, Tracker};
 use crate::compress::mixed::{self, Candidate, TensorOptions};
 use crate::compress::plan::{scheme_bits, scheme_name, scheme_refusal, Kernel, TensorPlan};
 use crate::compress::prune::{magnitude_key, GlobalMagnitude};
+use crate::compress::report::{MixedChoice, MixedDecision};
 use crate::compress::spec::{PruneMethod, QuantMethod, Scheme, Step};
 use crate::formats::safetensors::TensorReader;
-
-/// What a mixed-precision step decided, for the report.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MixedDecision {
-    pub step: usize,
-    pub target_bits: f64,
-    /// Parameter-weighted average bits per weight of the chosen schemes (<= target).
-    pub achieved_bits: f64,
-    /// True when the allocation is proven optimal.
-    pub exact: bool,
-    pub choices: Vec<MixedChoice>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MixedChoice {
-    pub tensor: String,
-    pub scheme: String,
-    pub bits_per_weight: f64,
-    /// Squared error of each candidate measured on this tensor, by scheme name.
-    pub measured: Vec<(String, f64)>,
-}
 
 fn members(job: &EngineJob<'_>, want: impl Fn(&Kernel) -> bool) -> Vec<usize> {
     job.plan

@@ -7,10 +7,12 @@ use serde_json::json;
 
 use super::kernels::LastQuant;
 use super::ArtifactFile;
-use crate::compress::ggml::{self, GgufType};
+use crate::compress::ggml;
+use crate::compress::layout::compressed_tensors as ct;
 use crate::compress::layout::packs_as_linear;
 use crate::compress::plan::{scale_dtype, sparse_dtype};
 use crate::compress::quant::{pack_int32_into, pack_zero_points, packed_len, Granularity, IntParams, IntQuantized};
+use crate::formats::gguf::GgufType;
 use crate::formats::gguf::{GgufWriter, MetaValue, TensorInfo as GgufTensor};
 use crate::formats::safetensors::{
     decode_f32, encode_f32, Dtype, PlannedSafetensorsWriter, SafetensorsWriter, TensorInfo,
@@ -130,14 +132,14 @@ impl CompressedTensorsSink {
     }
 
     fn write_packed(&mut self, t: &TensorInfo, p: &IntParams, q: &IntQuantized) -> std::io::Result<()> {
-        let module = t.name.strip_suffix(".weight").unwrap_or(&t.name).to_owned();
+        let module = ct::module_of(&t.name).to_owned();
         let (rows, cols) = (q.rows, q.cols);
         let width = packed_len(cols, q.bits);
         self.words.resize(rows * width, 0);
         pack_int32_into(&q.codes, rows, cols, q.bits, &mut self.words);
         self.buf.clear();
         self.words.iter().for_each(|w| self.buf.extend_from_slice(&w.to_le_bytes()));
-        self.writer.write(&format!("{module}.weight_packed"), Dtype::I32, &[rows, width], &self.buf)?;
+        self.writer.write(&ct::part_name(&module, "weight_packed"), Dtype::I32, &[rows, width], &self.buf)?;
 
         let sd = scale_dtype(t.dtype);
         let scale_shape: Vec<usize> = match p.granularity {
@@ -146,7 +148,7 @@ impl CompressedTensorsSink {
         };
         self.buf.clear();
         encode_f32(&q.scales, sd, &mut self.buf);
-        self.writer.write(&format!("{module}.weight_scale"), sd, &scale_shape, &self.buf)?;
+        self.writer.write(&ct::part_name(&module, "weight_scale"), sd, &scale_shape, &self.buf)?;
 
         if let Some(zps) = &q.zero_points {
             self.buf.clear();
@@ -162,11 +164,11 @@ impl CompressedTensorsSink {
                     (vec![packed_len(zr, q.bits), zg], Dtype::I32)
                 }
             };
-            self.writer.write(&format!("{module}.weight_zero_point"), shape.1, &shape.0, &self.buf)?;
+            self.writer.write(&ct::part_name(&module, "weight_zero_point"), shape.1, &shape.0, &self.buf)?;
         }
         self.buf.clear();
         [rows as i64, cols as i64].iter().for_each(|v| self.buf.extend_from_slice(&v.to_le_bytes()));
-        self.writer.write(&format!("{module}.weight_shape"), Dtype::I64, &[2], &self.buf)?;
+        self.writer.write(&ct::part_name(&module, "weight_shape"), Dtype::I64, &[2], &self.buf)?;
         let key = crate::compress::plan::int_scheme_name(p);
         self.groups.entry(key).or_insert_with(|| (*p, Vec::new())).1.push(module);
         Ok(())
@@ -180,8 +182,8 @@ impl Sink for CompressedTensorsSink {
                 return self.write_packed(t, &p.clone(), q);
             }
         }
-        if let Some(module) = t.name.strip_suffix(".weight") {
-            self.ignore.insert(module.to_owned());
+        if t.name.ends_with(".weight") {
+            self.ignore.insert(ct::module_of(&t.name).to_owned());
         }
         write_dense(&mut self.writer, t, data)
     }
@@ -190,40 +192,7 @@ impl Sink for CompressedTensorsSink {
         let mut meta = metadata.clone();
         meta.insert("format".into(), "pt".into());
         self.writer.finish(&meta)?;
-        let single = self.groups.len() == 1;
-        let config_groups: serde_json::Map<String, serde_json::Value> = self
-            .groups
-            .values()
-            .enumerate()
-            .map(|(i, (p, modules))| {
-                let (strategy, group_size) = match p.granularity {
-                    Granularity::Tensor => ("tensor", None),
-                    Granularity::Channel => ("channel", None),
-                    Granularity::Group(g) => ("group", Some(g)),
-                };
-                // One scheme: target every Linear (the usual llm-compressor shape) with the
-                // rest in `ignore`; several: name each group's modules exactly.
-                let targets = if single { vec!["Linear".to_string()] } else { modules.clone() };
-                let group = json!({
-                    "targets": targets,
-                    "weights": {"num_bits": p.bits, "type": "int", "symmetric": p.symmetric, "strategy": strategy,
-                                "group_size": group_size, "dynamic": false, "observer": "minmax"},
-                    "input_activations": null,
-                    "output_activations": null,
-                });
-                (format!("group_{i}"), group)
-            })
-            .collect();
-        let config = json!({
-            "quantization_config": {
-                "quant_method": "compressed-tensors",
-                "format": "pack-quantized",
-                "quantization_status": "compressed",
-                "config_groups": config_groups,
-                "ignore": self.ignore.iter().collect::<Vec<_>>(),
-                "kv_cache_scheme": null,
-            }
-        });
+        let config = json!({"quantization_config": ct::quantization_config(&self.groups, &self.ignore)});
         std::fs::write(self.dir.join("config.json"), serde_json::to_vec_pretty(&config).expect("config JSON"))?;
         let parent = self.dir.parent().expect("job dir").to_path_buf();
         Ok(vec![
@@ -308,10 +277,6 @@ impl SparseSink {
     }
 }
 
-fn own_dtype(d: safetensors::Dtype) -> Dtype {
-    Dtype::parse(&d.to_string()).expect("safetensors dtype names match ours")
-}
-
 impl Sink for SparseSink {
     fn write(&mut self, t: &TensorInfo, data: &TensorData<'_>) -> std::io::Result<()> {
         if let TensorData::Values { values, pruned: true, .. } = data {
@@ -323,12 +288,7 @@ impl Sink for SparseSink {
                 self.total += values.len() as u64;
                 let parts = self.encoder.encode(values, &t.shape, sparse_dtype(t.dtype)).map_err(io_err)?;
                 for part in parts {
-                    self.writer.write(
-                        &format!("{prefix}.{}", part.suffix),
-                        own_dtype(part.dtype),
-                        &part.shape,
-                        part.data,
-                    )?;
+                    self.writer.write(&format!("{prefix}.{}", part.suffix), part.dtype, &part.shape, part.data)?;
                 }
                 self.targets.push(t.name.clone());
                 return Ok(());

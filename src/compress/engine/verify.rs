@@ -6,7 +6,7 @@
 //! (in the tensor's own dtype); here each output is read one tensor at a time, decoded to f32,
 //! re-encoded in that dtype and fingerprinted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
@@ -15,8 +15,10 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{ArtifactFile, EngineError};
-use crate::compress::ggml::{self, GgufType};
+use crate::compress::ggml;
+use crate::compress::layout::compressed_tensors as ct;
 use crate::compress::quant::{packed_len, unpack_int32, unpack_zero_points};
+use crate::formats::gguf::GgufType;
 use crate::formats::safetensors::{decode_f32, encode_f32, read_header, Dtype, Header, TensorInfo, TensorReader};
 
 /// What the agreement check did for one output, for the report.
@@ -170,40 +172,6 @@ fn dense(
     Ok(check)
 }
 
-/// One config group of a compressed-tensors `quantization_config`, as its loader reads it.
-#[derive(Debug, Clone, Deserialize)]
-struct CtWeights {
-    num_bits: u8,
-    symmetric: bool,
-    strategy: String,
-    group_size: Option<usize>,
-}
-
-#[derive(Debug, Deserialize)]
-struct CtGroup {
-    targets: Vec<String>,
-    weights: CtWeights,
-}
-
-#[derive(Debug, Deserialize)]
-struct CtQuantConfig {
-    config_groups: BTreeMap<String, CtGroup>,
-}
-
-#[derive(Debug, Deserialize)]
-struct CtConfig {
-    quantization_config: CtQuantConfig,
-}
-
-impl CtQuantConfig {
-    /// The group a packed module belongs to: named explicitly, or the `Linear` catch-all.
-    fn scheme_for(&self, module: &str) -> Option<&CtWeights> {
-        let groups = self.config_groups.values();
-        let named = groups.clone().find(|g| g.targets.iter().any(|t| t == module));
-        named.or_else(|| groups.clone().find(|g| g.targets.iter().any(|t| t == "Linear"))).map(|g| &g.weights)
-    }
-}
-
 /// Reads a whole entry as little-endian i32 words.
 fn read_i32(reader: &mut TensorReader, t: &TensorInfo) -> std::io::Result<Vec<i32>> {
     Ok(reader.read_raw(t)?.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes"))).collect())
@@ -216,20 +184,19 @@ fn compressed_tensors(
     s: &mut Scratch,
 ) -> Result<OutputCheck, EngineError> {
     let config_path = a.path.with_file_name("config.json");
-    let config: CtConfig = serde_json::from_slice(&std::fs::read(&config_path)?)
+    let config = ct::QuantizationConfig::from_config_json(&std::fs::read(&config_path)?)
         .map_err(|e| bad_file(&a.name, format!("config.json: {e}")))?;
-    let config = config.quantization_config;
     let (check, _) = each_tensor(a, tensors, expected, s, |t, header, reader, s| {
-        let module = t.name.strip_suffix(".weight").unwrap_or(&t.name);
-        let Some(packed) = header.get(&format!("{module}.weight_packed")) else { return Ok(false) };
+        let module = ct::module_of(&t.name);
+        let Some(packed) = header.get(&ct::part_name(module, "weight_packed")) else { return Ok(false) };
         let w = config
             .scheme_for(module)
             .ok_or_else(|| mismatch(&t.name, format!("no config group of {} targets `{module}`", a.name)))?;
         let (rows, cols) = t.matrix();
         let part = |suffix: &str| {
             header
-                .get(&format!("{module}.{suffix}"))
-                .ok_or_else(|| mismatch(&t.name, format!("no `{module}.{suffix}`")))
+                .get(&ct::part_name(module, suffix))
+                .ok_or_else(|| mismatch(&t.name, format!("no `{}`", ct::part_name(module, suffix))))
         };
         let shape = read_i32(reader, part("weight_shape")?)?;
         if shape.len() != 4 || [shape[0] as usize, shape[2] as usize] != [rows, cols] {
@@ -289,7 +256,7 @@ fn sparse(
             return Ok(false);
         }
         let mut parts = Vec::with_capacity(4);
-        let mut dtype = safetensors::Dtype::F32;
+        let mut dtype = Dtype::F32;
         for suffix in ["shape", "bitmask", "row_offsets", "compressed"] {
             let p =
                 header.get(&format!("{prefix}.{suffix}")).ok_or_else(|| mismatch(&t.name, format!("no `{suffix}`")))?;
@@ -361,7 +328,7 @@ mod tests {
         let mut w = crate::formats::safetensors::SafetensorsWriter::create(&model).unwrap();
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         w.write("fc.weight", Dtype::F32, &[8, 64], &bytes).unwrap();
-        w.finish(&BTreeMap::new()).unwrap();
+        w.finish(&std::collections::BTreeMap::new()).unwrap();
         let steps = serde_json::json!([{"op": "prune", "method": "magnitude", "sparsity": 0.5},
                                        {"op": "quantize", "bits": 4, "granularity": "group", "group_size": 32}]);
         let outputs = serde_json::json!(["safetensors", "compressed-tensors", "sparse"]);

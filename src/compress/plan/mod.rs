@@ -8,10 +8,10 @@ use serde::Serialize;
 mod planner;
 mod predict;
 
-use super::ggml::GgufType;
 use super::prune::Norm;
 use super::quant::{Granularity, IntParams, ScaleSearch};
 use super::spec::{CompressSpec, OutputFormat, PruneMethod, QuantMethod, Scheme, Step};
+use crate::formats::gguf::GgufType;
 use crate::formats::safetensors::{Dtype, Header, TensorInfo};
 
 #[derive(Debug, Clone, Serialize)]
@@ -203,11 +203,10 @@ const BYTES_PER_ELEMENT_IN_FLIGHT: u64 = 4 * 3 + 1 + 4 + 2 + 4;
 const BASE_MEMORY_BYTES: u64 = 64 << 20;
 
 /// The dtype the sparse layout stores kept values in.
-pub fn sparse_dtype(d: Dtype) -> safetensors::Dtype {
+pub fn sparse_dtype(d: Dtype) -> Dtype {
     match d {
-        Dtype::F16 => safetensors::Dtype::F16,
-        Dtype::BF16 => safetensors::Dtype::BF16,
-        _ => safetensors::Dtype::F32,
+        Dtype::F16 | Dtype::BF16 => d,
+        _ => Dtype::F32,
     }
 }
 

@@ -1,6 +1,7 @@
 //! What a plan predicts from shapes alone: output sizes, and whether a mixed budget can be met.
 
 use super::*;
+use crate::compress::layout::compressed_tensors as ct;
 
 /// A mixed-precision budget below what the cheapest candidates reach is refused up front.
 pub(super) fn check_budgets(spec: &CompressSpec, header: &Header, tensors: &[TensorPlan], refusals: &mut Vec<Refusal>) {
@@ -108,10 +109,7 @@ pub(super) fn check_output_names(
                     if crate::compress::layout::packs_as_linear(t)
                         && matches!(last, Some(Kernel::Int(_) | Kernel::Auto { .. })) =>
                 {
-                    ["weight_packed", "weight_scale", "weight_zero_point", "weight_shape"]
-                        .iter()
-                        .map(|p| format!("{prefix}.{p}"))
-                        .collect()
+                    ct::PART_SUFFIXES.iter().map(|p| ct::part_name(ct::module_of(&t.name), p)).collect()
                 }
                 OutputFormat::Sparse if t.shape.len() == 2 && tp.actions.iter().any(|a| a.op == "prune") => {
                     ["shape", "bitmask", "row_offsets", "compressed"].iter().map(|p| format!("{prefix}.{p}")).collect()

@@ -7,10 +7,10 @@ use serde_json::Value;
 mod prune;
 mod quantize;
 
-use super::ggml::GgufType;
 use super::prune::Norm;
 use super::quant::IntParams;
 use super::select::Selector;
+use crate::formats::gguf::GgufType;
 use prune::parse_prune;
 use quantize::parse_quantize;
 pub use quantize::DEFAULT_GROUP_SIZE;

@@ -4,9 +4,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{field, from_value_at, QuantMethod, QuantizeStep, Scheme, SpecError};
-use crate::compress::ggml::GgufType;
 use crate::compress::quant::{Granularity, IntParams, ScaleSearch};
 use crate::compress::select::Selector;
+use crate::formats::gguf::GgufType;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "lowercase")]

@@ -9,7 +9,8 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use crate::compress::ggml::GgufType;
+mod types;
+pub use types::{GgufType, UnknownGgufType};
 
 /// "GGUF" read as a little-endian u32.
 const MAGIC: u32 = 0x4655_4747;

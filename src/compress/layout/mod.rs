@@ -1,7 +1,9 @@
 //! Which form each tensor takes in each output layout: rules shared by the plan's predictions,
 //! the sinks that write the layouts and the check that reads them back.
 
-use crate::compress::ggml::GgufType;
+pub mod compressed_tensors;
+
+use crate::formats::gguf::GgufType;
 use crate::formats::safetensors::{Dtype, TensorInfo};
 
 /// Whether the compressed-tensors layout stores an int-quantized tensor packed: only weights of
