@@ -8,8 +8,8 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use modelpress::compress::engine::{run, EngineJob, Silent};
-use modelpress::compress::plan::plan;
+use modelpress::compress::engine::{execute, Inputs, Silent};
+use modelpress::compress::plan::prepare;
 use modelpress::compress::spec::parse_compress;
 use modelpress::compress::synth::{benchmark_matrix, memcpy_bytes_per_sec};
 use modelpress::formats::safetensors::{read_header, Dtype, SafetensorsWriter};
@@ -78,20 +78,12 @@ fn main() {
     println!("{:<40} {:>10} {:>10} {:>12} {:>14}", "job", "seconds", "MiB/s", "peak RSS MiB", "largest tensor");
     for (name, steps, outputs) in cases {
         let spec = parse_compress(&steps, Some(&outputs)).unwrap();
-        let p = plan(&spec, &header);
+        let p = prepare(spec, header.clone());
         let out = tempfile::tempdir_in(dir.path()).unwrap();
         reset_peak_rss();
         let start = Instant::now();
-        let job = EngineJob {
-            model_path: &model,
-            header: &header,
-            spec: &spec,
-            plan: &p,
-            out_dir: out.path(),
-            input_sha256: "bench",
-            spec_sha256: "bench",
-        };
-        run(&job, &Silent).unwrap();
+        let inputs = Inputs { model_path: &model, input_sha256: "bench", spec_sha256: "bench" };
+        execute(&p, &inputs, out.path(), &Silent).unwrap();
         let secs = start.elapsed().as_secs_f64();
         let peak = rss_field("VmHWM:");
         println!(

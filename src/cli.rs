@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use crate::compress::engine::{self, Control, EngineJob};
-use crate::compress::plan::plan;
+use crate::compress::engine::{self, Control, Inputs};
+use crate::compress::plan::prepare;
 use crate::compress::spec::{parse_compress, work_sha256, CompressSpec};
 use crate::config::Settings;
 use crate::formats::safetensors::read_header;
@@ -92,7 +92,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Plan { model, spec } => {
             let spec = load_spec(&spec)?;
             let header = read_header(&model, u64::MAX).with_context(|| format!("reading {}", model.display()))?;
-            print_out(&serde_json::to_string_pretty(&plan(&spec.0, &header))?)?;
+            print_out(&serde_json::to_string_pretty(&prepare(spec.0, header))?)?;
         }
         Command::Compress { model, spec, out } => return compress(&model, &spec, &out),
     }
@@ -174,7 +174,7 @@ impl Control for Bar {
 fn compress(model: &Path, spec_path: &Path, out: &Path) -> anyhow::Result<ExitCode> {
     let (spec, work_hash) = load_spec(spec_path)?;
     let header = read_header(model, u64::MAX).with_context(|| format!("reading {}", model.display()))?;
-    let plan = plan(&spec, &header);
+    let plan = prepare(spec, header);
     if !plan.refusals.is_empty() {
         for r in &plan.refusals {
             eprintln!("refused: {}: {}", r.pointer, r.detail);
@@ -194,16 +194,8 @@ fn compress(model: &Path, spec_path: &Path, out: &Path) -> anyhow::Result<ExitCo
     // a failed or interrupted run leaves no partial file under a final name.
     let staging = out.join(".partial");
     std::fs::create_dir_all(&staging)?;
-    let job = EngineJob {
-        model_path: model,
-        header: &header,
-        spec: &spec,
-        plan: &plan,
-        out_dir: &staging,
-        input_sha256: &input_sha,
-        spec_sha256: &spec_sha,
-    };
-    let result = engine::run(&job, &Bar(bar.clone()));
+    let inputs = Inputs { model_path: model, input_sha256: &input_sha, spec_sha256: &spec_sha };
+    let result = engine::execute(&plan, &inputs, &staging, &Bar(bar.clone()));
     bar.finish_and_clear();
     let output = match result {
         Ok(o) => o,

@@ -1,13 +1,16 @@
 //! Compression: specs, plans and the engine that runs them tensor by tensor.
 //!
-//! Nothing here knows about HTTP or SQL: the server's workers, the CLI and the benchmarks call
-//! [`engine::run`] directly.
+//! Nothing here knows about HTTP or SQL. Two entry points, used alike by the server's edge and
+//! workers, the CLI and the benchmarks: [`plan::prepare`] turns a parsed spec and a model's header
+//! into a [`plan::Plan`], and [`engine::execute`] runs a plan. Each kind of step is a module of
+//! [`ops`] behind [`ops::StepOp`].
 
 pub mod engine;
 pub mod ggml;
 pub mod layout;
 pub mod metrics;
 pub mod mixed;
+pub mod ops;
 pub mod plan;
 pub mod prune;
 pub mod quant;

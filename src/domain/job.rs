@@ -60,6 +60,7 @@ pub struct JobRecord {
     pub model_id: String,
     pub dataset_id: Option<String>,
     pub spec: String,
+    pub spec_version: i64,
     pub spec_hash: String,
     pub idempotency_key: Option<String>,
     pub status: String,

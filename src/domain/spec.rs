@@ -6,6 +6,10 @@ use sha2::{Digest, Sha256};
 
 use crate::compress::spec::{canonical_json, from_value_at, parse_compress, work_sha256, CompressSpec, SpecError};
 
+/// Version of the job spec format this server accepts and stores with every job. Raise it when a
+/// field's meaning changes; [`JobSpec::from_stored`] refuses versions it does not know.
+pub const SPEC_VERSION: i64 = 1;
+
 /// A validated job spec with its canonical text and hash (idempotency and provenance).
 #[derive(Debug, Clone)]
 pub struct JobSpec {
@@ -28,6 +32,12 @@ struct Envelope {
     outputs: Option<Value>,
 }
 
+/// SHA-256 (hex) of a request body's canonical JSON: the idempotency fingerprint, compared on
+/// a replay without parsing the spec again.
+pub fn request_sha256(body: &Value) -> String {
+    hex::encode(Sha256::digest(canonical_json(body).as_bytes()))
+}
+
 /// Parses and validates a job spec; the errors name JSON pointers into `body`.
 pub fn parse_job_spec(body: &Value) -> Result<JobSpec, Vec<SpecError>> {
     if !body.is_object() {
@@ -36,7 +46,7 @@ pub fn parse_job_spec(body: &Value) -> Result<JobSpec, Vec<SpecError>> {
     let env: Envelope = from_value_at(body, "").map_err(|e| vec![e])?;
     let compress = parse_compress(&env.steps, env.outputs.as_ref())?;
     let canonical = canonical_json(body);
-    let sha256 = hex::encode(Sha256::digest(canonical.as_bytes()));
+    let sha256 = request_sha256(body);
     Ok(JobSpec {
         model_id: env.model_id.to_string(),
         dataset_id: env.dataset_id.map(|d| d.to_string()),
@@ -45,6 +55,20 @@ pub fn parse_job_spec(body: &Value) -> Result<JobSpec, Vec<SpecError>> {
         sha256,
         work_sha256: work_sha256(&env.steps, env.outputs.as_ref()),
     })
+}
+
+impl JobSpec {
+    /// The typed spec of a stored job: its canonical JSON, accepted under `version`. Errors name
+    /// an unknown version or what no longer validates.
+    pub fn from_stored(canonical: &str, version: i64) -> Result<JobSpec, String> {
+        if version != SPEC_VERSION {
+            return Err(format!(
+                "the job was accepted with spec version {version}; this server runs version {SPEC_VERSION}"
+            ));
+        }
+        let body: Value = serde_json::from_str(canonical).map_err(|e| format!("stored spec is not JSON: {e}"))?;
+        parse_job_spec(&body).map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+    }
 }
 
 #[cfg(test)]
@@ -71,6 +95,17 @@ mod tests {
         assert_ne!(a.sha256, b.sha256);
         assert_eq!(a.work_sha256, b.work_sha256);
         assert_eq!(a.work_sha256, work_sha256(&json!([{"bits": 8, "op": "quantize"}]), None));
+    }
+
+    #[test]
+    fn a_stored_spec_reads_back_only_under_a_known_version() {
+        let body =
+            json!({"model_id": "0190c5e6-0000-7000-8000-000000000000", "steps": [{"op": "quantize", "bits": 8}]});
+        let stored = parse_job_spec(&body).unwrap();
+        let back = JobSpec::from_stored(&stored.canonical, SPEC_VERSION).unwrap();
+        assert_eq!((back.sha256, back.work_sha256), (stored.sha256, stored.work_sha256));
+        let e = JobSpec::from_stored(&stored.canonical, SPEC_VERSION + 1).unwrap_err();
+        assert!(e.contains("spec version 2"), "{e}");
     }
 
     #[test]

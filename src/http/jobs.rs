@@ -131,8 +131,7 @@ pub async fn create_job(State(state): State<AppState>, headers: HeaderMap, body:
         if let Some(existing) = state.queue.find_by_idempotency_key(k).await? {
             let value: serde_json::Value = serde_json::from_slice(&body)
                 .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")))?;
-            let same = crate::domain::spec::parse_job_spec(&value).is_ok_and(|s| s.sha256 == existing.spec_hash);
-            if !same {
+            if crate::domain::spec::request_sha256(&value) != existing.spec_hash {
                 return Err(crate::storage::queue::QueueError::IdempotencyConflict.into());
             }
             let location = format!("/v1/jobs/{}", existing.id);
@@ -147,6 +146,7 @@ pub async fn create_job(State(state): State<AppState>, headers: HeaderMap, body:
                 model_id: spec.model_id.clone(),
                 dataset_id: spec.dataset_id.clone(),
                 spec: spec.canonical.clone(),
+                spec_version: crate::domain::spec::SPEC_VERSION,
                 spec_hash: spec.sha256.clone(),
                 idempotency_key: key,
                 max_attempts: state.settings.queue.max_attempts,

@@ -6,7 +6,7 @@ use bytes::Bytes;
 
 use super::error::{ApiError, ApiResult};
 use super::AppState;
-use crate::compress::plan::{plan, Plan};
+use crate::compress::plan::{prepare, Plan};
 use crate::compress::spec::SpecError;
 use crate::domain::spec::{parse_job_spec, JobSpec};
 use crate::formats::safetensors::read_header;
@@ -36,7 +36,7 @@ pub async fn spec_and_plan(state: &AppState, body: &[u8]) -> ApiResult<(JobSpec,
     let path = state.blobs.local_path(&model.sha256).await.map_err(ApiError::io)?;
     let limit = state.settings.storage.max_header_bytes;
     let compress = spec.compress.clone();
-    let plan = tokio::task::spawn_blocking(move || read_header(&path, limit).map(|h| plan(&compress, &h)))
+    let plan = tokio::task::spawn_blocking(move || read_header(&path, limit).map(|h| prepare(compress, h)))
         .await
         .expect("plan task")
         .map_err(ApiError::internal)?;

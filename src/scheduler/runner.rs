@@ -10,10 +10,10 @@ use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
 use super::WorkerContext;
-use crate::compress::engine::{self, Control, EngineError, EngineJob};
+use crate::compress::engine::{self, Control, EngineError, Inputs};
 use crate::compress::plan;
 use crate::domain::job::{JobFailure, JobRecord, Progress};
-use crate::domain::spec::parse_job_spec;
+use crate::domain::spec::JobSpec;
 use crate::formats::safetensors::read_header;
 use crate::storage::catalog::ModelKind;
 use crate::storage::queue::{NewArtifact, Outcome, QueueError};
@@ -135,16 +135,9 @@ async fn execute_inner(
     job: &JobRecord,
     gate: &mut Option<tokio::sync::OwnedMutexGuard<()>>,
 ) -> Outcome {
-    let body: serde_json::Value = match serde_json::from_str(&job.spec) {
-        Ok(v) => v,
-        Err(e) => return Outcome::Failed(failure("invalid_spec", format!("stored spec is not JSON: {e}"))),
-    };
-    let spec = match parse_job_spec(&body) {
+    let spec = match JobSpec::from_stored(&job.spec, job.spec_version) {
         Ok(s) => s,
-        Err(errors) => {
-            let detail = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
-            return Outcome::Failed(failure("invalid_spec", detail));
-        }
+        Err(detail) => return Outcome::Failed(failure("invalid_spec", detail)),
     };
     let model = match ctx.catalog.get_model(ModelKind::Model, &job.model_id).await {
         Ok(Some(m)) => m,
@@ -173,18 +166,10 @@ async fn execute_inner(
         let _entered = span.enter();
         let header = read_header(&model_path, header_limit)
             .map_err(|e| EngineError::Io(std::io::Error::other(e.to_string())))?;
-        let plan = plan::plan(&spec.compress, &header);
-        let job = EngineJob {
-            model_path: &model_path,
-            header: &header,
-            spec: &spec.compress,
-            plan: &plan,
-            out_dir: &dir,
-            input_sha256: &sha,
-            spec_sha256: &spec.work_sha256,
-        };
-        let out = engine::run(&job, engine_control.as_ref())?;
-        metrics::counter!("modelpress_bytes_processed_total").increment(header.tensors.iter().map(|t| t.bytes()).sum());
+        let plan = plan::prepare(spec.compress, header);
+        let inputs = Inputs { model_path: &model_path, input_sha256: &sha, spec_sha256: &spec.work_sha256 };
+        let out = engine::execute(&plan, &inputs, &dir, engine_control.as_ref())?;
+        metrics::counter!("modelpress_bytes_processed_total").increment(plan.totals.bytes_in);
         Ok::<_, EngineError>(out)
     })
     .await;

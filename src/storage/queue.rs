@@ -14,6 +14,8 @@ pub struct NewJob {
     pub model_id: String,
     pub dataset_id: Option<String>,
     pub spec: String,
+    /// [`crate::domain::spec::SPEC_VERSION`] of the server that accepted it.
+    pub spec_version: i64,
     pub spec_hash: String,
     pub idempotency_key: Option<String>,
     pub max_attempts: u32,

@@ -122,8 +122,8 @@ impl JobQueue for SqliteQueue {
         // DELETE of the model either sees this job or happens before it and this inserts nothing.
         let record: Option<JobRecord> = sqlx::query_as(
             "insert into jobs (id, model_id, dataset_id, spec, spec_hash, idempotency_key, status,
-                               max_attempts, run_after, created_at, updated_at)
-             select ?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?8, ?8
+                               max_attempts, run_after, created_at, updated_at, spec_version)
+             select ?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?8, ?8, ?9
              where exists (select 1 from models where id = ?2 and kind = 'model')
                and (?3 is null or exists (select 1 from models where id = ?3 and kind = 'dataset'))
              returning *",
@@ -136,6 +136,7 @@ impl JobQueue for SqliteQueue {
         .bind(&job.idempotency_key)
         .bind(job.max_attempts as i64)
         .bind(now)
+        .bind(job.spec_version)
         .fetch_optional(&mut *tx)
         .await?;
         let record = record.ok_or_else(|| QueueError::NotFound(job.model_id.clone()))?;

@@ -8,8 +8,8 @@ use proptest::prelude::*;
 use safetensors::Dtype;
 use serde_json::{json, Value};
 
-use modelpress::compress::engine::{self, EngineError, EngineJob, Silent};
-use modelpress::compress::{plan::plan, spec::parse_compress};
+use modelpress::compress::engine::{self, EngineError, Inputs, Silent};
+use modelpress::compress::{plan::prepare, spec::parse_compress};
 use modelpress::formats::safetensors::read_header;
 
 use crate::helpers::{read_float_tensors, safetensors_typed};
@@ -109,20 +109,12 @@ fn run_case(
     let outputs = json!(["safetensors", "compressed-tensors", "gguf", "sparse"]);
     let spec = parse_compress(&json!([step]), Some(&outputs)).unwrap();
     let header = read_header(&model, u64::MAX).unwrap();
-    let plan = plan(&spec, &header);
+    let plan = prepare(spec, header);
     prop_assume!(plan.refusals.is_empty());
     let out_dir = dir.path().join("out");
     std::fs::create_dir(&out_dir).unwrap();
-    let job = EngineJob {
-        model_path: &model,
-        header: &header,
-        spec: &spec,
-        plan: &plan,
-        out_dir: &out_dir,
-        input_sha256: "0",
-        spec_sha256: "0",
-    };
-    match engine::run(&job, &Silent) {
+    let inputs = Inputs { model_path: &model, input_sha256: "0", spec_sha256: "0" };
+    match engine::execute(&plan, &inputs, &out_dir, &Silent) {
         Ok(out) => {
             prop_assert_eq!(out.report.checks.len(), 4, "every layout is checked: {:?}", out.report.checks);
             let dense = read_float_tensors(&std::fs::read(out_dir.join("model.safetensors")).unwrap());

@@ -6,11 +6,11 @@ use std::time::Instant;
 use super::EngineError;
 use crate::compress::ggml;
 use crate::compress::metrics::error_metrics;
+use crate::compress::ops::Scheme;
 use crate::compress::plan::{Kernel, PlannedAction};
 use crate::compress::prune::{self, GlobalCut, TieState};
 use crate::compress::quant::{quantize_into, IntParams, IntQuantized, QuantError, ScaleSearch, StoreDtype};
 use crate::compress::report::StepTiming;
-use crate::compress::spec::Scheme;
 use crate::formats::gguf::GgufType;
 use crate::formats::safetensors::{Dtype, TensorInfo};
 
@@ -195,7 +195,7 @@ pub fn apply(
                 let scheme = *resolved.auto.get(&(*step, t.name.clone())).ok_or_else(|| {
                     tensor_error(t, "internal_error", "mixed precision was not resolved before the main pass")
                 })?;
-                label = format!("{} (auto)", crate::compress::plan::scheme_name(&scheme));
+                label = format!("{} (auto)", crate::compress::ops::quantize::scheme_name(&scheme));
                 let note;
                 (out.quant, note) = quantize(t, &scheme, b)?;
                 out.notes.extend(note.map(|n| format!("step {}: {n}", a.step)));

@@ -6,7 +6,7 @@
 //! read passes before the main one. Cancellation and progress are checked between tensors.
 
 mod kernels;
-mod prepass;
+mod passes;
 mod sinks;
 mod verify;
 
@@ -14,27 +14,36 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+pub(crate) use kernels::{quantize, Buffers};
+pub use passes::PassCx;
 pub use verify::{fingerprint, OutputCheck};
 
 use super::metrics::error_metrics;
+use super::ops::{OpKind, Scheme};
 use super::plan::{Kernel, Plan, Refusal, TensorPlan};
 use super::report::{peak_rss_bytes, OutputSummary, Report, StepTiming, TensorReport, Totals};
-use super::spec::{CompressSpec, OutputFormat, Scheme};
-use crate::formats::gguf::GgufType;
-use crate::formats::gguf::{MetaValue, TensorInfo as GgufTensor};
-use crate::formats::safetensors::{decode_f32, encode_f32, Dtype, Header, TensorInfo, TensorReader};
-use kernels::{Buffers, Resolved};
+use super::spec::OutputFormat;
+use crate::formats::gguf::{GgufType, MetaValue, TensorInfo as GgufTensor};
+use crate::formats::safetensors::{decode_f32, encode_f32, Dtype, TensorInfo, TensorReader};
+use kernels::Resolved;
 use sinks::{QuantRef, Sink, TensorData};
 
-/// Everything one run needs. `out_dir` must exist and be empty; the caller owns it.
-pub struct EngineJob<'a> {
+/// What [`execute`] reads besides the plan: the input file and the hashes written into every
+/// artifact as provenance.
+pub struct Inputs<'a> {
+    /// The safetensors file the plan's header was read from.
     pub model_path: &'a Path,
-    pub header: &'a Header,
-    pub spec: &'a CompressSpec,
-    pub plan: &'a Plan,
-    pub out_dir: &'a Path,
+    /// SHA-256 (hex) of that file.
     pub input_sha256: &'a str,
+    /// [`crate::compress::spec::work_sha256`] of the spec.
     pub spec_sha256: &'a str,
+}
+
+/// One execution: the plan, its inputs and the directory it writes into.
+struct Job<'a> {
+    plan: &'a Plan,
+    inputs: &'a Inputs<'a>,
+    out_dir: &'a Path,
 }
 
 /// How the engine talks to whoever runs it (a server worker, the CLI, a benchmark).
@@ -105,11 +114,11 @@ impl Tracker<'_> {
 
 /// Provenance written into every model artifact's metadata. Deterministic (no times, no job
 /// ids) so a re-run after a crash produces byte-identical files.
-pub fn provenance(job: &EngineJob<'_>) -> BTreeMap<String, String> {
-    let mut meta = job.header.metadata.clone();
+fn provenance(job: &Job<'_>) -> BTreeMap<String, String> {
+    let mut meta = job.plan.header.metadata.clone();
     meta.insert("modelpress.version".into(), env!("CARGO_PKG_VERSION").into());
-    meta.insert("modelpress.input_sha256".into(), job.input_sha256.into());
-    meta.insert("modelpress.spec_sha256".into(), job.spec_sha256.into());
+    meta.insert("modelpress.input_sha256".into(), job.inputs.input_sha256.into());
+    meta.insert("modelpress.spec_sha256".into(), job.inputs.spec_sha256.into());
     meta
 }
 
@@ -126,22 +135,19 @@ fn final_ggml(tp: &TensorPlan, resolved: &Resolved) -> Option<GgufType> {
 }
 
 fn open_sinks(
-    job: &EngineJob<'_>,
+    job: &Job<'_>,
     resolved: &Resolved,
     labels: &BTreeMap<String, String>,
 ) -> std::io::Result<Vec<Box<dyn Sink>>> {
     let mut out: Vec<Box<dyn Sink>> = Vec::new();
-    for f in &job.spec.outputs {
+    for f in &job.plan.spec.outputs {
         out.push(match f {
             OutputFormat::Safetensors => {
                 let tensors: Vec<_> = job
                     .plan
                     .tensors
                     .iter()
-                    .map(|tp| {
-                        let t = &job.header.tensors[tp.index];
-                        (t.name.clone(), t.dtype, t.shape.clone())
-                    })
+                    .map(|tp| (tp.out.name.clone(), tp.out.dtype, tp.out.shape.clone()))
                     .collect();
                 Box::new(sinks::DenseSink::create(job.out_dir, &tensors, &provenance(job))?)
             }
@@ -153,16 +159,15 @@ fn open_sinks(
                     .tensors
                     .iter()
                     .filter_map(|tp| {
-                        let t = &job.header.tensors[tp.index];
-                        crate::compress::layout::gguf_type_for(t, final_ggml(tp, resolved))
-                            .map(|ty| GgufTensor::new(&t.name, &t.shape, ty))
+                        crate::compress::layout::gguf_type_for(&tp.out, final_ggml(tp, resolved))
+                            .map(|ty| GgufTensor::new(&tp.out.name, &tp.out.shape, ty))
                     })
                     .collect();
                 let omitted: Vec<String> = job
                     .plan
                     .tensors
                     .iter()
-                    .map(|tp| &job.header.tensors[tp.index])
+                    .map(|tp| &tp.out)
                     .filter(|t| !tensors.iter().any(|g| g.name == t.name))
                     .map(|t| t.name.clone())
                     .collect();
@@ -173,8 +178,8 @@ fn open_sinks(
                 let meta = vec![
                     ("general.name".to_string(), MetaValue::from("modelpress output")),
                     ("modelpress.version".to_string(), MetaValue::from(env!("CARGO_PKG_VERSION"))),
-                    ("modelpress.input_sha256".to_string(), MetaValue::from(job.input_sha256)),
-                    ("modelpress.spec_sha256".to_string(), MetaValue::from(job.spec_sha256)),
+                    ("modelpress.input_sha256".to_string(), MetaValue::from(job.inputs.input_sha256)),
+                    ("modelpress.spec_sha256".to_string(), MetaValue::from(job.inputs.spec_sha256)),
                     ("modelpress.tensor_schemes".to_string(), MetaValue::from(schemes)),
                     ("modelpress.omitted_tensors".to_string(), MetaValue::from(omitted)),
                 ];
@@ -185,27 +190,33 @@ fn open_sinks(
     Ok(out)
 }
 
-pub fn run(job: &EngineJob<'_>, ctl: &dyn Control) -> Result<EngineOutput, EngineError> {
+/// Executes `plan` (from [`crate::compress::plan::prepare`]) on `inputs`, writing every output
+/// and `report.json`/`report.html` into `out_dir`, which must exist and be empty; the caller
+/// owns it. Errors: the plan's refusals, a tensor the kernels refuse (NaN/Inf, a value the dtype
+/// cannot hold, a layout that does not decode back), I/O, or cancellation through `ctl`.
+pub fn execute(
+    plan: &Plan,
+    inputs: &Inputs<'_>,
+    out_dir: &Path,
+    ctl: &dyn Control,
+) -> Result<EngineOutput, EngineError> {
+    let job = &Job { plan, inputs, out_dir };
     if !job.plan.refusals.is_empty() {
         return Err(EngineError::Refused(job.plan.refusals.clone()));
     }
     let started = Instant::now();
-    let main_bytes: u64 = job.header.tensors.iter().map(|t| t.bytes()).sum();
+    let main_bytes: u64 = job.plan.tensors.iter().map(|tp| tp.bytes_in).sum();
     let prepass_bytes: u64 = job
         .plan
         .tensors
         .iter()
         .flat_map(|tp| tp.actions.iter().map(move |a| (tp, a)))
-        .map(|(tp, a)| match a.kernel {
-            Kernel::GlobalMagnitude { .. } => 2 * tp.bytes_in,
-            Kernel::Auto { .. } => tp.bytes_in,
-            _ => 0,
-        })
+        .map(|(tp, a)| job.plan.spec.steps[a.step].op().prepasses() as u64 * tp.bytes_in)
         .sum();
     let mut tracker = Tracker { ctl, total: main_bytes + prepass_bytes, done: 0 };
-    let mut reader = TensorReader::open(job.model_path)?;
+    let mut reader = TensorReader::open(job.inputs.model_path)?;
     let mut b = Buffers::default();
-    let (mut resolved, mixed) = prepass::resolve(job, &mut reader, &mut b, &mut tracker)?;
+    let (mut resolved, mixed) = passes::resolve(job.plan, &mut reader, &mut b, &mut tracker)?;
 
     let labels: BTreeMap<String, String> = job
         .plan
@@ -222,11 +233,12 @@ pub fn run(job: &EngineJob<'_>, ctl: &dyn Control) -> Result<EngineOutput, Engin
         .collect();
     let mut sinks = open_sinks(job, &resolved, &labels)?;
     let mut steps: Vec<StepTiming> = job
+        .plan
         .spec
         .steps
         .iter()
         .enumerate()
-        .map(|(i, s)| StepTiming { step: i, op: s.op().into(), milliseconds: 0.0, tensors: 0 })
+        .map(|(i, s)| StepTiming { step: i, op: s.kind().name().into(), milliseconds: 0.0, tensors: 0 })
         .collect();
     let mut reports = Vec::with_capacity(job.plan.tensors.len());
     // Fingerprint of every tensor's dense bytes, for the agreement check of the written layouts.
@@ -234,13 +246,13 @@ pub fn run(job: &EngineJob<'_>, ctl: &dyn Control) -> Result<EngineOutput, Engin
     let mut dense = Vec::new();
 
     for tp in &job.plan.tensors {
-        let t = &job.header.tensors[tp.index];
+        let (source, t) = (&job.plan.header.tensors[tp.index], &tp.out);
         tracker.check(&format!("tensor {}", t.name))?;
         let t0 = Instant::now();
         let mut notes: Vec<String> = tp.skipped.iter().map(|s| format!("step {}: {}", s.step, s.reason)).collect();
         notes.extend(tp.notes.iter().cloned());
         if tp.actions.is_empty() {
-            let raw = reader.read_raw(t)?;
+            let raw = reader.read_raw(source)?;
             for sink in &mut sinks {
                 sink.write(t, &TensorData::Raw(raw))?;
             }
@@ -248,13 +260,13 @@ pub fn run(job: &EngineJob<'_>, ctl: &dyn Control) -> Result<EngineOutput, Engin
             let nonzeros = raw.chunks_exact(t.dtype.size()).filter(|c| c.iter().any(|x| *x != 0)).count() as u64;
             reports.push(unchanged_report(t, nonzeros, notes, t0));
         } else {
-            reader.read_f32(t, &mut b.orig)?;
+            reader.read_f32(source, &mut b.orig)?;
             b.work.clear();
             b.work.extend_from_slice(&b.orig);
             let outcome = kernels::apply(t, &tp.actions, None, &mut b, &mut resolved, Some(&mut steps))?;
             store_as(t, &mut b.work, &mut dense)?;
             expected.insert(t.name.clone(), fingerprint(&dense));
-            let pruned = tp.actions.iter().any(|a| a.op == "prune");
+            let pruned = tp.actions.iter().any(|a| a.op == OpKind::Prune);
             let data = TensorData::Values {
                 values: &b.work,
                 dense: &dense,
@@ -269,7 +281,7 @@ pub fn run(job: &EngineJob<'_>, ctl: &dyn Control) -> Result<EngineOutput, Engin
             let (bytes_out, bits) = match (&tp.actions.last().map(|a| &a.kernel), final_ggml(tp, &resolved)) {
                 (Some(Kernel::Auto { step }), _) => {
                     let scheme = resolved.auto[&(*step, tp.name.clone())];
-                    let bits = super::plan::scheme_bits(&scheme, t);
+                    let bits = super::ops::quantize::scheme_bits(&scheme, t);
                     ((bits * t.numel() as f64 / 8.0).round() as u64, bits)
                 }
                 _ => (tp.bytes_out, tp.bits_per_weight),
@@ -277,12 +289,12 @@ pub fn run(job: &EngineJob<'_>, ctl: &dyn Control) -> Result<EngineOutput, Engin
             let n = t.numel().max(1) as f64;
             reports.push(TensorReport {
                 name: t.name.clone(),
-                shape_in: t.shape.clone(),
+                shape_in: source.shape.clone(),
                 shape_out: t.shape.clone(),
-                dtype_in: t.dtype.as_str().into(),
+                dtype_in: source.dtype.as_str().into(),
                 dtype_out: t.dtype.as_str().into(),
                 scheme: outcome.labels.join(" + "),
-                bytes_in: t.bytes(),
+                bytes_in: source.bytes(),
                 bytes_out,
                 bits_per_weight: bits,
                 parameters: t.numel() as u64,
@@ -295,7 +307,7 @@ pub fn run(job: &EngineJob<'_>, ctl: &dyn Control) -> Result<EngineOutput, Engin
                 notes,
             });
         }
-        tracker.done(t.bytes());
+        tracker.done(tp.bytes_in);
     }
     tracker.check("writing outputs")?;
 
@@ -307,7 +319,8 @@ pub fn run(job: &EngineJob<'_>, ctl: &dyn Control) -> Result<EngineOutput, Engin
     tracker.check("checking that every output decodes to the dense values")?;
     // The check has buffers of its own: the main pass's go first, so the peak stays the main pass's.
     drop((b, dense));
-    let checks = verify::verify(&artifacts, &job.header.tensors, &expected)?;
+    let outs: Vec<TensorInfo> = job.plan.tensors.iter().map(|tp| tp.out.clone()).collect();
+    let checks = verify::verify(&artifacts, &outs, &expected)?;
     let outputs = artifacts
         .iter()
         .map(|a| {
@@ -320,8 +333,8 @@ pub fn run(job: &EngineJob<'_>, ctl: &dyn Control) -> Result<EngineOutput, Engin
         .collect::<std::io::Result<Vec<_>>>()?;
     let report = Report {
         engine: format!("modelpress {}", env!("CARGO_PKG_VERSION")),
-        input_sha256: job.input_sha256.into(),
-        spec_sha256: job.spec_sha256.into(),
+        input_sha256: job.inputs.input_sha256.into(),
+        spec_sha256: job.inputs.spec_sha256.into(),
         totals: Totals::from_tensors(&reports),
         tensors: reports,
         steps,
@@ -331,10 +344,10 @@ pub fn run(job: &EngineJob<'_>, ctl: &dyn Control) -> Result<EngineOutput, Engin
         duration_ms: started.elapsed().as_secs_f64() * 1e3,
         peak_rss_bytes: peak_rss_bytes(),
     };
-    let json_path = job.out_dir.join("report.json");
+    let json_path = out_dir.join("report.json");
     std::fs::write(&json_path, serde_json::to_vec_pretty(&report).expect("report JSON"))?;
     artifacts.push(ArtifactFile { name: "report.json".into(), format: "report".into(), path: json_path });
-    let html_path = job.out_dir.join("report.html");
+    let html_path = out_dir.join("report.html");
     std::fs::write(&html_path, super::report_html::render(&report))?;
     artifacts.push(ArtifactFile { name: "report.html".into(), format: "report".into(), path: html_path });
     Ok(EngineOutput { artifacts, report })

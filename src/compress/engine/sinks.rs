@@ -9,8 +9,9 @@ use super::kernels::LastQuant;
 use super::ArtifactFile;
 use crate::compress::ggml;
 use crate::compress::layout::compressed_tensors as ct;
+use crate::compress::layout::compressed_tensors::scale_dtype;
 use crate::compress::layout::packs_as_linear;
-use crate::compress::plan::{scale_dtype, sparse_dtype};
+use crate::compress::layout::sparse_dtype;
 use crate::compress::quant::{pack_int32_into, pack_zero_points, packed_len, Granularity, IntParams, IntQuantized};
 use crate::formats::gguf::GgufType;
 use crate::formats::gguf::{GgufWriter, MetaValue, TensorInfo as GgufTensor};
@@ -169,7 +170,7 @@ impl CompressedTensorsSink {
         self.buf.clear();
         [rows as i64, cols as i64].iter().for_each(|v| self.buf.extend_from_slice(&v.to_le_bytes()));
         self.writer.write(&ct::part_name(&module, "weight_shape"), Dtype::I64, &[2], &self.buf)?;
-        let key = crate::compress::plan::int_scheme_name(p);
+        let key = crate::compress::ops::quantize::int_scheme_name(p);
         self.groups.entry(key).or_insert_with(|| (*p, Vec::new())).1.push(module);
         Ok(())
     }

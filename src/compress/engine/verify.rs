@@ -261,7 +261,7 @@ fn sparse(
             let p =
                 header.get(&format!("{prefix}.{suffix}")).ok_or_else(|| mismatch(&t.name, format!("no `{suffix}`")))?;
             if suffix == "compressed" {
-                dtype = crate::compress::plan::sparse_dtype(p.dtype);
+                dtype = crate::compress::layout::sparse_dtype(p.dtype);
             }
             parts.push(reader.read_raw(p)?.to_vec());
         }
@@ -316,8 +316,8 @@ fn gguf(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compress::engine::{run, EngineJob, Silent};
-    use crate::compress::{plan::plan, spec::parse_compress};
+    use crate::compress::engine::{execute, Inputs, Silent};
+    use crate::compress::{plan::prepare, spec::parse_compress};
 
     /// Runs a small job with every layout; returns the temp dir, the artifacts, the input tensors and
     /// the fingerprints of the dense output (what the engine's own map holds).
@@ -334,24 +334,16 @@ mod tests {
         let outputs = serde_json::json!(["safetensors", "compressed-tensors", "sparse"]);
         let spec = parse_compress(&steps, Some(&outputs)).unwrap();
         let header = read_header(&model, u64::MAX).unwrap();
-        let plan = plan(&spec, &header);
+        let plan = prepare(spec, header);
         let out_dir = dir.path().join("out");
         std::fs::create_dir(&out_dir).unwrap();
-        let job = EngineJob {
-            model_path: &model,
-            header: &header,
-            spec: &spec,
-            plan: &plan,
-            out_dir: &out_dir,
-            input_sha256: "0",
-            spec_sha256: "0",
-        };
-        let out = run(&job, &Silent).unwrap();
+        let inputs = Inputs { model_path: &model, input_sha256: "0", spec_sha256: "0" };
+        let out = execute(&plan, &inputs, &out_dir, &Silent).unwrap();
         let dense = out.artifacts.iter().find(|a| a.format == "safetensors").unwrap();
         let (dense_header, mut reader) = open(dense).unwrap();
         let expected =
             dense_header.tensors.iter().map(|t| (t.name.clone(), fingerprint(reader.read_raw(t).unwrap()))).collect();
-        (dir, out.artifacts, header.tensors, expected)
+        (dir, out.artifacts, plan.header.tensors, expected)
     }
 
     /// Flips one byte inside the data of entry `name` of a safetensors file.

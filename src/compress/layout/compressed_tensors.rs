@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::compress::quant::{Granularity, IntParams};
+use crate::formats::safetensors::Dtype;
 
 /// The entries a packed module is stored as, in the order the sink writes them.
 pub const PART_SUFFIXES: [&str; 4] = ["weight_packed", "weight_scale", "weight_zero_point", "weight_shape"];
@@ -19,6 +20,15 @@ pub const PART_SUFFIXES: [&str; 4] = ["weight_packed", "weight_scale", "weight_z
 /// The module a weight belongs to: `fc1.weight` -> `fc1` (a name without `.weight` is its own).
 pub fn module_of(tensor: &str) -> &str {
     tensor.strip_suffix(".weight").unwrap_or(tensor)
+}
+
+/// The dtype `weight_scale` is stored in: the weight's own float type (f32 for f32 and f64).
+pub fn scale_dtype(d: Dtype) -> Dtype {
+    if matches!(d, Dtype::F16 | Dtype::BF16) {
+        d
+    } else {
+        Dtype::F32
+    }
 }
 
 /// `M.suffix` for a module `M`.

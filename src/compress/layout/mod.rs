@@ -29,3 +29,11 @@ pub fn gguf_type_for(t: &TensorInfo, last_ggml: Option<GgufType>) -> Option<Gguf
         None => None,
     }
 }
+
+/// The dtype the sparse-bitmask layout stores kept values in: the weight's own half type, else f32.
+pub fn sparse_dtype(d: Dtype) -> Dtype {
+    match d {
+        Dtype::F16 | Dtype::BF16 => d,
+        _ => Dtype::F32,
+    }
+}

@@ -1,21 +1,25 @@
 //! Plans: what a spec will do to each tensor, decided from the header alone.
 //!
-//! The engine executes exactly the plan, and `POST /v1/jobs` refuses a spec whose plan has
-//! refusals, with the plan's words, so a shape problem is found before any work starts.
+//! [`prepare`] is the one way to a plan: the server's edge (to refuse early), its worker, the CLI
+//! and the benchmarks all call it, and the engine executes exactly the plan (which owns the spec
+//! and the header). `POST /v1/jobs` refuses a spec whose plan has refusals, with the plan's words,
+//! so a shape problem is found before any work starts.
 
 use serde::Serialize;
 
-mod planner;
+pub(crate) mod planner;
 mod predict;
 
+use super::ops::OpKind;
 use super::prune::Norm;
-use super::quant::{Granularity, IntParams, ScaleSearch};
-use super::spec::{CompressSpec, OutputFormat, PruneMethod, QuantMethod, Scheme, Step};
+use super::quant::{Granularity, IntParams};
+use super::spec::{CompressSpec, OutputFormat};
 use crate::formats::gguf::GgufType;
-use crate::formats::safetensors::{Dtype, Header, TensorInfo};
+use crate::formats::safetensors::{Header, TensorInfo};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
+    /// Every output tensor, in the order the engine processes them.
     pub tensors: Vec<TensorPlan>,
     /// Non-empty means the spec cannot run on this model; each says where and why.
     pub refusals: Vec<Refusal>,
@@ -26,13 +30,22 @@ pub struct Plan {
     /// Extra full reads of the targeted tensors before the main pass (global pruning, mixed
     /// precision measurement).
     pub prepasses: usize,
+    /// The spec this plan carries out.
+    #[serde(skip)]
+    pub spec: CompressSpec,
+    /// The input model's header: where each tensor is read from.
+    #[serde(skip)]
+    pub header: Header,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TensorPlan {
     pub name: String,
     pub dtype: String,
+    /// Shape of the input tensor.
     pub shape: Vec<usize>,
+    /// Shape it is written with.
+    pub shape_out: Vec<usize>,
     pub bytes_in: u64,
     /// Steps that change this tensor, in order.
     pub actions: Vec<PlannedAction>,
@@ -55,14 +68,19 @@ pub struct TensorPlan {
     /// What an output layout does differently with this tensor than its scheme suggests.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// Index of the input tensor it is read from (`header.tensors`).
     #[serde(skip)]
     pub(crate) index: usize,
+    /// What the outputs store: name, dtype and shape (offsets are those of the input). Every
+    /// step, sink, prediction and the report read this, never the input's descriptor.
+    #[serde(skip)]
+    pub out: TensorInfo,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PlannedAction {
     pub step: usize,
-    pub op: &'static str,
+    pub op: OpKind,
     /// e.g. `int4/group128/sym`, `q4_k`, `f16 (fallback)`, `magnitude/layer/0.50`, `2:4`.
     pub scheme: String,
     /// Why this scheme and not the one asked for (fallbacks), or what is decided at run time.
@@ -135,66 +153,6 @@ pub struct PlanTotals {
     pub bits_per_weight: f64,
 }
 
-/// Scheme label used in plans and reports, e.g. `int4/group128/asym`.
-pub fn int_scheme_name(p: &IntParams) -> String {
-    let g = match p.granularity {
-        Granularity::Tensor => "tensor".to_string(),
-        Granularity::Channel => "channel".to_string(),
-        Granularity::Group(g) => format!("group{g}"),
-    };
-    let search = if p.search == ScaleSearch::Mse { "/mse" } else { "" };
-    format!("int{}/{g}/{}{search}", p.bits, if p.symmetric { "sym" } else { "asym" })
-}
-
-pub fn scheme_name(s: &Scheme) -> String {
-    match s {
-        Scheme::Int(p) => int_scheme_name(p),
-        Scheme::Ggml { ty, .. } => ty.name().to_owned(),
-    }
-}
-
-/// Bytes of an int-quantized tensor: packed codes plus one scale (and zero point) per block,
-/// the scale stored in the tensor's own float dtype as compressed-tensors does.
-pub fn int_bytes(p: &IntParams, t: &TensorInfo) -> u64 {
-    let (rows, cols) = t.matrix();
-    let blocks = match p.granularity {
-        Granularity::Tensor => 1,
-        Granularity::Channel => rows,
-        Granularity::Group(g) => rows * cols.div_ceil(g),
-    } as u64;
-    let words_per_row = (cols * p.bits as usize).div_ceil(32) as u64;
-    let per_block = scale_dtype(t.dtype).size() as u64 + if p.symmetric { 0 } else { 1 };
-    rows as u64 * words_per_row * 4 + blocks * per_block
-}
-
-/// Scales are stored in the weight's float type (f32 for f64 weights).
-pub fn scale_dtype(d: Dtype) -> Dtype {
-    if matches!(d, Dtype::F16 | Dtype::BF16) {
-        d
-    } else {
-        Dtype::F32
-    }
-}
-
-fn ggml_bytes(ty: GgufType, t: &TensorInfo) -> u64 {
-    ty.encoded_len(t.numel()) as u64
-}
-
-/// Why a scheme cannot store `t`, if it cannot.
-pub fn scheme_refusal(s: &Scheme, t: &TensorInfo) -> Option<String> {
-    let (_, cols) = t.matrix();
-    match s {
-        Scheme::Int(p) => match p.granularity {
-            Granularity::Group(g) if !cols.is_multiple_of(g) => {
-                Some(format!("row length {cols} is not a multiple of group_size {g}"))
-            }
-            _ => None,
-        },
-        // ggml blocks run along the last dimension, whatever the flattened row length.
-        Scheme::Ggml { ty, .. } => ty.shape_refusal(&t.shape),
-    }
-}
-
 /// Working memory per element of the largest tensor: original and working f32, scratch f32,
 /// codes, the encoded outputs, and the dense encoding in the tensor's dtype (up to f32). The
 /// layout check after the main pass runs after those buffers are freed and needs fewer.
@@ -202,15 +160,9 @@ const BYTES_PER_ELEMENT_IN_FLIGHT: u64 = 4 * 3 + 1 + 4 + 2 + 4;
 /// Fixed overhead of the process (runtime, buffers, SQLite) included in the prediction.
 const BASE_MEMORY_BYTES: u64 = 64 << 20;
 
-/// The dtype the sparse layout stores kept values in.
-pub fn sparse_dtype(d: Dtype) -> Dtype {
-    match d {
-        Dtype::F16 | Dtype::BF16 => d,
-        _ => Dtype::F32,
-    }
-}
-
-pub fn plan(spec: &CompressSpec, header: &Header) -> Plan {
+/// Plans `spec` on the model whose header is `header`: the only way to a [`Plan`], which owns
+/// both and is all [`crate::compress::engine::execute`] reads.
+pub fn prepare(spec: CompressSpec, header: Header) -> Plan {
     let tensors = header
         .tensors
         .iter()
@@ -219,6 +171,7 @@ pub fn plan(spec: &CompressSpec, header: &Header) -> Plan {
             name: t.name.clone(),
             dtype: t.dtype.as_str().to_owned(),
             shape: t.shape.clone(),
+            shape_out: t.shape.clone(),
             bytes_in: t.bytes(),
             actions: Vec::new(),
             skipped: Vec::new(),
@@ -229,19 +182,24 @@ pub fn plan(spec: &CompressSpec, header: &Header) -> Plan {
             gguf_type: None,
             notes: Vec::new(),
             index,
+            out: t.clone(),
         })
         .collect();
-    let mut planner = planner::Planner { header, tensors, refusals: Vec::new() };
+    let mut planner = planner::Planner { spec: &spec, tensors, refusals: Vec::new() };
     for (i, step) in spec.steps.iter().enumerate() {
-        planner.step(i, step, spec);
+        planner.step(i, step.op());
+    }
+    for (i, step) in spec.steps.iter().enumerate() {
+        step.op().check(&mut planner, i);
     }
     let planner::Planner { mut tensors, mut refusals, .. } = planner;
-    describe_layouts(spec, header, &mut tensors);
-    predict::check_budgets(spec, header, &tensors, &mut refusals);
-    predict::check_output_names(spec, header, &tensors, &mut refusals);
+    describe_layouts(&spec, &mut tensors);
+    predict::check_output_names(&spec, &tensors, &mut refusals);
     if let Some(i) = spec.outputs.iter().position(|f| *f == OutputFormat::Gguf) {
-        for t in
-            header.tensors.iter().filter(|t| t.dtype.is_float() && t.name.len() > crate::formats::gguf::MAX_NAME_BYTES)
+        for t in tensors
+            .iter()
+            .map(|tp| &tp.out)
+            .filter(|t| t.dtype.is_float() && t.name.len() > crate::formats::gguf::MAX_NAME_BYTES)
         {
             refusals.push(Refusal {
                 pointer: format!("/outputs/{i}"),
@@ -260,7 +218,7 @@ pub fn plan(spec: &CompressSpec, header: &Header) -> Plan {
     // so the rows removed from their weight are known when they are written.
     tensors.sort_by_key(|t| (t.actions.iter().any(|a| matches!(a.kernel, Kernel::BiasOf { .. })), t.index));
 
-    let parameters = header.parameter_count();
+    let parameters: u64 = tensors.iter().map(|tp| tp.out.numel() as u64).sum();
     let bytes_in: u64 = tensors.iter().map(|t| t.bytes_in).sum();
     let bytes_out: u64 = tensors.iter().map(|t| t.bytes_out).sum();
     let outputs = spec
@@ -269,19 +227,11 @@ pub fn plan(spec: &CompressSpec, header: &Header) -> Plan {
         .map(|f| OutputPlan {
             format: f.as_str(),
             artifact: artifact_name(*f).to_owned(),
-            predicted_bytes: predict::output_bytes(*f, header, &tensors),
+            predicted_bytes: predict::output_bytes(*f, header.data_start, &tensors),
         })
         .collect();
-    let max_numel = header.tensors.iter().map(|t| t.numel() as u64).max().unwrap_or(0);
-    let prepasses = spec
-        .steps
-        .iter()
-        .map(|s| match s {
-            Step::Prune(p) if matches!(p.method, PruneMethod::Magnitude { global: true, .. }) => 2,
-            Step::Quantize(q) if matches!(q.method, QuantMethod::Auto { .. }) => 1,
-            _ => 0,
-        })
-        .sum();
+    let max_numel = tensors.iter().map(|tp| tp.out.numel().max(header.tensors[tp.index].numel()) as u64).max();
+    let prepasses = spec.steps.iter().map(|s| s.op().prepasses()).sum();
     Plan {
         totals: PlanTotals {
             tensors: tensors.len(),
@@ -294,18 +244,20 @@ pub fn plan(spec: &CompressSpec, header: &Header) -> Plan {
         tensors,
         refusals,
         outputs,
-        peak_memory_bytes: BASE_MEMORY_BYTES + max_numel * BYTES_PER_ELEMENT_IN_FLIGHT,
+        peak_memory_bytes: BASE_MEMORY_BYTES + max_numel.unwrap_or(0) * BYTES_PER_ELEMENT_IN_FLIGHT,
         prepasses,
+        spec,
+        header,
     }
 }
 
 /// Fills what each tensor becomes in the requested layouts (plan fields `matrix`, `gguf_type`,
 /// `notes`), from the same rules the sinks follow.
-fn describe_layouts(spec: &CompressSpec, header: &Header, tensors: &mut [TensorPlan]) {
+fn describe_layouts(spec: &CompressSpec, tensors: &mut [TensorPlan]) {
     let gguf = spec.outputs.contains(&OutputFormat::Gguf);
     let ct = spec.outputs.contains(&OutputFormat::CompressedTensors);
     for tp in tensors.iter_mut() {
-        let t = &header.tensors[tp.index];
+        let t = &tp.out;
         let last = tp.actions.last().map(|a| &a.kernel);
         if last.is_some() {
             let (rows, cols) = t.matrix();
@@ -336,15 +288,6 @@ fn describe_layouts(spec: &CompressSpec, header: &Header, tensors: &mut [TensorP
             }
         }
     }
-}
-
-/// Bits per weight a scheme costs on tensor `t`, scales included.
-pub fn scheme_bits(s: &Scheme, t: &TensorInfo) -> f64 {
-    let bytes = match s {
-        Scheme::Int(p) => int_bytes(p, t),
-        Scheme::Ggml { ty, .. } => ggml_bytes(*ty, t),
-    };
-    bytes as f64 * 8.0 / t.numel().max(1) as f64
 }
 
 /// The main artifact each output format produces.

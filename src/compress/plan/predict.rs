@@ -1,43 +1,15 @@
-//! What a plan predicts from shapes alone: output sizes, and whether a mixed budget can be met.
+//! What a plan predicts from the output descriptors alone: output sizes, and names that collide.
 
 use super::*;
 use crate::compress::layout::compressed_tensors as ct;
+use crate::compress::layout::sparse_dtype;
 
-/// A mixed-precision budget below what the cheapest candidates reach is refused up front.
-pub(super) fn check_budgets(spec: &CompressSpec, header: &Header, tensors: &[TensorPlan], refusals: &mut Vec<Refusal>) {
-    for (i, step) in spec.steps.iter().enumerate() {
-        let Step::Quantize(q) = step else { continue };
-        let QuantMethod::Auto { target_bits, candidates } = &q.method else { continue };
-        let (mut params, mut min_bits) = (0f64, 0f64);
-        for (tp, t) in tensors.iter().zip(&header.tensors) {
-            if !tp.actions.iter().any(|a| a.kernel == Kernel::Auto { step: i }) {
-                continue;
-            }
-            let cheapest = candidates
-                .iter()
-                .filter(|c| scheme_refusal(c, t).is_none())
-                .map(|c| scheme_bits(c, t))
-                .fold(f64::INFINITY, f64::min);
-            params += t.numel() as f64;
-            min_bits += cheapest * t.numel() as f64;
-        }
-        if params > 0.0 && min_bits / params > *target_bits + 1e-9 {
-            refusals.push(Refusal {
-                pointer: format!("/steps/{i}/mixed/target_bits"),
-                tensor: None,
-                detail: format!(
-                    "target_bits {target_bits} is below the {:.3} bits per weight the cheapest candidates reach on this model",
-                    min_bits / params
-                ),
-            });
-        }
-    }
-}
-
-pub(super) fn output_bytes(f: OutputFormat, header: &Header, tensors: &[TensorPlan]) -> u64 {
-    let dense: u64 = header.tensors.iter().map(|t| t.bytes()).sum();
+/// Predicted bytes of output `f`; `data_start` is the input's header size, a fair estimate of
+/// the output's.
+pub(super) fn output_bytes(f: OutputFormat, data_start: u64, tensors: &[TensorPlan]) -> u64 {
+    let dense: u64 = tensors.iter().map(|tp| tp.out.bytes()).sum();
     // Headers are small next to the data; this allowance covers names, shapes and provenance.
-    let header_allowance = header.data_start + 512 + 64 * header.tensors.len() as u64;
+    let header_allowance = data_start + 512 + 64 * tensors.len() as u64;
     let quantized = |tp: &TensorPlan, want: fn(&Kernel) -> bool| tp.actions.last().is_some_and(|a| want(&a.kernel));
     match f {
         OutputFormat::Safetensors => dense + header_allowance,
@@ -45,7 +17,7 @@ pub(super) fn output_bytes(f: OutputFormat, header: &Header, tensors: &[TensorPl
             tensors
                 .iter()
                 .map(|tp| {
-                    if crate::compress::layout::packs_as_linear(&header.tensors[tp.index])
+                    if crate::compress::layout::packs_as_linear(&tp.out)
                         && quantized(tp, |k| matches!(k, Kernel::Int(_)))
                     {
                         tp.bytes_out + 16
@@ -60,7 +32,7 @@ pub(super) fn output_bytes(f: OutputFormat, header: &Header, tensors: &[TensorPl
             tensors
                 .iter()
                 .map(|tp| {
-                    let t = &header.tensors[tp.index];
+                    let t = &tp.out;
                     if quantized(tp, |k| matches!(k, Kernel::Ggml(_) | Kernel::Auto { .. })) {
                         tp.bytes_out
                     } else {
@@ -73,9 +45,9 @@ pub(super) fn output_bytes(f: OutputFormat, header: &Header, tensors: &[TensorPl
         OutputFormat::Sparse => {
             tensors
                 .iter()
-                .zip(tensors.iter().map(|tp| &header.tensors[tp.index]))
-                .map(|(tp, t)| {
-                    if tp.actions.iter().any(|a| a.op == "prune") && t.shape.len() == 2 {
+                .map(|tp| {
+                    let t = &tp.out;
+                    if tp.actions.iter().any(|a| a.op == OpKind::Prune) && t.shape.len() == 2 {
                         let nnz = ((1.0 - tp.sparsity) * t.numel() as f64).round() as u64;
                         crate::formats::sparse::predicted_bytes(&t.shape, nnz, sparse_dtype(t.dtype))
                             .unwrap_or(tp.bytes_in)
@@ -92,16 +64,11 @@ pub(super) fn output_bytes(f: OutputFormat, header: &Header, tensors: &[TensorPl
 /// Names an output layout derives from a tensor (compressed-tensors and sparse-bitmask split
 /// one tensor into several named parts); collisions are refused, since one entry would
 /// silently replace another.
-pub(super) fn check_output_names(
-    spec: &CompressSpec,
-    header: &Header,
-    tensors: &[TensorPlan],
-    refusals: &mut Vec<Refusal>,
-) {
+pub(super) fn check_output_names(spec: &CompressSpec, tensors: &[TensorPlan], refusals: &mut Vec<Refusal>) {
     for (i, f) in spec.outputs.iter().enumerate() {
         let mut seen: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
         for tp in tensors {
-            let t = &header.tensors[tp.index];
+            let t = &tp.out;
             let prefix = t.name.strip_suffix(".weight").unwrap_or(&t.name);
             let last = tp.actions.last().map(|a| &a.kernel);
             let names: Vec<String> = match f {
@@ -111,7 +78,7 @@ pub(super) fn check_output_names(
                 {
                     ct::PART_SUFFIXES.iter().map(|p| ct::part_name(ct::module_of(&t.name), p)).collect()
                 }
-                OutputFormat::Sparse if t.shape.len() == 2 && tp.actions.iter().any(|a| a.op == "prune") => {
+                OutputFormat::Sparse if t.shape.len() == 2 && tp.actions.iter().any(|a| a.op == OpKind::Prune) => {
                     ["shape", "bitmask", "row_offsets", "compressed"].iter().map(|p| format!("{prefix}.{p}")).collect()
                 }
                 _ => vec![t.name.clone()],
@@ -137,6 +104,7 @@ pub(super) fn check_output_names(
 mod tests {
     use super::*;
     use crate::compress::spec::parse_compress;
+    use crate::formats::safetensors::Dtype;
 
     fn header(names: &[&str]) -> Header {
         let mut start = 100;
@@ -159,9 +127,9 @@ mod tests {
             Some(&serde_json::json!(["sparse"])),
         )
         .unwrap();
-        let p = plan(&spec, &header(&["fc", "fc.weight"]));
+        let p = prepare(spec.clone(), header(&["fc", "fc.weight"]));
         assert_eq!(p.refusals.len(), 4, "{:?}", p.refusals);
         assert!(p.refusals[0].detail.contains("`fc.shape` would collide with one from `fc`"), "{:?}", p.refusals[0]);
-        assert!(plan(&spec, &header(&["a.weight", "b.weight"])).refusals.is_empty());
+        assert!(prepare(spec, header(&["a.weight", "b.weight"])).refusals.is_empty());
     }
 }

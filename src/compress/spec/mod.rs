@@ -4,88 +4,13 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-mod prune;
-mod quantize;
-
-use super::prune::Norm;
-use super::quant::IntParams;
-use super::select::Selector;
-use crate::formats::gguf::GgufType;
-use prune::parse_prune;
-use quantize::parse_quantize;
-pub use quantize::DEFAULT_GROUP_SIZE;
+use super::ops::{parse_step, Step};
 
 /// A validated compression spec: steps in order, output formats.
 #[derive(Debug, Clone)]
 pub struct CompressSpec {
     pub steps: Vec<Step>,
     pub outputs: Vec<OutputFormat>,
-}
-
-#[derive(Debug, Clone)]
-pub enum Step {
-    Quantize(QuantizeStep),
-    Prune(PruneStep),
-}
-
-impl Step {
-    pub fn op(&self) -> &'static str {
-        match self {
-            Step::Quantize(_) => "quantize",
-            Step::Prune(_) => "prune",
-        }
-    }
-
-    pub fn selector(&self) -> &Selector {
-        match self {
-            Step::Quantize(q) => &q.select,
-            Step::Prune(p) => &p.select,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct QuantizeStep {
-    pub select: Selector,
-    pub method: QuantMethod,
-}
-
-/// One way to store a tensor.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Scheme {
-    /// Integer round-to-nearest (the compressed-tensors layouts).
-    Int(IntParams),
-    /// A GGUF block type through candle's kernels; `fallback` decides for rows the block does
-    /// not divide (None = refuse).
-    Ggml { ty: GgufType, fallback: Option<GgufType> },
-}
-
-#[derive(Debug, Clone)]
-pub enum QuantMethod {
-    /// One scheme for every targeted tensor.
-    Fixed(Scheme),
-    /// First matching glob wins; unmatched targeted tensors are left alone (reported).
-    Rules(Vec<(glob::Pattern, Scheme)>),
-    /// Per-tensor choice among candidates minimising total error with average bits per weight
-    /// (over the targeted tensors) <= `target_bits`, from errors measured on the weights.
-    Auto { target_bits: f64, candidates: Vec<Scheme> },
-}
-
-#[derive(Debug, Clone)]
-pub struct PruneStep {
-    pub select: Selector,
-    pub method: PruneMethod,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum PruneMethod {
-    /// Smallest magnitudes, `sparsity` of each tensor (`layer`) or of all targeted weights (`global`).
-    Magnitude { global: bool, sparsity: f64 },
-    /// Keep the `n` largest of every `m` consecutive weights along a row; rows whose length `m`
-    /// does not divide are refused, or left alone when `skip_mismatch`.
-    NM { n: usize, m: usize, skip_mismatch: bool },
-    /// Zero the `amount` fraction of output units (rows/filters) with the lowest norm.
-    Structured { norm: Norm, amount: f64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -129,7 +54,7 @@ impl std::fmt::Display for SpecError {
 }
 
 /// An `invalid_field` error at `{at}/{name}`.
-fn field(at: &str, name: &str, detail: impl Into<String>) -> SpecError {
+pub(crate) fn field(at: &str, name: &str, detail: impl Into<String>) -> SpecError {
     SpecError::new(format!("{at}/{name}"), "invalid_field", detail)
 }
 
@@ -200,21 +125,6 @@ pub fn parse_compress(steps: &Value, outputs: Option<&Value>) -> Result<Compress
     }
 }
 
-fn parse_step(value: &Value, at: &str) -> Result<Step, SpecError> {
-    let op =
-        value.get("op").ok_or_else(|| SpecError::new(format!("{at}/op"), "invalid_field", "missing field `op`"))?;
-    match op.as_str() {
-        Some("quantize") => parse_quantize(value, at).map(Step::Quantize),
-        Some("prune") => parse_prune(value, at).map(Step::Prune),
-        Some(other) => Err(SpecError::new(
-            format!("{at}/op"),
-            "invalid_field",
-            format!("unknown op `{other}`, expected one of `quantize`, `prune`"),
-        )),
-        None => Err(SpecError::new(format!("{at}/op"), "invalid_field", "`op` must be a string")),
-    }
-}
-
 /// Canonical text of a spec value (sorted keys, no whitespace) for hashing and storage.
 pub fn canonical_json(value: &Value) -> String {
     // serde_json's Map is a BTreeMap unless `preserve_order` is enabled: keys come out sorted.
@@ -235,7 +145,9 @@ pub fn work_sha256(steps: &Value, outputs: Option<&Value>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compress::quant::{Granularity, ScaleSearch};
+    use crate::compress::ops::{QuantMethod, Scheme};
+    use crate::compress::quant::{Granularity, IntParams, ScaleSearch};
+    use crate::formats::gguf::GgufType;
     use serde_json::json;
 
     fn errors(steps: Value, outputs: Option<Value>) -> Vec<SpecError> {

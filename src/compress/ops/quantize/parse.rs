@@ -3,9 +3,10 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{field, from_value_at, QuantMethod, QuantizeStep, Scheme, SpecError};
+use super::{QuantMethod, QuantizeStep, Scheme};
 use crate::compress::quant::{Granularity, IntParams, ScaleSearch};
 use crate::compress::select::Selector;
+use crate::compress::spec::{field, from_value_at, SpecError};
 use crate::formats::gguf::GgufType;
 
 #[derive(Deserialize)]
@@ -139,7 +140,7 @@ fn parse_scheme(raw: RawScheme, at: &str) -> Result<Scheme, SpecError> {
     Ok(Scheme::Int(IntParams { bits, granularity, symmetric: raw.symmetric.unwrap_or(true), search }))
 }
 
-pub(super) fn parse_quantize(value: &Value, at: &str) -> Result<QuantizeStep, SpecError> {
+pub(crate) fn parse_quantize(value: &Value, at: &str) -> Result<QuantizeStep, SpecError> {
     let raw: RawQuantize = from_value_at(value, at)?;
     let select = Selector::parse(raw.targets.as_deref(), raw.ignore.as_deref(), at)?;
     let scheme = RawScheme {

@@ -3,9 +3,10 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{field, from_value_at, PruneMethod, PruneStep, SpecError};
+use super::{PruneMethod, PruneStep};
 use crate::compress::prune::Norm;
 use crate::compress::select::Selector;
+use crate::compress::spec::{field, from_value_at, SpecError};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
@@ -61,7 +62,7 @@ fn fraction(v: Option<f64>, at: &str, name: &str) -> Result<f64, SpecError> {
     Ok(v)
 }
 
-pub(super) fn parse_prune(value: &Value, at: &str) -> Result<PruneStep, SpecError> {
+pub(crate) fn parse_prune(value: &Value, at: &str) -> Result<PruneStep, SpecError> {
     let raw: RawPrune = from_value_at(value, at)?;
     let select = Selector::parse(raw.targets.as_deref(), raw.ignore.as_deref(), at)?;
     let misplaced = |name: &str, present: bool| -> Result<(), SpecError> {
