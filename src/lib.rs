@@ -8,6 +8,7 @@ pub mod compress;
 pub mod config;
 pub mod domain;
 pub mod formats;
+pub mod graph;
 pub mod http;
 pub mod scheduler;
 pub mod startup;
