@@ -78,11 +78,11 @@ fn main() {
     println!("{:<40} {:>10} {:>10} {:>12} {:>14}", "job", "seconds", "MiB/s", "peak RSS MiB", "largest tensor");
     for (name, steps, outputs) in cases {
         let spec = parse_compress(&steps, Some(&outputs)).unwrap();
-        let p = prepare(spec, header.clone());
+        let p = prepare(spec, header.clone(), None, None);
         let out = tempfile::tempdir_in(dir.path()).unwrap();
         reset_peak_rss();
         let start = Instant::now();
-        let inputs = Inputs { model_path: &model, input_sha256: "bench", spec_sha256: "bench" };
+        let inputs = Inputs { model_path: &model, input_sha256: "bench", spec_sha256: "bench", dataset_path: None };
         execute(&p, &inputs, out.path(), &Silent).unwrap();
         let secs = start.elapsed().as_secs_f64();
         let peak = rss_field("VmHWM:");

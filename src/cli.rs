@@ -11,9 +11,11 @@ use clap::{Parser, Subcommand};
 
 use crate::compress::engine::{self, Control, Inputs};
 use crate::compress::plan::prepare;
-use crate::compress::spec::{parse_compress, work_sha256, CompressSpec};
+use crate::compress::spec::{parse_compress, parse_evaluate, work_sha256, CompressSpec};
 use crate::config::Settings;
 use crate::formats::safetensors::read_header;
+use crate::graph::eval::EvalOptions;
+use crate::graph::Graph;
 
 #[derive(Debug, Parser)]
 #[command(name = "modelpress", version, about = "Makes neural-network models smaller")]
@@ -37,21 +39,35 @@ pub enum Command {
     Openapi,
     /// Compress a model file without a server, writing the artifacts to a directory.
     Compress {
-        /// The .safetensors model.
-        model: PathBuf,
-        /// A JSON spec with `steps` and optional `outputs` (as for POST /v1/jobs, without model_id).
-        #[arg(long)]
-        spec: PathBuf,
+        #[command(flatten)]
+        job: JobArgs,
         /// Output directory (created; must be empty if it exists).
         #[arg(long)]
         out: PathBuf,
     },
-    /// Print what a spec would do to a model (reads only the header).
+    /// Print what a spec would do to a model (reads only the headers and the graph).
     Plan {
-        model: PathBuf,
-        #[arg(long)]
-        spec: PathBuf,
+        #[command(flatten)]
+        job: JobArgs,
     },
+}
+
+/// A model, a spec, and optionally the model's graph and a dataset.
+#[derive(Debug, clap::Args)]
+pub struct JobArgs {
+    /// The .safetensors model.
+    pub model: PathBuf,
+    /// A JSON spec with `steps`, optional `outputs` and `evaluate` (as for POST /v1/jobs, without
+    /// model_id).
+    #[arg(long)]
+    pub spec: PathBuf,
+    /// The model's architecture graph (JSON), as for PUT /v1/models/{id}/graph.
+    #[arg(long)]
+    pub graph: Option<PathBuf>,
+    /// A dataset (.safetensors with `inputs`, optional `labels`). With --graph and no `evaluate`
+    /// in the spec, the model is evaluated before and after with the defaults.
+    #[arg(long)]
+    pub dataset: Option<PathBuf>,
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -89,12 +105,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(healthcheck(&settings));
         }
         Command::Openapi => print_out(&crate::http::openapi_document())?,
-        Command::Plan { model, spec } => {
-            let spec = load_spec(&spec)?;
-            let header = read_header(&model, u64::MAX).with_context(|| format!("reading {}", model.display()))?;
-            print_out(&serde_json::to_string_pretty(&prepare(spec.0, header))?)?;
+        Command::Plan { job } => {
+            let (plan, _) = prepare_job(&job)?;
+            print_out(&serde_json::to_string_pretty(&plan)?)?;
         }
-        Command::Compress { model, spec, out } => return compress(&model, &spec, &out),
+        Command::Compress { job, out } => return compress(&job, &out),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -148,13 +163,42 @@ fn load_spec(path: &Path) -> anyhow::Result<(CompressSpec, String)> {
     let obj = value.as_object_mut().context("the spec must be a JSON object")?;
     obj.remove("model_id");
     obj.remove("dataset_id");
-    if let Some(k) = obj.keys().find(|k| *k != "steps" && *k != "outputs") {
-        anyhow::bail!("{}: unknown field `{k}` (expected `steps`, `outputs`)", path.display());
+    if let Some(k) = obj.keys().find(|k| !["steps", "outputs", "evaluate"].contains(&k.as_str())) {
+        anyhow::bail!("{}: unknown field `{k}` (expected `steps`, `outputs`, `evaluate`)", path.display());
     }
     let steps = obj.get("steps").context("missing field `steps`")?;
-    let spec = parse_compress(steps, obj.get("outputs"))
+    let mut spec = parse_compress(steps, obj.get("outputs"))
         .map_err(|errors| anyhow::anyhow!(errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")))?;
+    if let Some(e) = obj.get("evaluate") {
+        spec.evaluate = parse_evaluate(e).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
     Ok((spec, work_sha256(steps, obj.get("outputs"))))
+}
+
+/// Reads a graph file; its errors carry the layer pointers.
+fn load_graph(path: &Path) -> anyhow::Result<Graph> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    Graph::parse(&value).map_err(|errors| {
+        let lines: Vec<String> = errors.iter().map(|e| format!("{}: {e}", path.display())).collect();
+        anyhow::anyhow!(lines.join("\n"))
+    })
+}
+
+/// Parses the spec and plans it on the model (with its graph and dataset when given).
+fn prepare_job(job: &JobArgs) -> anyhow::Result<(crate::compress::plan::Plan, String)> {
+    let (mut spec, work_hash) = load_spec(&job.spec)?;
+    let header = read_header(&job.model, u64::MAX).with_context(|| format!("reading {}", job.model.display()))?;
+    let graph = job.graph.as_deref().map(load_graph).transpose()?;
+    let dataset = match &job.dataset {
+        Some(p) => Some(read_header(p, u64::MAX).with_context(|| format!("reading {}", p.display()))?),
+        None => None,
+    };
+    if spec.evaluate.is_none() && graph.is_some() && dataset.is_some() {
+        spec.evaluate = Some(EvalOptions::default());
+    }
+    Ok((prepare(spec, header, graph, dataset.as_ref()), work_hash))
 }
 
 /// A progress bar on a terminal; indicatif draws nothing when stderr is not one.
@@ -171,10 +215,9 @@ impl Control for Bar {
     }
 }
 
-fn compress(model: &Path, spec_path: &Path, out: &Path) -> anyhow::Result<ExitCode> {
-    let (spec, work_hash) = load_spec(spec_path)?;
-    let header = read_header(model, u64::MAX).with_context(|| format!("reading {}", model.display()))?;
-    let plan = prepare(spec, header);
+fn compress(job: &JobArgs, out: &Path) -> anyhow::Result<ExitCode> {
+    let model = job.model.as_path();
+    let (plan, work_hash) = prepare_job(job)?;
     if !plan.refusals.is_empty() {
         for r in &plan.refusals {
             eprintln!("refused: {}: {}", r.pointer, r.detail);
@@ -194,7 +237,12 @@ fn compress(model: &Path, spec_path: &Path, out: &Path) -> anyhow::Result<ExitCo
     // a failed or interrupted run leaves no partial file under a final name.
     let staging = out.join(".partial");
     std::fs::create_dir_all(&staging)?;
-    let inputs = Inputs { model_path: model, input_sha256: &input_sha, spec_sha256: &spec_sha };
+    let inputs = Inputs {
+        model_path: model,
+        input_sha256: &input_sha,
+        spec_sha256: &spec_sha,
+        dataset_path: job.dataset.as_deref(),
+    };
     let result = engine::execute(&plan, &inputs, &staging, &Bar(bar.clone()));
     bar.finish_and_clear();
     let output = match result {

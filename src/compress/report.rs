@@ -17,6 +17,9 @@ pub struct Report {
     pub outputs: Vec<OutputSummary>,
     /// Every model artifact read back, decoded and compared bit for bit with the dense values.
     pub checks: Vec<super::engine::OutputCheck>,
+    /// With `evaluate`: the original and the compressed model run on the dataset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<crate::graph::eval::Evaluation>,
     pub duration_ms: f64,
     /// Peak resident memory of the process while the job ran (VmHWM), when the OS reports it.
     pub peak_rss_bytes: Option<u64>,

@@ -51,6 +51,28 @@ fn fmt_bytes(b: u64) -> String {
     }
 }
 
+fn percent(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{:.2}%", 100.0 * v))
+}
+
+/// Quality before and after, on the job's dataset.
+fn evaluation_table(e: &crate::graph::eval::Evaluation) -> String {
+    let loss = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));
+    format!(
+        "<h2>Evaluation on {} samples</h2><table><tr><th></th><th>accuracy</th><th>cross-entropy</th></tr>\
+         <tr><td>original</td><td>{}</td><td>{}</td></tr><tr><td>compressed</td><td>{}</td><td>{}</td></tr></table>\
+         <p>Top-1 agreement with the original {:.2}%, mean KL(original &#8741; compressed) {:.3e} nats, output relative error {:.3}%.</p>",
+        e.samples,
+        percent(e.before.accuracy),
+        loss(e.before.loss),
+        percent(e.after.accuracy),
+        loss(e.after.loss),
+        100.0 * e.top1_agreement,
+        e.kl_mean,
+        100.0 * e.output_relative_error
+    )
+}
+
 pub fn render(r: &Report) -> String {
     let t = &r.totals;
     let mut html = String::from(
@@ -77,6 +99,9 @@ th{background:#f4f4f4}.note{color:#a60;text-align:left}.sum{font-size:16px}</sty
         let _ = write!(html, "<li><code>{}</code> ({}): {}</li>", esc(&o.artifact), esc(&o.format), fmt_bytes(o.bytes));
     }
     html.push_str("</ul>");
+    if let Some(e) = &r.evaluation {
+        html.push_str(&evaluation_table(e));
+    }
     let changed: Vec<_> = r.tensors.iter().filter(|x| x.error.is_some()).collect();
     let err_rows: Vec<(String, f64, String)> = changed
         .iter()

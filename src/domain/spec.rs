@@ -4,7 +4,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::compress::spec::{canonical_json, from_value_at, parse_compress, work_sha256, CompressSpec, SpecError};
+use crate::compress::spec::{
+    canonical_json, from_value_at, parse_compress, parse_evaluate, work_sha256, CompressSpec, SpecError,
+};
 
 /// Version of the job spec format this server accepts and stores with every job. Raise it when a
 /// field's meaning changes; [`JobSpec::from_stored`] refuses versions it does not know.
@@ -30,6 +32,7 @@ struct Envelope {
     dataset_id: Option<uuid::Uuid>,
     steps: Value,
     outputs: Option<Value>,
+    evaluate: Option<Value>,
 }
 
 /// SHA-256 (hex) of a request body's canonical JSON: the idempotency fingerprint, compared on
@@ -44,7 +47,17 @@ pub fn parse_job_spec(body: &Value) -> Result<JobSpec, Vec<SpecError>> {
         return Err(vec![SpecError::new("", "invalid_field", "the job spec must be a JSON object")]);
     }
     let env: Envelope = from_value_at(body, "").map_err(|e| vec![e])?;
-    let compress = parse_compress(&env.steps, env.outputs.as_ref())?;
+    let mut compress = parse_compress(&env.steps, env.outputs.as_ref())?;
+    if let Some(e) = &env.evaluate {
+        compress.evaluate = parse_evaluate(e).map_err(|e| vec![e])?;
+    }
+    if compress.evaluate.is_some() && env.dataset_id.is_none() {
+        return Err(vec![SpecError::new(
+            "/dataset_id",
+            "invalid_field",
+            "`evaluate` needs a dataset: give `dataset_id` (upload one with POST /v1/datasets)",
+        )]);
+    }
     let canonical = canonical_json(body);
     let sha256 = request_sha256(body);
     Ok(JobSpec {

@@ -307,3 +307,66 @@ pub fn evaluate(
         milliseconds: started.elapsed().as_secs_f64() * 1e3,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::forward::Weights;
+    use crate::graph::Graph;
+
+    fn net(w: [f32; 4]) -> Network {
+        let g =
+            Graph::parse(&serde_json::json!({"input": {"shape": [2]}, "layers": [{"kind": "linear", "name": "fc"}]}))
+                .unwrap();
+        let mut weights = Weights::new();
+        weights.insert("fc.weight".into(), (vec![2, 2], w.to_vec()));
+        Network::build(&g, &weights).unwrap()
+    }
+
+    fn data() -> Dataset {
+        Dataset {
+            inputs: vec![1.0, 0.0, 0.0, 1.0, 2.0, 1.0],
+            labels: Some(vec![0.0, 1.0, 1.0]),
+            samples: 3,
+            sample_len: 2,
+            input_shape: vec![2],
+        }
+    }
+
+    #[test]
+    fn metrics_follow_their_definitions() {
+        let identity = net([1.0, 0.0, 0.0, 1.0]);
+        let options = EvalOptions { batch_size: 2, ..EvalOptions::default() };
+        let same = evaluate(&identity, &identity, &data(), &options, None, &mut |_, _| true).unwrap();
+        assert_eq!((same.top1_agreement, same.kl_mean, same.output_relative_error), (1.0, 0.0, 0.0));
+        // Logits are the inputs: rows (1,0) label 0 and (0,1) label 1 are right, (2,1) label 1 is wrong.
+        assert!((same.before.accuracy.unwrap() - 2.0 / 3.0).abs() < 1e-12);
+        let ce = |a: f64, b: f64, label: usize| -([a, b][label] - (a.exp() + b.exp()).ln());
+        let want = (ce(1.0, 0.0, 0) + ce(0.0, 1.0, 1) + ce(2.0, 1.0, 1)) / 3.0;
+        assert!((same.before.loss.unwrap() - want).abs() < 1e-9);
+
+        // The swapped network flips every prediction: agreement 0, KL = mean of KL(p || swap(p)).
+        let swapped = net([0.0, 1.0, 1.0, 0.0]);
+        let e = evaluate(&identity, &swapped, &data(), &options, None, &mut |_, _| true).unwrap();
+        assert_eq!(e.top1_agreement, 0.0);
+        let kl = |a: f64, b: f64| {
+            let (pa, pb) = (a.exp() / (a.exp() + b.exp()), b.exp() / (a.exp() + b.exp()));
+            pa * (pa / pb).ln() + pb * (pb / pa).ln()
+        };
+        assert!((e.kl_mean - (kl(1.0, 0.0) + kl(0.0, 1.0) + kl(2.0, 1.0)) / 3.0).abs() < 1e-9);
+        assert!((e.output_relative_error - (6.0f64 / 7.0).sqrt()).abs() < 1e-6, "{}", e.output_relative_error);
+    }
+
+    #[test]
+    fn a_false_tick_stops_the_evaluation() {
+        let identity = net([1.0, 0.0, 0.0, 1.0]);
+        let options = EvalOptions { batch_size: 1, ..EvalOptions::default() };
+        let mut calls = 0;
+        let r = evaluate(&identity, &identity, &data(), &options, None, &mut |_, _| {
+            calls += 1;
+            false
+        });
+        assert!(matches!(r, Err(EvalError::Stopped)));
+        assert_eq!(calls, 1);
+    }
+}

@@ -285,6 +285,12 @@ impl Graph {
         })
     }
 
+    /// A graph as stored with a model (validated when it was attached).
+    pub fn from_stored(text: &str) -> Result<Graph, String> {
+        let value: Value = serde_json::from_str(text).map_err(|e| format!("stored graph is not JSON: {e}"))?;
+        Graph::parse(&value).map_err(|e| e.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+    }
+
     /// Every tensor name the graph's layers may read (whether or not the model has it).
     pub fn tensor_names(&self) -> BTreeSet<String> {
         fn walk(layers: &[Layer], out: &mut BTreeSet<String>) {

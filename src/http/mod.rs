@@ -4,6 +4,7 @@ pub mod download;
 pub mod error;
 pub mod events;
 pub mod extract;
+pub mod graphs;
 pub mod jobs;
 pub mod models;
 pub mod ops;
@@ -101,6 +102,7 @@ fn api_router() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(models::upload_model, models::list_models))
         .routes(routes!(models::get_model, models::delete_model))
         .routes(routes!(models::download_model))
+        .routes(routes!(graphs::put_graph, graphs::get_graph, graphs::delete_graph))
         .routes(routes!(models::upload_dataset, models::list_datasets))
         .routes(routes!(models::get_dataset, models::delete_dataset))
         .routes(routes!(models::download_dataset))

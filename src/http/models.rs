@@ -34,6 +34,8 @@ pub struct ModelView {
     pub created_at: String,
     /// Set when the model was registered from a job's output.
     pub source_job: Option<String>,
+    /// Whether an architecture graph is attached (`GET /v1/models/{id}/graph`).
+    pub has_graph: bool,
     /// The tensor table (only on `GET /v1/models/{id}`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tensors: Option<Vec<TensorView>>,
@@ -52,6 +54,7 @@ impl ModelView {
             tensor_count: tensors.len(),
             created_at: rfc3339(m.created_at),
             source_job: m.source_job.clone(),
+            has_graph: m.graph.is_some(),
             tensors: with_tensors.then_some(tensors),
         }
     }

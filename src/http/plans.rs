@@ -24,22 +24,31 @@ pub async fn spec_and_plan(state: &AppState, body: &[u8]) -> ApiResult<(JobSpec,
             format!("no model with id `{}`", spec.model_id),
         )])
     })?;
+    let mut dataset_path = None;
     if let Some(ds) = &spec.dataset_id {
-        if state.catalog.get_model(ModelKind::Dataset, ds).await?.is_none() {
+        let Some(d) = state.catalog.get_model(ModelKind::Dataset, ds).await? else {
             return Err(ApiError::spec(vec![SpecError::new(
                 "/dataset_id",
                 "unknown_dataset",
                 format!("no dataset with id `{ds}`"),
             )]));
+        };
+        if spec.compress.evaluate.is_some() {
+            dataset_path = Some(state.blobs.local_path(&d.sha256).await.map_err(ApiError::io)?);
         }
     }
+    let graph = super::graphs::stored_graph(&model).map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
     let path = state.blobs.local_path(&model.sha256).await.map_err(ApiError::io)?;
     let limit = state.settings.storage.max_header_bytes;
     let compress = spec.compress.clone();
-    let plan = tokio::task::spawn_blocking(move || read_header(&path, limit).map(|h| prepare(compress, h)))
-        .await
-        .expect("plan task")
-        .map_err(ApiError::internal)?;
+    let plan = tokio::task::spawn_blocking(move || -> anyhow::Result<Plan> {
+        let header = read_header(&path, limit)?;
+        let dataset = dataset_path.map(|p| read_header(&p, limit)).transpose()?;
+        Ok(prepare(compress, header, graph, dataset.as_ref()))
+    })
+    .await
+    .expect("plan task")
+    .map_err(ApiError::internal)?;
     Ok((spec, plan))
 }
 

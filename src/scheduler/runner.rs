@@ -150,6 +150,21 @@ async fn execute_inner(
         Ok(p) => p,
         Err(e) => return Outcome::Retry(failure("storage_error", e.to_string())),
     };
+    let graph = match model.graph.as_deref().map(crate::graph::Graph::from_stored).transpose() {
+        Ok(g) => g,
+        Err(e) => return Outcome::Failed(failure("invalid_graph", e)),
+    };
+    let dataset_path = match (&spec.dataset_id, spec.compress.evaluate.is_some()) {
+        (Some(ds), true) => match ctx.catalog.get_model(ModelKind::Dataset, ds).await {
+            Ok(Some(d)) => match ctx.blobs.local_path(&d.sha256).await {
+                Ok(p) => Some(p),
+                Err(e) => return Outcome::Retry(failure("storage_error", e.to_string())),
+            },
+            Ok(None) => return Outcome::Failed(failure("dataset_not_found", format!("dataset {ds} no longer exists"))),
+            Err(e) => return Outcome::Retry(failure("database_error", e.to_string())),
+        },
+        _ => None,
+    };
     let out_dir = ctx.blobs.staging_path("job");
     if let Err(e) = tokio::fs::create_dir_all(&out_dir).await {
         return Outcome::Retry(failure("storage_error", e.to_string()));
@@ -166,8 +181,18 @@ async fn execute_inner(
         let _entered = span.enter();
         let header = read_header(&model_path, header_limit)
             .map_err(|e| EngineError::Io(std::io::Error::other(e.to_string())))?;
-        let plan = plan::prepare(spec.compress, header);
-        let inputs = Inputs { model_path: &model_path, input_sha256: &sha, spec_sha256: &spec.work_sha256 };
+        let dataset = dataset_path
+            .as_ref()
+            .map(|p| read_header(p, header_limit))
+            .transpose()
+            .map_err(|e| EngineError::Io(std::io::Error::other(e.to_string())))?;
+        let plan = plan::prepare(spec.compress, header, graph, dataset.as_ref());
+        let inputs = Inputs {
+            model_path: &model_path,
+            input_sha256: &sha,
+            spec_sha256: &spec.work_sha256,
+            dataset_path: dataset_path.as_deref(),
+        };
         let out = engine::execute(&plan, &inputs, &dir, engine_control.as_ref())?;
         metrics::counter!("modelpress_bytes_processed_total").increment(plan.totals.bytes_in);
         Ok::<_, EngineError>(out)
@@ -198,6 +223,7 @@ async fn execute_inner(
         Ok(Err(EngineError::Tensor { code, detail, tensor })) => {
             Outcome::Failed(failure(code, format!("tensor `{tensor}`: {detail}")))
         }
+        Ok(Err(EngineError::Job { code, detail })) => Outcome::Failed(failure(code, detail)),
         Ok(Err(EngineError::Io(e))) => io_outcome(&e),
     };
     if let Err(e) = tokio::fs::remove_dir_all(&out_dir).await {

@@ -69,6 +69,14 @@ pub enum DeleteOutcome {
     NotFound,
 }
 
+#[derive(Debug, PartialEq, Eq)]
+pub enum GraphUpdate {
+    Updated,
+    /// Queued or running jobs read the model.
+    InUse(i64),
+    NotFound,
+}
+
 #[derive(Debug, Clone)]
 pub struct Catalog {
     pool: SqlitePool,
@@ -162,6 +170,28 @@ impl Catalog {
         let orphan = delete_blob_row_if_unused(&mut tx, &sha).await?;
         tx.commit().await?;
         Ok(DeleteOutcome::Deleted { orphan_blob: orphan.then_some(sha) })
+    }
+
+    /// Attaches (`Some`) or removes (`None`) a model's architecture graph, unless a queued or
+    /// running job reads the model: a job runs with the graph it was planned with.
+    pub async fn set_graph(&self, id: &str, graph: Option<&str>) -> Result<GraphUpdate, sqlx::Error> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let active: i64 =
+            sqlx::query_scalar("select count(*) from jobs where model_id = ?1 and status in ('queued', 'running')")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+        if active > 0 {
+            return Ok(GraphUpdate::InUse(active));
+        }
+        let updated = sqlx::query("update models set graph = ? where id = ? and kind = 'model'")
+            .bind(graph)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(if updated == 0 { GraphUpdate::NotFound } else { GraphUpdate::Updated })
     }
 
     /// Records a blob a job produced (before the job's artifact rows name it).

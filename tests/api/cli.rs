@@ -90,3 +90,28 @@ fn plan_exits_quietly_when_its_reader_goes_away() {
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn compress_with_a_graph_and_a_dataset_evaluates_the_model_before_and_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("job.json");
+    std::fs::write(&spec, r#"{"steps": [{"op": "quantize", "gguf_type": "q8_0"}], "outputs": ["gguf"]}"#).unwrap();
+    let out = dir.path().join("out");
+    let graph = crate::graphs::TEACHER_GRAPH;
+    let (spec, out_s) = (spec.to_str().unwrap(), out.to_str().unwrap());
+    let args = ["--spec", spec, "--graph", graph, "--dataset", crate::mlp::DIGITS_TEST];
+    let run = modelpress(&[&["compress", crate::mlp::TEACHER][..], &args, &["--out", out_s]].concat());
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let report: Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let e = &report["evaluation"];
+    assert!((e["before"]["accuracy"].as_f64().unwrap() - crate::mlp::TEACHER_ACCURACY).abs() < 1e-12, "{e}");
+    // Q8_0 keeps the teacher's answers (PyTorch reference: same accuracy).
+    assert!(e["top1_agreement"].as_f64().unwrap() >= 0.99, "{e}");
+
+    // A graph that does not fit the model is refused by the plan, naming the layer.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"input": {"shape": [32]}, "layers": [{"kind": "linear", "name": "fc1"}]}"#).unwrap();
+    let plan = modelpress(&["plan", crate::mlp::TEACHER, "--spec", spec, "--graph", bad.to_str().unwrap()]);
+    let plan: Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert_eq!(plan["refusals"][0]["pointer"], "/graph/layers/0", "{plan}");
+}

@@ -93,6 +93,10 @@ impl TestApp {
         self.client.post(self.url(path)).json(body).send().await.expect("request")
     }
 
+    pub async fn put_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client.put(self.url(path)).json(body).send().await.expect("request")
+    }
+
     pub async fn create_job(&self, spec: &Value) -> reqwest::Response {
         self.post_json("/v1/jobs", spec).await
     }

@@ -3,6 +3,7 @@
 mod cli;
 mod crash;
 mod faults;
+mod graphs;
 mod helpers;
 mod jobs;
 mod mlp;

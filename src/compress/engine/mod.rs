@@ -20,11 +20,14 @@ pub use verify::{fingerprint, OutputCheck};
 
 use super::metrics::error_metrics;
 use super::ops::{OpKind, Scheme};
-use super::plan::{Kernel, Plan, Refusal, TensorPlan};
+use super::plan::{EvaluationPlan, Kernel, Plan, Refusal, TensorPlan};
 use super::report::{peak_rss_bytes, OutputSummary, Report, StepTiming, TensorReport, Totals};
 use super::spec::OutputFormat;
 use crate::formats::gguf::{GgufType, MetaValue, TensorInfo as GgufTensor};
 use crate::formats::safetensors::{decode_f32, encode_f32, Dtype, TensorInfo, TensorReader};
+use crate::graph::eval::{Dataset, EvalError, Evaluation};
+use crate::graph::forward::{Network, Weights};
+use crate::graph::Graph;
 use kernels::Resolved;
 use sinks::{QuantRef, Sink, TensorData};
 
@@ -37,6 +40,8 @@ pub struct Inputs<'a> {
     pub input_sha256: &'a str,
     /// [`crate::compress::spec::work_sha256`] of the spec.
     pub spec_sha256: &'a str,
+    /// The dataset file the plan's evaluation reads (required when the plan evaluates).
+    pub dataset_path: Option<&'a Path>,
 }
 
 /// One execution: the plan, its inputs and the directory it writes into.
@@ -85,6 +90,9 @@ pub enum EngineError {
     Refused(Vec<Refusal>),
     #[error("tensor `{tensor}`: {detail}")]
     Tensor { tensor: String, code: &'static str, detail: String },
+    /// A failure of the job as a whole (evaluation), not of one tensor.
+    #[error("{detail}")]
+    Job { code: &'static str, detail: String },
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -244,6 +252,12 @@ pub fn execute(
     // Fingerprint of every tensor's dense bytes, for the agreement check of the written layouts.
     let mut expected = std::collections::HashMap::with_capacity(job.plan.tensors.len());
     let mut dense = Vec::new();
+    // With an evaluation: the graph's tensors before and after, for the forward passes.
+    let graph_tensors = match (&job.plan.evaluation, &job.plan.graph_def) {
+        (Some(_), Some(g)) => g.tensor_names(),
+        _ => Default::default(),
+    };
+    let (mut before, mut after) = (Weights::new(), Weights::new());
 
     for tp in &job.plan.tensors {
         let (source, t) = (&job.plan.header.tensors[tp.index], &tp.out);
@@ -257,6 +271,12 @@ pub fn execute(
                 sink.write(t, &TensorData::Raw(raw))?;
             }
             expected.insert(t.name.clone(), fingerprint(raw));
+            if graph_tensors.contains(&t.name) {
+                let mut values = vec![0f32; t.numel()];
+                decode_f32(raw, t.dtype, &mut values);
+                before.insert(t.name.clone(), (t.shape.clone(), values.clone()));
+                after.insert(t.name.clone(), (t.shape.clone(), values));
+            }
             let nonzeros = raw.chunks_exact(t.dtype.size()).filter(|c| c.iter().any(|x| *x != 0)).count() as u64;
             reports.push(unchanged_report(t, nonzeros, notes, t0));
         } else {
@@ -266,6 +286,10 @@ pub fn execute(
             let outcome = kernels::apply(t, &tp.actions, None, &mut b, &mut resolved, Some(&mut steps))?;
             store_as(t, &mut b.work, &mut dense)?;
             expected.insert(t.name.clone(), fingerprint(&dense));
+            if graph_tensors.contains(&t.name) {
+                before.insert(t.name.clone(), (source.shape.clone(), b.orig.clone()));
+                after.insert(t.name.clone(), (t.shape.clone(), b.work.clone()));
+            }
             let pruned = tp.actions.iter().any(|a| a.op == OpKind::Prune);
             let data = TensorData::Values {
                 values: &b.work,
@@ -321,6 +345,11 @@ pub fn execute(
     drop((b, dense));
     let outs: Vec<TensorInfo> = job.plan.tensors.iter().map(|tp| tp.out.clone()).collect();
     let checks = verify::verify(&artifacts, &outs, &expected)?;
+    let evaluation = match (&job.plan.evaluation, &job.plan.graph_def) {
+        (Some(e), Some(g)) => Some(evaluate(job, e, g, &before, &after, &mut tracker)?),
+        _ => None,
+    };
+    drop((before, after));
     let outputs = artifacts
         .iter()
         .map(|a| {
@@ -341,6 +370,7 @@ pub fn execute(
         mixed,
         outputs,
         checks,
+        evaluation,
         duration_ms: started.elapsed().as_secs_f64() * 1e3,
         peak_rss_bytes: peak_rss_bytes(),
     };
@@ -351,6 +381,40 @@ pub fn execute(
     std::fs::write(&html_path, super::report_html::render(&report))?;
     artifacts.push(ArtifactFile { name: "report.html".into(), format: "report".into(), path: html_path });
     Ok(EngineOutput { artifacts, report })
+}
+
+/// Runs the original and the compressed model over the dataset; progress reports each batch.
+fn evaluate(
+    job: &Job<'_>,
+    e: &EvaluationPlan,
+    graph: &Graph,
+    before: &Weights,
+    after: &Weights,
+    tracker: &mut Tracker<'_>,
+) -> Result<Evaluation, EngineError> {
+    let failed = |detail: String| EngineError::Job { code: "evaluation_failed", detail };
+    let path =
+        job.inputs.dataset_path.ok_or_else(|| failed("the plan evaluates but no dataset file was given".into()))?;
+    tracker.check("evaluation: loading the dataset")?;
+    let data = Dataset::load(path, &e.dataset)?;
+    let original = Network::build(graph, before).map_err(|err| failed(format!("the original model: {err}")))?;
+    let compressed = Network::build(graph, after).map_err(|err| failed(format!("the compressed model: {err}")))?;
+    let options = crate::graph::eval::EvalOptions {
+        inputs: e.inputs.clone(),
+        labels: e.labels.clone(),
+        batch_size: e.batch_size,
+        limit: Some(e.samples),
+    };
+    let ctl = tracker.ctl;
+    let mut tick = |done: usize, total: usize| {
+        ctl.progress(1.0, "evaluate", &format!("evaluation: {done}/{total} samples"));
+        !ctl.canceled()
+    };
+    match crate::graph::eval::evaluate(&original, &compressed, &data, &options, e.labels.clone(), &mut tick) {
+        Ok(ev) => Ok(ev),
+        Err(EvalError::Stopped) => Err(EngineError::Canceled),
+        Err(err) => Err(failed(format!("evaluation: {err}"))),
+    }
 }
 
 /// Makes every zero positive, encodes the final values in the tensor's own dtype into `dense` (the

@@ -334,10 +334,10 @@ mod tests {
         let outputs = serde_json::json!(["safetensors", "compressed-tensors", "sparse"]);
         let spec = parse_compress(&steps, Some(&outputs)).unwrap();
         let header = read_header(&model, u64::MAX).unwrap();
-        let plan = prepare(spec, header);
+        let plan = prepare(spec, header, None, None);
         let out_dir = dir.path().join("out");
         std::fs::create_dir(&out_dir).unwrap();
-        let inputs = Inputs { model_path: &model, input_sha256: "0", spec_sha256: "0" };
+        let inputs = Inputs { model_path: &model, input_sha256: "0", spec_sha256: "0", dataset_path: None };
         let out = execute(&plan, &inputs, &out_dir, &Silent).unwrap();
         let dense = out.artifacts.iter().find(|a| a.format == "safetensors").unwrap();
         let (dense_header, mut reader) = open(dense).unwrap();

@@ -16,6 +16,8 @@ use super::quant::{Granularity, IntParams};
 use super::spec::{CompressSpec, OutputFormat};
 use crate::formats::gguf::GgufType;
 use crate::formats::safetensors::{Header, TensorInfo};
+use crate::graph::eval::{plan_dataset, DatasetPlan};
+use crate::graph::{Graph, GraphSummary, TensorTable};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
@@ -36,6 +38,26 @@ pub struct Plan {
     /// The input model's header: where each tensor is read from.
     #[serde(skip)]
     pub header: Header,
+    /// With a graph attached: every layer's shapes, parameters, unused tensors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub graph: Option<GraphSummary>,
+    /// With `evaluate`: which dataset tensors, how many samples, in which batches.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<EvaluationPlan>,
+    /// The graph itself, for the forward passes.
+    #[serde(skip)]
+    pub graph_def: Option<Graph>,
+}
+
+/// What an evaluation will read.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvaluationPlan {
+    pub inputs: String,
+    pub labels: Option<String>,
+    pub samples: usize,
+    pub batch_size: usize,
+    #[serde(skip)]
+    pub dataset: DatasetPlan,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -160,9 +182,10 @@ const BYTES_PER_ELEMENT_IN_FLIGHT: u64 = 4 * 3 + 1 + 4 + 2 + 4;
 /// Fixed overhead of the process (runtime, buffers, SQLite) included in the prediction.
 const BASE_MEMORY_BYTES: u64 = 64 << 20;
 
-/// Plans `spec` on the model whose header is `header`: the only way to a [`Plan`], which owns
-/// both and is all [`crate::compress::engine::execute`] reads.
-pub fn prepare(spec: CompressSpec, header: Header) -> Plan {
+/// Plans `spec` on the model whose header is `header`, with the model's architecture `graph`
+/// and the header of the job's `dataset` when there are: the only way to a [`Plan`], which owns
+/// all of them and is all [`crate::compress::engine::execute`] reads.
+pub fn prepare(spec: CompressSpec, header: Header, graph: Option<Graph>, dataset: Option<&Header>) -> Plan {
     let tensors = header
         .tensors
         .iter()
@@ -232,6 +255,8 @@ pub fn prepare(spec: CompressSpec, header: Header) -> Plan {
         .collect();
     let max_numel = tensors.iter().map(|tp| tp.out.numel().max(header.tensors[tp.index].numel()) as u64).max();
     let prepasses = spec.steps.iter().map(|s| s.op().prepasses()).sum();
+    let (graph_summary, evaluation) = plan_graph(&spec, &header, graph.as_ref(), dataset, &mut refusals);
+    let eval_bytes = evaluation.as_ref().map_or(0, |e| eval_memory(e, graph_summary.as_ref()));
     Plan {
         totals: PlanTotals {
             tensors: tensors.len(),
@@ -244,11 +269,76 @@ pub fn prepare(spec: CompressSpec, header: Header) -> Plan {
         tensors,
         refusals,
         outputs,
-        peak_memory_bytes: BASE_MEMORY_BYTES + max_numel.unwrap_or(0) * BYTES_PER_ELEMENT_IN_FLIGHT,
+        peak_memory_bytes: BASE_MEMORY_BYTES + max_numel.unwrap_or(0) * BYTES_PER_ELEMENT_IN_FLIGHT + eval_bytes,
         prepasses,
         spec,
         header,
+        graph: graph_summary,
+        evaluation,
+        graph_def: graph,
     }
+}
+
+/// The graph's summary on this model, and what `evaluate` will read, or refusals saying why not.
+fn plan_graph(
+    spec: &CompressSpec,
+    header: &Header,
+    graph: Option<&Graph>,
+    dataset: Option<&Header>,
+    refusals: &mut Vec<Refusal>,
+) -> (Option<GraphSummary>, Option<EvaluationPlan>) {
+    let summary = graph.and_then(|g| {
+        let table: TensorTable = header.tensors.iter().map(|t| (t.name.clone(), (t.dtype, t.shape.clone()))).collect();
+        match g.validate(&table) {
+            Ok(s) => Some(s),
+            Err(errors) => {
+                refusals.extend(errors.into_iter().map(|e| Refusal {
+                    pointer: format!("/graph{}", e.pointer),
+                    tensor: None,
+                    detail: format!("the model's graph does not fit it: {}", e.detail),
+                }));
+                None
+            }
+        }
+    });
+    let Some(options) = &spec.evaluate else { return (summary, None) };
+    let refuse = |refusals: &mut Vec<Refusal>, detail: String| {
+        refusals.push(Refusal { pointer: "/evaluate".into(), tensor: None, detail });
+    };
+    let (Some(summary), Some(dataset)) = (summary, dataset) else {
+        if graph.is_none() {
+            refuse(refusals, "evaluation runs the model, which needs its architecture graph: attach one with PUT /v1/models/{id}/graph (CLI: --graph FILE)".into());
+        }
+        if dataset.is_none() {
+            refuse(refusals, "evaluation needs a dataset: give `dataset_id` (CLI: --dataset FILE)".into());
+        }
+        return (None, None);
+    };
+    match plan_dataset(dataset, options, &summary.input_shape, &summary.output_shape) {
+        Ok(d) => {
+            let evaluation = EvaluationPlan {
+                inputs: d.inputs.name.clone(),
+                labels: d.labels.as_ref().map(|l| l.name.clone()),
+                samples: d.samples,
+                batch_size: options.batch_size,
+                dataset: d,
+            };
+            (Some(summary), Some(evaluation))
+        }
+        Err(detail) => {
+            refuse(refusals, detail);
+            (Some(summary), None)
+        }
+    }
+}
+
+/// Memory an evaluation adds: the graph's weights twice (original and compressed) in f32, the
+/// dataset's inputs in f32, and a batch's activations (two layers' outputs at a time, both models).
+fn eval_memory(e: &EvaluationPlan, graph: Option<&GraphSummary>) -> u64 {
+    let Some(g) = graph else { return 0 };
+    let widest = g.layers.iter().map(|l| l.shape_out.iter().product::<usize>()).max().unwrap_or(0) as u64;
+    let inputs = e.dataset.inputs.numel() as u64;
+    2 * 4 * g.parameters + 4 * inputs + 4 * 4 * e.batch_size as u64 * widest
 }
 
 /// Fills what each tensor becomes in the requested layouts (plan fields `matrix`, `gguf_type`,

@@ -5,12 +5,15 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::ops::{parse_step, Step};
+use crate::graph::eval::EvalOptions;
 
-/// A validated compression spec: steps in order, output formats.
+/// A validated compression spec: steps in order, output formats, and whether to evaluate the
+/// model before and after on a dataset (needs a graph).
 #[derive(Debug, Clone)]
 pub struct CompressSpec {
     pub steps: Vec<Step>,
     pub outputs: Vec<OutputFormat>,
+    pub evaluate: Option<EvalOptions>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -119,11 +122,36 @@ pub fn parse_compress(steps: &Value, outputs: Option<&Value>) -> Result<Compress
         }
     }
     if errors.is_empty() {
-        Ok(CompressSpec { steps, outputs })
+        Ok(CompressSpec { steps, outputs, evaluate: None })
     } else {
         Err(errors)
     }
 }
+
+/// Parses the `evaluate` field of a spec: `true` (defaults: tensor `inputs`, `labels` when the
+/// dataset has them, batches of 256), `false`, or an object overriding those.
+pub fn parse_evaluate(value: &Value) -> Result<Option<EvalOptions>, SpecError> {
+    let options = match value {
+        Value::Bool(false) => return Ok(None),
+        Value::Bool(true) => EvalOptions::default(),
+        Value::Object(_) => from_value_at::<EvalOptions>(value, "/evaluate")?,
+        _ => return Err(SpecError::new("/evaluate", "invalid_field", "`evaluate` must be true, false or an object")),
+    };
+    if options.batch_size == 0 || options.batch_size > MAX_EVAL_BATCH {
+        return Err(field(
+            "/evaluate",
+            "batch_size",
+            format!("batch_size must be between 1 and {MAX_EVAL_BATCH}, got {}", options.batch_size),
+        ));
+    }
+    if options.limit == Some(0) {
+        return Err(field("/evaluate", "limit", "limit must be at least 1"));
+    }
+    Ok(Some(options))
+}
+
+/// Largest evaluation batch: activations of a batch are held at once.
+pub const MAX_EVAL_BATCH: usize = 65_536;
 
 /// Canonical text of a spec value (sorted keys, no whitespace) for hashing and storage.
 pub fn canonical_json(value: &Value) -> String {

@@ -1,0 +1,106 @@
+//! `/v1/models/{id}/graph`: attach, read and remove a model's architecture graph.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use bytes::Bytes;
+use serde::Serialize;
+
+use super::error::{ApiError, ApiResult};
+use super::{parse_id, AppState};
+use crate::compress::spec::SpecError;
+use crate::graph::{Graph, GraphSummary, TensorTable};
+use crate::storage::catalog::{GraphUpdate, ModelKind, ModelRecord};
+
+/// A graph and what it computes on its model.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct GraphView {
+    #[schema(value_type = Object)]
+    pub graph: Graph,
+    #[schema(value_type = Object)]
+    pub summary: GraphSummary,
+}
+
+/// The model's tensor table as graph validation sees it.
+pub fn tensor_table(m: &ModelRecord) -> TensorTable {
+    let views: Vec<super::models::TensorView> = serde_json::from_str(&m.tensors).unwrap_or_default();
+    views
+        .into_iter()
+        .filter_map(|t| crate::formats::safetensors::Dtype::parse(&t.dtype).map(|d| (t.name, (d, t.shape))))
+        .collect()
+}
+
+/// The graph stored with a model, if any. Stored graphs were validated when attached.
+pub fn stored_graph(m: &ModelRecord) -> Result<Option<Graph>, String> {
+    m.graph.as_deref().map(Graph::from_stored).transpose()
+}
+
+fn graph_errors(errors: Vec<crate::graph::GraphError>) -> ApiError {
+    ApiError::spec(errors.into_iter().map(|e| SpecError::new(e.pointer, "invalid_graph", e.detail)).collect())
+}
+
+async fn model(state: &AppState, id: &str) -> ApiResult<ModelRecord> {
+    let id = parse_id(id, "id")?;
+    state.catalog.get_model(ModelKind::Model, &id).await?.ok_or_else(|| ApiError::not_found("model", &id))
+}
+
+fn in_use(id: &str, n: i64) -> ApiError {
+    ApiError::conflict(
+        "in_use",
+        format!("model `{id}` is read by {n} queued or running job(s), which run with the graph they were planned with; cancel them or wait"),
+    )
+}
+
+/// Attach (or replace) the model's architecture graph. It is validated against the model's
+/// tensors first: a bad graph is a 422 naming the layer (`/layers/3/layers/0`) and nothing is
+/// stored. The answer gives every layer's shapes, the parameters and the unused tensors.
+#[utoipa::path(put, path = "/v1/models/{id}/graph", tag = "models", request_body(content = Object, description = "A graph"),
+    responses((status = 200, body = GraphView), (status = 404, body = super::error::Problem),
+              (status = 409, body = super::error::Problem), (status = 422, body = super::error::Problem)))]
+pub async fn put_graph(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<GraphView>> {
+    let m = model(&state, &id).await?;
+    let value: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")))?;
+    let graph = Graph::parse(&value).map_err(graph_errors)?;
+    let summary = graph.validate(&tensor_table(&m)).map_err(graph_errors)?;
+    let text = serde_json::to_string(&graph).expect("graphs serialise");
+    match state.catalog.set_graph(&m.id, Some(&text)).await? {
+        GraphUpdate::Updated => {}
+        GraphUpdate::InUse(n) => return Err(in_use(&m.id, n)),
+        GraphUpdate::NotFound => return Err(ApiError::not_found("model", &m.id)),
+    }
+    tracing::info!(id = %m.id, layers = summary.layers.len(), "graph attached");
+    Ok(Json(GraphView { graph, summary }))
+}
+
+/// The model's graph (with defaults filled in) and what it computes on the model.
+#[utoipa::path(get, path = "/v1/models/{id}/graph", tag = "models",
+    responses((status = 200, body = GraphView), (status = 404, body = super::error::Problem)))]
+pub async fn get_graph(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<GraphView>> {
+    let m = model(&state, &id).await?;
+    let graph = stored_graph(&m).map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_graph",
+            format!("model `{}` has no graph; attach one with PUT /v1/models/{}/graph", m.id, m.id),
+        )
+    })?;
+    let summary = graph.validate(&tensor_table(&m)).map_err(graph_errors)?;
+    Ok(Json(GraphView { graph, summary }))
+}
+
+/// Remove the model's graph (409 while queued or running jobs read the model).
+#[utoipa::path(delete, path = "/v1/models/{id}/graph", tag = "models",
+    responses((status = 204), (status = 404, body = super::error::Problem), (status = 409, body = super::error::Problem)))]
+pub async fn delete_graph(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    let m = model(&state, &id).await?;
+    match state.catalog.set_graph(&m.id, None).await? {
+        GraphUpdate::Updated => Ok(StatusCode::NO_CONTENT),
+        GraphUpdate::InUse(n) => Err(in_use(&m.id, n)),
+        GraphUpdate::NotFound => Err(ApiError::not_found("model", &m.id)),
+    }
+}
