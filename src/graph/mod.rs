@@ -20,6 +20,8 @@
 
 pub mod eval;
 pub mod forward;
+pub mod lowrank;
+pub mod structure;
 
 use std::collections::{BTreeMap, BTreeSet};
 

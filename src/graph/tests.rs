@@ -4,7 +4,7 @@ use super::forward::{Network, Weights};
 use super::*;
 
 /// Deterministic pseudo-random values in [-1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
@@ -14,18 +14,18 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn table(weights: &Weights) -> TensorTable {
+pub(crate) fn table(weights: &Weights) -> TensorTable {
     weights.iter().map(|(k, (s, _))| (k.clone(), (Dtype::F32, s.clone()))).collect()
 }
 
-fn put(w: &mut Weights, name: &str, shape: &[usize], seed: u64) {
+pub(crate) fn put(w: &mut Weights, name: &str, shape: &[usize], seed: u64) {
     let n = shape.iter().product();
     w.insert(name.into(), (shape.to_vec(), values(n, seed)));
 }
 
 /// A CNN with every spatial layer kind: conv (padding), batch norm, residual, depthwise conv
 /// (groups = channels, stride 2, dilation), pooling, flatten, linear.
-fn cnn() -> (Graph, Weights) {
+pub(crate) fn cnn() -> (Graph, Weights) {
     let graph = Graph::parse(&json!({
         "input": {"shape": [2, 8, 8]},
         "layers": [
