@@ -17,6 +17,9 @@ pub struct Report {
     pub outputs: Vec<OutputSummary>,
     /// Every model artifact read back, decoded and compared bit for bit with the dense values.
     pub checks: Vec<super::engine::OutputCheck>,
+    /// What each structural step (shrink, factorize, structured pruning with a graph) did.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub structure: Vec<crate::compress::ops::structural::StructureRecord>,
     /// With `evaluate`: the original and the compressed model run on the dataset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evaluation: Option<crate::graph::eval::Evaluation>,

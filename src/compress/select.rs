@@ -25,6 +25,12 @@ pub struct Selector {
 
 /// Why a tensor is not touched by a step (`None` from `reason_skipped` means it is).
 impl Selector {
+    /// The default selector (no `targets`, no `ignore`), for steps that select layers otherwise.
+    pub fn all() -> &'static Selector {
+        static DEFAULT: Selector = Selector { targets: None, ignore: Vec::new() };
+        &DEFAULT
+    }
+
     pub fn parse(targets: Option<&[String]>, ignore: Option<&[String]>, at: &str) -> Result<Selector, SpecError> {
         let compile = |list: &[String], field: &str| -> Result<Vec<glob::Pattern>, SpecError> {
             list.iter()

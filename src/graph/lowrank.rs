@@ -10,7 +10,7 @@
 //! exact in both cases: `sqrt(1 - sum_{i<=r} s_i^2 / ||W||_F^2)`.
 
 use faer::Mat;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Extra sketch columns of the randomized SVD (Halko et al. recommend 5-10).
 pub const OVERSAMPLE: usize = 10;
@@ -46,7 +46,7 @@ pub struct Factors {
 }
 
 /// What factorizing one layer did, for the report.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FactorReport {
     pub layer: String,
     pub shape: [usize; 2],
@@ -55,11 +55,11 @@ pub struct FactorReport {
     pub parameters_after: u64,
     pub energy: f64,
     pub relative_error: f64,
-    pub method: &'static str,
+    pub method: String,
 }
 
 /// Deterministic standard normal values (xorshift64* and Box-Muller).
-fn gaussian(n: usize, seed: u64) -> Vec<f32> {
+pub fn gaussian(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed | 1;
     let mut next = || {
         s ^= s >> 12;

@@ -33,9 +33,7 @@ pub async fn spec_and_plan(state: &AppState, body: &[u8]) -> ApiResult<(JobSpec,
                 format!("no dataset with id `{ds}`"),
             )]));
         };
-        if spec.compress.evaluate.is_some() {
-            dataset_path = Some(state.blobs.local_path(&d.sha256).await.map_err(ApiError::io)?);
-        }
+        dataset_path = Some(state.blobs.local_path(&d.sha256).await.map_err(ApiError::io)?);
     }
     let graph = super::graphs::stored_graph(&model).map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
     let path = state.blobs.local_path(&model.sha256).await.map_err(ApiError::io)?;

@@ -154,8 +154,8 @@ async fn execute_inner(
         Ok(g) => g,
         Err(e) => return Outcome::Failed(failure("invalid_graph", e)),
     };
-    let dataset_path = match (&spec.dataset_id, spec.compress.evaluate.is_some()) {
-        (Some(ds), true) => match ctx.catalog.get_model(ModelKind::Dataset, ds).await {
+    let dataset_path = match &spec.dataset_id {
+        Some(ds) => match ctx.catalog.get_model(ModelKind::Dataset, ds).await {
             Ok(Some(d)) => match ctx.blobs.local_path(&d.sha256).await {
                 Ok(p) => Some(p),
                 Err(e) => return Outcome::Retry(failure("storage_error", e.to_string())),
@@ -163,7 +163,7 @@ async fn execute_inner(
             Ok(None) => return Outcome::Failed(failure("dataset_not_found", format!("dataset {ds} no longer exists"))),
             Err(e) => return Outcome::Retry(failure("database_error", e.to_string())),
         },
-        _ => None,
+        None => None,
     };
     let out_dir = ctx.blobs.staging_path("job");
     if let Err(e) = tokio::fs::create_dir_all(&out_dir).await {

@@ -12,3 +12,4 @@ mod operations;
 mod properties;
 mod prune;
 mod quantize;
+mod structure;

@@ -236,6 +236,8 @@ pub fn apply(
                 resolved.removed_rows.insert((a.step, t.name.clone()), r.removed_rows);
                 pruned = true;
             }
+            // The structural phase already holds the new values in `work`.
+            Kernel::Rewritten { .. } => {}
             Kernel::BiasOf { weight, step } => {
                 if let Some(removed) = resolved.removed_rows.get(&(*step, weight.clone())) {
                     for &r in removed {

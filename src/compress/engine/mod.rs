@@ -5,8 +5,9 @@
 //! is read. Steps that must see all tensors first (global pruning, mixed precision) get their own
 //! read passes before the main one. Cancellation and progress are checked between tensors.
 
-mod kernels;
+pub(crate) mod kernels;
 mod passes;
+mod rewrite;
 mod sinks;
 mod verify;
 
@@ -29,6 +30,7 @@ use crate::graph::eval::{Dataset, EvalError, Evaluation};
 use crate::graph::forward::{Network, Weights};
 use crate::graph::Graph;
 use kernels::Resolved;
+use rewrite::Source;
 use sinks::{QuantRef, Sink, TensorData};
 
 /// What [`execute`] reads besides the plan: the input file and the hashes written into every
@@ -208,11 +210,22 @@ pub fn execute(
     out_dir: &Path,
     ctl: &dyn Control,
 ) -> Result<EngineOutput, EngineError> {
-    let job = &Job { plan, inputs, out_dir };
-    if !job.plan.refusals.is_empty() {
-        return Err(EngineError::Refused(job.plan.refusals.clone()));
+    if !plan.refusals.is_empty() {
+        return Err(EngineError::Refused(plan.refusals.clone()));
     }
     let started = Instant::now();
+    let mut source = Source { reader: TensorReader::open(inputs.model_path)?, memory: Weights::new() };
+    let data = match (&plan.dataset, inputs.dataset_path) {
+        (Some(d), Some(path)) => Some(Dataset::load(path, d)?),
+        _ => None,
+    };
+    let mut tracker = Tracker { ctl, total: plan.totals.bytes_in, done: 0 };
+    let restructured = rewrite::restructure(plan, &mut source, data.as_ref(), &mut tracker)?;
+    let (plan, final_graph, structure, mut before) = match restructured {
+        Some(r) => (std::borrow::Cow::Owned(r.plan), r.graph, r.records, r.before),
+        None => (std::borrow::Cow::Borrowed(plan), plan.graph_def.clone(), Vec::new(), None),
+    };
+    let job = &Job { plan: &plan, inputs, out_dir };
     let main_bytes: u64 = job.plan.tensors.iter().map(|tp| tp.bytes_in).sum();
     let prepass_bytes: u64 = job
         .plan
@@ -221,10 +234,9 @@ pub fn execute(
         .flat_map(|tp| tp.actions.iter().map(move |a| (tp, a)))
         .map(|(tp, a)| job.plan.spec.steps[a.step].op().prepasses() as u64 * tp.bytes_in)
         .sum();
-    let mut tracker = Tracker { ctl, total: main_bytes + prepass_bytes, done: 0 };
-    let mut reader = TensorReader::open(job.inputs.model_path)?;
+    tracker.total = main_bytes + prepass_bytes;
     let mut b = Buffers::default();
-    let (mut resolved, mixed) = passes::resolve(job.plan, &mut reader, &mut b, &mut tracker)?;
+    let (mut resolved, mixed) = passes::resolve(job.plan, &mut source, &mut b, &mut tracker)?;
 
     let labels: BTreeMap<String, String> = job
         .plan
@@ -252,45 +264,59 @@ pub fn execute(
     // Fingerprint of every tensor's dense bytes, for the agreement check of the written layouts.
     let mut expected = std::collections::HashMap::with_capacity(job.plan.tensors.len());
     let mut dense = Vec::new();
-    // With an evaluation: the graph's tensors before and after, for the forward passes.
-    let graph_tensors = match (&job.plan.evaluation, &job.plan.graph_def) {
-        (Some(_), Some(g)) => g.tensor_names(),
+    // With an evaluation: the tensors of the original graph as read (unless the structural
+    // phase kept them) and those of the final graph as written, for the forward passes.
+    let evaluating = job.plan.evaluation.is_some();
+    let before_names = match (&job.plan.graph_def, evaluating && before.is_none()) {
+        (Some(g), true) => g.tensor_names(),
         _ => Default::default(),
     };
-    let (mut before, mut after) = (Weights::new(), Weights::new());
+    let after_names = match (&final_graph, evaluating) {
+        (Some(g), true) => g.tensor_names(),
+        _ => Default::default(),
+    };
+    let (mut before_values, mut after) = (Weights::new(), Weights::new());
 
+    let source_file = &mut source;
     for tp in &job.plan.tensors {
-        let (source, t) = (&job.plan.header.tensors[tp.index], &tp.out);
+        let (src, t) = (&job.plan.header.tensors[tp.index], &tp.out);
         tracker.check(&format!("tensor {}", t.name))?;
         let t0 = Instant::now();
         let mut notes: Vec<String> = tp.skipped.iter().map(|s| format!("step {}: {}", s.step, s.reason)).collect();
         notes.extend(tp.notes.iter().cloned());
         if tp.actions.is_empty() {
-            let raw = reader.read_raw(source)?;
+            let raw = source_file.reader.read_raw(src)?;
             for sink in &mut sinks {
                 sink.write(t, &TensorData::Raw(raw))?;
             }
             expected.insert(t.name.clone(), fingerprint(raw));
-            if graph_tensors.contains(&t.name) {
+            if before_names.contains(&t.name) || after_names.contains(&t.name) {
                 let mut values = vec![0f32; t.numel()];
                 decode_f32(raw, t.dtype, &mut values);
-                before.insert(t.name.clone(), (t.shape.clone(), values.clone()));
-                after.insert(t.name.clone(), (t.shape.clone(), values));
+                if before_names.contains(&t.name) {
+                    before_values.insert(t.name.clone(), (t.shape.clone(), values.clone()));
+                }
+                if after_names.contains(&t.name) {
+                    after.insert(t.name.clone(), (t.shape.clone(), values));
+                }
             }
             let nonzeros = raw.chunks_exact(t.dtype.size()).filter(|c| c.iter().any(|x| *x != 0)).count() as u64;
             reports.push(unchanged_report(t, nonzeros, notes, t0));
         } else {
-            reader.read_f32(source, &mut b.orig)?;
+            source_file.read(job.plan, tp, &mut b.orig, true)?;
             b.work.clear();
             b.work.extend_from_slice(&b.orig);
             let outcome = kernels::apply(t, &tp.actions, None, &mut b, &mut resolved, Some(&mut steps))?;
             store_as(t, &mut b.work, &mut dense)?;
             expected.insert(t.name.clone(), fingerprint(&dense));
-            if graph_tensors.contains(&t.name) {
-                before.insert(t.name.clone(), (source.shape.clone(), b.orig.clone()));
+            if before_names.contains(&src.name) && !rewrite::rewritten(tp) {
+                before_values.insert(src.name.clone(), (src.shape.clone(), b.orig.clone()));
+            }
+            if after_names.contains(&t.name) {
                 after.insert(t.name.clone(), (t.shape.clone(), b.work.clone()));
             }
             let pruned = tp.actions.iter().any(|a| a.op == OpKind::Prune);
+            let structural_only = tp.actions.iter().all(|a| matches!(a.kernel, Kernel::Rewritten { .. }));
             let data = TensorData::Values {
                 values: &b.work,
                 dense: &dense,
@@ -311,27 +337,44 @@ pub fn execute(
                 _ => (tp.bytes_out, tp.bits_per_weight),
             };
             let n = t.numel().max(1) as f64;
+            // A tensor the structural steps created (a factor) had no input bytes of its own.
+            let created = src.name != t.name;
             reports.push(TensorReport {
                 name: t.name.clone(),
-                shape_in: source.shape.clone(),
+                shape_in: if created { Vec::new() } else { src.shape.clone() },
                 shape_out: t.shape.clone(),
-                dtype_in: source.dtype.as_str().into(),
+                dtype_in: src.dtype.as_str().into(),
                 dtype_out: t.dtype.as_str().into(),
                 scheme: outcome.labels.join(" + "),
-                bytes_in: source.bytes(),
+                bytes_in: if created { 0 } else { src.bytes() },
                 bytes_out,
                 bits_per_weight: bits,
                 parameters: t.numel() as u64,
                 nonzeros,
                 sparsity: 1.0 - nonzeros as f64 / n,
                 requested_sparsity: outcome.requested_sparsity,
-                error: Some(error_metrics(&b.orig, &b.work)),
+                // A structural rewrite alone is not an approximation of the tensor it came from.
+                error: (!structural_only).then(|| error_metrics(&b.orig, &b.work)),
                 rtn_relative_error: outcome.rtn_relative_error,
                 milliseconds: t0.elapsed().as_secs_f64() * 1e3,
                 notes,
             });
         }
         tracker.done(tp.bytes_in);
+    }
+    for d in &job.plan.dropped {
+        if let Some(t) = job.plan.header.get(&d.name) {
+            reports.push(TensorReport {
+                shape_out: Vec::new(),
+                scheme: "dropped".into(),
+                bytes_out: 0,
+                bits_per_weight: 0.0,
+                parameters: 0,
+                nonzeros: 0,
+                sparsity: 0.0,
+                ..unchanged_report(t, 0, vec![format!("step {}: {}", d.step, d.reason)], Instant::now())
+            });
+        }
     }
     tracker.check("writing outputs")?;
 
@@ -345,11 +388,19 @@ pub fn execute(
     drop((b, dense));
     let outs: Vec<TensorInfo> = job.plan.tensors.iter().map(|tp| tp.out.clone()).collect();
     let checks = verify::verify(&artifacts, &outs, &expected)?;
-    let evaluation = match (&job.plan.evaluation, &job.plan.graph_def) {
-        (Some(e), Some(g)) => Some(evaluate(job, e, g, &before, &after, &mut tracker)?),
+    if let Some(g) = &final_graph {
+        let path = out_dir.join("graph.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(g).expect("graph JSON"))?;
+        artifacts.push(ArtifactFile { name: "graph.json".into(), format: "graph".into(), path });
+    }
+    let evaluation = match (&job.plan.evaluation, &job.plan.graph_def, &final_graph, &data) {
+        (Some(e), Some(original), Some(compressed), Some(data)) => {
+            let before = before.take().unwrap_or(before_values);
+            Some(evaluate(e, (original, &before), (compressed, &after), data, &mut tracker)?)
+        }
         _ => None,
     };
-    drop((before, after));
+    drop(after);
     let outputs = artifacts
         .iter()
         .map(|a| {
@@ -370,6 +421,7 @@ pub fn execute(
         mixed,
         outputs,
         checks,
+        structure,
         evaluation,
         duration_ms: started.elapsed().as_secs_f64() * 1e3,
         peak_rss_bytes: peak_rss_bytes(),
@@ -385,20 +437,17 @@ pub fn execute(
 
 /// Runs the original and the compressed model over the dataset; progress reports each batch.
 fn evaluate(
-    job: &Job<'_>,
     e: &EvaluationPlan,
-    graph: &Graph,
-    before: &Weights,
-    after: &Weights,
+    original: (&Graph, &Weights),
+    compressed: (&Graph, &Weights),
+    data: &Dataset,
     tracker: &mut Tracker<'_>,
 ) -> Result<Evaluation, EngineError> {
     let failed = |detail: String| EngineError::Job { code: "evaluation_failed", detail };
-    let path =
-        job.inputs.dataset_path.ok_or_else(|| failed("the plan evaluates but no dataset file was given".into()))?;
-    tracker.check("evaluation: loading the dataset")?;
-    let data = Dataset::load(path, &e.dataset)?;
-    let original = Network::build(graph, before).map_err(|err| failed(format!("the original model: {err}")))?;
-    let compressed = Network::build(graph, after).map_err(|err| failed(format!("the compressed model: {err}")))?;
+    tracker.check("evaluation: building the models")?;
+    let before = Network::build(original.0, original.1).map_err(|err| failed(format!("the original model: {err}")))?;
+    let after =
+        Network::build(compressed.0, compressed.1).map_err(|err| failed(format!("the compressed model: {err}")))?;
     let options = crate::graph::eval::EvalOptions {
         inputs: e.inputs.clone(),
         labels: e.labels.clone(),
@@ -410,7 +459,7 @@ fn evaluate(
         ctl.progress(1.0, "evaluate", &format!("evaluation: {done}/{total} samples"));
         !ctl.canceled()
     };
-    match crate::graph::eval::evaluate(&original, &compressed, &data, &options, e.labels.clone(), &mut tick) {
+    match crate::graph::eval::evaluate(&before, &after, data, &options, e.labels.clone(), &mut tick) {
         Ok(ev) => Ok(ev),
         Err(EvalError::Stopped) => Err(EngineError::Canceled),
         Err(err) => Err(failed(format!("evaluation: {err}"))),

@@ -3,15 +3,15 @@
 //! pass reads the tensors one at a time, so memory stays bounded.
 
 use super::kernels::{apply, Buffers, Resolved};
+use super::rewrite::Source;
 use super::{EngineError, Tracker};
 use crate::compress::plan::{Kernel, Plan};
 use crate::compress::report::MixedDecision;
-use crate::formats::safetensors::TensorReader;
 
 /// What an op's prepass can use: the plan, a reader, reused buffers, the decisions so far.
 pub struct PassCx<'a, 't> {
     pub plan: &'a Plan,
-    reader: &'a mut TensorReader,
+    source: &'a mut Source,
     /// `b.work` holds the tensor after [`PassCx::load_before`].
     pub b: &'a mut Buffers,
     pub resolved: &'a mut Resolved,
@@ -27,7 +27,7 @@ impl PassCx<'_, '_> {
     /// Reads tensor `i` into `b.work` with the actions of steps before `step` applied.
     pub fn load_before(&mut self, i: usize, step: usize) -> Result<(), EngineError> {
         let tp = &self.plan.tensors[i];
-        self.reader.read_f32(&self.plan.header.tensors[tp.index], &mut self.b.work)?;
+        self.source.read(self.plan, tp, &mut self.b.work, false)?;
         apply(&tp.out, &tp.actions, Some(step), self.b, self.resolved, None)?;
         Ok(())
     }
@@ -46,13 +46,13 @@ impl PassCx<'_, '_> {
 /// Runs every step's prepass in step order.
 pub fn resolve<'a, 't>(
     plan: &'a Plan,
-    reader: &'a mut TensorReader,
+    source: &'a mut Source,
     b: &'a mut Buffers,
     tracker: &'a mut Tracker<'t>,
 ) -> Result<(Resolved, Vec<MixedDecision>), EngineError> {
     let mut resolved = Resolved::default();
     let mut decisions = Vec::new();
-    let mut cx = PassCx { plan, reader, b, resolved: &mut resolved, tracker };
+    let mut cx = PassCx { plan, source, b, resolved: &mut resolved, tracker };
     for (s, step) in plan.spec.steps.iter().enumerate() {
         decisions.extend(step.op().prepass(&mut cx, s)?);
     }

@@ -7,8 +7,11 @@
 use serde::Serialize;
 use serde_json::Value;
 
+pub mod factorize;
 pub mod prune;
 pub mod quantize;
+pub mod shrink;
+pub mod structural;
 
 use super::engine::{EngineError, PassCx};
 use super::plan::planner::Planner;
@@ -24,16 +27,20 @@ pub use quantize::{QuantMethod, QuantizeStep, Scheme};
 pub enum OpKind {
     Quantize,
     Prune,
+    Shrink,
+    Factorize,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 2] = [OpKind::Quantize, OpKind::Prune];
+    pub const ALL: [OpKind; 4] = [OpKind::Quantize, OpKind::Prune, OpKind::Shrink, OpKind::Factorize];
 
     /// The `op` value of a spec step.
     pub fn name(self) -> &'static str {
         match self {
             OpKind::Quantize => "quantize",
             OpKind::Prune => "prune",
+            OpKind::Shrink => "shrink",
+            OpKind::Factorize => "factorize",
         }
     }
 
@@ -51,6 +58,9 @@ pub enum Scope {
     /// Every targeted tensor first (a global threshold, a bit budget): passes of its own before
     /// the main one, one tensor in memory at a time.
     CrossTensor,
+    /// The whole model at once (its graph's tensors in memory): structural edits, which run
+    /// before every other pass and must precede tensor-level steps.
+    Model,
 }
 
 /// One step of a spec, as the planner and the engine see it.
@@ -75,6 +85,15 @@ pub trait StepOp {
     fn prepass(&self, _cx: &mut PassCx<'_, '_>, _step: usize) -> Result<Option<MixedDecision>, EngineError> {
         Ok(None)
     }
+    /// The structural edit this step makes, on a model with a graph or without; `None` for
+    /// tensor-level steps.
+    fn edit(&self, _has_graph: bool) -> Option<structural::Edit> {
+        None
+    }
+    /// Whether the step is refused on a model without a graph.
+    fn needs_graph(&self) -> bool {
+        false
+    }
 }
 
 /// A parsed step. The enum keeps steps `Clone` and matchable; [`Step::op`] is the common face.
@@ -82,6 +101,8 @@ pub trait StepOp {
 pub enum Step {
     Quantize(QuantizeStep),
     Prune(PruneStep),
+    Shrink(shrink::ShrinkStep),
+    Factorize(factorize::FactorizeStep),
 }
 
 impl Step {
@@ -89,6 +110,8 @@ impl Step {
         match self {
             Step::Quantize(q) => q,
             Step::Prune(p) => p,
+            Step::Shrink(s) => s,
+            Step::Factorize(f) => f,
         }
     }
 
@@ -106,6 +129,8 @@ pub fn parse_step(value: &Value, at: &str) -> Result<Step, SpecError> {
     match OpKind::parse(name) {
         Some(OpKind::Quantize) => quantize::parse::parse_quantize(value, at).map(Step::Quantize),
         Some(OpKind::Prune) => prune::parse::parse_prune(value, at).map(Step::Prune),
+        Some(OpKind::Shrink) => shrink::parse_shrink(value, at).map(Step::Shrink),
+        Some(OpKind::Factorize) => factorize::parse_factorize(value, at).map(Step::Factorize),
         None => {
             let names: Vec<String> = OpKind::ALL.iter().map(|k| format!("`{}`", k.name())).collect();
             Err(SpecError::new(

@@ -10,6 +10,7 @@ use serde::Serialize;
 pub(crate) mod planner;
 mod predict;
 
+use super::ops::structural::ShapeModel;
 use super::ops::OpKind;
 use super::prune::Norm;
 use super::quant::{Granularity, IntParams};
@@ -47,6 +48,36 @@ pub struct Plan {
     /// The graph itself, for the forward passes.
     #[serde(skip)]
     pub graph_def: Option<Graph>,
+    /// The job's dataset, checked against the graph (evaluation, proofs, layer ranking).
+    #[serde(skip)]
+    pub dataset: Option<DatasetPlan>,
+    /// What each structural step will do.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub structure: Vec<StructurePlan>,
+    /// Tensors the structural steps remove (dropped layers, factorized weights).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dropped: Vec<DroppedTensor>,
+    /// The graph after the structural steps, on the new shapes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub graph_after: Option<GraphSummary>,
+}
+
+/// A structural step's decisions, known before it runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct StructurePlan {
+    pub step: usize,
+    pub op: OpKind,
+    pub notes: Vec<String>,
+    /// Parameters of the model's tensors after the step.
+    pub parameters_after: u64,
+}
+
+/// A tensor that is not in the outputs.
+#[derive(Debug, Clone, Serialize)]
+pub struct DroppedTensor {
+    pub name: String,
+    pub step: usize,
+    pub reason: String,
 }
 
 /// What an evaluation will read.
@@ -141,6 +172,10 @@ pub enum Kernel {
         weight: String,
         step: usize,
     },
+    /// Values come from the structural steps' rewrite of the model (new shape or new tensor).
+    Rewritten {
+        step: usize,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -208,14 +243,42 @@ pub fn prepare(spec: CompressSpec, header: Header, graph: Option<Graph>, dataset
             out: t.clone(),
         })
         .collect();
-    let mut planner = planner::Planner { spec: &spec, tensors, refusals: Vec::new() };
+    let mut refusals = Vec::new();
+    let table: TensorTable = header.tensors.iter().map(|t| (t.name.clone(), (t.dtype, t.shape.clone()))).collect();
+    let graph_summary = graph.as_ref().and_then(|g| match g.validate(&table) {
+        Ok(s) => Some(s),
+        Err(errors) => {
+            refusals.extend(errors.into_iter().map(|e| Refusal {
+                pointer: format!("/graph{}", e.pointer),
+                tensor: None,
+                detail: format!("the model's graph does not fit it: {}", e.detail),
+            }));
+            None
+        }
+    });
+    let (dataset, evaluation) = plan_evaluation(&spec, graph.as_ref(), graph_summary.as_ref(), dataset, &mut refusals);
+    let shapes = ShapeModel { graph: graph_summary.as_ref().and(graph.clone()), table };
+    let mut planner = planner::Planner {
+        spec: &spec,
+        tensors,
+        refusals,
+        shapes,
+        tensor_level: None,
+        has_dataset: dataset.is_some(),
+        structure: Vec::new(),
+        dropped: Vec::new(),
+    };
     for (i, step) in spec.steps.iter().enumerate() {
         planner.step(i, step.op());
     }
     for (i, step) in spec.steps.iter().enumerate() {
         step.op().check(&mut planner, i);
     }
-    let planner::Planner { mut tensors, mut refusals, .. } = planner;
+    let planner::Planner { mut tensors, mut refusals, shapes, structure, dropped, .. } = planner;
+    let graph_after = match (&shapes.graph, structure.is_empty()) {
+        (Some(g), false) => g.validate(&shapes.table).ok(),
+        _ => None,
+    };
     describe_layouts(&spec, &mut tensors);
     predict::check_output_names(&spec, &tensors, &mut refusals);
     if let Some(i) = spec.outputs.iter().position(|f| *f == OutputFormat::Gguf) {
@@ -242,7 +305,8 @@ pub fn prepare(spec: CompressSpec, header: Header, graph: Option<Graph>, dataset
     tensors.sort_by_key(|t| (t.actions.iter().any(|a| matches!(a.kernel, Kernel::BiasOf { .. })), t.index));
 
     let parameters: u64 = tensors.iter().map(|tp| tp.out.numel() as u64).sum();
-    let bytes_in: u64 = tensors.iter().map(|t| t.bytes_in).sum();
+    // Every input byte, dropped and factorized tensors included.
+    let bytes_in: u64 = header.tensors.iter().map(|t| t.bytes()).sum();
     let bytes_out: u64 = tensors.iter().map(|t| t.bytes_out).sum();
     let outputs = spec
         .outputs
@@ -255,7 +319,6 @@ pub fn prepare(spec: CompressSpec, header: Header, graph: Option<Graph>, dataset
         .collect();
     let max_numel = tensors.iter().map(|tp| tp.out.numel().max(header.tensors[tp.index].numel()) as u64).max();
     let prepasses = spec.steps.iter().map(|s| s.op().prepasses()).sum();
-    let (graph_summary, evaluation) = plan_graph(&spec, &header, graph.as_ref(), dataset, &mut refusals);
     let eval_bytes = evaluation.as_ref().map_or(0, |e| eval_memory(e, graph_summary.as_ref()));
     Plan {
         totals: PlanTotals {
@@ -276,58 +339,50 @@ pub fn prepare(spec: CompressSpec, header: Header, graph: Option<Graph>, dataset
         graph: graph_summary,
         evaluation,
         graph_def: graph,
+        dataset,
+        structure,
+        dropped,
+        graph_after,
     }
 }
 
-/// The graph's summary on this model, and what `evaluate` will read, or refusals saying why not.
-fn plan_graph(
+/// The job's dataset checked against the graph, and what `evaluate` will read; refusals say why
+/// either cannot be.
+fn plan_evaluation(
     spec: &CompressSpec,
-    header: &Header,
     graph: Option<&Graph>,
+    summary: Option<&GraphSummary>,
     dataset: Option<&Header>,
     refusals: &mut Vec<Refusal>,
-) -> (Option<GraphSummary>, Option<EvaluationPlan>) {
-    let summary = graph.and_then(|g| {
-        let table: TensorTable = header.tensors.iter().map(|t| (t.name.clone(), (t.dtype, t.shape.clone()))).collect();
-        match g.validate(&table) {
-            Ok(s) => Some(s),
-            Err(errors) => {
-                refusals.extend(errors.into_iter().map(|e| Refusal {
-                    pointer: format!("/graph{}", e.pointer),
-                    tensor: None,
-                    detail: format!("the model's graph does not fit it: {}", e.detail),
-                }));
-                None
-            }
-        }
-    });
-    let Some(options) = &spec.evaluate else { return (summary, None) };
+) -> (Option<DatasetPlan>, Option<EvaluationPlan>) {
+    let pointer = if spec.evaluate.is_some() { "/evaluate" } else { "/dataset_id" };
     let refuse = |refusals: &mut Vec<Refusal>, detail: String| {
-        refusals.push(Refusal { pointer: "/evaluate".into(), tensor: None, detail });
+        refusals.push(Refusal { pointer: pointer.into(), tensor: None, detail });
     };
     let (Some(summary), Some(dataset)) = (summary, dataset) else {
-        if graph.is_none() {
+        if spec.evaluate.is_some() && graph.is_none() {
             refuse(refusals, "evaluation runs the model, which needs its architecture graph: attach one with PUT /v1/models/{id}/graph (CLI: --graph FILE)".into());
         }
-        if dataset.is_none() {
+        if spec.evaluate.is_some() && dataset.is_none() {
             refuse(refusals, "evaluation needs a dataset: give `dataset_id` (CLI: --dataset FILE)".into());
         }
         return (None, None);
     };
-    match plan_dataset(dataset, options, &summary.input_shape, &summary.output_shape) {
+    let options = spec.evaluate.clone().unwrap_or_default();
+    match plan_dataset(dataset, &options, &summary.input_shape, &summary.output_shape) {
         Ok(d) => {
-            let evaluation = EvaluationPlan {
+            let evaluation = spec.evaluate.as_ref().map(|o| EvaluationPlan {
                 inputs: d.inputs.name.clone(),
                 labels: d.labels.as_ref().map(|l| l.name.clone()),
                 samples: d.samples,
-                batch_size: options.batch_size,
-                dataset: d,
-            };
-            (Some(summary), Some(evaluation))
+                batch_size: o.batch_size,
+                dataset: d.clone(),
+            });
+            (Some(d), evaluation)
         }
         Err(detail) => {
             refuse(refusals, detail);
-            (Some(summary), None)
+            (None, None)
         }
     }
 }

@@ -2,6 +2,7 @@
 //! each op decides is its [`crate::compress::ops::StepOp`] implementation.
 
 use super::*;
+use crate::compress::ops::structural::{DepthRule, Edit, ShapeModel};
 use crate::compress::ops::StepOp;
 
 /// A plan being built: ops push actions, skips and refusals here.
@@ -9,6 +10,14 @@ pub struct Planner<'a> {
     pub spec: &'a CompressSpec,
     pub tensors: Vec<TensorPlan>,
     pub refusals: Vec<Refusal>,
+    /// The model's graph (when valid) and tensor shapes after the structural steps so far.
+    pub shapes: ShapeModel,
+    /// The first tensor-level step: structural steps after it are refused.
+    pub tensor_level: Option<usize>,
+    /// Whether the job has a dataset that fits the graph (ranking layers needs one).
+    pub has_dataset: bool,
+    pub structure: Vec<StructurePlan>,
+    pub dropped: Vec<DroppedTensor>,
 }
 
 impl Planner<'_> {
@@ -21,8 +30,12 @@ impl Planner<'_> {
         });
     }
 
-    /// Plans one step over every tensor its selector picks.
-    pub(super) fn step(&mut self, step: usize, op: &dyn StepOp) {
+    /// Plans one step: a structural edit on the whole model, or each tensor its selector picks.
+    pub(crate) fn step(&mut self, step: usize, op: &dyn StepOp) {
+        if let Some(edit) = op.edit(self.shapes.graph.is_some()) {
+            return self.structural(step, op, edit);
+        }
+        self.tensor_level.get_or_insert(step);
         for i in 0..self.tensors.len() {
             match op.selector().decide(&self.tensors[i].out) {
                 Err(Some(reason)) => self.tensors[i].skipped.push(Skip { step, reason }),
@@ -31,5 +44,75 @@ impl Planner<'_> {
             }
         }
         op.plan_finish(self, step);
+    }
+
+    fn structural(&mut self, step: usize, op: &dyn StepOp, edit: Edit) {
+        let pointer = format!("/steps/{step}");
+        let refuse = |detail: String| Refusal { pointer: pointer.clone(), tensor: None, detail };
+        if op.needs_graph() && self.shapes.graph.is_none() {
+            let detail = format!("`{}` needs the model's architecture graph: attach one with PUT /v1/models/{{id}}/graph (CLI: --graph FILE)", op.kind().name());
+            return self.refusals.push(refuse(detail));
+        }
+        if let Some(first) = self.tensor_level {
+            let detail = format!("structural steps (shrink, factorize, structured pruning with a graph) change which tensors exist, so they must come before tensor-level steps; step {first} is one");
+            return self.refusals.push(refuse(detail));
+        }
+        if matches!(edit, Edit::Depth(DepthRule::Count(_))) && !self.has_dataset {
+            let detail = "`depth: {count}` ranks layers by how much the outputs change without them, on the job's dataset: give `dataset_id` (CLI: --dataset FILE)".to_string();
+            return self.refusals.push(Refusal { pointer: format!("{pointer}/depth/count"), tensor: None, detail });
+        }
+        let (next, change) = match edit.plan(&self.shapes) {
+            Ok(x) => x,
+            Err(e) => {
+                return self.refusals.push(Refusal {
+                    pointer: format!("{pointer}{}", e.field),
+                    tensor: None,
+                    detail: e.detail,
+                })
+            }
+        };
+        let action = |scheme: String, note: Option<String>| PlannedAction {
+            step,
+            op: op.kind(),
+            scheme,
+            note,
+            kernel: Kernel::Rewritten { step },
+        };
+        for (name, shape, from) in &change.added {
+            let Some(src) = self.tensors.iter().find(|t| &t.out.name == from) else { continue };
+            let mut tp = src.clone();
+            let dtype = src.out.dtype;
+            tp.name = name.clone();
+            tp.out = TensorInfo { name: name.clone(), dtype, shape: shape.clone(), start: 0, end: 0 };
+            tp.actions = vec![action(format!("{} of `{from}`", op.kind().name()), None)];
+            // A new tensor: its source's bytes are counted once, under the source (dropped).
+            tp.bytes_in = 0;
+            tp.skipped.clear();
+            self.tensors.push(tp);
+        }
+        for (name, why) in &change.dropped {
+            if let Some(i) = self.tensors.iter().position(|t| &t.out.name == name) {
+                let tp = self.tensors.remove(i);
+                self.dropped.push(DroppedTensor { name: tp.out.name, step, reason: why.clone() });
+            }
+        }
+        for tp in self.tensors.iter_mut() {
+            if let Some(shape) = change.reshaped.get(&tp.out.name) {
+                let label = format!("{} {:?} -> {shape:?}", op.kind().name(), tp.out.shape);
+                tp.out.shape = shape.clone();
+                tp.actions.push(action(label, None));
+            } else if change.maybe_dropped.contains(&tp.out.name) {
+                tp.actions.push(action(format!("{}: kept or dropped at run time", op.kind().name()), None));
+            }
+        }
+        for tp in self.tensors.iter_mut().filter(|t| t.actions.iter().any(|a| a.step == step)) {
+            tp.out.end = (tp.out.numel() * tp.out.dtype.size()) as u64;
+            tp.out.start = 0;
+            tp.shape_out = tp.out.shape.clone();
+            tp.bytes_out = tp.out.end;
+        }
+        let parameters_after = next.table.values().map(|(_, s)| s.iter().product::<usize>() as u64).sum();
+        self.structure.push(StructurePlan { step, op: op.kind(), notes: change.notes, parameters_after });
+        self.shapes = next;
     }
 }

@@ -2,6 +2,7 @@
 
 pub(crate) mod parse;
 
+use super::structural::{Edit, KeepRule};
 use super::{OpKind, Scope, StepOp};
 use crate::compress::engine::{EngineError, PassCx};
 use crate::compress::layout::sparse_dtype;
@@ -45,6 +46,21 @@ impl StepOp for PruneStep {
 
     fn selector(&self) -> &Selector {
         &self.select
+    }
+
+    /// With a graph, structured pruning removes the units physically (every consumer follows).
+    fn edit(&self, has_graph: bool) -> Option<Edit> {
+        match self.method {
+            PruneMethod::Structured { norm, amount } if has_graph => Some(Edit::Width {
+                keep: KeepRule::Ratio(1.0 - amount),
+                norm: match norm {
+                    Norm::L1 => crate::graph::structure::Norm::L1,
+                    Norm::L2 => crate::graph::structure::Norm::L2,
+                },
+                select: self.select.clone(),
+            }),
+            _ => None,
+        }
     }
 
     fn plan_tensor(&self, cx: &mut Planner<'_>, step: usize, i: usize) {

@@ -1,0 +1,217 @@
+//! Structural steps over HTTP: structured pruning that removes units, width and depth shrinking,
+//! low-rank factorization; each proven by the engine and measured on the digits teacher.
+
+use serde_json::{json, Value};
+
+use crate::graphs::{teacher_graph, teacher_with_graph};
+use crate::helpers::*;
+use crate::mlp;
+
+async fn problem(res: reqwest::Response) -> Value {
+    assert_eq!(res.status(), 422);
+    res.json().await.unwrap()
+}
+
+fn shapes(bytes: &[u8]) -> std::collections::BTreeMap<String, Vec<usize>> {
+    read_f32_tensors(bytes).into_iter().map(|(k, (s, _))| (k, s)).collect()
+}
+
+/// Header sizes differ a little between the input and the output (metadata, shapes).
+const HEADER_SLACK: i64 = 1024;
+
+#[tokio::test]
+async fn structured_pruning_with_a_graph_removes_units_and_their_inputs() {
+    let app = spawn_app(1).await;
+    let (model, dataset) = teacher_with_graph(&app).await;
+    let spec = json!({"model_id": model, "dataset_id": dataset, "evaluate": true,
+                      "steps": [{"op": "prune", "method": "structured", "amount": 0.25}]});
+    let plan: Value = app.post_json("/v1/plans", &spec).await.json().await.unwrap();
+    assert_eq!(plan["refusals"], json!([]));
+    let planned: Vec<_> =
+        plan["tensors"].as_array().unwrap().iter().map(|t| (t["name"].clone(), t["shape_out"].clone())).collect();
+    assert!(planned.contains(&(json!("fc2.weight"), json!([192, 192]))), "{planned:?}");
+    assert_eq!(plan["graph_after"]["parameters"], 51466);
+
+    let (_, report, files) = run_job(&app, &spec).await;
+    let out = shapes(&files["model.safetensors"]);
+    assert_eq!(out["fc1.weight"], vec![192, 64]);
+    assert_eq!(out["fc1.bias"], vec![192]);
+    assert_eq!(out["fc2.weight"], vec![192, 192]);
+    assert_eq!(out["fc3.weight"], vec![10, 192], "the consumer lost the removed inputs");
+    let removed = (85002 - 51466) * 4;
+    let shrunk = teacher().len() as i64 - files["model.safetensors"].len() as i64;
+    assert!((shrunk - removed).abs() < HEADER_SLACK, "the file is {shrunk} bytes smaller, expected about {removed}");
+    let s = &report["structure"][0];
+    assert_eq!(s["groups"][0]["units_after"], 192);
+    assert!(s["proof"]["max_relative_difference"].as_f64().unwrap() <= s["proof"]["tolerance"].as_f64().unwrap());
+    // The evaluation of the shrunk model is what plain matrix code measures on the file.
+    let e = &report["evaluation"];
+    assert!((e["after"]["accuracy"].as_f64().unwrap() - mlp::accuracy(&files["model.safetensors"])).abs() < 1e-12);
+    assert!(e["after"]["accuracy"].as_f64().unwrap() > 0.9, "{e}");
+    let graph: Value = serde_json::from_slice(&files["graph.json"]).unwrap();
+    assert_eq!(graph, teacher_graph(), "width changes no layer");
+}
+
+/// A small CNN: conv, batch norm, a residual block, a depthwise conv, pooling, flatten, linear.
+fn cnn() -> (Vec<u8>, Value) {
+    let t = |name: &'static str, shape: &[usize], seed: u64| {
+        (name, shape.to_vec(), values(shape.iter().product(), seed, 0.5))
+    };
+    let mut tensors = vec![
+        t("conv1.weight", &[8, 1, 3, 3], 1),
+        t("conv1.bias", &[8], 2),
+        t("bn1.weight", &[8], 3),
+        t("bn1.bias", &[8], 4),
+        t("bn1.running_mean", &[8], 5),
+        t("b1.conv.weight", &[8, 8, 3, 3], 6),
+        t("dw.weight", &[8, 1, 3, 3], 7),
+        t("dw.bias", &[8], 8),
+        t("fc.weight", &[10, 8 * 4 * 4], 9),
+        t("fc.bias", &[10], 10),
+    ];
+    tensors.push(("bn1.running_var", vec![8], (0..8).map(|i| 0.5 + i as f32 * 0.1).collect()));
+    let graph = json!({"input": {"shape": [1, 8, 8]}, "layers": [
+        {"kind": "conv2d", "name": "conv1", "padding": 1}, {"kind": "batch_norm", "name": "bn1"}, {"kind": "relu"},
+        {"kind": "residual", "layers": [{"kind": "conv2d", "name": "b1.conv", "padding": 1}, {"kind": "relu"}]},
+        {"kind": "conv2d", "name": "dw", "groups": 8, "padding": 1},
+        {"kind": "max_pool2d", "kernel": 2}, {"kind": "flatten"}, {"kind": "linear", "name": "fc"}]});
+    (safetensors_f32(&tensors), graph)
+}
+
+#[tokio::test]
+async fn half_the_filters_of_a_cnn_go_through_residual_depthwise_and_flatten() {
+    let app = spawn_app(1).await;
+    let (bytes, graph) = cnn();
+    let model = app.upload_ok(bytes.clone()).await;
+    assert_eq!(app.put_json(&format!("/v1/models/{model}/graph"), &graph).await.status(), 200);
+    let spec =
+        json!({"model_id": model, "steps": [{"op": "prune", "method": "structured", "amount": 0.5, "norm": "l1"}]});
+    let (_, report, files) = run_job(&app, &spec).await;
+    let out = shapes(&files["model.safetensors"]);
+    assert_eq!(out["conv1.weight"], vec![4, 1, 3, 3]);
+    assert_eq!(out["bn1.running_var"], vec![4]);
+    assert_eq!(out["b1.conv.weight"], vec![4, 4, 3, 3], "both sides of the residual stream");
+    assert_eq!(out["dw.weight"], vec![4, 1, 3, 3], "both sides of the depthwise conv");
+    assert_eq!(out["fc.weight"], vec![10, 4 * 16], "whole 4x4 blocks of columns after the flatten");
+    let s = &report["structure"][0];
+    assert_eq!(s["groups"][0]["layers"], json!(["conv1", "b1.conv"]));
+    assert!(s["proof"]["max_relative_difference"].as_f64().unwrap() <= 1e-4, "{s}");
+    let new_graph: Value = serde_json::from_slice(&files["graph.json"]).unwrap();
+    assert_eq!(new_graph["layers"][4]["groups"], 4, "the depthwise conv follows its channels");
+    let removed: i64 = (4 * 9 + 4 + 4 * 4 + 4 * 8 * 9 + 4 * 4 * 9 + 4 * 9 + 4 + 10 * 64) * 4;
+    let shrunk = bytes.len() as i64 - files["model.safetensors"].len() as i64;
+    assert!((shrunk - removed).abs() < HEADER_SLACK, "{shrunk} vs {removed}");
+
+    // The shrunk model registers as a valid model with its new graph.
+    let registered = app.upload_ok(files["model.safetensors"].clone()).await;
+    let res = app.put_json(&format!("/v1/models/{registered}/graph"), &new_graph).await;
+    assert_eq!(res.status(), 200, "{}", res.text().await.unwrap());
+}
+
+#[tokio::test]
+async fn width_depth_and_factorization_of_the_digits_teacher_report_accuracy_before_and_after() {
+    let app = spawn_app(1).await;
+    let (model, dataset) = teacher_with_graph(&app).await;
+    let job = |steps: Value| json!({"model_id": model, "dataset_id": dataset, "evaluate": true, "steps": steps});
+
+    let (_, report, files) = run_job(&app, &job(json!([{"op": "shrink", "width": {"ratio": 0.375}}]))).await;
+    assert_eq!(shapes(&files["model.safetensors"])["fc2.weight"], vec![96, 96]);
+    let e = &report["evaluation"];
+    assert!((e["after"]["accuracy"].as_f64().unwrap() - mlp::accuracy(&files["model.safetensors"])).abs() < 1e-12);
+
+    let (_, report, files) = run_job(&app, &job(json!([{"op": "shrink", "depth": {"drop": ["fc2"]}}]))).await;
+    assert!(!shapes(&files["model.safetensors"]).contains_key("fc2.weight"));
+    let graph: Value = serde_json::from_slice(&files["graph.json"]).unwrap();
+    assert!(!graph.to_string().contains("fc2"), "{graph}");
+    assert_eq!(report["structure"][0]["layers"][0]["name"], "fc2");
+    let dropped = report["tensors"].as_array().unwrap().iter().filter(|t| t["scheme"] == "dropped").count();
+    assert_eq!(dropped, 2, "fc2.weight and fc2.bias are listed as dropped");
+
+    let (_, report, files) = run_job(&app, &job(json!([{"op": "factorize", "rank": 32}]))).await;
+    let out = shapes(&files["model.safetensors"]);
+    assert_eq!((out["fc2.0.weight"].clone(), out["fc2.1.weight"].clone()), (vec![32, 256], vec![256, 32]));
+    assert!(!out.contains_key("fc3.0.weight"), "fc3 [10, 256] is left dense: rank 32 is above 10");
+    let f = &report["structure"][0]["factors"][1];
+    assert_eq!((f["layer"].clone(), f["parameters_after"].clone()), (json!("fc2"), json!(32 * 512)));
+    assert!(report["evaluation"]["after"]["accuracy"].as_f64().unwrap() > 0.9, "{}", report["evaluation"]);
+
+    // At full rank the factors reproduce the layer.
+    let (_, report, _) = run_job(&app, &job(json!([{"op": "factorize", "rank": 64, "targets": ["fc1.weight"]}]))).await;
+    let e = &report["evaluation"];
+    assert_eq!(e["top1_agreement"], 1.0);
+    assert!(e["output_relative_error"].as_f64().unwrap() < 1e-5, "{e}");
+    assert!(report["structure"][0]["factors"][0]["relative_error"].as_f64().unwrap() < 1e-6);
+}
+
+#[tokio::test]
+async fn structural_steps_that_cannot_run_are_refused_with_pointers() {
+    let app = spawn_app(1).await;
+    let (model, dataset) = teacher_with_graph(&app).await;
+    let bare = app.upload_ok(teacher()).await;
+    let cases = [
+        (
+            json!({"model_id": bare, "steps": [{"op": "shrink", "width": {"ratio": 0.5}}]}),
+            "/steps/0",
+            "architecture graph",
+        ),
+        (
+            json!({"model_id": model, "steps": [{"op": "shrink", "depth": {"drop": ["fc1"]}}]}),
+            "/steps/0/depth/drop/0",
+            "changes the shape [64] -> [256]",
+        ),
+        (
+            json!({"model_id": model, "steps": [{"op": "shrink", "depth": {"drop": ["fc7"]}}]}),
+            "/steps/0/depth/drop/0",
+            "no layer `fc7`",
+        ),
+        (
+            json!({"model_id": model, "steps": [{"op": "shrink", "width": {"ratios": {"fc9": 0.5}}}]}),
+            "/steps/0/width/ratios/fc9",
+            "no layer `fc9`",
+        ),
+        (
+            json!({"model_id": model, "steps": [{"op": "shrink", "width": {"ratios": {"fc3": 0.5}}}]}),
+            "/steps/0/width/ratios/fc3",
+            "the model's output",
+        ),
+        (
+            json!({"model_id": model, "steps": [{"op": "shrink", "depth": {"count": 1}}]}),
+            "/steps/0/depth/count",
+            "dataset",
+        ),
+        (
+            json!({"model_id": model, "steps": [{"op": "quantize", "bits": 8}, {"op": "factorize", "rank": 8}]}),
+            "/steps/1",
+            "before tensor-level steps",
+        ),
+        (
+            json!({"model_id": model, "steps": [{"op": "shrink", "width": {"ratio": 1.5}}]}),
+            "/steps/0/width/ratio",
+            "(0, 1]",
+        ),
+        (
+            json!({"model_id": model, "steps": [{"op": "factorize", "rank": 8, "energy": 0.9}]}),
+            "/steps/0/rank",
+            "not both",
+        ),
+    ];
+    for (spec, pointer, detail) in cases {
+        let p = problem(app.create_job(&spec).await).await;
+        assert_eq!(p["pointer"], pointer, "{spec}: {p}");
+        assert!(p["detail"].as_str().unwrap().contains(detail), "{spec}: {p}");
+    }
+    // Depth by count ranks the layers on the dataset and says which went.
+    let spec = json!({"model_id": model, "dataset_id": dataset, "steps": [{"op": "shrink", "depth": {"count": 1}}]});
+    let (_, report, _) = run_job(&app, &spec).await;
+    let layers = &report["structure"][0]["layers"];
+    assert_eq!(layers[0]["name"], "fc2");
+    assert!(layers[0]["output_change"].as_f64().unwrap() > 0.0);
+
+    // Without a graph, factorize writes the factors and says the model needs code to use them.
+    let spec = json!({"model_id": bare, "steps": [{"op": "factorize", "rank": 8}]});
+    let (_, report, files) = run_job(&app, &spec).await;
+    assert!(shapes(&files["model.safetensors"]).contains_key("fc1.0.weight"));
+    assert!(!files.contains_key("graph.json"));
+    let notes = report["structure"][0]["notes"].to_string();
+    assert!(notes.contains("no graph"), "{notes}");
+}
