@@ -79,6 +79,7 @@ pub struct JobRecord {
     pub finished_at: Option<i64>,
     pub canceled_at: Option<i64>,
     pub updated_at: i64,
+    pub registered_model_id: Option<String>,
 }
 
 impl JobRecord {

@@ -23,6 +23,8 @@ pub struct JobSpec {
     pub sha256: String,
     /// Hash of the work alone (steps and outputs): provenance in the artifacts.
     pub work_sha256: String,
+    /// Register the dense output as a new model (with the output graph) when the job succeeds.
+    pub register: bool,
 }
 
 #[derive(Deserialize)]
@@ -33,6 +35,8 @@ struct Envelope {
     steps: Value,
     outputs: Option<Value>,
     evaluate: Option<Value>,
+    #[serde(default)]
+    register: bool,
 }
 
 /// SHA-256 (hex) of a request body's canonical JSON: the idempotency fingerprint, compared on
@@ -51,6 +55,13 @@ pub fn parse_job_spec(body: &Value) -> Result<JobSpec, Vec<SpecError>> {
     if let Some(e) = &env.evaluate {
         compress.evaluate = parse_evaluate(e).map_err(|e| vec![e])?;
     }
+    if env.register && !compress.outputs.contains(&crate::compress::spec::OutputFormat::Safetensors) {
+        return Err(vec![SpecError::new(
+            "/register",
+            "invalid_field",
+            "registering makes the dense `safetensors` output a new model: add it to `outputs`",
+        )]);
+    }
     if compress.evaluate.is_some() && env.dataset_id.is_none() {
         return Err(vec![SpecError::new(
             "/dataset_id",
@@ -67,6 +78,7 @@ pub fn parse_job_spec(body: &Value) -> Result<JobSpec, Vec<SpecError>> {
         canonical,
         sha256,
         work_sha256: work_sha256(&env.steps, env.outputs.as_ref()),
+        register: env.register,
     })
 }
 

@@ -39,6 +39,9 @@ pub struct JobView {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub canceled_at: Option<String>,
+    /// With `"register": true`: the model registered from the output (`GET /v1/models/{id}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registered_model_id: Option<String>,
     pub links: JobLinks,
 }
 
@@ -70,6 +73,7 @@ impl From<&JobRecord> for JobView {
             started_at: j.started_at.map(rfc3339),
             finished_at: j.finished_at.map(rfc3339),
             canceled_at: j.canceled_at.map(rfc3339),
+            registered_model_id: j.registered_model_id.clone(),
             links: JobLinks {
                 events: format!("{base}/events"),
                 artifacts: format!("{base}/artifacts"),

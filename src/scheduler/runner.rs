@@ -15,8 +15,8 @@ use crate::compress::plan;
 use crate::domain::job::{JobFailure, JobRecord, Progress};
 use crate::domain::spec::JobSpec;
 use crate::formats::safetensors::read_header;
-use crate::storage::catalog::ModelKind;
-use crate::storage::queue::{NewArtifact, Outcome, QueueError};
+use crate::storage::catalog::{ModelKind, NewModel};
+use crate::storage::queue::{NewArtifact, Outcome, QueueError, RegisteredModel};
 
 /// Why a running job's cancel flag was raised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +83,7 @@ pub(super) async fn run_job(ctx: &WorkerContext, worker: &str, job: JobRecord) {
         tracing::info!("job started");
         let (outcome, _gate) = execute(ctx, worker, &job).await;
         let label = match &outcome {
-            Outcome::Succeeded(_) => "succeeded",
+            Outcome::Succeeded(..) => "succeeded",
             Outcome::Failed(_) => "failed",
             Outcome::Canceled => "canceled",
             Outcome::Retry(_) => "retry",
@@ -150,6 +150,8 @@ async fn execute_inner(
         Ok(p) => p,
         Err(e) => return Outcome::Retry(failure("storage_error", e.to_string())),
     };
+    let register = spec.register;
+    let job_name = format!("{} (job {})", model.name.as_deref().unwrap_or(&model.id), job.id);
     let graph = match model.graph.as_deref().map(crate::graph::Graph::from_stored).transpose() {
         Ok(g) => g,
         Err(e) => return Outcome::Failed(failure("invalid_graph", e)),
@@ -209,7 +211,10 @@ async fn execute_inner(
         Ok(Ok(output)) => {
             *gate = Some(ctx.catalog.blob_gate().await);
             match persist(ctx, &output.artifacts).await {
-                Ok(artifacts) => Outcome::Succeeded(artifacts),
+                Ok(artifacts) => match registration(ctx, &job_name, register, &artifacts).await {
+                    Ok(r) => Outcome::Succeeded(artifacts, r),
+                    Err(e) => io_outcome(&e),
+                },
                 Err(e) => io_outcome(&e),
             }
         }
@@ -287,6 +292,46 @@ async fn watch_job(ctx: WorkerContext, worker: String, id: String, control: Arc<
 }
 
 /// Hashes each artifact, moves it into the blob store and records the blob rows.
+/// The model row `"register": true` creates from the persisted `model.safetensors` and
+/// `graph.json` of a job.
+async fn registration(
+    ctx: &WorkerContext,
+    name: &str,
+    register: bool,
+    artifacts: &[NewArtifact],
+) -> std::io::Result<Option<RegisteredModel>> {
+    if !register {
+        return Ok(None);
+    }
+    let model = artifacts
+        .iter()
+        .find(|a| a.name == "model.safetensors")
+        .ok_or_else(|| std::io::Error::other("registering needs the `safetensors` output"))?;
+    let path = ctx.blobs.local_path(&model.sha256).await?;
+    let header = read_header(&path, u64::MAX).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let tensors: Vec<serde_json::Value> = header
+        .tensors
+        .iter()
+        .map(|t| serde_json::json!({"name": t.name, "dtype": t.dtype.as_str(), "shape": t.shape, "bytes": t.bytes()}))
+        .collect();
+    let graph = match artifacts.iter().find(|a| a.name == "graph.json") {
+        Some(g) => Some(tokio::fs::read_to_string(ctx.blobs.local_path(&g.sha256).await?).await?),
+        None => None,
+    };
+    Ok(Some(RegisteredModel {
+        model: NewModel {
+            kind: ModelKind::Model,
+            name: Some(name.to_owned()),
+            sha256: model.sha256.clone(),
+            bytes: model.bytes,
+            tensors: serde_json::to_string(&tensors).expect("tensor table JSON"),
+            parameters: header.parameter_count() as i64,
+            source_job: None,
+        },
+        graph,
+    }))
+}
+
 async fn persist(ctx: &WorkerContext, files: &[engine::ArtifactFile]) -> std::io::Result<Vec<NewArtifact>> {
     let mut out = Vec::with_capacity(files.len());
     for f in files {

@@ -233,7 +233,7 @@ impl JobQueue for SqliteQueue {
             Outcome::Released | Outcome::Retry(_) if current.cancel_requested != 0 => {
                 ("canceled", None, current.run_after)
             }
-            Outcome::Succeeded(_) => ("succeeded", None, current.run_after),
+            Outcome::Succeeded(..) => ("succeeded", None, current.run_after),
             Outcome::Failed(f) => ("failed", Some(f.clone()), current.run_after),
             Outcome::Canceled => ("canceled", None, current.run_after),
             Outcome::Released => ("queued", current.failure(), now),
@@ -249,7 +249,28 @@ impl JobQueue for SqliteQueue {
                 current.run_after,
             ),
         };
-        if let Outcome::Succeeded(artifacts) = &outcome {
+        let mut registered: Option<String> = None;
+        if let Outcome::Succeeded(_, Some(r)) = &outcome {
+            let m = &r.model;
+            let model_id = uuid::Uuid::now_v7().to_string();
+            sqlx::query(
+                "insert into models (id, kind, name, sha256, bytes, tensors, parameters, graph, source_job, created_at)
+                 values (?, 'model', ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&model_id)
+            .bind(&m.name)
+            .bind(&m.sha256)
+            .bind(m.bytes)
+            .bind(&m.tensors)
+            .bind(m.parameters)
+            .bind(&r.graph)
+            .bind(id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            registered = Some(model_id);
+        }
+        if let Outcome::Succeeded(artifacts, _) = &outcome {
             for a in artifacts {
                 sqlx::query(
                     "insert or replace into artifacts (job_id, name, format, sha256, bytes, created_at)
@@ -271,7 +292,7 @@ impl JobQueue for SqliteQueue {
             "update jobs set status = ?2, error = ?3, run_after = ?4, lease_owner = null, lease_expires_at = null, attempt = ?7,
                     finished_at = case when ?5 then ?6 end, canceled_at = case when ?2 = 'canceled' then ?6 end,
                     progress_fraction = case when ?2 = 'succeeded' then 1.0 else progress_fraction end,
-                    updated_at = ?6
+                    updated_at = ?6, registered_model_id = coalesce(?8, registered_model_id)
              where id = ?1 returning *",
         )
         .bind(id)
@@ -281,6 +302,7 @@ impl JobQueue for SqliteQueue {
         .bind(terminal)
         .bind(now)
         .bind(attempt)
+        .bind(&registered)
         .fetch_one(&mut *tx)
         .await?;
         append_event(&mut tx, id, "state", state_event(&job)).await?;

@@ -215,3 +215,27 @@ async fn structural_steps_that_cannot_run_are_refused_with_pointers() {
     let notes = report["structure"][0]["notes"].to_string();
     assert!(notes.contains("no graph"), "{notes}");
 }
+
+#[tokio::test]
+async fn a_shrunk_model_registers_with_its_graph_so_jobs_chain() {
+    let app = spawn_app(1).await;
+    let (model, dataset) = teacher_with_graph(&app).await;
+    let spec = json!({"model_id": model, "register": true, "steps": [{"op": "shrink", "width": {"ratio": 0.5}}]});
+    let (job, _, files) = run_job(&app, &spec).await;
+    let registered = job["registered_model_id"].as_str().expect("the job names the model it registered").to_owned();
+    let m = app.get_json(&format!("/v1/models/{registered}")).await;
+    assert_eq!(m["has_graph"], true);
+    assert_eq!(m["source_job"], job["id"]);
+    assert_eq!(m["parameters"], 128 * 64 + 128 + 128 * 128 + 128 + 10 * 128 + 10);
+    assert_eq!(app.download(&format!("/v1/models/{registered}/file")).await, files["model.safetensors"]);
+
+    // The next job in the chain quantizes the shrunk model and evaluates it.
+    let spec = json!({"model_id": registered, "dataset_id": dataset, "evaluate": true, "steps": [{"op": "quantize", "bits": 8}]});
+    let (_, report, _) = run_job(&app, &spec).await;
+    assert!(report["evaluation"]["top1_agreement"].as_f64().unwrap() > 0.98, "{}", report["evaluation"]);
+
+    let spec =
+        json!({"model_id": model, "register": true, "outputs": ["gguf"], "steps": [{"op": "quantize", "bits": 8}]});
+    let p = problem(app.create_job(&spec).await).await;
+    assert_eq!(p["pointer"], "/register");
+}
