@@ -73,6 +73,53 @@ fn evaluation_table(e: &crate::graph::eval::Evaluation) -> String {
     )
 }
 
+/// What each structural step did: units, layers, factors and the proof.
+fn structure_list(steps: &[crate::compress::ops::structural::StructureRecord]) -> String {
+    let mut html = String::from("<h2>Structural steps</h2><ul>");
+    for s in steps {
+        let mut parts: Vec<String> = Vec::new();
+        parts.extend(
+            s.groups
+                .iter()
+                .map(|g| format!("{}: {} &rarr; {} units", esc(&g.layers.join(" + ")), g.units_before, g.units_after)),
+        );
+        parts.extend(
+            s.layers
+                .iter()
+                .filter(|l| l.dropped)
+                .map(|l| format!("dropped {}", esc(l.name.as_deref().unwrap_or(&l.pointer)))),
+        );
+        parts.extend(s.factors.iter().map(|f| {
+            format!(
+                "{} rank {} ({:.1}% of the energy, relative error {:.3})",
+                esc(&f.layer),
+                f.rank,
+                100.0 * f.energy,
+                f.relative_error
+            )
+        }));
+        let proof = s.proof.as_ref().map_or(String::new(), |p| {
+            format!(
+                "; proof: {:.2e} from the {} (tolerance {:.0e})",
+                p.max_relative_difference,
+                esc(&p.reference),
+                p.tolerance
+            )
+        });
+        let _ = write!(
+            html,
+            "<li>step {} <code>{}</code>: {} &rarr; {} parameters; {}{proof}</li>",
+            s.step,
+            esc(&s.op),
+            s.parameters_before,
+            s.parameters_after,
+            parts.join("; ")
+        );
+    }
+    html.push_str("</ul>");
+    html
+}
+
 pub fn render(r: &Report) -> String {
     let t = &r.totals;
     let mut html = String::from(
@@ -101,6 +148,9 @@ th{background:#f4f4f4}.note{color:#a60;text-align:left}.sum{font-size:16px}</sty
     html.push_str("</ul>");
     if let Some(e) = &r.evaluation {
         html.push_str(&evaluation_table(e));
+    }
+    if !r.structure.is_empty() {
+        html.push_str(&structure_list(&r.structure));
     }
     let changed: Vec<_> = r.tensors.iter().filter(|x| x.error.is_some()).collect();
     let err_rows: Vec<(String, f64, String)> = changed

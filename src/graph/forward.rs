@@ -143,6 +143,64 @@ fn build(layers: &[Layer], w: &Weights) -> Result<Vec<Op>, ForwardError> {
         .collect()
 }
 
+/// Conv2d as im2col and one gemm per group: the patches of every output position are laid out
+/// as rows (`[batch * oh * ow, c_in/groups * kh * kw]`, zero padding included) and multiplied by
+/// the group's filters. candle's direct CPU convolution is several times slower (candle issue
+/// #3119) and runs grouped convolutions one chunk at a time.
+fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+    groups: usize,
+) -> Result<Tensor, ForwardError> {
+    use rayon::prelude::*;
+    let (b, c, h, wd) = x.dims4()?;
+    let (oc, icg, kh, kw) = w.dims4()?;
+    let out = |size: usize, k: usize| (size + 2 * padding - dilation * (k - 1) - 1) / stride + 1;
+    let (oh, ow) = (out(h, kh), out(wd, kw));
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let ocg = oc / groups;
+    let patch = icg * kh * kw;
+    let positions = oh * ow;
+    let mut outputs = Vec::with_capacity(groups);
+    for g in 0..groups {
+        // cols[(n * positions + p) * patch + (ci * kh + a) * kw + bb]
+        let mut cols = vec![0f32; b * positions * patch];
+        cols.par_chunks_mut(positions * patch).enumerate().for_each(|(n, sample)| {
+            for ci in 0..icg {
+                let plane = &xs[((n * c) + g * icg + ci) * h * wd..][..h * wd];
+                for a in 0..kh {
+                    for bb in 0..kw {
+                        let col = (ci * kh + a) * kw + bb;
+                        for i in 0..oh {
+                            let y = (i * stride + a * dilation) as isize - padding as isize;
+                            if y < 0 || y as usize >= h {
+                                continue;
+                            }
+                            let row = &plane[y as usize * wd..][..wd];
+                            for j in 0..ow {
+                                let xx = (j * stride + bb * dilation) as isize - padding as isize;
+                                if xx >= 0 && (xx as usize) < wd {
+                                    sample[(i * ow + j) * patch + col] = row[xx as usize];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        let cols = Tensor::from_vec(cols, (b * positions, patch), &Device::Cpu)?;
+        let wg = w.narrow(0, g * ocg, ocg)?.reshape((ocg, patch))?.t()?;
+        // [b * positions, ocg] -> [b, ocg, oh, ow]
+        let y = cols.matmul(&wg)?.reshape((b, positions, ocg))?.transpose(1, 2)?;
+        outputs.push(y);
+    }
+    let y = if groups == 1 { outputs.pop().expect("one group") } else { Tensor::cat(&outputs, 1)? };
+    Ok(y.contiguous()?.reshape((b, oc, oh, ow))?)
+}
+
 /// `[C]` reshaped to broadcast over dimension 1 of a rank-`rank` batch.
 fn per_channel(v: &Tensor, rank: usize) -> candle_core::Result<Tensor> {
     let mut shape = vec![1; rank];
@@ -155,8 +213,22 @@ fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
-fn run(ops: &[Op], mut x: Tensor) -> Result<Tensor, ForwardError> {
-    for op in ops {
+/// Layer outputs a traced run hands out: pointer -> (dims with the batch first, values).
+pub type Trace = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Records the outputs of the layers at `want` while a network runs.
+struct Tracer<'a> {
+    want: &'a std::collections::BTreeSet<String>,
+    out: Trace,
+}
+
+fn run(ops: &[Op], x: Tensor) -> Result<Tensor, ForwardError> {
+    run_at(ops, x, "", &mut None)
+}
+
+fn run_at(ops: &[Op], mut x: Tensor, at: &str, tracer: &mut Option<Tracer<'_>>) -> Result<Tensor, ForwardError> {
+    for (i, op) in ops.iter().enumerate() {
+        let pointer = tracer.as_ref().map(|_| format!("{at}/layers/{i}"));
         x = match op {
             Op::Linear { wt, bias } => {
                 let y = if x.rank() == 2 { x.matmul(wt)? } else { x.broadcast_matmul(wt)? };
@@ -166,7 +238,7 @@ fn run(ops: &[Op], mut x: Tensor) -> Result<Tensor, ForwardError> {
                 }
             }
             Op::Conv2d { w, bias, stride, padding, dilation, groups } => {
-                let y = x.conv2d(w, *padding, *stride, *dilation, *groups)?;
+                let y = conv2d(&x, w, *stride, *padding, *dilation, *groups)?;
                 match bias {
                     Some(b) => y.broadcast_add(&per_channel(b, 4)?)?,
                     None => y,
@@ -212,8 +284,13 @@ fn run(ops: &[Op], mut x: Tensor) -> Result<Tensor, ForwardError> {
             Op::GlobalAvgPool => x.mean(3)?.mean(2)?,
             Op::Flatten => x.flatten_from(1)?,
             Op::Identity => x,
-            Op::Residual(inner) => (run(inner, x.clone())? + x)?,
+            Op::Residual(inner) => (run_at(inner, x.clone(), pointer.as_deref().unwrap_or(""), tracer)? + x)?,
         };
+        if let (Some(t), Some(p)) = (tracer.as_mut(), pointer) {
+            if t.want.contains(&p) {
+                t.out.insert(p, (x.dims().to_vec(), x.flatten_all()?.to_vec1::<f32>()?));
+            }
+        }
     }
     Ok(x)
 }
@@ -222,6 +299,23 @@ impl Network {
     /// Binds `graph` to `weights` (validated graphs only: [`Graph::validate`]).
     pub fn build(graph: &Graph, weights: &Weights) -> Result<Network, ForwardError> {
         Ok(Network { ops: build(&graph.layers, weights)? })
+    }
+
+    /// Runs one batch and returns the outputs of the layers at the pointers `want`
+    /// (`/layers/2`, `/layers/3/layers/0`), for measuring activations.
+    pub fn trace(
+        &self,
+        inputs: &[f32],
+        batch: usize,
+        input_shape: &[usize],
+        want: &std::collections::BTreeSet<String>,
+    ) -> Result<Trace, ForwardError> {
+        let mut shape = vec![batch];
+        shape.extend_from_slice(input_shape);
+        let x = Tensor::from_slice(inputs, shape.as_slice(), &Device::Cpu)?;
+        let mut tracer = Some(Tracer { want, out: Trace::new() });
+        run_at(&self.ops, x, "", &mut tracer)?;
+        Ok(tracer.expect("set above").out)
     }
 
     /// Runs one batch: `inputs` holds `batch` samples of the graph's input shape, row-major.

@@ -200,6 +200,13 @@ async fn structural_steps_that_cannot_run_are_refused_with_pointers() {
         assert_eq!(p["pointer"], pointer, "{spec}: {p}");
         assert!(p["detail"].as_str().unwrap().contains(detail), "{spec}: {p}");
     }
+    // Units ranked by their activation on the dataset.
+    let spec = json!({"model_id": model, "dataset_id": dataset, "evaluate": true,
+                      "steps": [{"op": "prune", "method": "structured", "amount": 0.5, "importance": "activation"}]});
+    let (_, report, files) = run_job(&app, &spec).await;
+    assert_eq!(shapes(&files["model.safetensors"])["fc2.weight"], vec![128, 128]);
+    assert!(report["evaluation"]["after"]["accuracy"].as_f64().unwrap() > 0.85, "{}", report["evaluation"]);
+
     // Depth by count ranks the layers on the dataset and says which went.
     let spec = json!({"model_id": model, "dataset_id": dataset, "steps": [{"op": "shrink", "depth": {"count": 1}}]});
     let (_, report, _) = run_job(&app, &spec).await;

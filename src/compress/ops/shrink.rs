@@ -38,6 +38,30 @@ enum RawNorm {
     L2,
 }
 
+/// How width ranks units: by weight norm (`norm`) or by activation on the dataset.
+#[derive(Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+pub(crate) enum RawImportance {
+    Weights,
+    Activation,
+}
+
+/// The ranking a step asks for; `norm` applies to weight ranking only.
+pub(crate) fn importance(
+    raw: Option<RawImportance>,
+    norm: Option<Norm>,
+    at: &str,
+) -> Result<super::structural::Importance, SpecError> {
+    use super::structural::Importance;
+    match (raw.unwrap_or(RawImportance::Weights), norm) {
+        (RawImportance::Weights, n) => Ok(Importance::Weights(n.unwrap_or(Norm::L2))),
+        (RawImportance::Activation, None) => Ok(Importance::Activation),
+        (RawImportance::Activation, Some(_)) => {
+            Err(field(at, "norm", "`norm` ranks weights; it does not apply with `importance: activation`"))
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawShrink {
@@ -46,6 +70,7 @@ struct RawShrink {
     width: Option<RawWidth>,
     depth: Option<RawDepth>,
     norm: Option<RawNorm>,
+    importance: Option<RawImportance>,
     targets: Option<Vec<String>>,
     ignore: Option<Vec<String>>,
 }
@@ -61,11 +86,12 @@ fn keep_ratio(v: f64, at: &str, name: &str) -> Result<f64, SpecError> {
 pub(crate) fn parse_shrink(value: &Value, at: &str) -> Result<ShrinkStep, SpecError> {
     let raw: RawShrink = from_value_at(value, at)?;
     let select = Selector::parse(raw.targets.as_deref(), raw.ignore.as_deref(), at)?;
-    let norm_given = raw.norm.is_some();
-    let norm = match raw.norm.unwrap_or(RawNorm::L2) {
+    let norm_given = raw.norm.is_some() || raw.importance.is_some();
+    let norm = raw.norm.map(|n| match n {
         RawNorm::L1 => Norm::L1,
         RawNorm::L2 => Norm::L2,
-    };
+    });
+    let ranking = importance(raw.importance, norm, at)?;
     let edit = match (raw.width, raw.depth) {
         (Some(_), Some(_)) => {
             return Err(field(at, "depth", "give `width` or `depth` in one step; use two steps for both"))
@@ -85,11 +111,11 @@ pub(crate) fn parse_shrink(value: &Value, at: &str) -> Result<ShrinkStep, SpecEr
                 }
                 _ => return Err(field(&wat, "ratio", "give `ratio` (every layer) or `ratios` ({layer: ratio})")),
             };
-            Edit::Width { keep, norm, select }
+            Edit::Width { keep, importance: ranking, select }
         }
         (None, Some(d)) => {
             if norm_given {
-                return Err(field(at, "norm", "`norm` ranks units: it applies to `width`"));
+                return Err(field(at, "norm", "`norm` and `importance` rank units: they apply to `width`"));
             }
             let dat = format!("{at}/depth");
             match (d.drop, d.count) {

@@ -44,10 +44,19 @@ pub enum DepthRule {
     Count(usize),
 }
 
+/// How units are ranked before the least important go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Importance {
+    /// The norm of the weights producing each unit.
+    Weights(Norm),
+    /// The mean magnitude of each unit's activation on the job's dataset.
+    Activation,
+}
+
 /// One structural edit, as a step asks for it.
 #[derive(Debug, Clone)]
 pub enum Edit {
-    Width { keep: KeepRule, norm: Norm, select: Selector },
+    Width { keep: KeepRule, importance: Importance, select: Selector },
     Depth(DepthRule),
     Factorize { rank: Rank, select: Selector },
 }
@@ -535,7 +544,7 @@ impl Edit {
             w.iter().map(|(k, (s, _))| (k.clone(), (d.get(k).copied().unwrap_or(Dtype::F32), s.clone()))).collect()
         };
         match self {
-            Edit::Width { keep, norm, select } => {
+            Edit::Width { keep, importance, select } => {
                 let graph = state.graph.clone().ok_or("needs the model's architecture graph")?;
                 let t = table(&state.weights, &state.dtypes);
                 let summary = graph.validate(&t).map_err(|e| e[0].to_string())?;
@@ -544,10 +553,43 @@ impl Edit {
                 record.notes = notes;
                 let mut masked = state.weights.clone();
                 let mut g = graph.clone();
+                let trace = match importance {
+                    Importance::Weights(_) => None,
+                    Importance::Activation => {
+                        let d = data.ok_or("`importance: activation` measures on the dataset: the job needs one")?;
+                        let chosen: Vec<&UnitGroup> =
+                            groups.iter().zip(&targets).filter(|(_, k)| k.is_some()).map(|(g, _)| g).collect();
+                        let want = structure::producer_pointers(&chosen, &summary);
+                        let (x, n) = proof_batch(&graph, &state.weights, Some(d), DEPTH_SAMPLES);
+                        let net = Network::build(&graph, &state.weights).map_err(|e| e.to_string())?;
+                        Some(net.trace(&x, n, &graph.input.shape, &want).map_err(|e| e.to_string())?)
+                    }
+                };
                 for (group, kept) in groups.iter().zip(&targets) {
                     let Some(kept) = *kept else { continue };
-                    let scores = structure::importance(group, &state.weights, *norm);
+                    let activity = match (importance, &trace) {
+                        (Importance::Activation, Some(t)) => {
+                            Some(structure::activation_importance(group, &summary, t, &state.weights))
+                        }
+                        _ => None,
+                    };
+                    let scores = match (importance, &activity) {
+                        (Importance::Weights(norm), _) => structure::importance(group, &state.weights, *norm),
+                        (Importance::Activation, Some(a)) => a.scores.clone(),
+                        (Importance::Activation, None) => unreachable!("measured above"),
+                    };
                     let keep_idx = structure::keep_most_important(&scores, kept);
+                    if let Some(a) = &activity {
+                        // The same bias shift in both models: the proof still compares like with like.
+                        let n = structure::compensate(&mut state.weights, group, a, &keep_idx);
+                        structure::compensate(&mut masked, group, a, &keep_idx);
+                        if n == 0 {
+                            record.notes.push(format!(
+                                "{}: the removed units' mean contribution could not be folded into a bias (no linear consumer with a bias reads them directly)",
+                                group.layers.join(" + ")
+                            ));
+                        }
+                    }
                     structure::masked(&mut masked, group, &keep_idx);
                     structure::remove_units(&mut state.weights, group, &keep_idx);
                     g = resize_depthwise(&g, group, kept);

@@ -2,7 +2,7 @@
 //! each op decides is its [`crate::compress::ops::StepOp`] implementation.
 
 use super::*;
-use crate::compress::ops::structural::{DepthRule, Edit, ShapeModel};
+use crate::compress::ops::structural::{DepthRule, Edit, Importance, ShapeModel};
 use crate::compress::ops::StepOp;
 
 /// A plan being built: ops push actions, skips and refusals here.
@@ -56,6 +56,10 @@ impl Planner<'_> {
         if let Some(first) = self.tensor_level {
             let detail = format!("structural steps (shrink, factorize, structured pruning with a graph) change which tensors exist, so they must come before tensor-level steps; step {first} is one");
             return self.refusals.push(refuse(detail));
+        }
+        if matches!(edit, Edit::Width { importance: Importance::Activation, .. }) && !self.has_dataset {
+            let detail = "`importance: activation` ranks units by their activation on the job's dataset: give `dataset_id` (CLI: --dataset FILE)".to_string();
+            return self.refusals.push(Refusal { pointer: format!("{pointer}/importance"), tensor: None, detail });
         }
         if matches!(edit, Edit::Depth(DepthRule::Count(_))) && !self.has_dataset {
             let detail = "`depth: {count}` ranks layers by how much the outputs change without them, on the job's dataset: give `dataset_id` (CLI: --dataset FILE)".to_string();

@@ -2,7 +2,7 @@
 
 pub(crate) mod parse;
 
-use super::structural::{Edit, KeepRule};
+use super::structural::{Edit, Importance, KeepRule};
 use super::{OpKind, Scope, StepOp};
 use crate::compress::engine::{EngineError, PassCx};
 use crate::compress::layout::sparse_dtype;
@@ -17,6 +17,8 @@ use crate::compress::spec::OutputFormat;
 pub struct PruneStep {
     pub select: Selector,
     pub method: PruneMethod,
+    /// Structured with a graph: rank units by their activation on the dataset, not weight norm.
+    pub by_activation: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -53,9 +55,13 @@ impl StepOp for PruneStep {
         match self.method {
             PruneMethod::Structured { norm, amount } if has_graph => Some(Edit::Width {
                 keep: KeepRule::Ratio(1.0 - amount),
-                norm: match norm {
-                    Norm::L1 => crate::graph::structure::Norm::L1,
-                    Norm::L2 => crate::graph::structure::Norm::L2,
+                importance: if self.by_activation {
+                    Importance::Activation
+                } else {
+                    Importance::Weights(match norm {
+                        Norm::L1 => crate::graph::structure::Norm::L1,
+                        Norm::L2 => crate::graph::structure::Norm::L2,
+                    })
                 },
                 select: self.select.clone(),
             }),

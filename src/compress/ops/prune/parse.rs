@@ -49,6 +49,7 @@ struct RawPrune {
     m: Option<usize>,
     on_mismatch: Option<RawMismatch>,
     norm: Option<RawNorm>,
+    importance: Option<crate::compress::ops::shrink::RawImportance>,
     amount: Option<f64>,
     targets: Option<Vec<String>>,
     ignore: Option<Vec<String>>,
@@ -64,6 +65,7 @@ fn fraction(v: Option<f64>, at: &str, name: &str) -> Result<f64, SpecError> {
 
 pub(crate) fn parse_prune(value: &Value, at: &str) -> Result<PruneStep, SpecError> {
     let raw: RawPrune = from_value_at(value, at)?;
+    let norm_given = raw.norm.is_some();
     let select = Selector::parse(raw.targets.as_deref(), raw.ignore.as_deref(), at)?;
     let misplaced = |name: &str, present: bool| -> Result<(), SpecError> {
         if present {
@@ -111,5 +113,19 @@ pub(crate) fn parse_prune(value: &Value, at: &str) -> Result<PruneStep, SpecErro
     if raw.on_mismatch.is_some() && !matches!(method, PruneMethod::NM { .. }) {
         return Err(field(at, "on_mismatch", "`on_mismatch` applies only to method `n_m`"));
     }
-    Ok(PruneStep { select, method })
+    let by_activation = match raw.importance {
+        None => false,
+        Some(_) if !matches!(method, PruneMethod::Structured { .. }) => {
+            return Err(field(at, "importance", "`importance` applies only to method `structured`"))
+        }
+        Some(i) => {
+            let ranking = crate::compress::ops::shrink::importance(
+                Some(i),
+                norm_given.then_some(crate::graph::structure::Norm::L2),
+                at,
+            )?;
+            ranking == crate::compress::ops::structural::Importance::Activation
+        }
+    };
+    Ok(PruneStep { select, method, by_activation })
 }
