@@ -246,3 +246,22 @@ async fn a_shrunk_model_registers_with_its_graph_so_jobs_chain() {
     let p = problem(app.create_job(&spec).await).await;
     assert_eq!(p["pointer"], "/register");
 }
+
+#[tokio::test]
+async fn the_trained_cnn_evaluates_as_pytorch_does_and_loses_half_its_filters() {
+    let app = spawn_app(1).await;
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let model = app.upload_ok(std::fs::read(format!("{dir}/digits_cnn.safetensors")).unwrap()).await;
+    let graph: Value = serde_json::from_str(&std::fs::read_to_string(format!("{dir}/digits_cnn.graph.json")).unwrap()).unwrap();
+    assert_eq!(app.put_json(&format!("/v1/models/{model}/graph"), &graph).await.status(), 200);
+    let res = app.upload_dataset(std::fs::read(mlp::DIGITS_TEST).unwrap()).await;
+    let dataset = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let spec = json!({"model_id": model, "dataset_id": dataset, "evaluate": {"inputs": "images"},
+                      "steps": [{"op": "prune", "method": "structured", "amount": 0.5, "importance": "activation"}]});
+    let (_, report, files) = run_job(&app, &spec).await;
+    let e = &report["evaluation"];
+    // PyTorch measured 356/360 when the fixture was trained (tests/fixtures/README.md).
+    assert!((e["before"]["accuracy"].as_f64().unwrap() - 356.0 / 360.0).abs() < 1e-9, "{e}");
+    assert!(e["after"]["accuracy"].as_f64().unwrap() > 0.93, "{e}");
+    assert_eq!(shapes(&files["model.safetensors"])["conv1.weight"], vec![8, 1, 3, 3]);
+}
