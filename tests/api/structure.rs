@@ -252,7 +252,8 @@ async fn the_trained_cnn_evaluates_as_pytorch_does_and_loses_half_its_filters() 
     let app = spawn_app(1).await;
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
     let model = app.upload_ok(std::fs::read(format!("{dir}/digits_cnn.safetensors")).unwrap()).await;
-    let graph: Value = serde_json::from_str(&std::fs::read_to_string(format!("{dir}/digits_cnn.graph.json")).unwrap()).unwrap();
+    let graph: Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{dir}/digits_cnn.graph.json")).unwrap()).unwrap();
     assert_eq!(app.put_json(&format!("/v1/models/{model}/graph"), &graph).await.status(), 200);
     let res = app.upload_dataset(std::fs::read(mlp::DIGITS_TEST).unwrap()).await;
     let dataset = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();

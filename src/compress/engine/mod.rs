@@ -3,7 +3,9 @@
 //! Memory is bounded by the largest tensor: each tensor is read with positioned I/O into reused
 //! buffers, passed through its planned kernels and handed to every output sink before the next
 //! is read. Steps that must see all tensors first (global pruning, mixed precision) get their own
-//! read passes before the main one. Cancellation and progress are checked between tensors.
+//! read passes before the main one. Structural steps run before those, on the graph's tensors in
+//! memory (`rewrite`), and an evaluation after the outputs are written and checked. Cancellation
+//! and progress are checked between tensors, steps and evaluation batches.
 
 pub(crate) mod kernels;
 mod passes;
@@ -92,7 +94,8 @@ pub enum EngineError {
     Refused(Vec<Refusal>),
     #[error("tensor `{tensor}`: {detail}")]
     Tensor { tensor: String, code: &'static str, detail: String },
-    /// A failure of the job as a whole (evaluation), not of one tensor.
+    /// A failure of the job as a whole (a structural step's proof, the evaluation), not of one
+    /// tensor.
     #[error("{detail}")]
     Job { code: &'static str, detail: String },
     #[error("I/O error: {0}")]
@@ -215,8 +218,10 @@ pub fn execute(
     }
     let started = Instant::now();
     let mut source = Source { reader: TensorReader::open(inputs.model_path)?, memory: Weights::new() };
+    // The dataset is read only by an evaluation and by structural steps (proof batches, ranking).
+    let structural = plan.spec.steps.iter().any(|s| s.op().edit(plan.graph_def.is_some()).is_some());
     let data = match (&plan.dataset, inputs.dataset_path) {
-        (Some(d), Some(path)) => Some(Dataset::load(path, d)?),
+        (Some(d), Some(path)) if plan.evaluation.is_some() || structural => Some(Dataset::load(path, d)?),
         _ => None,
     };
     let mut tracker = Tracker { ctl, total: plan.totals.bytes_in, done: 0 };
