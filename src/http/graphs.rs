@@ -36,7 +36,20 @@ pub fn stored_graph(m: &ModelRecord) -> Result<Option<Graph>, String> {
 }
 
 fn graph_errors(errors: Vec<crate::graph::GraphError>) -> ApiError {
-    ApiError::spec(errors.into_iter().map(|e| SpecError::new(e.pointer, "invalid_graph", e.detail)).collect())
+    graph_errors_at("")(errors)
+}
+
+/// A 422 listing every graph problem, pointers prefixed with `prefix` (`/graph` for the graph
+/// part of a multipart upload).
+pub fn graph_errors_at(prefix: &'static str) -> impl Fn(Vec<crate::graph::GraphError>) -> ApiError {
+    move |errors| {
+        ApiError::spec(
+            errors
+                .into_iter()
+                .map(|e| SpecError::new(format!("{prefix}{}", e.pointer), "invalid_graph", e.detail))
+                .collect(),
+        )
+    }
 }
 
 async fn model(state: &AppState, id: &str) -> ApiResult<ModelRecord> {

@@ -84,14 +84,44 @@ async fn upload_kind(
     body: Body,
 ) -> ApiResult<Response> {
     let settings = &state.settings.storage;
-    let staged = upload::receive(
-        &headers,
-        body,
-        state.blobs.staging_path("upload"),
-        settings.max_upload_bytes,
-        settings.max_header_bytes,
-    )
-    .await?;
+    let boundary = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|ct| ct.starts_with("multipart/form-data") && kind == ModelKind::Model)
+        .map(multer::parse_boundary)
+        .transpose()
+        .map_err(|e| ApiError::bad_request("invalid_multipart", format!("bad multipart content type: {e}")))?;
+    let path = state.blobs.staging_path("upload");
+    let (staged, graph_part) = match boundary {
+        Some(b) => {
+            upload::receive_multipart(b, body, path, settings.max_upload_bytes, settings.max_header_bytes).await?
+        }
+        None => {
+            (upload::receive(&headers, body, path, settings.max_upload_bytes, settings.max_header_bytes).await?, None)
+        }
+    };
+    // A graph sent with the model is validated against it before anything is stored.
+    let graph = match graph_part {
+        None => None,
+        Some(bytes) => {
+            let checked = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .map_err(|e| ApiError::bad_request("invalid_json", format!("the `graph` part is not valid JSON: {e}")))
+                .and_then(|v| {
+                    let g = crate::graph::Graph::parse(&v).map_err(super::graphs::graph_errors_at("/graph"))?;
+                    let table =
+                        staged.header.tensors.iter().map(|t| (t.name.clone(), (t.dtype, t.shape.clone()))).collect();
+                    g.validate(&table).map_err(super::graphs::graph_errors_at("/graph"))?;
+                    Ok(serde_json::to_string(&g).expect("graphs serialise"))
+                });
+            match checked {
+                Ok(text) => Some(text),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&staged.path);
+                    return Err(e);
+                }
+            }
+        }
+    };
     if kind == ModelKind::Dataset && staged.header.get("inputs").is_none() {
         let _ = std::fs::remove_file(&staged.path);
         return Err(ApiError::unprocessable(
@@ -127,6 +157,7 @@ async fn upload_kind(
             tensors: serde_json::to_string(&tensors).expect("tensor table JSON"),
             parameters,
             source_job: None,
+            graph,
         })
         .await?;
     tracing::info!(id = %record.id, kind = kind.as_str(), bytes = record.bytes, "stored upload");
@@ -175,7 +206,9 @@ async fn delete_kind(state: &AppState, kind: ModelKind, id: &str) -> ApiResult<S
 }
 
 /// Upload a model: the raw safetensors file as the body. `PUT` is accepted too, because
-/// `curl -T model.safetensors URL` (the streaming upload) sends PUT.
+/// `curl -T model.safetensors URL` (the streaming upload) sends PUT. With its architecture graph:
+/// `multipart/form-data` with a `model` part (streamed) and a `graph` part (JSON), validated
+/// together before anything is stored (`curl -F model=@m.safetensors -F graph=@g.json URL`).
 #[utoipa::path(post, path = "/v1/models", tag = "models", params(UploadParams),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 201, body = ModelView), (status = 413, body = super::error::Problem),

@@ -114,7 +114,7 @@ pub async fn receive(
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_content_type",
-                format!("send the raw file as the body (curl -T model.safetensors URL), not `{ct}`"),
+                format!("send the raw file as the body (curl -T model.safetensors URL), not `{ct}`; a model with its graph goes as multipart/form-data to POST /v1/models"),
             ));
         }
     }
@@ -169,6 +169,69 @@ pub async fn receive(
     let mut guard = guard;
     guard.0 = None;
     Ok(StagedUpload { path, sha256: written.sha256, bytes: written.bytes, header })
+}
+
+/// Largest `graph` part of a multipart upload.
+pub const MAX_GRAPH_BYTES: usize = 1 << 20;
+
+/// A model uploaded as `multipart/form-data` with a `model` part (the safetensors file, streamed
+/// to staging like a raw upload) and an optional `graph` part (JSON, at most 1 MiB), in either
+/// order. The graph is returned unparsed: the caller validates it against the staged header.
+pub async fn receive_multipart(
+    boundary: String,
+    body: Body,
+    path: PathBuf,
+    max_bytes: u64,
+    header_limit: u64,
+) -> Result<(StagedUpload, Option<Bytes>), ApiError> {
+    let bad = |detail: String| ApiError::bad_request("invalid_multipart", detail);
+    let mut parts = multer::Multipart::new(body.into_data_stream(), boundary);
+    let (mut model, mut graph) = (None, None);
+    let result = async {
+        while let Some(mut field) =
+            parts.next_field().await.map_err(|e| bad(format!("malformed multipart body: {e}")))?
+        {
+            match field.name() {
+                Some("model") if model.is_none() => {
+                    let body = Body::from_stream(field);
+                    model = Some(receive(&HeaderMap::new(), body, path.clone(), max_bytes, header_limit).await?);
+                }
+                Some("graph") if graph.is_none() => {
+                    let mut buf = Vec::new();
+                    while let Some(chunk) = field.chunk().await.map_err(|e| bad(format!("the `graph` part: {e}")))? {
+                        buf.extend_from_slice(&chunk);
+                        if buf.len() > MAX_GRAPH_BYTES {
+                            return Err(ApiError::new(
+                                StatusCode::PAYLOAD_TOO_LARGE,
+                                "graph_too_large",
+                                format!("the `graph` part exceeds {MAX_GRAPH_BYTES} bytes"),
+                            ));
+                        }
+                    }
+                    graph = Some(Bytes::from(buf));
+                }
+                Some(name @ ("model" | "graph")) => return Err(bad(format!("the `{name}` part is given twice"))),
+                other => {
+                    return Err(bad(format!(
+                        "unknown part {}: expected `model` (the safetensors file) and optionally `graph` (JSON)",
+                        other.map_or("without a name".to_string(), |n| format!("`{n}`"))
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    match (result, model) {
+        (Ok(()), Some(m)) => Ok((m, graph)),
+        (Ok(()), None) => Err(bad("the multipart body has no `model` part".into())),
+        (Err(e), staged) => {
+            if let Some(m) = staged {
+                let _ = std::fs::remove_file(&m.path);
+            }
+            Err(e)
+        }
+    }
 }
 
 fn validate(head: &[u8], file_len: u64, header_limit: u64) -> Result<Header, ApiError> {

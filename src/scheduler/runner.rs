@@ -16,7 +16,7 @@ use crate::domain::job::{JobFailure, JobRecord, Progress};
 use crate::domain::spec::JobSpec;
 use crate::formats::safetensors::read_header;
 use crate::storage::catalog::{ModelKind, NewModel};
-use crate::storage::queue::{NewArtifact, Outcome, QueueError, RegisteredModel};
+use crate::storage::queue::{NewArtifact, Outcome, QueueError};
 
 /// Why a running job's cancel flag was raised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,7 +299,7 @@ async fn registration(
     name: &str,
     register: bool,
     artifacts: &[NewArtifact],
-) -> std::io::Result<Option<RegisteredModel>> {
+) -> std::io::Result<Option<NewModel>> {
     if !register {
         return Ok(None);
     }
@@ -318,16 +318,14 @@ async fn registration(
         Some(g) => Some(tokio::fs::read_to_string(ctx.blobs.local_path(&g.sha256).await?).await?),
         None => None,
     };
-    Ok(Some(RegisteredModel {
-        model: NewModel {
-            kind: ModelKind::Model,
-            name: Some(name.to_owned()),
-            sha256: model.sha256.clone(),
-            bytes: model.bytes,
-            tensors: serde_json::to_string(&tensors).expect("tensor table JSON"),
-            parameters: header.parameter_count() as i64,
-            source_job: None,
-        },
+    Ok(Some(NewModel {
+        kind: ModelKind::Model,
+        name: Some(name.to_owned()),
+        sha256: model.sha256.clone(),
+        bytes: model.bytes,
+        tensors: serde_json::to_string(&tensors).expect("tensor table JSON"),
+        parameters: header.parameter_count() as i64,
+        source_job: None,
         graph,
     }))
 }

@@ -57,6 +57,8 @@ pub struct NewModel {
     pub tensors: String,
     pub parameters: i64,
     pub source_job: Option<String>,
+    /// The architecture graph (canonical JSON), validated against `tensors` by the caller.
+    pub graph: Option<String>,
 }
 
 #[derive(Debug)]
@@ -107,8 +109,8 @@ impl Catalog {
             .execute(&mut *tx)
             .await?;
         let rec = sqlx::query_as(
-            "insert into models (id, kind, name, sha256, bytes, tensors, parameters, source_job, created_at)
-             values (?, ?, ?, ?, ?, ?, ?, ?, ?) returning *",
+            "insert into models (id, kind, name, sha256, bytes, tensors, parameters, source_job, created_at, graph)
+             values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) returning *",
         )
         .bind(uuid::Uuid::now_v7().to_string())
         .bind(m.kind.as_str())
@@ -119,6 +121,7 @@ impl Catalog {
         .bind(m.parameters)
         .bind(&m.source_job)
         .bind(now)
+        .bind(&m.graph)
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;

@@ -37,19 +37,12 @@ pub struct NewArtifact {
     pub bytes: i64,
 }
 
-/// A model row to create from a job's output, with its graph.
-#[derive(Debug, Clone)]
-pub struct RegisteredModel {
-    pub model: crate::storage::catalog::NewModel,
-    pub graph: Option<String>,
-}
-
 /// How a worker ends its attempt.
 #[derive(Debug, Clone)]
 pub enum Outcome {
     /// Done; the artifacts, and the model to register from them (`"register": true`), recorded
     /// in the same transaction as the job's success.
-    Succeeded(Vec<NewArtifact>, Option<RegisteredModel>),
+    Succeeded(Vec<NewArtifact>, Option<crate::storage::catalog::NewModel>),
     /// A permanent failure: bad weights, an impossible spec, a panic.
     Failed(JobFailure),
     /// The cancel flag was seen and the work stopped.

@@ -250,8 +250,7 @@ impl JobQueue for SqliteQueue {
             ),
         };
         let mut registered: Option<String> = None;
-        if let Outcome::Succeeded(_, Some(r)) = &outcome {
-            let m = &r.model;
+        if let Outcome::Succeeded(_, Some(m)) = &outcome {
             let model_id = uuid::Uuid::now_v7().to_string();
             sqlx::query(
                 "insert into models (id, kind, name, sha256, bytes, tensors, parameters, graph, source_job, created_at)
@@ -263,7 +262,7 @@ impl JobQueue for SqliteQueue {
             .bind(m.bytes)
             .bind(&m.tensors)
             .bind(m.parameters)
-            .bind(&r.graph)
+            .bind(&m.graph)
             .bind(id)
             .bind(now)
             .execute(&mut *tx)

@@ -178,3 +178,45 @@ async fn evaluation_without_a_graph_or_with_data_that_does_not_fit_is_refused_be
     assert_eq!(plan["evaluation"]["samples"], 360);
     assert_eq!(plan["graph"]["output_shape"], json!([10]));
 }
+
+/// A `multipart/form-data` body with the given (name, bytes) parts.
+fn multipart(parts: &[(&str, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "modelpress-test-boundary";
+    let mut body = Vec::new();
+    for (name, bytes) in parts {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[tokio::test]
+async fn a_model_and_its_graph_upload_together_or_not_at_all() {
+    let app = spawn_app(1).await;
+    let graph = serde_json::to_vec(&teacher_graph()).unwrap();
+    let post = |(ct, body): (String, Vec<u8>)| {
+        app.client.post(app.url("/v1/models?name=teacher")).header("content-type", ct).body(body).send()
+    };
+    // The graph may come first: it is checked once the model's header is known.
+    let res = post(multipart(&[("graph", &graph), ("model", &teacher())])).await.unwrap();
+    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+    let m: Value = res.json().await.unwrap();
+    assert_eq!(m["has_graph"], true);
+    let g = app.get_json(&format!("/v1/models/{}/graph", m["id"].as_str().unwrap())).await;
+    assert_eq!(g["summary"]["output_shape"], json!([10]));
+
+    let bad =
+        serde_json::to_vec(&json!({"input": {"shape": [32]}, "layers": [{"kind": "linear", "name": "fc1"}]})).unwrap();
+    let (before, blobs, _) = app.stored_state().await;
+    let p = problem(post(multipart(&[("model", &teacher()), ("graph", &bad)])).await.unwrap(), 422).await;
+    assert_eq!(p["pointer"], "/graph/layers/0", "{p}");
+    let p = problem(post(multipart(&[("model", &teacher()), ("weights", b"x")])).await.unwrap(), 400).await;
+    assert!(p["detail"].as_str().unwrap().contains("unknown part `weights`"), "{p}");
+    let p = problem(post(multipart(&[("graph", &graph)])).await.unwrap(), 400).await;
+    assert!(p["detail"].as_str().unwrap().contains("no `model` part"), "{p}");
+    assert_eq!(app.stored_state().await, (before, blobs, 0), "nothing stored, no staging file left");
+}
