@@ -17,14 +17,19 @@ pub type Weights = HashMap<String, (Vec<usize>, Vec<f32>)>;
 
 /// A graph bound to weights, ready to run.
 pub struct Network {
-    ops: Vec<Op>,
+    ops: Vec<(usize, Op)>,
 }
 
+/// One step of a built network; ops are paired with the index of the last graph layer they
+/// compute (a linear fused with the ReLU after it stands for the ReLU).
 enum Op {
-    /// `wt` is `[in, out]` (W transposed once).
+    /// `y = x W^T + b`, then ReLU when `relu`: one gemm into a buffer that starts as the bias.
     Linear {
-        wt: Tensor,
-        bias: Option<Tensor>,
+        w: Vec<f32>,
+        out: usize,
+        inp: usize,
+        bias: Option<Vec<f32>>,
+        relu: bool,
     },
     Conv2d {
         w: Tensor,
@@ -64,7 +69,7 @@ enum Op {
     GlobalAvgPool,
     Flatten,
     Identity,
-    Residual(Vec<Op>),
+    Residual(Vec<(usize, Op)>),
 }
 
 /// Why a network could not be built or run.
@@ -92,13 +97,43 @@ fn optional(w: &Weights, layer: &str, suffix: &str) -> Result<Option<Tensor>, Fo
     }
 }
 
-fn build(layers: &[Layer], w: &Weights) -> Result<Vec<Op>, ForwardError> {
-    layers
-        .iter()
-        .map(|l| {
+fn values(w: &Weights, layer: &str, suffix: &str) -> Option<(Vec<usize>, Vec<f32>)> {
+    w.get(&format!("{layer}.{suffix}")).cloned()
+}
+
+fn build(layers: &[Layer], w: &Weights) -> Result<Vec<(usize, Op)>, ForwardError> {
+    let mut ops = Vec::with_capacity(layers.len());
+    let mut i = 0;
+    while i < layers.len() {
+        let op = build_one(&layers[i], w)?;
+        // A ReLU right after a linear runs in the linear's output pass.
+        let op = match (op, layers.get(i + 1)) {
+            (Op::Linear { w, out, inp, bias, relu: false }, Some(Layer::Relu)) => {
+                i += 1;
+                Op::Linear { w, out, inp, bias, relu: true }
+            }
+            (op, _) => op,
+        };
+        ops.push((i, op));
+        i += 1;
+    }
+    Ok(ops)
+}
+
+fn build_one(l: &Layer, w: &Weights) -> Result<Op, ForwardError> {
+    {
+        {
             Ok(match l {
                 Layer::Linear { name } => {
-                    Op::Linear { wt: tensor(w, name, "weight")?.t()?.contiguous()?, bias: optional(w, name, "bias")? }
+                    let (shape, weight) = values(w, name, "weight")
+                        .ok_or_else(|| ForwardError::Missing(name.clone(), format!("{name}.weight")))?;
+                    Op::Linear {
+                        w: weight,
+                        out: shape[0],
+                        inp: shape[1],
+                        bias: values(w, name, "bias").map(|b| b.1),
+                        relu: false,
+                    }
                 }
                 Layer::Conv2d { name, stride, padding, dilation, groups } => Op::Conv2d {
                     w: tensor(w, name, "weight")?,
@@ -139,8 +174,49 @@ fn build(layers: &[Layer], w: &Weights) -> Result<Vec<Op>, ForwardError> {
                 Layer::Dropout { .. } => Op::Identity,
                 Layer::Residual { layers } => Op::Residual(build(layers, w)?),
             })
-        })
-        .collect()
+        }
+    }
+}
+
+/// `y = x W^T + b` (then ReLU) for `x` holding rows of `inp` values: faer's gemm accumulates into
+/// a buffer that starts as the bias, so the bias costs no pass and the output one allocation.
+fn linear(
+    x: &Tensor,
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    bias: Option<&[f32]>,
+    relu: bool,
+) -> Result<Tensor, ForwardError> {
+    use faer::{MatMut, MatRef};
+    let x = x.contiguous()?;
+    let rows = x.elem_count() / inp.max(1);
+    let mut y = Vec::with_capacity(rows * out);
+    match bias {
+        Some(b) => (0..rows).for_each(|_| y.extend_from_slice(b)),
+        None => y.resize(rows * out, 0.0),
+    }
+    {
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return Err(ForwardError::Input("the forward pass runs on the CPU".into()));
+        };
+        let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..][..rows * inp];
+        faer::linalg::matmul::matmul(
+            MatMut::from_row_major_slice_mut(&mut y, rows, out),
+            faer::Accum::Add,
+            MatRef::from_row_major_slice(xs, rows, inp),
+            MatRef::from_row_major_slice(w, out, inp).transpose(),
+            1.0f32,
+            faer::get_global_parallelism(),
+        );
+    }
+    if relu {
+        y.iter_mut().for_each(|v| *v = v.max(0.0));
+    }
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("rank >= 1") = out;
+    Ok(Tensor::from_vec(y, dims, &Device::Cpu)?)
 }
 
 /// Conv2d as im2col and one gemm per group: the patches of every output position are laid out
@@ -222,21 +298,20 @@ struct Tracer<'a> {
     out: Trace,
 }
 
-fn run(ops: &[Op], x: Tensor) -> Result<Tensor, ForwardError> {
+fn run(ops: &[(usize, Op)], x: Tensor) -> Result<Tensor, ForwardError> {
     run_at(ops, x, "", &mut None)
 }
 
-fn run_at(ops: &[Op], mut x: Tensor, at: &str, tracer: &mut Option<Tracer<'_>>) -> Result<Tensor, ForwardError> {
-    for (i, op) in ops.iter().enumerate() {
+fn run_at(
+    ops: &[(usize, Op)],
+    mut x: Tensor,
+    at: &str,
+    tracer: &mut Option<Tracer<'_>>,
+) -> Result<Tensor, ForwardError> {
+    for (i, op) in ops {
         let pointer = tracer.as_ref().map(|_| format!("{at}/layers/{i}"));
         x = match op {
-            Op::Linear { wt, bias } => {
-                let y = if x.rank() == 2 { x.matmul(wt)? } else { x.broadcast_matmul(wt)? };
-                match bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                }
-            }
+            Op::Linear { w, out, inp, bias, relu } => linear(&x, w, *out, *inp, bias.as_deref(), *relu)?,
             Op::Conv2d { w, bias, stride, padding, dilation, groups } => {
                 let y = conv2d(&x, w, *stride, *padding, *dilation, *groups)?;
                 match bias {
