@@ -61,6 +61,7 @@ fn replan_reshaped(effective: &mut Plan, original: &Plan) -> Result<(), EngineEr
             shapes: ShapeModel { graph: None, table: Default::default() },
             tensor_level: None,
             has_dataset: false,
+            graph_decided_at_run_time: None,
             structure: Vec::new(),
             dropped: Vec::new(),
         };

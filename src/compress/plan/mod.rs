@@ -265,6 +265,7 @@ pub fn prepare(spec: CompressSpec, header: Header, graph: Option<Graph>, dataset
         shapes,
         tensor_level: None,
         has_dataset: dataset.is_some(),
+        graph_decided_at_run_time: None,
         structure: Vec::new(),
         dropped: Vec::new(),
     };

@@ -16,6 +16,8 @@ pub struct Planner<'a> {
     pub tensor_level: Option<usize>,
     /// Whether the job has a dataset that fits the graph (ranking layers needs one).
     pub has_dataset: bool,
+    /// A `depth: {count}` step, which decides the graph only at run time.
+    pub graph_decided_at_run_time: Option<usize>,
     pub structure: Vec<StructurePlan>,
     pub dropped: Vec<DroppedTensor>,
 }
@@ -57,6 +59,10 @@ impl Planner<'_> {
             let detail = format!("structural steps (shrink, factorize, structured pruning with a graph) change which tensors exist, so they must come before tensor-level steps; step {first} is one");
             return self.refusals.push(refuse(detail));
         }
+        if let Some(count_step) = self.graph_decided_at_run_time {
+            let detail = format!("step {count_step} (`depth: {{count}}`) decides which layers go only at run time, so it must be the last structural step; put this step before it or in a job of its own (`register: true` chains jobs)");
+            return self.refusals.push(refuse(detail));
+        }
         if matches!(edit, Edit::Width { importance: Importance::Activation, .. }) && !self.has_dataset {
             let detail = "`importance: activation` ranks units by their activation on the job's dataset: give `dataset_id` (CLI: --dataset FILE)".to_string();
             return self.refusals.push(Refusal { pointer: format!("{pointer}/importance"), tensor: None, detail });
@@ -64,6 +70,9 @@ impl Planner<'_> {
         if matches!(edit, Edit::Depth(DepthRule::Count(_))) && !self.has_dataset {
             let detail = "`depth: {count}` ranks layers by how much the outputs change without them, on the job's dataset: give `dataset_id` (CLI: --dataset FILE)".to_string();
             return self.refusals.push(Refusal { pointer: format!("{pointer}/depth/count"), tensor: None, detail });
+        }
+        if matches!(edit, Edit::Depth(DepthRule::Count(_))) {
+            self.graph_decided_at_run_time = Some(step);
         }
         let (next, change) = match edit.plan(&self.shapes) {
             Ok(x) => x,
