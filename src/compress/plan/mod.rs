@@ -321,6 +321,13 @@ pub fn prepare(spec: CompressSpec, header: Header, graph: Option<Graph>, dataset
     let max_numel = tensors.iter().map(|tp| tp.out.numel().max(header.tensors[tp.index].numel()) as u64).max();
     let prepasses = spec.steps.iter().map(|s| s.op().prepasses()).sum();
     let eval_bytes = evaluation.as_ref().map_or(0, |e| eval_memory(e, graph_summary.as_ref()));
+    // Structural steps hold the model's (graph's) tensors in f32, a reference copy for the proof
+    // and the edited copy: three times its parameters.
+    let structural_bytes = if structure.is_empty() {
+        0
+    } else {
+        3 * 4 * header.tensors.iter().filter(|t| t.dtype.is_float()).map(|t| t.numel() as u64).sum::<u64>()
+    };
     Plan {
         totals: PlanTotals {
             tensors: tensors.len(),
@@ -333,7 +340,10 @@ pub fn prepare(spec: CompressSpec, header: Header, graph: Option<Graph>, dataset
         tensors,
         refusals,
         outputs,
-        peak_memory_bytes: BASE_MEMORY_BYTES + max_numel.unwrap_or(0) * BYTES_PER_ELEMENT_IN_FLIGHT + eval_bytes,
+        peak_memory_bytes: BASE_MEMORY_BYTES
+            + max_numel.unwrap_or(0) * BYTES_PER_ELEMENT_IN_FLIGHT
+            + eval_bytes
+            + structural_bytes,
         prepasses,
         spec,
         header,
