@@ -22,8 +22,8 @@ pub use passes::PassCx;
 pub use verify::{fingerprint, OutputCheck};
 
 use super::metrics::error_metrics;
-use super::ops::{OpKind, Scheme};
-use super::plan::{EvaluationPlan, Kernel, Plan, Refusal, TensorPlan};
+use super::ops::Scheme;
+use super::plan::{EvaluationPlan, Kernel, Plan, PlannedAction, Refusal, TensorPlan};
 use super::report::{peak_rss_bytes, OutputSummary, Report, StepTiming, TensorReport, Totals};
 use super::spec::OutputFormat;
 use crate::formats::gguf::{GgufType, MetaValue, TensorInfo as GgufTensor};
@@ -320,7 +320,7 @@ pub fn execute(
             if after_names.contains(&t.name) {
                 after.insert(t.name.clone(), (t.shape.clone(), b.work.clone()));
             }
-            let pruned = tp.actions.iter().any(|a| a.op == OpKind::Prune);
+            let pruned = tp.actions.iter().any(PlannedAction::zeroes);
             let structural_only = tp.actions.iter().all(|a| matches!(a.kernel, Kernel::Rewritten { .. }));
             let data = TensorData::Values {
                 values: &b.work,

@@ -143,6 +143,14 @@ pub struct PlannedAction {
     pub kernel: Kernel,
 }
 
+impl PlannedAction {
+    /// Whether the action zeroes weights in place (pruning without a graph), which the sparse
+    /// layout stores as a bitmask; a structural rewrite removes them instead.
+    pub fn zeroes(&self) -> bool {
+        self.op == OpKind::Prune && !matches!(self.kernel, Kernel::Rewritten { .. })
+    }
+}
+
 /// The typed instruction the engine runs for one tensor and one step.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Kernel {

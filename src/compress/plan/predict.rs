@@ -47,7 +47,7 @@ pub(super) fn output_bytes(f: OutputFormat, data_start: u64, tensors: &[TensorPl
                 .iter()
                 .map(|tp| {
                     let t = &tp.out;
-                    if tp.actions.iter().any(|a| a.op == OpKind::Prune) && t.shape.len() == 2 {
+                    if tp.actions.iter().any(PlannedAction::zeroes) && t.shape.len() == 2 {
                         let nnz = ((1.0 - tp.sparsity) * t.numel() as f64).round() as u64;
                         crate::formats::sparse::predicted_bytes(&t.shape, nnz, sparse_dtype(t.dtype))
                             .unwrap_or(tp.bytes_in)
@@ -78,7 +78,7 @@ pub(super) fn check_output_names(spec: &CompressSpec, tensors: &[TensorPlan], re
                 {
                     ct::PART_SUFFIXES.iter().map(|p| ct::part_name(ct::module_of(&t.name), p)).collect()
                 }
-                OutputFormat::Sparse if t.shape.len() == 2 && tp.actions.iter().any(|a| a.op == OpKind::Prune) => {
+                OutputFormat::Sparse if t.shape.len() == 2 && tp.actions.iter().any(PlannedAction::zeroes) => {
                     ["shape", "bitmask", "row_offsets", "compressed"].iter().map(|p| format!("{prefix}.{p}")).collect()
                 }
                 _ => vec![t.name.clone()],

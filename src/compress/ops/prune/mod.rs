@@ -106,7 +106,8 @@ impl StepOp for PruneStep {
         let tp = &mut cx.tensors[i];
         // Pruning composes with earlier steps: zeros only grow.
         tp.sparsity = 1.0 - (1.0 - tp.sparsity) * (1.0 - sparsity);
-        if tp.actions.iter().all(|a| a.op == OpKind::Prune) && sparse_out && t.shape.len() == 2 {
+        let only_pruned = tp.actions.iter().all(|a| a.zeroes() || matches!(a.kernel, Kernel::Rewritten { .. }));
+        if only_pruned && sparse_out && t.shape.len() == 2 {
             let nnz = ((1.0 - tp.sparsity) * t.numel() as f64).round() as u64;
             tp.bytes_out =
                 crate::formats::sparse::predicted_bytes(&t.shape, nnz, sparse_dtype(t.dtype)).unwrap_or(tp.bytes_in);
