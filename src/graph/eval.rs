@@ -268,10 +268,10 @@ pub fn evaluate(
             let (ao, ac) = (argmax(o), argmax(c));
             agree += u64::from(ao == ac);
             if let Some(l) = labels {
-                let label = l[r] as usize;
-                if label >= k {
+                if !(l[r] >= 0.0 && (l[r] as usize) < k) {
                     return Err(EvalError::Output(format!("label {} is not a class of the {k}-wide output", l[r])));
                 }
+                let label = l[r] as usize;
                 tb.correct += u64::from(ao == label);
                 ta.correct += u64::from(ac == label);
                 tb.loss -= lp[label];
