@@ -156,7 +156,8 @@ fn print_out(text: &str) -> std::io::Result<()> {
     }
 }
 
-fn load_spec(path: &Path) -> anyhow::Result<(CompressSpec, String)> {
+/// The spec, its work hash, and whether it says `evaluate` (even `false`).
+fn load_spec(path: &Path) -> anyhow::Result<(CompressSpec, String, bool)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut value: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
@@ -172,7 +173,7 @@ fn load_spec(path: &Path) -> anyhow::Result<(CompressSpec, String)> {
     if let Some(e) = obj.get("evaluate") {
         spec.evaluate = parse_evaluate(e).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    Ok((spec, work_sha256(steps, obj.get("outputs"))))
+    Ok((spec, work_sha256(steps, obj.get("outputs")), obj.contains_key("evaluate")))
 }
 
 /// Reads a graph file; its errors carry the layer pointers.
@@ -188,14 +189,14 @@ fn load_graph(path: &Path) -> anyhow::Result<Graph> {
 
 /// Parses the spec and plans it on the model (with its graph and dataset when given).
 fn prepare_job(job: &JobArgs) -> anyhow::Result<(crate::compress::plan::Plan, String)> {
-    let (mut spec, work_hash) = load_spec(&job.spec)?;
+    let (mut spec, work_hash, evaluate_given) = load_spec(&job.spec)?;
     let header = read_header(&job.model, u64::MAX).with_context(|| format!("reading {}", job.model.display()))?;
     let graph = job.graph.as_deref().map(load_graph).transpose()?;
     let dataset = match &job.dataset {
         Some(p) => Some(read_header(p, u64::MAX).with_context(|| format!("reading {}", p.display()))?),
         None => None,
     };
-    if spec.evaluate.is_none() && graph.is_some() && dataset.is_some() {
+    if !evaluate_given && graph.is_some() && dataset.is_some() {
         spec.evaluate = Some(EvalOptions::default());
     }
     Ok((prepare(spec, header, graph, dataset.as_ref()), work_hash))

@@ -4,8 +4,9 @@
 //! along their last dimension (one prediction per row: `[N, K]` gives N rows, `[N, T, K]` gives
 //! N x T). With labels: accuracy and cross-entropy `-log softmax(y)[label]` (mean over rows), for
 //! both. Always: top-1 agreement of the compressed model with the original, mean KL(original ||
-//! compressed) of their softmax distributions (natural log, mean over rows, as
-//! `torch.nn.functional.kl_div(log q, p, reduction="batchmean")`), and the relative error
+//! compressed) of their softmax distributions (natural log, mean over prediction rows: for
+//! `[N, K]` outputs `torch.nn.functional.kl_div(log q, p, reduction="batchmean")`; for `[N, T, K]`
+//! that divided by T), and the relative error
 //! `||y_c - y_o||_2 / ||y_o||_2` of the raw outputs. Sums are accumulated in f64.
 
 use std::path::Path;

@@ -401,6 +401,12 @@ fn parse_layer(
                 errors.push(GraphError::new(format!("{at}/{field}"), format!("`{field}` must be at least 1")));
                 return None;
             }
+            // Defaults are filled in, so a stored graph says what runs.
+            let layer = match layer {
+                Layer::MaxPool2d { kernel, stride: None } => Layer::MaxPool2d { kernel, stride: Some(kernel) },
+                Layer::AvgPool2d { kernel, stride: None } => Layer::AvgPool2d { kernel, stride: Some(kernel) },
+                other => other,
+            };
             match &layer {
                 Layer::BatchNorm { eps, .. } | Layer::LayerNorm { eps, .. } if !(eps.is_finite() && *eps > 0.0) => {
                     errors.push(GraphError::new(
@@ -460,8 +466,8 @@ fn shape_str(s: &[usize]) -> String {
 /// `floor((size + 2 * padding - dilation * (kernel - 1) - 1) / stride) + 1` (PyTorch's Conv2d and
 /// MaxPool2d output size), or `None` when the window does not fit.
 pub fn window_out(size: usize, kernel: usize, stride: usize, padding: usize, dilation: usize) -> Option<usize> {
-    let span = dilation * (kernel - 1) + 1;
-    (size + 2 * padding).checked_sub(span).map(|d| d / stride + 1)
+    let span = dilation.checked_mul(kernel.checked_sub(1)?)?.checked_add(1)?;
+    size.checked_add(padding.checked_mul(2)?)?.checked_sub(span).map(|d| d / stride.max(1) + 1)
 }
 
 impl Validator<'_> {
@@ -477,6 +483,13 @@ impl Validator<'_> {
     fn tensor(&mut self, at: &str, name: &str, suffix: &str, required: bool) -> Option<Option<Vec<usize>>> {
         let full = format!("{name}.{suffix}");
         match self.tensors.get(&full) {
+            Some((_, shape)) if shape.contains(&0) => {
+                self.errors.push(GraphError::new(
+                    at,
+                    format!("tensor `{full}` has shape {shape:?}: a layer cannot have a dimension of 0"),
+                ));
+                None
+            }
             Some((dtype, shape)) if dtype.is_float() => {
                 self.used.insert(full);
                 Some(Some(shape.clone()))
@@ -631,6 +644,9 @@ impl Validator<'_> {
                 vec![c]
             }
             Layer::Flatten => vec![s.iter().product()],
+            Layer::Residual { layers } if layers.is_empty() => {
+                return self.fail(at, "a residual block needs at least one layer (an empty one computes 2x)".into());
+            }
             Layer::Residual { layers } => {
                 let index = self.layers.len();
                 let inner = self.chain(layers, at, s.clone())?;

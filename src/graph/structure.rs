@@ -172,7 +172,8 @@ impl Analysis<'_> {
                 if on_first {
                     let r = self.find(u.group);
                     for suffix in ["weight", "bias", "running_mean", "running_var"] {
-                        if let Some(s) = self.slice(name, suffix, 0, 1) {
+                        // After a flatten a unit owns `block` consecutive features, each normalised.
+                        if let Some(s) = self.slice(name, suffix, 0, u.block) {
                             self.arena[r].members.push(s);
                         }
                     }
@@ -204,6 +205,11 @@ impl Analysis<'_> {
                     self.pin(u.group, format!("the flatten at {at} interleaves these units"));
                     u
                 }
+            }
+            Layer::GlobalAvgPool2d | Layer::MaxPool2d { .. } | Layer::AvgPool2d { .. } if !u.first_axis => {
+                // Pooling runs over the two last axes: units there are mixed, not carried.
+                self.pin(u.group, format!("the pooling at {at} mixes these units"));
+                u
             }
             Layer::GlobalAvgPool2d => Units { first_axis: true, ..u },
             Layer::Relu

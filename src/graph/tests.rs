@@ -293,3 +293,14 @@ fn a_layer_name_used_twice_is_refused() {
     assert_eq!(e[0].pointer, "/layers/1");
     assert!(e[0].detail.contains("already used at /layers/0"), "{e:?}");
 }
+
+#[test]
+fn zero_sized_tensors_and_empty_residual_blocks_are_refused() {
+    let g = Graph::parse(&json!({"input": {"shape": [4]}, "layers": [{"kind": "linear", "name": "fc"}]})).unwrap();
+    let mut t = TensorTable::new();
+    t.insert("fc.weight".into(), (Dtype::F32, vec![0, 4]));
+    assert!(g.validate(&t).unwrap_err()[0].detail.contains("dimension of 0"));
+    let empty = Graph { input: g.input.clone(), layers: vec![Layer::Residual { layers: vec![] }] };
+    assert!(empty.validate(&TensorTable::new()).unwrap_err()[0].detail.contains("at least one layer"));
+    assert_eq!(window_out(8, 0, 1, 0, 1), None, "a zero kernel does not underflow");
+}

@@ -45,7 +45,7 @@ pub async fn spec_and_plan(state: &AppState, body: &[u8]) -> ApiResult<(JobSpec,
         Ok(prepare(compress, header, graph, dataset.as_ref()))
     })
     .await
-    .expect("plan task")
+    .map_err(|e| ApiError::internal(anyhow::anyhow!("the plan task stopped: {e}")))?
     .map_err(ApiError::internal)?;
     Ok((spec, plan))
 }

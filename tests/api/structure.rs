@@ -266,3 +266,51 @@ async fn the_trained_cnn_evaluates_as_pytorch_does_and_loses_half_its_filters() 
     assert!(e["after"]["accuracy"].as_f64().unwrap() > 0.93, "{e}");
     assert_eq!(shapes(&files["model.safetensors"])["conv1.weight"], vec![8, 1, 3, 3]);
 }
+
+#[tokio::test]
+async fn depth_by_count_keeps_the_integer_buffers_of_the_layers_that_stay() {
+    let app = spawn_app(1).await;
+    let f32s = |n: usize, seed: u64| values(n, seed, 0.5);
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = [
+        ("fc1.weight", vec![4, 4], f32s(16, 1)),
+        ("bn1.weight", vec![4], f32s(4, 2)),
+        ("bn1.bias", vec![4], f32s(4, 3)),
+        ("bn1.running_mean", vec![4], f32s(4, 4)),
+        ("bn1.running_var", vec![4], vec![1.0; 4]),
+        ("fc2.weight", vec![4, 4], f32s(16, 5)),
+        ("out.weight", vec![3, 4], f32s(12, 6)),
+    ]
+    .into_iter()
+    .map(|(n, s, v)| (n.to_string(), safetensors::Dtype::F32, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+    .collect();
+    tensors.push(("bn1.num_batches_tracked".into(), safetensors::Dtype::I64, vec![], 7i64.to_le_bytes().to_vec()));
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    let bytes = safetensors::tensor::serialize(views, None).unwrap();
+    let model = app.upload_ok(bytes).await;
+    let graph = json!({"input": {"shape": [4]}, "layers": [
+        {"kind": "linear", "name": "fc1"}, {"kind": "batch_norm", "name": "bn1"}, {"kind": "relu"},
+        {"kind": "linear", "name": "fc2"}, {"kind": "linear", "name": "out"}]});
+    assert_eq!(app.put_json(&format!("/v1/models/{model}/graph"), &graph).await.status(), 200);
+    let data = safetensors_f32(&[("inputs", vec![32, 4], f32s(128, 9))]);
+    let res = app.upload_dataset(data).await;
+    let dataset = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let spec = json!({"model_id": model, "dataset_id": dataset, "steps": [{"op": "shrink", "depth": {"count": 1}}]});
+    let (_, report, files) = run_job(&app, &spec).await;
+    let dropped: Vec<&str> = report["structure"][0]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["dropped"] == true)
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    // With these seeds fc1 matters least: bn1 stays, and so must its integer buffer, which the
+    // structural phase never loads (it is not floating point).
+    assert_eq!(dropped, ["fc1"], "{report}");
+    let out = safetensors::SafeTensors::deserialize(&files["model.safetensors"]).unwrap();
+    let has = |n: &str| out.names().contains(&n);
+    assert_eq!(has("bn1.num_batches_tracked"), dropped[0] != "bn1", "dropped {dropped:?}");
+    assert!(!has(&format!("{}.weight", dropped[0])));
+}

@@ -145,8 +145,17 @@ pub fn restructure(
     }
     let mut effective = plan.clone();
     let mut kept = Vec::with_capacity(effective.tensors.len());
+    let still_read = state.graph.as_ref().map(Graph::tensor_names).unwrap_or_default();
     for mut tp in std::mem::take(&mut effective.tensors) {
         if !rewritten(&tp) {
+            kept.push(tp);
+            continue;
+        }
+        // A buffer that is not floating point (`num_batches_tracked`) is never loaded: if its
+        // layer stayed, it is copied from the file as it is.
+        let name = &plan.header.tensors[tp.index].name;
+        if !state.weights.contains_key(&tp.out.name) && *name == tp.out.name && still_read.contains(name) {
+            tp.actions.retain(|a| !matches!(a.kernel, Kernel::Rewritten { .. }));
             kept.push(tp);
             continue;
         }

@@ -150,7 +150,7 @@ fn refuse(field: impl Into<String>, detail: impl Into<String>) -> EditError {
 }
 
 fn kept_units(size: usize, ratio: f64) -> usize {
-    ((size as f64 * ratio).round() as usize).clamp(1, size)
+    ((size as f64 * ratio).round() as usize).clamp(1, size.max(1))
 }
 
 /// `a.b.weight` -> `a.b`.
@@ -270,6 +270,8 @@ impl Edit {
                     }
                     g = resize_depthwise(&g, group, kept);
                 }
+                g.validate(&next.table)
+                    .map_err(|e| refuse("", format!("the narrower model would not fit its graph: {}", e[0])))?;
                 next.graph = Some(g);
             }
             Edit::Depth(rule) => {

@@ -139,3 +139,43 @@ fn dropping_a_layer_removes_it_and_names_its_tensors() {
     let s2 = g2.validate(&table(&w2)).unwrap();
     assert_eq!(s2.output_shape, vec![10]);
 }
+
+#[test]
+fn batch_norm_after_a_flatten_goes_with_whole_blocks_of_features() {
+    let g = Graph::parse(&json!({"input": {"shape": [2, 4, 4]}, "layers": [
+        {"kind": "conv2d", "name": "c1", "padding": 1}, {"kind": "relu"}, {"kind": "flatten"},
+        {"kind": "batch_norm", "name": "bn"}, {"kind": "linear", "name": "fc"}]}))
+    .unwrap();
+    let mut w = Weights::new();
+    put(&mut w, "c1.weight", &[3, 2, 3, 3], 1);
+    put(&mut w, "bn.weight", &[48], 2);
+    put(&mut w, "bn.bias", &[48], 3);
+    put(&mut w, "bn.running_mean", &[48], 4);
+    w.insert("bn.running_var".into(), (vec![48], vec![1.5; 48]));
+    put(&mut w, "fc.weight", &[5, 48], 5);
+    let (_, groups) = groups_of(&g, &w);
+    let c1 = groups.iter().find(|g| g.layers == ["c1"]).unwrap();
+    assert!(c1.members.contains(&slice("bn.running_mean", 0, 16)), "{:?}", c1.members);
+    let keep = vec![0, 2];
+    let (mut shrunk, mut full) = (w.clone(), w.clone());
+    remove_units(&mut shrunk, c1, &keep);
+    masked(&mut full, c1, &keep);
+    assert_eq!(shrunk["bn.running_var"].0, vec![32]);
+    let x = values(2 * 32, 7);
+    assert_close(&run(&g, &shrunk, &x, 2), &run(&g, &full, &x, 2));
+}
+
+#[test]
+fn pooling_over_units_on_the_last_axis_pins_them() {
+    let g = Graph::parse(&json!({"input": {"shape": [1, 8, 8]}, "layers": [
+        {"kind": "conv2d", "name": "c1", "padding": 1}, {"kind": "linear", "name": "lw"},
+        {"kind": "global_avg_pool2d"}, {"kind": "linear", "name": "fc"}]}))
+    .unwrap();
+    let mut w = Weights::new();
+    put(&mut w, "c1.weight", &[4, 1, 3, 3], 1);
+    put(&mut w, "lw.weight", &[8, 8], 2);
+    put(&mut w, "fc.weight", &[10, 4], 3);
+    let (_, groups) = groups_of(&g, &w);
+    let lw = groups.iter().find(|g| g.layers == ["lw"]).unwrap();
+    assert!(lw.pinned.as_deref().unwrap_or("").contains("pooling"), "{lw:?}");
+}
