@@ -187,6 +187,8 @@ pub async fn receive_multipart(
     let bad = |detail: String| ApiError::bad_request("invalid_multipart", detail);
     let mut parts = multer::Multipart::new(body.into_data_stream(), boundary);
     let (mut model, mut graph) = (None, None);
+    // Removes the staged model if this future is dropped while later parts are still read.
+    let mut guard = StagingGuard(Some(path.clone()));
     let result = async {
         while let Some(mut field) =
             parts.next_field().await.map_err(|e| bad(format!("malformed multipart body: {e}")))?
@@ -222,6 +224,7 @@ pub async fn receive_multipart(
         Ok(())
     }
     .await;
+    guard.0 = None;
     match (result, model) {
         (Ok(()), Some(m)) => Ok((m, graph)),
         (Ok(()), None) => Err(bad("the multipart body has no `model` part".into())),
