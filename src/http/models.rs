@@ -92,12 +92,14 @@ async fn upload_kind(
         .transpose()
         .map_err(|e| ApiError::bad_request("invalid_multipart", format!("bad multipart content type: {e}")))?;
     let path = state.blobs.staging_path("upload");
-    let (staged, graph_part) = match boundary {
+    let (staged, graph_part, file_name) = match boundary {
         Some(b) => {
             upload::receive_multipart(b, body, path, settings.max_upload_bytes, settings.max_header_bytes).await?
         }
         None => {
-            (upload::receive(&headers, body, path, settings.max_upload_bytes, settings.max_header_bytes).await?, None)
+            let staged =
+                upload::receive(&headers, body, path, settings.max_upload_bytes, settings.max_header_bytes).await?;
+            (staged, None, None)
         }
     };
     // A graph sent with the model is validated against it before anything is stored.
@@ -151,7 +153,8 @@ async fn upload_kind(
         .catalog
         .insert_model(NewModel {
             kind,
-            name: params.name,
+            // `?name=` wins; a multipart upload otherwise keeps the model part's file name.
+            name: params.name.or(file_name),
             sha256: staged.sha256,
             bytes: staged.bytes as i64,
             tensors: serde_json::to_string(&tensors).expect("tensor table JSON"),

@@ -176,15 +176,17 @@ pub const MAX_GRAPH_BYTES: usize = 1 << 20;
 
 /// A model uploaded as `multipart/form-data` with a `model` part (the safetensors file, streamed
 /// to staging like a raw upload) and an optional `graph` part (JSON, at most 1 MiB), in either
-/// order. The graph is returned unparsed: the caller validates it against the staged header.
+/// order. The graph is returned unparsed (the caller validates it against the staged header),
+/// with the model part's file name.
 pub async fn receive_multipart(
     boundary: String,
     body: Body,
     path: PathBuf,
     max_bytes: u64,
     header_limit: u64,
-) -> Result<(StagedUpload, Option<Bytes>), ApiError> {
+) -> Result<(StagedUpload, Option<Bytes>, Option<String>), ApiError> {
     let bad = |detail: String| ApiError::bad_request("invalid_multipart", detail);
+    let mut file_name = None;
     let mut parts = multer::Multipart::new(body.into_data_stream(), boundary);
     let (mut model, mut graph) = (None, None);
     // Removes the staged model if this future is dropped while later parts are still read.
@@ -195,6 +197,7 @@ pub async fn receive_multipart(
         {
             match field.name() {
                 Some("model") if model.is_none() => {
+                    file_name = field.file_name().map(str::to_owned);
                     let body = Body::from_stream(field);
                     model = Some(receive(&HeaderMap::new(), body, path.clone(), max_bytes, header_limit).await?);
                 }
@@ -226,7 +229,7 @@ pub async fn receive_multipart(
     .await;
     guard.0 = None;
     match (result, model) {
-        (Ok(()), Some(m)) => Ok((m, graph)),
+        (Ok(()), Some(m)) => Ok((m, graph, file_name)),
         (Ok(()), None) => Err(bad("the multipart body has no `model` part".into())),
         (Err(e), staged) => {
             if let Some(m) = staged {

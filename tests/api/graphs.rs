@@ -206,6 +206,10 @@ async fn a_model_and_its_graph_upload_together_or_not_at_all() {
     assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
     let m: Value = res.json().await.unwrap();
     assert_eq!(m["has_graph"], true);
+    assert_eq!(m["name"], "teacher", "`?name=` wins over the part's file name");
+    let (ct, body) = multipart(&[("model", &teacher())]);
+    let res = app.client.post(app.url("/v1/models")).header("content-type", ct).body(body).send().await.unwrap();
+    assert_eq!(res.json::<Value>().await.unwrap()["name"], "model", "the part's file name by default");
     let g = app.get_json(&format!("/v1/models/{}/graph", m["id"].as_str().unwrap())).await;
     assert_eq!(g["summary"]["output_shape"], json!([10]));
 
