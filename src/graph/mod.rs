@@ -22,6 +22,7 @@ pub mod eval;
 pub mod forward;
 pub mod lowrank;
 pub mod structure;
+pub mod train;
 
 use std::collections::{BTreeMap, BTreeSet};
 

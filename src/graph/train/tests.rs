@@ -1,0 +1,145 @@
+use serde_json::json;
+
+use super::*;
+use crate::graph::forward::Network;
+use crate::graph::tests::{cnn, put, values};
+
+fn batch(n: usize, shape: &[usize], seed: u64) -> Tensor {
+    let mut dims = vec![n];
+    dims.extend_from_slice(shape);
+    let len = dims.iter().product();
+    Tensor::from_vec(values(len, seed), dims, &Device::Cpu).unwrap()
+}
+
+fn labels(n: usize, classes: u32) -> Tensor {
+    Tensor::from_vec((0..n as u32).map(|i| (i * 7) % classes).collect::<Vec<u32>>(), n, &Device::Cpu).unwrap()
+}
+
+/// Every trained variable gets a gradient with a non-zero entry from the distillation loss.
+fn assert_every_parameter_learns(model: &Trainable, x: &Tensor) {
+    let y = model.forward(x).unwrap();
+    let teacher = (y.detach() * 0.5).unwrap().affine(1.0, 0.1).unwrap();
+    let loss = kd_loss(&y, &teacher, Some(&labels(x.dim(0).unwrap(), 10)), 4.0, 0.5).unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, var) in model.trained() {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name} has no gradient"));
+        let max = g.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(max > 0.0, "{name} has an all-zero gradient");
+    }
+}
+
+#[test]
+fn every_trainable_parameter_of_a_cnn_receives_a_gradient() {
+    let (graph, w) = cnn();
+    let model = Trainable::new(&graph, &w).unwrap();
+    assert_eq!(model.trained().len(), w.len() - 2, "running statistics stay fixed");
+    assert_every_parameter_learns(&model, &batch(4, &[2, 8, 8], 3));
+}
+
+#[test]
+fn layer_norm_and_every_activation_pass_gradients() {
+    let graph = Graph::parse(&json!({"input": {"shape": [6]}, "layers": [
+        {"kind": "linear", "name": "a"}, {"kind": "layer_norm", "name": "ln"}, {"kind": "gelu"},
+        {"kind": "linear", "name": "b"}, {"kind": "silu"}, {"kind": "tanh"}, {"kind": "sigmoid"},
+        {"kind": "linear", "name": "c"}]}))
+    .unwrap();
+    let mut w = Weights::new();
+    put(&mut w, "a.weight", &[8, 6], 1);
+    put(&mut w, "a.bias", &[8], 2);
+    w.insert("ln.weight".into(), (vec![8], vec![1.0; 8]));
+    put(&mut w, "ln.bias", &[8], 3);
+    put(&mut w, "b.weight", &[8, 8], 4);
+    put(&mut w, "c.weight", &[10, 8], 5);
+    put(&mut w, "c.bias", &[10], 6);
+    assert_every_parameter_learns(&Trainable::new(&graph, &w).unwrap(), &batch(5, &[6], 7));
+}
+
+/// The training forward pass and the inference network compute the same function.
+const FORWARD_TOLERANCE: f32 = 1e-4;
+
+#[test]
+fn the_training_forward_pass_matches_the_inference_network() {
+    let (graph, w) = cnn();
+    let x = batch(3, &[2, 8, 8], 11);
+    let trained =
+        Trainable::new(&graph, &w).unwrap().forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (_, inference) = Network::build(&graph, &w).unwrap().forward(&xs, 3, &[2, 8, 8]).unwrap();
+    for (a, b) in trained.iter().zip(&inference) {
+        assert!((a - b).abs() <= FORWARD_TOLERANCE * (1.0 + b.abs()), "{a} vs {b}");
+    }
+}
+
+#[test]
+fn the_kd_loss_is_zero_on_the_teachers_own_logits_and_matches_its_formula() {
+    let s = batch(4, &[10], 1);
+    let zero = kd_loss(&s, &s, None, 4.0, 1.0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(zero.abs() < 1e-6, "KL(p || p) = {zero}");
+    // Two classes, one sample: KL and CE by hand.
+    let st = Tensor::new(&[[1.0f32, 0.0]], &Device::Cpu).unwrap();
+    let te = Tensor::new(&[[0.0f32, 2.0]], &Device::Cpu).unwrap();
+    let l = Tensor::new(&[1u32], &Device::Cpu).unwrap();
+    let got = kd_loss(&st, &te, Some(&l), 2.0, 0.25).unwrap().to_scalar::<f32>().unwrap() as f64;
+    let soft = |a: f64, b: f64| [a.exp() / (a.exp() + b.exp()), b.exp() / (a.exp() + b.exp())];
+    let (p, q) = (soft(0.0, 1.0), soft(0.5, 0.0));
+    let kl = p[0] * (p[0] / q[0]).ln() + p[1] * (p[1] / q[1]).ln();
+    let ce = -soft(1.0, 0.0)[1].ln();
+    let want = 0.25 * 4.0 * kl + 0.75 * ce;
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+}
+
+#[test]
+fn adamw_distills_the_digits_teacher_into_a_small_student() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let read = |file: &str| -> Weights {
+        let path = std::path::Path::new(dir).join(file);
+        let header = crate::formats::safetensors::read_header(&path, u64::MAX).unwrap();
+        let mut r = crate::formats::safetensors::TensorReader::open(&path).unwrap();
+        header
+            .tensors
+            .iter()
+            .filter(|t| t.dtype.is_float())
+            .map(|t| {
+                let mut v = Vec::new();
+                r.read_f32(t, &mut v).unwrap();
+                (t.name.clone(), (t.shape.clone(), v))
+            })
+            .collect()
+    };
+    let teacher_graph: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{dir}/teacher_mlp.graph.json")).unwrap()).unwrap();
+    let teacher = Network::build(&Graph::parse(&teacher_graph).unwrap(), &read("teacher_mlp.safetensors")).unwrap();
+    let data = read("digits_test.safetensors");
+    let (x, n) = (&data["inputs"].1, 360);
+    let (_, teacher_logits) = teacher.forward(x, n, &[64]).unwrap();
+    let student_graph = Graph::parse(&json!({"input": {"shape": [64]}, "layers": [
+        {"kind": "linear", "name": "fc1"}, {"kind": "relu"}, {"kind": "linear", "name": "fc2"}]}))
+    .unwrap();
+    let mut w = Weights::new();
+    w.insert("fc1.weight".into(), (vec![32, 64], values(32 * 64, 1).iter().map(|v| v * 0.125).collect()));
+    w.insert("fc1.bias".into(), (vec![32], vec![0.0; 32]));
+    w.insert("fc2.weight".into(), (vec![10, 32], values(10 * 32, 2).iter().map(|v| v * 0.18).collect()));
+    w.insert("fc2.bias".into(), (vec![10], vec![0.0; 10]));
+    let student = Trainable::new(&student_graph, &w).unwrap();
+    let mut opt = AdamW::new(1e-2, 0.0);
+    let xs = Tensor::from_slice(x, (n, 64), &Device::Cpu).unwrap();
+    let ts = Tensor::from_slice(&teacher_logits, (n, 10), &Device::Cpu).unwrap();
+    let accuracy = |m: &Trainable| {
+        let y = m.forward(&xs).unwrap().argmax(1).unwrap().to_vec1::<u32>().unwrap();
+        let t = ts.argmax(1).unwrap().to_vec1::<u32>().unwrap();
+        y.iter().zip(&t).filter(|(a, b)| a == b).count() as f64 / n as f64
+    };
+    let before = accuracy(&student);
+    for _ in 0..30 {
+        for start in (0..n).step_by(60) {
+            let xb = xs.narrow(0, start, 60).unwrap();
+            let tb = ts.narrow(0, start, 60).unwrap();
+            let loss = kd_loss(&student.forward(&xb).unwrap(), &tb, None, 4.0, 1.0).unwrap();
+            let grads = loss.backward().unwrap();
+            assert_eq!(opt.update(&student, &grads).unwrap(), 4);
+        }
+    }
+    let after = accuracy(&student);
+    assert!(after > 0.9 && after > before + 0.5, "agreement with the teacher {before} -> {after}");
+    assert_eq!(opt.step, 30 * 6);
+}
