@@ -251,3 +251,154 @@ impl AdamW {
 
 #[cfg(test)]
 mod tests;
+
+/// What a distillation run does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DistillConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub temperature: f64,
+    /// Weight of the KD term; `1 - kd_weight` weighs cross-entropy with the labels.
+    pub kd_weight: f64,
+    /// Cosine decay of the learning rate to 0 over all steps (else constant).
+    pub cosine: bool,
+    /// The last fraction of the samples, held out to pick the best epoch.
+    pub validation_fraction: f64,
+    pub seed: u64,
+}
+
+/// One epoch of a distillation run, for the report.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    /// Mean training loss over the epoch's batches.
+    pub loss: f64,
+    /// Accuracy on the held-out samples: against the labels, or top-1 agreement with the
+    /// teacher without labels.
+    pub validation_accuracy: f64,
+}
+
+/// The result of [`distill`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainingRecord {
+    pub epochs: Vec<EpochRecord>,
+    /// The epoch whose student was kept (best validation accuracy, earliest on ties); 0 means the
+    /// student before training was better than every epoch.
+    pub best_epoch: usize,
+    pub validation_accuracy_before: f64,
+    pub train_samples: usize,
+    pub validation_samples: usize,
+    pub validated_against: String,
+}
+
+/// Trains `student` to match `teacher_logits` (and `labels`) on `inputs` (`[n, ...sample]`),
+/// keeping the weights of the epoch with the best validation accuracy. `tick(message)` is called
+/// after every batch; returning false stops (the error is `"canceled"`).
+#[allow(clippy::too_many_arguments)]
+pub fn distill(
+    student: &Trainable,
+    inputs: &[f32],
+    sample_shape: &[usize],
+    teacher_logits: &[f32],
+    labels: Option<&[f32]>,
+    config: &DistillConfig,
+    tick: &mut dyn FnMut(&str) -> bool,
+) -> Result<TrainingRecord, String> {
+    let per: usize = sample_shape.iter().product();
+    let n = inputs.len() / per.max(1);
+    let classes = teacher_logits.len() / n.max(1);
+    let validation = ((n as f64 * config.validation_fraction).round() as usize).min(n.saturating_sub(1));
+    let train = n - validation;
+    let tensor = |v: &[f32], rows: usize, shape: &[usize]| -> Result<Tensor, String> {
+        let mut dims = vec![rows];
+        dims.extend_from_slice(shape);
+        Tensor::from_slice(v, dims, &Device::Cpu).map_err(err)
+    };
+    let (val_x, val_t) =
+        (tensor(&inputs[train * per..], validation, sample_shape)?, &teacher_logits[train * classes..]);
+    let val_labels: Option<Vec<u32>> = labels.map(|l| l[train..n].iter().map(|v| *v as u32).collect());
+    let target: Vec<u32> = match &val_labels {
+        Some(l) => l.clone(),
+        None => val_t.chunks(classes).map(|r| argmax(r) as u32).collect(),
+    };
+    let validate = |m: &Trainable| -> Result<f64, String> {
+        if validation == 0 {
+            return Ok(0.0);
+        }
+        let y = m.forward(&val_x)?.argmax(1).map_err(err)?.to_vec1::<u32>().map_err(err)?;
+        Ok(y.iter().zip(&target).filter(|(a, b)| a == b).count() as f64 / validation as f64)
+    };
+    let mut opt = AdamW::new(config.learning_rate, config.weight_decay);
+    let batches = train.div_ceil(config.batch_size.max(1));
+    let total_steps = (batches * config.epochs).max(1);
+    let mut rng = config.seed ^ 0x9E37_79B9_7F4A_7C15;
+    let mut order: Vec<usize> = (0..train).collect();
+    let before = validate(student)?;
+    let (mut best, mut best_epoch, mut best_weights) = (before, 0, student.weights()?);
+    let mut epochs = Vec::with_capacity(config.epochs);
+    for epoch in 1..=config.epochs {
+        // Fisher-Yates with a seeded xorshift: the same seed gives the same batches.
+        for i in (1..order.len()).rev() {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            order.swap(i, (rng % (i as u64 + 1)) as usize);
+        }
+        let mut loss_sum = 0.0;
+        for (b, chunk) in order.chunks(config.batch_size.max(1)).enumerate() {
+            if config.cosine {
+                let progress = opt.step as f64 / total_steps as f64;
+                opt.learning_rate = config.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+            }
+            let mut xb = Vec::with_capacity(chunk.len() * per);
+            let mut tb = Vec::with_capacity(chunk.len() * classes);
+            for &i in chunk {
+                xb.extend_from_slice(&inputs[i * per..(i + 1) * per]);
+                tb.extend_from_slice(&teacher_logits[i * classes..(i + 1) * classes]);
+            }
+            let lb = labels.map(|l| chunk.iter().map(|&i| l[i] as u32).collect::<Vec<u32>>());
+            let x = tensor(&xb, chunk.len(), sample_shape)?;
+            let t = Tensor::from_vec(tb, (chunk.len(), classes), &Device::Cpu).map_err(err)?;
+            let l = lb.map(|l| Tensor::from_vec(l, chunk.len(), &Device::Cpu)).transpose().map_err(err)?;
+            let loss =
+                kd_loss(&student.forward(&x)?, &t, l.as_ref(), config.temperature, config.kd_weight).map_err(err)?;
+            let value = loss.to_scalar::<f32>().map_err(err)? as f64;
+            if !value.is_finite() {
+                return Err(format!(
+                    "the loss became {value} at epoch {epoch}, batch {}; lower `learning_rate`",
+                    b + 1
+                ));
+            }
+            loss_sum += value;
+            let grads = loss.backward().map_err(err)?;
+            opt.update(student, &grads)?;
+            if !tick(&format!("distill: epoch {epoch}/{}, batch {}/{batches}, loss {value:.4}", config.epochs, b + 1)) {
+                return Err("canceled".into());
+            }
+        }
+        let accuracy = validate(student)?;
+        epochs.push(EpochRecord { epoch, loss: loss_sum / batches.max(1) as f64, validation_accuracy: accuracy });
+        if accuracy > best {
+            (best, best_epoch, best_weights) = (accuracy, epoch, student.weights()?);
+        }
+    }
+    for (name, (shape, values)) in best_weights {
+        if let Some(v) = student.vars.get(&name) {
+            v.set(&Tensor::from_vec(values, shape, &Device::Cpu).map_err(err)?).map_err(err)?;
+        }
+    }
+    Ok(TrainingRecord {
+        epochs,
+        best_epoch,
+        validation_accuracy_before: before,
+        train_samples: train,
+        validation_samples: validation,
+        validated_against: if labels.is_some() { "labels" } else { "the teacher's top-1" }.into(),
+    })
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, v)| if *v > bv { (i, *v) } else { (bi, bv) }).0
+}

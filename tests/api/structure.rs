@@ -314,3 +314,37 @@ async fn depth_by_count_keeps_the_integer_buffers_of_the_layers_that_stay() {
     assert_eq!(has("bn1.num_batches_tracked"), dropped[0] != "bn1", "dropped {dropped:?}");
     assert!(!has(&format!("{}.weight", dropped[0])));
 }
+
+#[tokio::test]
+async fn a_shrunk_model_distilled_from_the_original_recovers_accuracy_and_reruns_bit_for_bit() {
+    let app = spawn_app(1).await;
+    let (model, dataset) = teacher_with_graph(&app).await;
+    let shrink = json!({"op": "shrink", "width": {"ratio": 0.375}});
+    let job = |steps: Value| json!({"model_id": model, "dataset_id": dataset, "evaluate": true, "steps": steps});
+    let (_, shrunk, _) = run_job(&app, &job(json!([shrink.clone()]))).await;
+    let before = shrunk["evaluation"]["after"]["accuracy"].as_f64().unwrap();
+
+    let steps = json!([shrink, {"op": "distill", "epochs": 10, "seed": 3}]);
+    let (_, report, files) = run_job(&app, &job(steps.clone())).await;
+    let after = report["evaluation"]["after"]["accuracy"].as_f64().unwrap();
+    assert!(after > before + 0.02, "distillation recovers accuracy: {before} -> {after}");
+    let training = &report["structure"][1]["training"];
+    assert_eq!(training["epochs"].as_array().unwrap().len(), 10);
+    assert_eq!(training["validated_against"], "labels");
+    assert!(training["epochs"][9]["loss"].as_f64().unwrap() < training["epochs"][0]["loss"].as_f64().unwrap());
+    assert_eq!(shapes(&files["model.safetensors"])["fc2.weight"], vec![96, 96]);
+
+    // The same spec on the same data gives the same student, bit for bit.
+    let (_, _, again) = run_job(&app, &json!({"model_id": model, "dataset_id": dataset, "steps": steps})).await;
+    assert!(again["model.safetensors"] == files["model.safetensors"], "the student differs between two runs");
+
+    // Without a dataset, or without labels and a cross-entropy term, the plan refuses.
+    let spec = json!({"model_id": model, "steps": [{"op": "distill"}]});
+    assert_eq!(problem(app.create_job(&spec).await).await["pointer"], "/steps/0");
+    let unlabelled = app.upload_dataset(safetensors_f32(&[("inputs", vec![8, 64], values(8 * 64, 1, 0.5))])).await;
+    let unlabelled = unlabelled.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let spec = json!({"model_id": model, "dataset_id": unlabelled, "steps": [{"op": "distill", "kd_weight": 0.5}]});
+    assert_eq!(problem(app.create_job(&spec).await).await["pointer"], "/steps/0/kd_weight");
+    let spec = json!({"model_id": model, "dataset_id": unlabelled, "steps": [{"op": "distill", "epochs": 0}]});
+    assert_eq!(problem(app.create_job(&spec).await).await["pointer"], "/steps/0/epochs");
+}

@@ -61,6 +61,7 @@ fn replan_reshaped(effective: &mut Plan, original: &Plan) -> Result<(), EngineEr
             shapes: ShapeModel { graph: None, table: Default::default() },
             tensor_level: None,
             has_dataset: false,
+            has_labels: false,
             graph_decided_at_run_time: None,
             structure: Vec::new(),
             dropped: Vec::new(),
@@ -119,7 +120,12 @@ pub fn restructure(
             names.insert(format!("{m}.bias"));
         }
     }
-    let mut state = ModelState { graph: plan.graph_def.clone(), weights: Weights::new(), dtypes: Default::default() };
+    let mut state = ModelState {
+        graph: plan.graph_def.clone(),
+        weights: Weights::new(),
+        dtypes: Default::default(),
+        teacher: None,
+    };
     for t in plan.header.tensors.iter().filter(|t| names.contains(&t.name) && t.dtype.is_float()) {
         let mut values = Vec::new();
         source.reader.read_f32(t, &mut values)?;
@@ -134,13 +140,27 @@ pub fn restructure(
         state.dtypes.insert(t.name.clone(), t.dtype);
     }
     let before = plan.evaluation.as_ref().map(|_| state.weights.clone());
+    if edits.iter().any(|(_, _, e)| matches!(e, crate::compress::ops::structural::Edit::Distill(_))) {
+        if let Some(g) = &plan.graph_def {
+            state.teacher = Some((g.clone(), state.weights.clone()));
+        }
+    }
     let mut records = Vec::new();
     for (i, op, edit) in edits {
         tracker.check(&format!("step {i}: {op}"))?;
-        let record = edit.apply(i, op, &mut state, data).map_err(|detail| EngineError::Job {
-            code: "structure_failed",
-            detail: format!("step {i} ({op}): {detail}"),
-        })?;
+        let ctl = tracker.ctl;
+        let fraction = (tracker.done as f64 / tracker.total.max(1) as f64).min(1.0);
+        let mut tick = |message: &str| {
+            ctl.progress(fraction, op, message);
+            !ctl.canceled()
+        };
+        let record = match edit.apply(i, op, &mut state, data, &mut tick) {
+            Ok(r) => r,
+            Err(_) if ctl.canceled() => return Err(EngineError::Canceled),
+            Err(detail) => {
+                return Err(EngineError::Job { code: "structure_failed", detail: format!("step {i} ({op}): {detail}") })
+            }
+        };
         records.push(record);
     }
     let mut effective = plan.clone();

@@ -7,6 +7,7 @@
 use serde::Serialize;
 use serde_json::Value;
 
+pub mod distill;
 pub mod factorize;
 pub mod prune;
 pub mod quantize;
@@ -29,10 +30,11 @@ pub enum OpKind {
     Prune,
     Shrink,
     Factorize,
+    Distill,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 4] = [OpKind::Quantize, OpKind::Prune, OpKind::Shrink, OpKind::Factorize];
+    pub const ALL: [OpKind; 5] = [OpKind::Quantize, OpKind::Prune, OpKind::Shrink, OpKind::Factorize, OpKind::Distill];
 
     /// The `op` value of a spec step.
     pub fn name(self) -> &'static str {
@@ -41,6 +43,7 @@ impl OpKind {
             OpKind::Prune => "prune",
             OpKind::Shrink => "shrink",
             OpKind::Factorize => "factorize",
+            OpKind::Distill => "distill",
         }
     }
 
@@ -103,6 +106,7 @@ pub enum Step {
     Prune(PruneStep),
     Shrink(shrink::ShrinkStep),
     Factorize(factorize::FactorizeStep),
+    Distill(distill::DistillStep),
 }
 
 impl Step {
@@ -112,6 +116,7 @@ impl Step {
             Step::Prune(p) => p,
             Step::Shrink(s) => s,
             Step::Factorize(f) => f,
+            Step::Distill(d) => d,
         }
     }
 
@@ -131,6 +136,7 @@ pub fn parse_step(value: &Value, at: &str) -> Result<Step, SpecError> {
         Some(OpKind::Prune) => prune::parse::parse_prune(value, at).map(Step::Prune),
         Some(OpKind::Shrink) => shrink::parse_shrink(value, at).map(Step::Shrink),
         Some(OpKind::Factorize) => factorize::parse_factorize(value, at).map(Step::Factorize),
+        Some(OpKind::Distill) => distill::parse_distill(value, at).map(Step::Distill),
         None => {
             let names: Vec<String> = OpKind::ALL.iter().map(|k| format!("`{}`", k.name())).collect();
             Err(SpecError::new(

@@ -140,7 +140,7 @@ impl StepOp for ShrinkStep {
     fn selector(&self) -> &Selector {
         match &self.edit {
             Edit::Width { select, .. } | Edit::Factorize { select, .. } => select,
-            Edit::Depth(_) => Selector::all(),
+            Edit::Depth(_) | Edit::Distill(_) => Selector::all(),
         }
     }
 

@@ -17,6 +17,7 @@ use crate::graph::eval::Dataset;
 use crate::graph::forward::{Network, Weights};
 use crate::graph::lowrank::{self, FactorReport, Rank};
 use crate::graph::structure::{self, Norm, UnitGroup};
+use crate::graph::train::{DistillConfig, Trainable, TrainingRecord};
 use crate::graph::{Graph, Layer, TensorTable};
 
 /// Largest relative difference allowed between a structural edit's result and its reference
@@ -56,9 +57,18 @@ pub enum Importance {
 /// One structural edit, as a step asks for it.
 #[derive(Debug, Clone)]
 pub enum Edit {
-    Width { keep: KeepRule, importance: Importance, select: Selector },
+    Width {
+        keep: KeepRule,
+        importance: Importance,
+        select: Selector,
+    },
     Depth(DepthRule),
-    Factorize { rank: Rank, select: Selector },
+    Factorize {
+        rank: Rank,
+        select: Selector,
+    },
+    /// Train the model as it stands to match the original (the teacher) on the dataset.
+    Distill(DistillConfig),
 }
 
 /// A model's architecture and tensor shapes, for planning.
@@ -73,6 +83,8 @@ pub struct ModelState {
     pub graph: Option<Graph>,
     pub weights: Weights,
     pub dtypes: BTreeMap<String, Dtype>,
+    /// The original model (graph and tensors) when a step distills from it.
+    pub teacher: Option<(Graph, Weights)>,
 }
 
 /// What one edit changed, for the plan (and checked against execution).
@@ -134,6 +146,9 @@ pub struct StructureRecord {
     pub factors: Vec<FactorReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proof: Option<Proof>,
+    /// A distillation run: loss and validation accuracy per epoch, the epoch kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingRecord>,
     pub notes: Vec<String>,
 }
 
@@ -343,6 +358,41 @@ impl Edit {
                     }
                 }
             }
+            Edit::Distill(c) => {
+                let graph = model.graph.as_ref().ok_or_else(|| refuse("", "needs the model's architecture graph"))?;
+                let summary = graph
+                    .validate(&model.table)
+                    .map_err(|e| refuse("", format!("the graph does not fit: {}", e[0])))?;
+                if summary.output_shape.len() != 1 {
+                    return Err(refuse(
+                        "",
+                        format!(
+                            "distillation trains on logits of shape [classes]; this graph outputs {:?}",
+                            summary.output_shape
+                        ),
+                    ));
+                }
+                // Every trained tensor gets new values; shapes stay.
+                for name in graph.tensor_names() {
+                    if let Some((dtype, shape)) = model.table.get(&name) {
+                        let trained =
+                            dtype.is_float() && !name.ends_with(".running_mean") && !name.ends_with(".running_var");
+                        if trained {
+                            change.reshaped.insert(name, shape.clone());
+                        }
+                    }
+                }
+                change.notes.push(format!(
+                    "{} epochs of batches of {}, AdamW at {} ({} schedule), T = {}, kd_weight {}, {:.0}% held out",
+                    c.epochs,
+                    c.batch_size,
+                    c.learning_rate,
+                    if c.cosine { "cosine" } else { "constant" },
+                    c.temperature,
+                    c.kd_weight,
+                    100.0 * c.validation_fraction
+                ));
+            }
             Edit::Factorize { rank, select } => {
                 let linear: Option<BTreeSet<String>> = model.graph.as_ref().map(linear_layers);
                 for (name, (dtype, shape)) in &model.table {
@@ -529,6 +579,7 @@ impl Edit {
         op: &'static str,
         state: &mut ModelState,
         data: Option<&Dataset>,
+        tick: &mut dyn FnMut(&str) -> bool,
     ) -> Result<StructureRecord, String> {
         let before = parameters(&state.weights);
         let mut record = StructureRecord {
@@ -540,6 +591,7 @@ impl Edit {
             layers: Vec::new(),
             factors: Vec::new(),
             proof: None,
+            training: None,
             notes: Vec::new(),
         };
         let table = |w: &Weights, d: &BTreeMap<String, Dtype>| -> TensorTable {
@@ -684,6 +736,41 @@ impl Edit {
                     batch.1
                 ));
                 state.graph = Some(g);
+            }
+            Edit::Distill(c) => {
+                let d = data.ok_or("distillation trains on the dataset: the job needs one")?;
+                let (tg, tw) = state.teacher.as_ref().ok_or("the original model (the teacher) is not in memory")?;
+                let graph = state.graph.clone().ok_or("needs the model's architecture graph")?;
+                if c.kd_weight < 1.0 && d.labels.is_none() {
+                    return Err(
+                        "the dataset has no `labels`: set `kd_weight` to 1 (distillation from the teacher alone)"
+                            .into(),
+                    );
+                }
+                let teacher = Network::build(tg, tw).map_err(|e| e.to_string())?;
+                let mut logits = Vec::new();
+                for start in (0..d.samples).step_by(256) {
+                    let n = 256.min(d.samples - start);
+                    let x = &d.inputs[start * d.sample_len..(start + n) * d.sample_len];
+                    logits.extend(teacher.forward(x, n, &d.input_shape).map_err(|e| e.to_string())?.1);
+                }
+                let student = Trainable::new(&graph, &state.weights)?;
+                let labels = d.labels.as_deref();
+                let run = crate::graph::train::distill(&student, &d.inputs, &d.input_shape, &logits, labels, c, tick)?;
+                for (name, values) in student.weights()? {
+                    state.weights.insert(name, values);
+                }
+                record.notes.push(format!(
+                    "validation accuracy ({}) {:.4} before, {:.4} kept (epoch {})",
+                    run.validated_against,
+                    run.validation_accuracy_before,
+                    run.epochs
+                        .iter()
+                        .find(|e| e.epoch == run.best_epoch)
+                        .map_or(run.validation_accuracy_before, |e| e.validation_accuracy),
+                    run.best_epoch
+                ));
+                record.training = Some(run);
             }
             Edit::Factorize { rank, .. } => {
                 let t = table(&state.weights, &state.dtypes);

@@ -273,6 +273,7 @@ pub fn prepare(spec: CompressSpec, header: Header, graph: Option<Graph>, dataset
         shapes,
         tensor_level: None,
         has_dataset: dataset.is_some(),
+        has_labels: dataset.as_ref().is_some_and(|d| d.labels.is_some()),
         graph_decided_at_run_time: None,
         structure: Vec::new(),
         dropped: Vec::new(),

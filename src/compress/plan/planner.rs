@@ -16,6 +16,8 @@ pub struct Planner<'a> {
     pub tensor_level: Option<usize>,
     /// Whether the job has a dataset that fits the graph (ranking layers needs one).
     pub has_dataset: bool,
+    /// Whether that dataset has labels (cross-entropy in a distillation needs them).
+    pub has_labels: bool,
     /// A `depth: {count}` step, which decides the graph only at run time.
     pub graph_decided_at_run_time: Option<usize>,
     pub structure: Vec<StructurePlan>,
@@ -66,6 +68,16 @@ impl Planner<'_> {
         if matches!(edit, Edit::Width { importance: Importance::Activation, .. }) && !self.has_dataset {
             let detail = "`importance: activation` ranks units by their activation on the job's dataset: give `dataset_id` (CLI: --dataset FILE)".to_string();
             return self.refusals.push(Refusal { pointer: format!("{pointer}/importance"), tensor: None, detail });
+        }
+        if let Edit::Distill(c) = &edit {
+            if !self.has_dataset {
+                let detail = "`distill` trains on the job's dataset (`inputs`, optional `labels`): give `dataset_id` (CLI: --dataset FILE)".to_string();
+                return self.refusals.push(refuse(detail));
+            }
+            if c.kd_weight < 1.0 && !self.has_labels {
+                let detail = format!("the dataset has no `labels`, so the cross-entropy term (weight 1 - kd_weight = {}) has nothing to learn from: set `kd_weight` to 1", 1.0 - c.kd_weight);
+                return self.refusals.push(Refusal { pointer: format!("{pointer}/kd_weight"), tensor: None, detail });
+            }
         }
         if matches!(edit, Edit::Depth(DepthRule::Count(_))) && !self.has_dataset {
             let detail = "`depth: {count}` ranks layers by how much the outputs change without them, on the job's dataset: give `dataset_id` (CLI: --dataset FILE)".to_string();

@@ -1,0 +1,155 @@
+//! The `distill` step: the model as it stands after the steps before it (a shrunk or factorized
+//! student) is trained to match the original model (the teacher) on the job's dataset, with the
+//! temperature-scaled KD loss plus cross-entropy on the labels (see [`crate::graph::train`]).
+//! Needs the graph and a dataset; the best epoch on a held-out split is kept.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::structural::Edit;
+use super::{OpKind, Scope, StepOp};
+use crate::compress::plan::planner::Planner;
+use crate::compress::select::Selector;
+use crate::compress::spec::{field, from_value_at, SpecError};
+use crate::graph::train::DistillConfig;
+
+#[derive(Debug, Clone)]
+pub struct DistillStep {
+    pub config: DistillConfig,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawPreset {
+    Classification,
+    Recovery,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawSchedule {
+    Constant,
+    Cosine,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDistill {
+    #[allow(dead_code)]
+    op: String,
+    preset: Option<RawPreset>,
+    epochs: Option<usize>,
+    batch_size: Option<usize>,
+    learning_rate: Option<f64>,
+    weight_decay: Option<f64>,
+    temperature: Option<f64>,
+    kd_weight: Option<f64>,
+    schedule: Option<RawSchedule>,
+    validation_fraction: Option<f64>,
+    seed: Option<u64>,
+}
+
+/// Largest number of epochs a step may ask for.
+pub const MAX_EPOCHS: usize = 1000;
+
+/// The presets a user can name instead of tuning.
+/// - `classification` (the default): T = 4 and kd_weight 0.5, Hinton et al. (2015)'s setting
+///   for classifiers, AdamW at 1e-3 for 10 epochs with a cosine schedule.
+/// - `recovery`: after a shrink, the Minitron recipe (Muralidharan et al., 2024): logit
+///   distillation alone (kd_weight 1, T = 1), AdamW at 1e-3, 20 epochs, cosine.
+fn preset(p: RawPreset) -> DistillConfig {
+    let base = DistillConfig {
+        epochs: 10,
+        batch_size: 64,
+        learning_rate: 1e-3,
+        weight_decay: 0.0,
+        temperature: 4.0,
+        kd_weight: 0.5,
+        cosine: true,
+        validation_fraction: 0.1,
+        seed: 0,
+    };
+    match p {
+        RawPreset::Classification => base,
+        RawPreset::Recovery => DistillConfig { epochs: 20, temperature: 1.0, kd_weight: 1.0, ..base },
+    }
+}
+
+pub(crate) fn parse_distill(value: &Value, at: &str) -> Result<DistillStep, SpecError> {
+    let raw: RawDistill = from_value_at(value, at)?;
+    let mut c = preset(raw.preset.unwrap_or(RawPreset::Classification));
+    let positive = |v: f64, name: &str| {
+        if v.is_finite() && v > 0.0 {
+            Ok(v)
+        } else {
+            Err(field(at, name, format!("{name} must be a positive number, got {v}")))
+        }
+    };
+    if let Some(e) = raw.epochs {
+        if e == 0 || e > MAX_EPOCHS {
+            return Err(field(at, "epochs", format!("epochs must be between 1 and {MAX_EPOCHS}, got {e}")));
+        }
+        c.epochs = e;
+    }
+    if let Some(b) = raw.batch_size {
+        if b == 0 || b > 65_536 {
+            return Err(field(at, "batch_size", format!("batch_size must be between 1 and 65536, got {b}")));
+        }
+        c.batch_size = b;
+    }
+    if let Some(v) = raw.learning_rate {
+        c.learning_rate = positive(v, "learning_rate")?;
+    }
+    if let Some(v) = raw.weight_decay {
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(field(at, "weight_decay", format!("weight_decay must be >= 0, got {v}")));
+        }
+        c.weight_decay = v;
+    }
+    if let Some(v) = raw.temperature {
+        c.temperature = positive(v, "temperature")?;
+    }
+    if let Some(v) = raw.kd_weight {
+        if !(0.0..=1.0).contains(&v) {
+            return Err(field(at, "kd_weight", format!("kd_weight must be in [0, 1], got {v}")));
+        }
+        c.kd_weight = v;
+    }
+    if let Some(s) = raw.schedule {
+        c.cosine = matches!(s, RawSchedule::Cosine);
+    }
+    if let Some(v) = raw.validation_fraction {
+        if !(0.0..0.9).contains(&v) {
+            return Err(field(at, "validation_fraction", format!("validation_fraction must be in [0, 0.9), got {v}")));
+        }
+        c.validation_fraction = v;
+    }
+    if let Some(s) = raw.seed {
+        c.seed = s;
+    }
+    Ok(DistillStep { config: c })
+}
+
+impl StepOp for DistillStep {
+    fn kind(&self) -> OpKind {
+        OpKind::Distill
+    }
+
+    fn scope(&self) -> Scope {
+        Scope::Model
+    }
+
+    fn selector(&self) -> &Selector {
+        Selector::all()
+    }
+
+    fn plan_tensor(&self, _cx: &mut Planner<'_>, _step: usize, _i: usize) {}
+
+    fn edit(&self, _has_graph: bool) -> Option<Edit> {
+        Some(Edit::Distill(self.config.clone()))
+    }
+
+    fn needs_graph(&self) -> bool {
+        true
+    }
+}
