@@ -82,7 +82,13 @@ fn main() {
         let out = tempfile::tempdir_in(dir.path()).unwrap();
         reset_peak_rss();
         let start = Instant::now();
-        let inputs = Inputs { model_path: &model, input_sha256: "bench", spec_sha256: "bench", dataset_path: None };
+        let inputs = Inputs {
+            model_path: &model,
+            input_sha256: "bench",
+            spec_sha256: "bench",
+            dataset_path: None,
+            checkpoint_dir: None,
+        };
         execute(&p, &inputs, out.path(), &Silent).unwrap();
         let secs = start.elapsed().as_secs_f64();
         let peak = rss_field("VmHWM:");

@@ -243,6 +243,7 @@ fn compress(job: &JobArgs, out: &Path) -> anyhow::Result<ExitCode> {
         input_sha256: &input_sha,
         spec_sha256: &spec_sha,
         dataset_path: job.dataset.as_deref(),
+        checkpoint_dir: None,
     };
     let result = engine::execute(&plan, &inputs, &staging, &Bar(bar.clone()));
     bar.finish_and_clear();

@@ -291,11 +291,103 @@ pub struct TrainingRecord {
     pub train_samples: usize,
     pub validation_samples: usize,
     pub validated_against: String,
+    /// When the run continued from a checkpoint (a crash or a lost lease before): the epoch it
+    /// resumed after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_after_epoch: Option<usize>,
+}
+
+/// Everything a run needs to continue after its last finished epoch exactly as if it had not
+/// stopped: the student, the optimizer's moments and step, the shuffle's RNG and order, the best
+/// student so far and the records.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Progress {
+    /// `{config:?}`: a checkpoint of another configuration is ignored.
+    config: String,
+    epoch: usize,
+    step: u64,
+    rng: u64,
+    best: f64,
+    best_epoch: usize,
+    before: f64,
+    epochs: Vec<EpochRecord>,
+}
+
+/// Writes a checkpoint atomically (temporary file, fsync, rename): a crash leaves the previous
+/// one or this one, never half of one.
+fn save_checkpoint(
+    path: &std::path::Path,
+    state: &Progress,
+    student: &Weights,
+    best: &Weights,
+    opt: &AdamW,
+    order: &[usize],
+) -> Result<(), String> {
+    use crate::formats::safetensors::{Dtype, SafetensorsWriter};
+    let io = |e: std::io::Error| format!("writing the checkpoint {}: {e}", path.display());
+    let tmp = path.with_extension("tmp");
+    let mut w = SafetensorsWriter::create(&tmp).map_err(io)?;
+    let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    for (prefix, weights) in [("student", student), ("best", best)] {
+        for (name, (shape, values)) in weights {
+            w.write(&format!("{prefix}/{name}"), Dtype::F32, shape, &f32s(values)).map_err(io)?;
+        }
+    }
+    for (name, (m, v)) in &opt.moments {
+        w.write(&format!("m/{name}"), Dtype::F32, &[m.len()], &f32s(m)).map_err(io)?;
+        w.write(&format!("v/{name}"), Dtype::F32, &[v.len()], &f32s(v)).map_err(io)?;
+    }
+    let order: Vec<u8> = order.iter().flat_map(|i| (*i as i64).to_le_bytes()).collect();
+    w.write("order", Dtype::I64, &[order.len() / 8], &order).map_err(io)?;
+    let meta = BTreeMap::from([("modelpress.training".to_string(), serde_json::to_string(state).expect("JSON"))]);
+    w.finish(&meta).map_err(io)?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+type Restored = (Progress, Weights, Weights, BTreeMap<String, (Vec<f32>, Vec<f32>)>, Vec<usize>);
+
+/// Reads a checkpoint written by [`save_checkpoint`] for `config`; `None` when there is none, it
+/// is unreadable, or it belongs to another configuration.
+fn load_checkpoint(path: &std::path::Path, config: &DistillConfig) -> Option<Restored> {
+    use crate::formats::safetensors::{read_header, TensorReader};
+    let header = read_header(path, u64::MAX).ok()?;
+    let state: Progress = serde_json::from_str(header.metadata.get("modelpress.training")?).ok()?;
+    if state.config != format!("{config:?}") {
+        return None;
+    }
+    let mut reader = TensorReader::open(path).ok()?;
+    let (mut student, mut best, mut moments, mut order) = (Weights::new(), Weights::new(), BTreeMap::new(), Vec::new());
+    for t in &header.tensors {
+        if t.name == "order" {
+            order = reader
+                .read_raw(t)
+                .ok()?
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().expect("8")) as usize)
+                .collect();
+            continue;
+        }
+        let mut v = Vec::new();
+        reader.read_f32(t, &mut v).ok()?;
+        let (prefix, name) = t.name.split_once('/')?;
+        match prefix {
+            "student" => drop(student.insert(name.to_owned(), (t.shape.clone(), v))),
+            "best" => drop(best.insert(name.to_owned(), (t.shape.clone(), v))),
+            "m" => moments.entry(name.to_owned()).or_insert_with(|| (Vec::new(), Vec::new())).0 = v,
+            "v" => moments.entry(name.to_owned()).or_insert_with(|| (Vec::new(), Vec::new())).1 = v,
+            _ => return None,
+        }
+    }
+    Some((state, student, best, moments, order))
 }
 
 /// Trains `student` to match `teacher_logits` (and `labels`) on `inputs` (`[n, ...sample]`),
 /// keeping the weights of the epoch with the best validation accuracy. `tick(message)` is called
-/// after every batch; returning false stops (the error is `"canceled"`).
+/// after every batch; returning false stops (the error is `"canceled"`). With `checkpoint`, the
+/// state is saved there after every epoch, and a run that finds a checkpoint of the same
+/// configuration continues after its epoch, ending with the same student as a run that never
+/// stopped.
 #[allow(clippy::too_many_arguments)]
 pub fn distill(
     student: &Trainable,
@@ -304,6 +396,7 @@ pub fn distill(
     teacher_logits: &[f32],
     labels: Option<&[f32]>,
     config: &DistillConfig,
+    checkpoint: Option<&std::path::Path>,
     tick: &mut dyn FnMut(&str) -> bool,
 ) -> Result<TrainingRecord, String> {
     let per: usize = sample_shape.iter().product();
@@ -335,10 +428,25 @@ pub fn distill(
     let total_steps = (batches * config.epochs).max(1);
     let mut rng = config.seed ^ 0x9E37_79B9_7F4A_7C15;
     let mut order: Vec<usize> = (0..train).collect();
-    let before = validate(student)?;
+    let mut before = validate(student)?;
     let (mut best, mut best_epoch, mut best_weights) = (before, 0, student.weights()?);
     let mut epochs = Vec::with_capacity(config.epochs);
-    for epoch in 1..=config.epochs {
+    let mut first = 1;
+    let mut resumed_after_epoch = None;
+    if let Some((state, weights, best_w, moments, saved_order)) = checkpoint.and_then(|p| load_checkpoint(p, config)) {
+        resumed_after_epoch = Some(state.epoch);
+        for (name, (shape, values)) in weights {
+            if let Some(v) = student.vars.get(&name) {
+                v.set(&Tensor::from_vec(values, shape, &Device::Cpu).map_err(err)?).map_err(err)?;
+            }
+        }
+        (opt.step, opt.moments, rng, order) = (state.step, moments, state.rng, saved_order);
+        (best, best_epoch, best_weights, before, epochs) =
+            (state.best, state.best_epoch, best_w, state.before, state.epochs);
+        first = state.epoch + 1;
+        tick(&format!("distill: resumed after epoch {}", state.epoch));
+    }
+    for epoch in first..=config.epochs {
         // Fisher-Yates with a seeded xorshift: the same seed gives the same batches.
         for i in (1..order.len()).rev() {
             rng ^= rng << 13;
@@ -383,6 +491,19 @@ pub fn distill(
         if accuracy > best {
             (best, best_epoch, best_weights) = (accuracy, epoch, student.weights()?);
         }
+        if let Some(path) = checkpoint {
+            let state = Progress {
+                config: format!("{config:?}"),
+                epoch,
+                step: opt.step,
+                rng,
+                best,
+                best_epoch,
+                before,
+                epochs: epochs.clone(),
+            };
+            save_checkpoint(path, &state, &student.weights()?, &best_weights, &opt, &order)?;
+        }
     }
     for (name, (shape, values)) in best_weights {
         if let Some(v) = student.vars.get(&name) {
@@ -396,6 +517,7 @@ pub fn distill(
         train_samples: train,
         validation_samples: validation,
         validated_against: if labels.is_some() { "labels" } else { "the teacher's top-1" }.into(),
+        resumed_after_epoch,
     })
 }
 

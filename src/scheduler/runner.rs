@@ -178,6 +178,8 @@ async fn execute_inner(
     let engine_control = control.clone();
     let header_limit = ctx.header_limit;
     let (dir, sha) = (out_dir.clone(), model.sha256.clone());
+    let checkpoints = ctx.blobs.checkpoint_dir(&job.id);
+    let checkpoints_for_job = checkpoints.clone();
     let span = tracing::Span::current();
     let result = super::priority::run_job_thread(ctx.nice, move || {
         let _entered = span.enter();
@@ -194,6 +196,7 @@ async fn execute_inner(
             input_sha256: &sha,
             spec_sha256: &spec.work_sha256,
             dataset_path: dataset_path.as_deref(),
+            checkpoint_dir: Some(&checkpoints_for_job),
         };
         let out = engine::execute(&plan, &inputs, &dir, engine_control.as_ref())?;
         metrics::counter!("modelpress_bytes_processed_total").increment(plan.totals.bytes_in);
@@ -233,6 +236,11 @@ async fn execute_inner(
     };
     if let Err(e) = tokio::fs::remove_dir_all(&out_dir).await {
         tracing::warn!(error = %e, dir = %out_dir.display(), "could not remove the job's staging dir");
+    }
+    // Checkpoints outlive an attempt the job will retry (a lost lease, a shutdown, an I/O error),
+    // and nothing else.
+    if !matches!(outcome, Outcome::Released | Outcome::Retry(_)) {
+        let _ = tokio::fs::remove_dir_all(&checkpoints).await;
     }
     outcome
 }

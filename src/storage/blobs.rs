@@ -24,6 +24,9 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn sweep_staging(&self) -> std::io::Result<usize>;
     /// Can the store take writes now (readiness probe)?
     async fn check_writable(&self) -> std::io::Result<()>;
+    /// A local directory for a job's training checkpoints, kept across restarts (unlike
+    /// staging) until the job ends.
+    fn checkpoint_dir(&self, job_id: &str) -> PathBuf;
 }
 
 /// Blobs as files under `<data_dir>/blobs/<aa>/<sha256>`, staging under `<data_dir>/staging`.
@@ -31,6 +34,7 @@ pub trait BlobStore: Send + Sync + 'static {
 pub struct LocalBlobStore {
     root: PathBuf,
     staging: PathBuf,
+    checkpoints: PathBuf,
 }
 
 impl LocalBlobStore {
@@ -39,7 +43,7 @@ impl LocalBlobStore {
         let staging = data_dir.join("staging");
         std::fs::create_dir_all(&root)?;
         std::fs::create_dir_all(&staging)?;
-        Ok(Self { root, staging })
+        Ok(Self { root, staging, checkpoints: data_dir.join("checkpoints") })
     }
 
     fn path_of(&self, sha256: &str) -> PathBuf {
@@ -55,6 +59,10 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
 impl BlobStore for LocalBlobStore {
     fn staging_path(&self, hint: &str) -> PathBuf {
         self.staging.join(format!("{}-{hint}", uuid::Uuid::new_v4()))
+    }
+
+    fn checkpoint_dir(&self, job_id: &str) -> PathBuf {
+        self.checkpoints.join(job_id)
     }
 
     async fn persist(&self, staged: &Path, sha256: &str) -> std::io::Result<()> {

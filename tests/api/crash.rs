@@ -202,3 +202,53 @@ async fn a_job_whose_worker_keeps_dying_fails_with_attempts_exhausted() {
     assert_eq!(done["error"]["code"], "attempts_exhausted");
     assert!(done["error"]["detail"].as_str().unwrap().contains("attempt 1 of 1"), "{done}");
 }
+
+#[tokio::test]
+async fn a_distillation_killed_mid_way_resumes_from_its_checkpoint_and_ends_with_the_same_student() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    let model = server.upload(teacher()).await;
+    let graph: Value = serde_json::from_str(&std::fs::read_to_string(crate::graphs::TEACHER_GRAPH).unwrap()).unwrap();
+    let res = server.client.put(format!("{}/v1/models/{model}/graph", server.base)).json(&graph).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let res = server
+        .client
+        .post(format!("{}/v1/datasets", server.base))
+        .body(std::fs::read(crate::mlp::DIGITS_TEST).unwrap())
+        .send()
+        .await
+        .unwrap();
+    let dataset = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let spec = serde_json::json!({"model_id": model, "dataset_id": dataset, "steps": [
+        {"op": "shrink", "width": {"ratio": 0.375}},
+        {"op": "distill", "epochs": 60, "batch_size": 8, "seed": 1}]});
+    let job = server.submit(&spec).await;
+    // Kill once a few epochs are checkpointed.
+    let checkpoint = dir.path().join("checkpoints").join(&job).join("step-1.safetensors");
+    let start = Instant::now();
+    while !checkpoint.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no checkpoint: {}",
+            server.json(&format!("/v1/jobs/{job}")).await
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.kill9();
+
+    let server = Server::start(dir.path(), &[]).await;
+    let done = server.wait_terminal(&job).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["attempt"], 2);
+    let report = server.json(&format!("/v1/jobs/{job}/report")).await;
+    let resumed =
+        report["structure"][1]["training"]["resumed_after_epoch"].as_u64().expect("the second attempt resumed");
+    assert!((1..60).contains(&resumed), "{resumed}");
+    assert!(!dir.path().join("checkpoints").join(&job).exists(), "checkpoints go when the job ends");
+    let interrupted = model_artifact_sha(&server, &job).await;
+
+    let again = server.submit(&spec).await;
+    assert_eq!(server.wait_terminal(&again).await["status"], "succeeded");
+    assert_eq!(model_artifact_sha(&server, &again).await, interrupted, "the same student as an uninterrupted run");
+}

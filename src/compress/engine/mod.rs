@@ -46,6 +46,9 @@ pub struct Inputs<'a> {
     pub spec_sha256: &'a str,
     /// The dataset file the plan's evaluation reads (required when the plan evaluates).
     pub dataset_path: Option<&'a Path>,
+    /// Where training steps keep checkpoints that survive a crash (a later attempt of the same
+    /// job resumes from them); `None` trains without.
+    pub checkpoint_dir: Option<&'a Path>,
 }
 
 /// One execution: the plan, its inputs and the directory it writes into.
@@ -225,7 +228,7 @@ pub fn execute(
         _ => None,
     };
     let mut tracker = Tracker { ctl, total: plan.totals.bytes_in, done: 0 };
-    let restructured = rewrite::restructure(plan, &mut source, data.as_ref(), &mut tracker)?;
+    let restructured = rewrite::restructure(plan, &mut source, data.as_ref(), inputs.checkpoint_dir, &mut tracker)?;
     let (plan, final_graph, structure, mut before) = match restructured {
         Some(r) => (std::borrow::Cow::Owned(r.plan), r.graph, r.records, r.before),
         None => (std::borrow::Cow::Borrowed(plan), plan.graph_def.clone(), Vec::new(), None),

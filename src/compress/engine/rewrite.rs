@@ -97,6 +97,7 @@ pub fn restructure(
     plan: &Plan,
     source: &mut Source,
     data: Option<&Dataset>,
+    checkpoints: Option<&std::path::Path>,
     tracker: &mut Tracker<'_>,
 ) -> Result<Option<Restructured>, EngineError> {
     let has_graph = plan.graph_def.is_some();
@@ -154,7 +155,7 @@ pub fn restructure(
             ctl.progress(fraction, op, message);
             !ctl.canceled()
         };
-        let record = match edit.apply(i, op, &mut state, data, &mut tick) {
+        let record = match edit.apply(i, op, &mut state, data, checkpoints, &mut tick) {
             Ok(r) => r,
             Err(_) if ctl.canceled() => return Err(EngineError::Canceled),
             Err(detail) => {

@@ -337,7 +337,13 @@ mod tests {
         let plan = prepare(spec, header, None, None);
         let out_dir = dir.path().join("out");
         std::fs::create_dir(&out_dir).unwrap();
-        let inputs = Inputs { model_path: &model, input_sha256: "0", spec_sha256: "0", dataset_path: None };
+        let inputs = Inputs {
+            model_path: &model,
+            input_sha256: "0",
+            spec_sha256: "0",
+            dataset_path: None,
+            checkpoint_dir: None,
+        };
         let out = execute(&plan, &inputs, &out_dir, &Silent).unwrap();
         let dense = out.artifacts.iter().find(|a| a.format == "safetensors").unwrap();
         let (dense_header, mut reader) = open(dense).unwrap();

@@ -579,6 +579,7 @@ impl Edit {
         op: &'static str,
         state: &mut ModelState,
         data: Option<&Dataset>,
+        checkpoints: Option<&std::path::Path>,
         tick: &mut dyn FnMut(&str) -> bool,
     ) -> Result<StructureRecord, String> {
         let before = parameters(&state.weights);
@@ -756,7 +757,23 @@ impl Edit {
                 }
                 let student = Trainable::new(&graph, &state.weights)?;
                 let labels = d.labels.as_deref();
-                let run = crate::graph::train::distill(&student, &d.inputs, &d.input_shape, &logits, labels, c, tick)?;
+                let checkpoint = match checkpoints {
+                    Some(dir) => {
+                        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                        Some(dir.join(format!("step-{step}.safetensors")))
+                    }
+                    None => None,
+                };
+                let run = crate::graph::train::distill(
+                    &student,
+                    &d.inputs,
+                    &d.input_shape,
+                    &logits,
+                    labels,
+                    c,
+                    checkpoint.as_deref(),
+                    tick,
+                )?;
                 for (name, values) in student.weights()? {
                     state.weights.insert(name, values);
                 }

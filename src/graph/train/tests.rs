@@ -143,3 +143,51 @@ fn adamw_distills_the_digits_teacher_into_a_small_student() {
     assert!(after > 0.9 && after > before + 0.5, "agreement with the teacher {before} -> {after}");
     assert_eq!(opt.step, 30 * 6);
 }
+
+#[test]
+fn a_run_stopped_after_a_checkpoint_resumes_to_the_same_student_bit_for_bit() {
+    let graph = Graph::parse(&json!({"input": {"shape": [6]}, "layers": [
+        {"kind": "linear", "name": "a"}, {"kind": "relu"}, {"kind": "linear", "name": "b"}]}))
+    .unwrap();
+    let mut w = Weights::new();
+    put(&mut w, "a.weight", &[8, 6], 1);
+    put(&mut w, "a.bias", &[8], 2);
+    put(&mut w, "b.weight", &[4, 8], 3);
+    let inputs = values(40 * 6, 4);
+    let teacher = values(40 * 4, 5);
+    let labels: Vec<f32> = (0..40).map(|i| (i % 4) as f32).collect();
+    let config = DistillConfig {
+        epochs: 6,
+        batch_size: 8,
+        learning_rate: 1e-2,
+        weight_decay: 0.01,
+        temperature: 2.0,
+        kd_weight: 0.5,
+        cosine: true,
+        validation_fraction: 0.2,
+        seed: 9,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let run = |checkpoint: &std::path::Path, stop_after: Option<usize>| {
+        let student = Trainable::new(&graph, &w).unwrap();
+        let mut batches = 0;
+        let mut tick = |_: &str| {
+            batches += 1;
+            stop_after.is_none_or(|s| batches <= s)
+        };
+        let record = distill(&student, &inputs, &[6], &teacher, Some(&labels), &config, Some(checkpoint), &mut tick);
+        (record, student.weights().unwrap())
+    };
+    let (whole, reference) = run(&dir.path().join("whole.safetensors"), None);
+    let whole = whole.unwrap();
+    // 32 training samples in batches of 8: 4 batches per epoch; stop in the 4th epoch.
+    let path = dir.path().join("stopped.safetensors");
+    let (stopped, _) = run(&path, Some(13));
+    assert_eq!(stopped.unwrap_err(), "canceled");
+    assert!(path.exists(), "the checkpoint of epoch 3 is on disk");
+    let (resumed, weights) = run(&path, None);
+    let resumed = resumed.unwrap();
+    assert_eq!(resumed.resumed_after_epoch, Some(3));
+    assert_eq!(TrainingRecord { resumed_after_epoch: None, ..resumed }, whole, "the same records, best epoch included");
+    assert_eq!(weights, reference, "the same student, bit for bit");
+}
