@@ -8,8 +8,8 @@
 use std::path::Path;
 use std::time::Instant;
 
-use modelpress::formats::safetensors::{read_header, Dtype, SafetensorsWriter, TensorReader};
-use modelpress::graph::forward::{Network, Weights};
+use modelpress::formats::safetensors::{Dtype, SafetensorsWriter};
+use modelpress::graph::forward::{read_weights, Network, Weights};
 use modelpress::graph::lowrank::{factorize, gaussian, Rank};
 use modelpress::graph::Graph;
 use serde_json::json;
@@ -17,18 +17,7 @@ use serde_json::json;
 const BATCH: usize = 256;
 
 fn load(path: &Path) -> Weights {
-    let header = read_header(path, u64::MAX).unwrap();
-    let mut reader = TensorReader::open(path).unwrap();
-    header
-        .tensors
-        .iter()
-        .filter(|t| t.dtype.is_float())
-        .map(|t| {
-            let mut v = Vec::new();
-            reader.read_f32(t, &mut v).unwrap();
-            (t.name.clone(), (t.shape.clone(), v))
-        })
-        .collect()
+    read_weights(path).unwrap()
 }
 
 fn save(path: &Path, w: &Weights) {

@@ -15,6 +15,20 @@ use super::{Graph, Layer};
 /// Float values of the tensors a network reads, by name: `(shape, row-major values)`.
 pub type Weights = HashMap<String, (Vec<usize>, Vec<f32>)>;
 
+/// Every floating-point tensor of a safetensors file, as f32 [`Weights`].
+pub fn read_weights(path: &std::path::Path) -> std::io::Result<Weights> {
+    let header =
+        crate::formats::safetensors::read_header(path, u64::MAX).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut reader = crate::formats::safetensors::TensorReader::open(path)?;
+    let mut out = Weights::new();
+    for t in header.tensors.iter().filter(|t| t.dtype.is_float()) {
+        let mut values = Vec::new();
+        reader.read_f32(t, &mut values)?;
+        out.insert(t.name.clone(), (t.shape.clone(), values));
+    }
+    Ok(out)
+}
+
 /// A graph bound to weights, ready to run.
 pub struct Network {
     ops: Vec<(usize, Op)>,

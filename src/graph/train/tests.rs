@@ -91,21 +91,7 @@ fn the_kd_loss_is_zero_on_the_teachers_own_logits_and_matches_its_formula() {
 #[test]
 fn adamw_distills_the_digits_teacher_into_a_small_student() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-    let read = |file: &str| -> Weights {
-        let path = std::path::Path::new(dir).join(file);
-        let header = crate::formats::safetensors::read_header(&path, u64::MAX).unwrap();
-        let mut r = crate::formats::safetensors::TensorReader::open(&path).unwrap();
-        header
-            .tensors
-            .iter()
-            .filter(|t| t.dtype.is_float())
-            .map(|t| {
-                let mut v = Vec::new();
-                r.read_f32(t, &mut v).unwrap();
-                (t.name.clone(), (t.shape.clone(), v))
-            })
-            .collect()
-    };
+    let read = |file: &str| crate::graph::forward::read_weights(&std::path::Path::new(dir).join(file)).unwrap();
     let teacher_graph: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(format!("{dir}/teacher_mlp.graph.json")).unwrap()).unwrap();
     let teacher = Network::build(&Graph::parse(&teacher_graph).unwrap(), &read("teacher_mlp.safetensors")).unwrap();
