@@ -177,3 +177,80 @@ fn a_run_stopped_after_a_checkpoint_resumes_to_the_same_student_bit_for_bit() {
     assert_eq!(TrainingRecord { resumed_after_epoch: None, ..resumed }, whole, "the same records, best epoch included");
     assert_eq!(weights, reference, "the same student, bit for bit");
 }
+
+/// Central differences in f64 of the f32 loss: agreement to a few percent of the largest entry.
+const FINITE_DIFFERENCE_TOLERANCE: f64 = 0.05;
+
+/// Compares every gradient entry of `model`'s loss on `x` with a central finite difference.
+fn assert_gradients_match_finite_differences(model: &Trainable, x: &Tensor, labels: &Tensor) {
+    let teacher = model.forward(x).unwrap().detach().affine(0.7, 0.2).unwrap();
+    let loss = |m: &Trainable| -> f64 {
+        kd_loss(&m.forward(x).unwrap(), &teacher, Some(labels), 2.0, 0.5).unwrap().to_scalar::<f32>().unwrap() as f64
+    };
+    let grads = kd_loss(&model.forward(x).unwrap(), &teacher, Some(labels), 2.0, 0.5).unwrap().backward().unwrap();
+    let h = 1e-2f32;
+    for (name, var) in model.trained() {
+        let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let values = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let dims = var.as_tensor().dims().to_vec();
+        let scale = analytic.iter().fold(1e-3f64, |m, g| m.max(g.abs() as f64));
+        // A few entries per tensor keep the test fast.
+        for i in (0..values.len()).step_by((values.len() / 5).max(1)) {
+            let probe = |delta: f32| {
+                let mut v = values.clone();
+                v[i] += delta;
+                var.set(&Tensor::from_vec(v, dims.clone(), &Device::Cpu).unwrap()).unwrap();
+                loss(model)
+            };
+            let numeric = (probe(h) - probe(-h)) / (2.0 * h as f64);
+            var.set(&Tensor::from_vec(values.clone(), dims.clone(), &Device::Cpu).unwrap()).unwrap();
+            let diff = (numeric - analytic[i] as f64).abs();
+            assert!(
+                diff <= FINITE_DIFFERENCE_TOLERANCE * scale,
+                "{name}[{i}]: analytic {} vs numeric {numeric}",
+                analytic[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences_on_a_tiny_mlp_and_a_tiny_cnn() {
+    let mlp = Graph::parse(&json!({"input": {"shape": [5]}, "layers": [
+        {"kind": "linear", "name": "a"}, {"kind": "tanh"}, {"kind": "linear", "name": "b"}]}))
+    .unwrap();
+    let mut w = Weights::new();
+    put(&mut w, "a.weight", &[6, 5], 1);
+    put(&mut w, "a.bias", &[6], 2);
+    put(&mut w, "b.weight", &[3, 6], 3);
+    assert_gradients_match_finite_differences(&Trainable::new(&mlp, &w).unwrap(), &batch(4, &[5], 4), &labels(4, 3));
+
+    let cnn = Graph::parse(&json!({"input": {"shape": [1, 4, 4]}, "layers": [
+        {"kind": "conv2d", "name": "c", "padding": 1}, {"kind": "batch_norm", "name": "bn"}, {"kind": "sigmoid"},
+        {"kind": "avg_pool2d", "kernel": 2}, {"kind": "flatten"}, {"kind": "linear", "name": "fc"}]}))
+    .unwrap();
+    let mut w = Weights::new();
+    put(&mut w, "c.weight", &[2, 1, 3, 3], 5);
+    put(&mut w, "c.bias", &[2], 6);
+    put(&mut w, "bn.weight", &[2], 7);
+    put(&mut w, "bn.bias", &[2], 8);
+    put(&mut w, "bn.running_mean", &[2], 9);
+    w.insert("bn.running_var".into(), (vec![2], vec![1.0, 2.0]));
+    put(&mut w, "fc.weight", &[3, 8], 10);
+    assert_gradients_match_finite_differences(
+        &Trainable::new(&cnn, &w).unwrap(),
+        &batch(3, &[1, 4, 4], 11),
+        &labels(3, 3),
+    );
+}
+
+#[test]
+fn kd_weight_zero_is_plain_cross_entropy_training() {
+    let s = batch(6, &[10], 21);
+    let t = batch(6, &[10], 22);
+    let l = labels(6, 10);
+    let kd0 = kd_loss(&s, &t, Some(&l), 4.0, 0.0).unwrap().to_scalar::<f32>().unwrap();
+    let log_p = log_softmax(&s).unwrap().to_vec2::<f32>().unwrap();
+    let ce = -(0..6).map(|i| log_p[i][(i * 7) % 10]).sum::<f32>() / 6.0;
+    assert!((kd0 - ce).abs() < 1e-6, "{kd0} vs {ce}");
+}
