@@ -73,6 +73,31 @@ fn evaluation_table(e: &crate::graph::eval::Evaluation) -> String {
     )
 }
 
+/// The training loss (red, scaled to its maximum) and the validation accuracy (blue, 0 to 1) per
+/// epoch of a distillation, as an inline SVG line chart.
+fn training_chart(t: &crate::graph::train::TrainingRecord) -> String {
+    let (w, h, pad) = (420.0, 120.0, 20.0);
+    let n = t.epochs.len().max(2) as f64 - 1.0;
+    let max_loss = t.epochs.iter().map(|e| e.loss).fold(f64::MIN_POSITIVE, f64::max);
+    let line = |value: &dyn Fn(&crate::graph::train::EpochRecord) -> f64| -> String {
+        t.epochs
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                format!("{:.1},{:.1}", pad + i as f64 / n * (w - 2.0 * pad), h - pad - value(e) * (h - 2.0 * pad))
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    format!(
+        r##"<br><svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="training loss and validation accuracy per epoch"><rect x="0" y="0" width="{w}" height="{h}" fill="none" stroke="#ddd"/><polyline fill="none" stroke="#d9534f" stroke-width="2" points="{}"><title>training loss (max {max_loss:.3})</title></polyline><polyline fill="none" stroke="#337ab7" stroke-width="2" points="{}"><title>validation accuracy</title></polyline><text x="{pad}" y="14" font-size="11">loss (red, max {max_loss:.3}) and validation accuracy (blue) over {} epochs; kept: epoch {}</text></svg>"##,
+        line(&|e| e.loss / max_loss),
+        line(&|e| e.validation_accuracy),
+        t.epochs.len(),
+        t.best_epoch
+    )
+}
+
 /// What each structural step did: units, layers, factors and the proof.
 fn structure_list(steps: &[crate::compress::ops::structural::StructureRecord]) -> String {
     let mut html = String::from("<h2>Structural steps</h2><ul>");
@@ -106,9 +131,10 @@ fn structure_list(steps: &[crate::compress::ops::structural::StructureRecord]) -
                 p.tolerance
             )
         });
+        let chart = s.training.as_ref().map_or(String::new(), training_chart);
         let _ = write!(
             html,
-            "<li>step {} <code>{}</code>: {} &rarr; {} parameters; {}{proof}</li>",
+            "<li>step {} <code>{}</code>: {} &rarr; {} parameters; {}{proof}{chart}</li>",
             s.step,
             esc(&s.op),
             s.parameters_before,

@@ -267,6 +267,15 @@ pub struct DistillConfig {
     /// The last fraction of the samples, held out to pick the best epoch.
     pub validation_fraction: f64,
     pub seed: u64,
+    /// Mean squared error between student and teacher logits instead of the KD loss (no
+    /// temperature, no labels).
+    pub mse: bool,
+}
+
+/// Mean squared error between two batches of logits (mean over every entry), the teacher's
+/// detached.
+pub fn mse_loss(student: &Tensor, teacher: &Tensor) -> candle_core::Result<Tensor> {
+    (student - teacher.detach())?.sqr()?.mean_all()
 }
 
 /// One epoch of a distillation run, for the report.
@@ -446,6 +455,7 @@ pub fn distill(
         first = state.epoch + 1;
         tick(&format!("distill: resumed after epoch {}", state.epoch));
     }
+    let started = std::time::Instant::now();
     for epoch in first..=config.epochs {
         // Fisher-Yates with a seeded xorshift: the same seed gives the same batches.
         for i in (1..order.len()).rev() {
@@ -470,8 +480,12 @@ pub fn distill(
             let x = tensor(&xb, chunk.len(), sample_shape)?;
             let t = Tensor::from_vec(tb, (chunk.len(), classes), &Device::Cpu).map_err(err)?;
             let l = lb.map(|l| Tensor::from_vec(l, chunk.len(), &Device::Cpu)).transpose().map_err(err)?;
-            let loss =
-                kd_loss(&student.forward(&x)?, &t, l.as_ref(), config.temperature, config.kd_weight).map_err(err)?;
+            let loss = if config.mse {
+                mse_loss(&student.forward(&x)?, &t)
+            } else {
+                kd_loss(&student.forward(&x)?, &t, l.as_ref(), config.temperature, config.kd_weight)
+            }
+            .map_err(err)?;
             let value = loss.to_scalar::<f32>().map_err(err)? as f64;
             if !value.is_finite() {
                 return Err(format!(
@@ -482,7 +496,14 @@ pub fn distill(
             loss_sum += value;
             let grads = loss.backward().map_err(err)?;
             opt.update(student, &grads)?;
-            if !tick(&format!("distill: epoch {epoch}/{}, batch {}/{batches}, loss {value:.4}", config.epochs, b + 1)) {
+            let done = (epoch - first) * batches + b + 1;
+            let left = (config.epochs + 1 - first) * batches - done;
+            let eta = started.elapsed().as_secs_f64() / done as f64 * left as f64;
+            if !tick(&format!(
+                "distill: epoch {epoch}/{}, batch {}/{batches}, loss {value:.4}, about {eta:.0} s left",
+                config.epochs,
+                b + 1
+            )) {
                 return Err("canceled".into());
             }
         }

@@ -333,10 +333,20 @@ async fn a_shrunk_model_distilled_from_the_original_recovers_accuracy_and_reruns
     assert_eq!(training["validated_against"], "labels");
     assert!(training["epochs"][9]["loss"].as_f64().unwrap() < training["epochs"][0]["loss"].as_f64().unwrap());
     assert_eq!(shapes(&files["model.safetensors"])["fc2.weight"], vec![96, 96]);
+    let html = String::from_utf8(files["report.html"].clone()).unwrap();
+    assert!(html.contains("validation accuracy (blue) over 10 epochs"), "report.html charts the training");
 
     // The same spec on the same data gives the same student, bit for bit.
     let (_, _, again) = run_job(&app, &json!({"model_id": model, "dataset_id": dataset, "steps": steps})).await;
     assert!(again["model.safetensors"] == files["model.safetensors"], "the student differs between two runs");
+
+    // Matching the logits by MSE instead of the KD loss also trains.
+    let steps = json!([{"op": "shrink", "width": {"ratio": 0.375}}, {"op": "distill", "epochs": 5, "loss": "mse"}]);
+    let (_, report, _) = run_job(&app, &job(steps)).await;
+    let epochs = report["structure"][1]["training"]["epochs"].as_array().unwrap().clone();
+    assert!(epochs[4]["loss"].as_f64().unwrap() < epochs[0]["loss"].as_f64().unwrap(), "{epochs:?}");
+    let spec = json!({"model_id": model, "steps": [{"op": "distill", "loss": "mse", "kd_weight": 0.5}]});
+    assert_eq!(problem(app.create_job(&spec).await).await["pointer"], "/steps/0/loss");
 
     // Without a dataset, or without labels and a cross-entropy term, the plan refuses.
     let spec = json!({"model_id": model, "steps": [{"op": "distill"}]});

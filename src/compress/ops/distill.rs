@@ -47,6 +47,14 @@ struct RawDistill {
     schedule: Option<RawSchedule>,
     validation_fraction: Option<f64>,
     seed: Option<u64>,
+    loss: Option<RawLoss>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum RawLoss {
+    Kd,
+    Mse,
 }
 
 /// Largest number of epochs a step may ask for.
@@ -68,6 +76,7 @@ fn preset(p: RawPreset) -> DistillConfig {
         cosine: true,
         validation_fraction: 0.1,
         seed: 0,
+        mse: false,
     };
     match p {
         RawPreset::Classification => base,
@@ -126,6 +135,17 @@ pub(crate) fn parse_distill(value: &Value, at: &str) -> Result<DistillStep, Spec
     }
     if let Some(s) = raw.seed {
         c.seed = s;
+    }
+    if let Some(RawLoss::Mse) = raw.loss {
+        if raw.kd_weight.is_some() || raw.temperature.is_some() {
+            return Err(field(
+                at,
+                "loss",
+                "`loss: mse` compares logits directly: `kd_weight` and `temperature` do not apply",
+            ));
+        }
+        c.mse = true;
+        c.kd_weight = 1.0;
     }
     Ok(DistillStep { config: c })
 }

@@ -331,11 +331,24 @@ pub fn prepare(spec: CompressSpec, header: Header, graph: Option<Graph>, dataset
     let prepasses = spec.steps.iter().map(|s| s.op().prepasses()).sum();
     let eval_bytes = evaluation.as_ref().map_or(0, |e| eval_memory(e, graph_summary.as_ref()));
     // Structural steps hold the model's (graph's) tensors in f32, a reference copy for the proof
-    // and the edited copy: three times its parameters.
-    let structural_bytes = if structure.is_empty() {
-        0
-    } else {
-        3 * 4 * header.tensors.iter().filter(|t| t.dtype.is_float()).map(|t| t.numel() as u64).sum::<u64>()
+    // and the edited copy: three times its parameters. Distillation adds the teacher, the
+    // gradients and AdamW's two moments (four more copies) and a batch's activations, kept for
+    // the backward pass (four per layer output).
+    let model_bytes = 4 * header.tensors.iter().filter(|t| t.dtype.is_float()).map(|t| t.numel() as u64).sum::<u64>();
+    let distill_batch = spec.steps.iter().find_map(|s| match s {
+        super::ops::Step::Distill(d) => Some(d.config.batch_size as u64),
+        _ => None,
+    });
+    let widest = graph_summary
+        .as_ref()
+        .and_then(|g| g.layers.iter().map(|l| l.shape_out.iter().product::<usize>() as u64).max())
+        .unwrap_or(0);
+    let structural_bytes = match (structure.is_empty(), distill_batch) {
+        (true, _) => 0,
+        (false, None) => 3 * model_bytes,
+        (false, Some(batch)) => {
+            7 * model_bytes + 4 * 4 * batch * widest * graph_summary.as_ref().map_or(1, |g| g.layers.len() as u64)
+        }
     };
     Plan {
         totals: PlanTotals {

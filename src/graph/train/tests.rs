@@ -152,6 +152,7 @@ fn a_run_stopped_after_a_checkpoint_resumes_to_the_same_student_bit_for_bit() {
         cosine: true,
         validation_fraction: 0.2,
         seed: 9,
+        mse: false,
     };
     let dir = tempfile::tempdir().unwrap();
     let run = |checkpoint: &std::path::Path, stop_after: Option<usize>| {
@@ -242,6 +243,13 @@ fn gradients_match_finite_differences_on_a_tiny_mlp_and_a_tiny_cnn() {
         &batch(3, &[1, 4, 4], 11),
         &labels(3, 3),
     );
+}
+
+#[test]
+fn the_mse_loss_is_the_mean_squared_difference_of_the_logits() {
+    let s = Tensor::new(&[[1.0f32, 2.0], [0.0, -1.0]], &Device::Cpu).unwrap();
+    let t = Tensor::new(&[[0.0f32, 2.0], [1.0, 1.0]], &Device::Cpu).unwrap();
+    assert_eq!(mse_loss(&s, &t).unwrap().to_scalar::<f32>().unwrap(), (1.0 + 0.0 + 1.0 + 4.0) / 4.0);
 }
 
 #[test]
