@@ -265,6 +265,14 @@ async fn the_trained_cnn_evaluates_as_pytorch_does_and_loses_half_its_filters() 
     assert!((e["before"]["accuracy"].as_f64().unwrap() - 356.0 / 360.0).abs() < 1e-9, "{e}");
     assert!(e["after"]["accuracy"].as_f64().unwrap() > 0.93, "{e}");
     assert_eq!(shapes(&files["model.safetensors"])["conv1.weight"], vec![8, 1, 3, 3]);
+
+    // Distillation trains on the tensor it names; `evaluate` naming another is refused.
+    let steps = json!([{"op": "prune", "method": "structured", "amount": 0.5},
+                       {"op": "distill", "epochs": 2, "inputs": "images"}]);
+    let (_, report, _) = run_job(&app, &json!({"model_id": model, "dataset_id": dataset, "steps": steps})).await;
+    assert_eq!(report["structure"][1]["training"]["epochs"].as_array().unwrap().len(), 2);
+    let spec = json!({"model_id": model, "dataset_id": dataset, "evaluate": true, "steps": steps});
+    assert_eq!(problem(app.create_job(&spec).await).await["pointer"], "/evaluate");
 }
 
 #[tokio::test]

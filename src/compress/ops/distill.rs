@@ -16,6 +16,8 @@ use crate::graph::train::DistillConfig;
 #[derive(Debug, Clone)]
 pub struct DistillStep {
     pub config: DistillConfig,
+    /// The dataset tensor to train on (default `inputs`, or what `evaluate` names).
+    pub inputs: Option<String>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -48,6 +50,7 @@ struct RawDistill {
     validation_fraction: Option<f64>,
     seed: Option<u64>,
     loss: Option<RawLoss>,
+    inputs: Option<String>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -147,7 +150,7 @@ pub(crate) fn parse_distill(value: &Value, at: &str) -> Result<DistillStep, Spec
         c.mse = true;
         c.kd_weight = 1.0;
     }
-    Ok(DistillStep { config: c })
+    Ok(DistillStep { config: c, inputs: raw.inputs })
 }
 
 impl StepOp for DistillStep {

@@ -401,7 +401,23 @@ fn plan_evaluation(
         }
         return (None, None);
     };
-    let options = spec.evaluate.clone().unwrap_or_default();
+    // The dataset tensors: those `evaluate` names, else those a `distill` step names.
+    let distill_inputs = spec.steps.iter().find_map(|s| match s {
+        super::ops::Step::Distill(d) => d.inputs.clone(),
+        _ => None,
+    });
+    let options = match (spec.evaluate.clone(), distill_inputs) {
+        (Some(e), Some(i)) if e.inputs != i => {
+            refuse(
+                refusals,
+                format!("`evaluate` reads `{}` but `distill` trains on `{i}`: name the same tensor", e.inputs),
+            );
+            return (None, None);
+        }
+        (Some(e), _) => e,
+        (None, Some(i)) => crate::graph::eval::EvalOptions { inputs: i, ..Default::default() },
+        (None, None) => Default::default(),
+    };
     match plan_dataset(dataset, &options, &summary.input_shape, &summary.output_shape) {
         Ok(d) => {
             let evaluation = spec.evaluate.as_ref().map(|o| EvaluationPlan {
