@@ -22,6 +22,25 @@ pub struct Trainable {
     pub graph: Graph,
     /// Every floating-point tensor the graph reads, by name.
     pub vars: BTreeMap<String, Var>,
+    /// Quantization-aware training: linear and conv weights run fake-quantized to this many
+    /// bits (symmetric, one scale per row along the last dimension, as the `quantize` step's
+    /// `channel` granularity stores them), with a straight-through gradient.
+    pub fake_quant_bits: Option<u8>,
+}
+
+/// `w` rounded to symmetric `bits`-bit codes with one scale per row of its last dimension
+/// (`absmax / ((2^bits - 1) / 2)`, the compressed-tensors convention the quantize step uses),
+/// passing the gradient straight through to `w` (Bengio et al. 2013): forward
+/// `w + (q(w) - w).detach()`.
+pub fn fake_quantize(w: &Tensor, bits: u8) -> candle_core::Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let last = *dims.last().unwrap_or(&1);
+    let rows = w.reshape((w.elem_count() / last.max(1), last))?;
+    let half = (1i32 << (bits - 1)) as f64;
+    let scale = (rows.abs()?.max_keepdim(1)?.detach() / (half - 0.5))?.clamp(f32::MIN_POSITIVE, f32::MAX)?;
+    let q = rows.broadcast_div(&scale)?.round()?.clamp(-half, half - 1.0)?.broadcast_mul(&scale)?;
+    let snapped = (&rows + (q - &rows)?.detach())?;
+    snapped.reshape(dims)
 }
 
 fn err(e: candle_core::Error) -> String {
@@ -37,7 +56,7 @@ impl Trainable {
                 vars.insert(name, Var::from_slice(values, shape.as_slice(), &Device::Cpu).map_err(err)?);
             }
         }
-        Ok(Trainable { graph: graph.clone(), vars })
+        Ok(Trainable { graph: graph.clone(), vars, fake_quant_bits: None })
     }
 
     /// The trained values, as [`Weights`].
@@ -64,6 +83,15 @@ impl Trainable {
         self.get(layer, suffix).ok_or_else(|| format!("layer `{layer}` has no tensor `{layer}.{suffix}`"))
     }
 
+    /// A linear or conv layer's weight as the forward pass uses it (fake-quantized in QAT).
+    fn weight(&self, layer: &str) -> Result<Tensor, String> {
+        let w = self.need(layer, "weight")?;
+        match self.fake_quant_bits {
+            Some(bits) => fake_quantize(w, bits).map_err(err),
+            None => Ok(w.clone()),
+        }
+    }
+
     /// The differentiable forward pass of a batch `x` (`[batch, ...input shape]`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, String> {
         self.run(&self.graph.layers, x.clone())
@@ -73,7 +101,7 @@ impl Trainable {
         for layer in layers {
             x = match layer {
                 Layer::Linear { name } => {
-                    let w = self.need(name, "weight")?;
+                    let w = &self.weight(name)?;
                     let y = if x.rank() == 2 {
                         x.matmul(&w.t().map_err(err)?)
                     } else {
@@ -86,7 +114,7 @@ impl Trainable {
                     }
                 }
                 Layer::Conv2d { name, stride, padding, dilation, groups } => {
-                    let w = self.need(name, "weight")?;
+                    let w = &self.weight(name)?;
                     let y = x.conv2d(w, *padding, *stride, *dilation, *groups).map_err(err)?;
                     match self.get(name, "bias") {
                         Some(b) => {
@@ -270,6 +298,8 @@ pub struct DistillConfig {
     /// Mean squared error between student and teacher logits instead of the KD loss (no
     /// temperature, no labels).
     pub mse: bool,
+    /// Quantization-aware training to this many bits (see [`Trainable::fake_quant_bits`]).
+    pub qat_bits: Option<u8>,
 }
 
 /// Mean squared error between two batches of logits (mean over every entry), the teacher's

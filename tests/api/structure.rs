@@ -366,3 +366,30 @@ async fn a_shrunk_model_distilled_from_the_original_recovers_accuracy_and_reruns
     let spec = json!({"model_id": model, "dataset_id": unlabelled, "steps": [{"op": "distill", "epochs": 0}]});
     assert_eq!(problem(app.create_job(&spec).await).await["pointer"], "/steps/0/epochs");
 }
+
+#[tokio::test]
+async fn quantization_aware_training_at_2_bits_keeps_at_least_the_accuracy_of_plain_rtn() {
+    let app = spawn_app(1).await;
+    let (model, dataset) = teacher_with_graph(&app).await;
+    let job = |steps: Value| json!({"model_id": model, "dataset_id": dataset, "evaluate": true, "steps": steps});
+    let (_, rtn, _) = run_job(&app, &job(json!([{"op": "quantize", "bits": 2}]))).await;
+    let steps = json!([{"op": "qat", "bits": 2, "epochs": 10, "learning_rate": 3e-4}, {"op": "quantize", "bits": 2}]);
+    let (_, qat, files) = run_job(&app, &job(steps)).await;
+    let (rtn, qat_acc) = (
+        rtn["evaluation"]["after"]["accuracy"].as_f64().unwrap(),
+        qat["evaluation"]["after"]["accuracy"].as_f64().unwrap(),
+    );
+    assert!(qat_acc >= rtn, "QAT {qat_acc} vs RTN {rtn}");
+    assert_eq!(qat["structure"][0]["op"], "qat");
+    // The stored values are 2-bit codes times one scale per row: at most 4 distinct values a row.
+    let (shape, values) = &read_f32_tensors(&files["model.safetensors"])["fc2.weight"];
+    for row in values.chunks(shape[1]) {
+        let mut distinct: Vec<u32> = row.iter().map(|v| v.to_bits()).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert!(distinct.len() <= 4, "{} levels in a 2-bit row", distinct.len());
+    }
+    let spec = json!({"model_id": model, "dataset_id": dataset, "steps": [{"op": "qat", "bits": 2}, {"op": "quantize", "bits": 4}]});
+    let p = problem(app.create_job(&spec).await).await;
+    assert_eq!(p["pointer"], "/steps/0/bits", "{p}");
+}

@@ -51,6 +51,8 @@ struct RawDistill {
     seed: Option<u64>,
     loss: Option<RawLoss>,
     inputs: Option<String>,
+    /// `qat` only: the bits the weights train at.
+    bits: Option<u8>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -80,6 +82,7 @@ fn preset(p: RawPreset) -> DistillConfig {
         validation_fraction: 0.1,
         seed: 0,
         mse: false,
+        qat_bits: None,
     };
     match p {
         RawPreset::Classification => base,
@@ -88,6 +91,17 @@ fn preset(p: RawPreset) -> DistillConfig {
 }
 
 pub(crate) fn parse_distill(value: &Value, at: &str) -> Result<DistillStep, SpecError> {
+    parse(value, at, false)
+}
+
+/// `{"op": "qat", "bits": 2, …}`: a distillation whose student runs with fake-quantized weights
+/// (straight-through gradient), for a later `quantize` step at the same bits to store. A small
+/// learning rate by default (1e-4), as fine-tuning a converged model needs.
+pub(crate) fn parse_qat(value: &Value, at: &str) -> Result<DistillStep, SpecError> {
+    parse(value, at, true)
+}
+
+fn parse(value: &Value, at: &str, qat: bool) -> Result<DistillStep, SpecError> {
     let raw: RawDistill = from_value_at(value, at)?;
     let mut c = preset(raw.preset.unwrap_or(RawPreset::Classification));
     let positive = |v: f64, name: &str| {
@@ -139,6 +153,20 @@ pub(crate) fn parse_distill(value: &Value, at: &str) -> Result<DistillStep, Spec
     if let Some(s) = raw.seed {
         c.seed = s;
     }
+    match (qat, raw.bits) {
+        (true, Some(b)) if [2, 4, 8].contains(&b) => {
+            c.qat_bits = Some(b);
+            if raw.learning_rate.is_none() {
+                c.learning_rate = 1e-4;
+            }
+        }
+        (true, Some(b)) => return Err(field(at, "bits", format!("bits must be 2, 4 or 8, got {b}"))),
+        (true, None) => {
+            return Err(field(at, "bits", "missing field `bits` (2, 4 or 8): the bits the weights train at"))
+        }
+        (false, Some(_)) => return Err(field(at, "bits", "`bits` applies to `qat`, not `distill`")),
+        (false, None) => {}
+    }
     if let Some(RawLoss::Mse) = raw.loss {
         if raw.kd_weight.is_some() || raw.temperature.is_some() {
             return Err(field(
@@ -155,7 +183,11 @@ pub(crate) fn parse_distill(value: &Value, at: &str) -> Result<DistillStep, Spec
 
 impl StepOp for DistillStep {
     fn kind(&self) -> OpKind {
-        OpKind::Distill
+        if self.config.qat_bits.is_some() {
+            OpKind::Qat
+        } else {
+            OpKind::Distill
+        }
     }
 
     fn scope(&self) -> Scope {

@@ -31,10 +31,12 @@ pub enum OpKind {
     Shrink,
     Factorize,
     Distill,
+    Qat,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 5] = [OpKind::Quantize, OpKind::Prune, OpKind::Shrink, OpKind::Factorize, OpKind::Distill];
+    pub const ALL: [OpKind; 6] =
+        [OpKind::Quantize, OpKind::Prune, OpKind::Shrink, OpKind::Factorize, OpKind::Distill, OpKind::Qat];
 
     /// The `op` value of a spec step.
     pub fn name(self) -> &'static str {
@@ -44,6 +46,7 @@ impl OpKind {
             OpKind::Shrink => "shrink",
             OpKind::Factorize => "factorize",
             OpKind::Distill => "distill",
+            OpKind::Qat => "qat",
         }
     }
 
@@ -137,6 +140,7 @@ pub fn parse_step(value: &Value, at: &str) -> Result<Step, SpecError> {
         Some(OpKind::Shrink) => shrink::parse_shrink(value, at).map(Step::Shrink),
         Some(OpKind::Factorize) => factorize::parse_factorize(value, at).map(Step::Factorize),
         Some(OpKind::Distill) => distill::parse_distill(value, at).map(Step::Distill),
+        Some(OpKind::Qat) => distill::parse_qat(value, at).map(Step::Distill),
         None => {
             let names: Vec<String> = OpKind::ALL.iter().map(|k| format!("`{}`", k.name())).collect();
             Err(SpecError::new(

@@ -755,7 +755,8 @@ impl Edit {
                     let x = &d.inputs[start * d.sample_len..(start + n) * d.sample_len];
                     logits.extend(teacher.forward(x, n, &d.input_shape).map_err(|e| e.to_string())?.1);
                 }
-                let student = Trainable::new(&graph, &state.weights)?;
+                let mut student = Trainable::new(&graph, &state.weights)?;
+                student.fake_quant_bits = c.qat_bits;
                 let labels = d.labels.as_deref();
                 let checkpoint = match checkpoints {
                     Some(dir) => {

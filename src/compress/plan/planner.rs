@@ -74,6 +74,20 @@ impl Planner<'_> {
                 let detail = "`distill` trains on the job's dataset (`inputs`, optional `labels`): give `dataset_id` (CLI: --dataset FILE)".to_string();
                 return self.refusals.push(refuse(detail));
             }
+            if let Some(bits) = c.qat_bits {
+                use crate::compress::ops::{QuantMethod, Scheme, Step};
+                use crate::compress::quant::{Granularity, IntParams, ScaleSearch};
+                let stores = |s: &Step| match s {
+                    Step::Quantize(q) => {
+                        matches!(q.method, QuantMethod::Fixed(Scheme::Int(IntParams { bits: b, granularity: Granularity::Channel, symmetric: true, search: ScaleSearch::None })) if b == bits)
+                    }
+                    _ => false,
+                };
+                if !self.spec.steps[step + 1..].iter().any(stores) {
+                    let detail = format!("`qat` trains the weights for int{bits} per-channel symmetric codes: add `{{\"op\": \"quantize\", \"bits\": {bits}}}` after it to store them");
+                    return self.refusals.push(Refusal { pointer: format!("{pointer}/bits"), tensor: None, detail });
+                }
+            }
             if c.kd_weight < 1.0 && !self.has_labels {
                 let detail = format!("the dataset has no `labels`, so the cross-entropy term (weight 1 - kd_weight = {}) has nothing to learn from: set `kd_weight` to 1", 1.0 - c.kd_weight);
                 return self.refusals.push(Refusal { pointer: format!("{pointer}/kd_weight"), tensor: None, detail });

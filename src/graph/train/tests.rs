@@ -153,6 +153,7 @@ fn a_run_stopped_after_a_checkpoint_resumes_to_the_same_student_bit_for_bit() {
         validation_fraction: 0.2,
         seed: 9,
         mse: false,
+        qat_bits: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let run = |checkpoint: &std::path::Path, stop_after: Option<usize>| {
@@ -261,4 +262,19 @@ fn kd_weight_zero_is_plain_cross_entropy_training() {
     let log_p = log_softmax(&s).unwrap().to_vec2::<f32>().unwrap();
     let ce = -(0..6).map(|i| log_p[i][(i * 7) % 10]).sum::<f32>() / 6.0;
     assert!((kd0 - ce).abs() < 1e-6, "{kd0} vs {ce}");
+}
+
+#[test]
+fn fake_quantization_snaps_each_row_to_its_levels_and_passes_the_gradient_straight_through() {
+    let w = Var::from_slice(&[0.9f32, -0.3, 0.1, 0.05, 2.0, -1.0, 0.4, 0.0], (2, 4), &Device::Cpu).unwrap();
+    let q = fake_quantize(w.as_tensor(), 2).unwrap();
+    let rows = q.to_vec2::<f32>().unwrap();
+    // Row 0: scale 0.9 / 1.5 = 0.6, codes in [-2, 1]: 0.9 -> 0.6 (clamped), -0.3 -> -0.6 or 0, 0.1 -> 0.
+    assert_eq!(rows[0][0], 0.6);
+    assert_eq!(rows[0][2], 0.0);
+    let scale1 = 2.0f32 / 1.5;
+    assert!(rows[1].iter().all(|v| (v / scale1 - (v / scale1).round()).abs() < 1e-6), "{:?}", rows[1]);
+    let grads = q.sum_all().unwrap().backward().unwrap();
+    let g = grads.get(w.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(g.iter().all(|v| *v == 1.0), "straight-through: {g:?}");
 }
