@@ -1,5 +1,6 @@
-//! Running models: the forward pass of the digits MLP and of a small CNN at batch 256, and the
-//! rank-256 factorization of a 4096x4096 matrix, against PyTorch on the same data.
+//! Running models: the forward pass of the digits MLP and of a small CNN at batch 256, the
+//! rank-256 factorization of a 4096x4096 matrix, and one knowledge-distillation step (teacher
+//! 784-1024-1024-10, student 784-256-10, batch 256), against PyTorch on the same data.
 //!
 //! `cargo bench --bench graph` writes the data it uses to `target/bench-graph/` and prints its
 //! figures; `python tests/python/bench_graph_torch.py` then measures PyTorch on those files and
@@ -11,6 +12,7 @@ use std::time::Instant;
 use modelpress::formats::safetensors::{Dtype, SafetensorsWriter};
 use modelpress::graph::forward::{read_weights, Network, Weights};
 use modelpress::graph::lowrank::{factorize, gaussian, Rank};
+use modelpress::graph::train::{kd_loss, AdamW, Trainable};
 use modelpress::graph::Graph;
 use serde_json::json;
 
@@ -105,6 +107,46 @@ fn main() {
     let ms = median_ms(3, || err = factorize(&m, n, n, Rank::Fixed(256)).unwrap().relative_error);
     rows.push(("svd_rank256_ms", ms));
     rows.push(("svd_rank256_relative_error", err));
+
+    // One KD step: teacher MLP 784-1024-1024-10 (inference) -> student 784-256-10 (forward,
+    // backward, AdamW), batch 256.
+    let mut tw = Weights::new();
+    for (name, shape, seed) in [
+        ("fc1.weight", vec![1024, 784], 31),
+        ("fc1.bias", vec![1024], 32),
+        ("fc2.weight", vec![1024, 1024], 33),
+        ("fc2.bias", vec![1024], 34),
+        ("fc3.weight", vec![10, 1024], 35),
+        ("fc3.bias", vec![10], 36),
+    ] {
+        let n: usize = shape.iter().product();
+        tw.insert(name.into(), (shape, gaussian(n, seed).iter().map(|v| v * 0.03).collect()));
+    }
+    let teacher_graph = Graph::parse(&json!({"input": {"shape": [784]}, "layers": [
+        {"kind": "linear", "name": "fc1"}, {"kind": "relu"}, {"kind": "linear", "name": "fc2"}, {"kind": "relu"},
+        {"kind": "linear", "name": "fc3"}]}))
+    .unwrap();
+    let student_graph = Graph::parse(&json!({"input": {"shape": [784]}, "layers": [
+        {"kind": "linear", "name": "fc1"}, {"kind": "relu"}, {"kind": "linear", "name": "fc3"}]}))
+    .unwrap();
+    let mut sw = Weights::new();
+    sw.insert("fc1.weight".into(), (vec![256, 784], gaussian(256 * 784, 41).iter().map(|v| v * 0.03).collect()));
+    sw.insert("fc1.bias".into(), (vec![256], vec![0.0; 256]));
+    sw.insert("fc3.weight".into(), (vec![10, 256], gaussian(2560, 42).iter().map(|v| v * 0.06).collect()));
+    sw.insert("fc3.bias".into(), (vec![10], vec![0.0; 10]));
+    let teacher = Network::build(&teacher_graph, &tw).unwrap();
+    let student = Trainable::new(&student_graph, &sw).unwrap();
+    let mut opt = AdamW::new(1e-3, 0.0);
+    let x = gaussian(BATCH * 784, 43);
+    let xt = candle_core::Tensor::from_slice(&x, (BATCH, 784), &candle_core::Device::Cpu).unwrap();
+    let kd_ms = median_ms(20, || {
+        let (_, t) = teacher.forward(&x, BATCH, &[784]).unwrap();
+        let t = candle_core::Tensor::from_vec(t, (BATCH, 10), &candle_core::Device::Cpu).unwrap();
+        let loss = kd_loss(&student.forward(&xt).unwrap(), &t, None, 4.0, 1.0).unwrap();
+        let grads = loss.backward().unwrap();
+        opt.update(&student, &grads).unwrap();
+    });
+    rows.push(("kd_step_ms", kd_ms));
 
     let torch: Option<serde_json::Value> =
         std::fs::read(dir.join("torch.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());

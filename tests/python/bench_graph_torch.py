@@ -1,4 +1,4 @@
-"""PyTorch's figures for `cargo bench --bench graph`, on the files that bench writes.
+"""PyTorch's figures for `cargo bench --bench graph`, on the files that bench writes (and one KD step).
 
 Forward passes of the digits MLP and the bench's CNN at batch 256 (torch.no_grad, 2 threads,
 median of repeated runs), and torch.svd_lowrank(q=256, niter=2) of the bench's 4096x4096 matrix
@@ -80,6 +80,24 @@ def main():
 
         out["svd_rank256_ms"] = median_ms(3, svd)
         out["svd_rank256_relative_error"] = result["err"]
+
+    # One KD step: teacher 784-1024-1024-10 (no grad) -> student 784-256-10, AdamW, batch 256.
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(784, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 10)).eval()
+    student = torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=0.0)
+    xb = torch.randn(256, 784)
+
+    def kd_step():
+        with torch.no_grad():
+            t = teacher(xb)
+        s = student(xb)
+        loss = torch.nn.functional.kl_div(torch.log_softmax(s / 4, 1), torch.log_softmax(t / 4, 1), log_target=True, reduction="batchmean") * 16
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    out["kd_step_ms"] = median_ms(20, kd_step)
     (DIR / "torch.json").write_text(json.dumps(out, indent=1))
     for k, v in out.items():
         print(f"{k:<30} {v:.4f}")
