@@ -223,7 +223,8 @@ fn log_softmax(row: &[f32], out: &mut Vec<f64>) {
     out.extend(row.iter().map(|v| *v as f64 - lse));
 }
 
-fn argmax(row: &[f32]) -> usize {
+/// Index of the largest value (the first on ties).
+pub(crate) fn argmax(row: &[f32]) -> usize {
     row.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, v)| if *v > bv { (i, *v) } else { (bi, bv) }).0
 }
 

@@ -135,61 +135,53 @@ fn build(layers: &[Layer], w: &Weights) -> Result<Vec<(usize, Op)>, ForwardError
 }
 
 fn build_one(l: &Layer, w: &Weights) -> Result<Op, ForwardError> {
-    {
-        {
-            Ok(match l {
-                Layer::Linear { name } => {
-                    let (shape, weight) = values(w, name, "weight")
-                        .ok_or_else(|| ForwardError::Missing(name.clone(), format!("{name}.weight")))?;
-                    Op::Linear {
-                        w: weight,
-                        out: shape[0],
-                        inp: shape[1],
-                        bias: values(w, name, "bias").map(|b| b.1),
-                        relu: false,
-                    }
-                }
-                Layer::Conv2d { name, stride, padding, dilation, groups } => Op::Conv2d {
-                    w: tensor(w, name, "weight")?,
-                    bias: optional(w, name, "bias")?,
-                    stride: *stride,
-                    padding: *padding,
-                    dilation: *dilation,
-                    groups: *groups,
-                },
-                Layer::BatchNorm { name, eps } => {
-                    let mean = tensor(w, name, "running_mean")?;
-                    let var = tensor(w, name, "running_var")?;
-                    let ones = || Tensor::ones_like(&mean);
-                    let weight = optional(w, name, "weight")?.map_or_else(ones, Ok)?;
-                    let bias = optional(w, name, "bias")?.map_or_else(|| Tensor::zeros_like(&mean), Ok)?;
-                    let scale = (weight / (var + *eps)?.sqrt()?)?;
-                    let shift = (bias - (mean * &scale)?)?;
-                    Op::Channel { scale, shift }
-                }
-                Layer::LayerNorm { name, eps } => {
-                    Op::LayerNorm { weight: optional(w, name, "weight")?, bias: optional(w, name, "bias")?, eps: *eps }
-                }
-                Layer::Embedding { name } => Op::Embedding { table: tensor(w, name, "weight")? },
-                Layer::Relu => Op::Relu,
-                Layer::Gelu => Op::Gelu,
-                Layer::Silu => Op::Silu,
-                Layer::Tanh => Op::Tanh,
-                Layer::Sigmoid => Op::Sigmoid,
-                Layer::Softmax => Op::Softmax,
-                Layer::MaxPool2d { kernel, stride } => {
-                    Op::MaxPool { kernel: *kernel, stride: stride.unwrap_or(*kernel) }
-                }
-                Layer::AvgPool2d { kernel, stride } => {
-                    Op::AvgPool { kernel: *kernel, stride: stride.unwrap_or(*kernel) }
-                }
-                Layer::GlobalAvgPool2d => Op::GlobalAvgPool,
-                Layer::Flatten => Op::Flatten,
-                Layer::Dropout { .. } => Op::Identity,
-                Layer::Residual { layers } => Op::Residual(build(layers, w)?),
-            })
+    Ok(match l {
+        Layer::Linear { name } => {
+            let (shape, weight) = values(w, name, "weight")
+                .ok_or_else(|| ForwardError::Missing(name.clone(), format!("{name}.weight")))?;
+            Op::Linear {
+                w: weight,
+                out: shape[0],
+                inp: shape[1],
+                bias: values(w, name, "bias").map(|b| b.1),
+                relu: false,
+            }
         }
-    }
+        Layer::Conv2d { name, stride, padding, dilation, groups } => Op::Conv2d {
+            w: tensor(w, name, "weight")?,
+            bias: optional(w, name, "bias")?,
+            stride: *stride,
+            padding: *padding,
+            dilation: *dilation,
+            groups: *groups,
+        },
+        Layer::BatchNorm { name, eps } => {
+            let mean = tensor(w, name, "running_mean")?;
+            let var = tensor(w, name, "running_var")?;
+            let ones = || Tensor::ones_like(&mean);
+            let weight = optional(w, name, "weight")?.map_or_else(ones, Ok)?;
+            let bias = optional(w, name, "bias")?.map_or_else(|| Tensor::zeros_like(&mean), Ok)?;
+            let scale = (weight / (var + *eps)?.sqrt()?)?;
+            let shift = (bias - (mean * &scale)?)?;
+            Op::Channel { scale, shift }
+        }
+        Layer::LayerNorm { name, eps } => {
+            Op::LayerNorm { weight: optional(w, name, "weight")?, bias: optional(w, name, "bias")?, eps: *eps }
+        }
+        Layer::Embedding { name } => Op::Embedding { table: tensor(w, name, "weight")? },
+        Layer::Relu => Op::Relu,
+        Layer::Gelu => Op::Gelu,
+        Layer::Silu => Op::Silu,
+        Layer::Tanh => Op::Tanh,
+        Layer::Sigmoid => Op::Sigmoid,
+        Layer::Softmax => Op::Softmax,
+        Layer::MaxPool2d { kernel, stride } => Op::MaxPool { kernel: *kernel, stride: stride.unwrap_or(*kernel) },
+        Layer::AvgPool2d { kernel, stride } => Op::AvgPool { kernel: *kernel, stride: stride.unwrap_or(*kernel) },
+        Layer::GlobalAvgPool2d => Op::GlobalAvgPool,
+        Layer::Flatten => Op::Flatten,
+        Layer::Dropout { .. } => Op::Identity,
+        Layer::Residual { layers } => Op::Residual(build(layers, w)?),
+    })
 }
 
 /// Below this many multiply-adds a linear layer runs on one thread: splitting a gemm across

@@ -188,6 +188,11 @@ impl std::fmt::Display for GraphError {
 /// What a tensor looks like to validation: its dtype and shape.
 pub type TensorTable = BTreeMap<String, (Dtype, Vec<usize>)>;
 
+/// The tensor table of a safetensors header.
+pub fn tensor_table(header: &crate::formats::safetensors::Header) -> TensorTable {
+    header.tensors.iter().map(|t| (t.name.clone(), (t.dtype, t.shape.clone()))).collect()
+}
+
 /// One layer as validation saw it, in execution order (nested layers included).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LayerShape {

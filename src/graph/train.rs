@@ -453,7 +453,7 @@ pub fn distill(
     let val_labels: Option<Vec<u32>> = labels.map(|l| l[train..n].iter().map(|v| *v as u32).collect());
     let target: Vec<u32> = match &val_labels {
         Some(l) => l.clone(),
-        None => val_t.chunks(classes).map(|r| argmax(r) as u32).collect(),
+        None => val_t.chunks(classes).map(|r| super::eval::argmax(r) as u32).collect(),
     };
     let validate = |m: &Trainable| -> Result<f64, String> {
         if validation == 0 {
@@ -570,8 +570,4 @@ pub fn distill(
         validated_against: if labels.is_some() { "labels" } else { "the teacher's top-1" }.into(),
         resumed_after_epoch,
     })
-}
-
-fn argmax(row: &[f32]) -> usize {
-    row.iter().enumerate().fold((0, f32::NEG_INFINITY), |(bi, bv), (i, v)| if *v > bv { (i, *v) } else { (bi, bv) }).0
 }

@@ -110,8 +110,7 @@ async fn upload_kind(
                 .map_err(|e| ApiError::bad_request("invalid_json", format!("the `graph` part is not valid JSON: {e}")))
                 .and_then(|v| {
                     let g = crate::graph::Graph::parse(&v).map_err(super::graphs::graph_errors_at("/graph"))?;
-                    let table =
-                        staged.header.tensors.iter().map(|t| (t.name.clone(), (t.dtype, t.shape.clone()))).collect();
+                    let table = crate::graph::tensor_table(&staged.header);
                     g.validate(&table).map_err(super::graphs::graph_errors_at("/graph"))?;
                     Ok(serde_json::to_string(&g).expect("graphs serialise"))
                 });

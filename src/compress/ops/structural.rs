@@ -534,6 +534,12 @@ pub fn proof_batch(graph: &Graph, weights: &Weights, data: Option<&Dataset>, sam
     (x, samples)
 }
 
+/// A model's outputs on a batch.
+fn outputs((g, w): (&Graph, &Weights), batch: &(Vec<f32>, usize)) -> Result<Vec<f32>, String> {
+    let net = Network::build(g, w).map_err(|e| e.to_string())?;
+    net.forward(&batch.0, batch.1, &g.input.shape).map(|(_, y)| y).map_err(|e| e.to_string())
+}
+
 /// Runs both models on the batch and measures how far apart they are.
 fn prove(
     reference: (&Graph, &Weights),
@@ -541,11 +547,7 @@ fn prove(
     batch: &(Vec<f32>, usize),
     what: &'static str,
 ) -> Result<Proof, String> {
-    let run = |(g, w): (&Graph, &Weights)| -> Result<Vec<f32>, String> {
-        let net = Network::build(g, w).map_err(|e| e.to_string())?;
-        net.forward(&batch.0, batch.1, &g.input.shape).map(|(_, y)| y).map_err(|e| e.to_string())
-    };
-    let (a, b) = (run(reference)?, run(edited)?);
+    let (a, b) = (outputs(reference, batch)?, outputs(edited, batch)?);
     if a.len() != b.len() {
         return Err(format!("the edited model gives {} outputs, the reference {}", b.len(), a.len()));
     }
@@ -561,11 +563,7 @@ fn prove(
 
 /// Relative change of the outputs between two models on a batch.
 fn output_change(a: (&Graph, &Weights), b: (&Graph, &Weights), batch: &(Vec<f32>, usize)) -> Result<f64, String> {
-    let run = |(g, w): (&Graph, &Weights)| -> Result<Vec<f32>, String> {
-        let net = Network::build(g, w).map_err(|e| e.to_string())?;
-        net.forward(&batch.0, batch.1, &g.input.shape).map(|(_, y)| y).map_err(|e| e.to_string())
-    };
-    let (ya, yb) = (run(a)?, run(b)?);
+    let (ya, yb) = (outputs(a, batch)?, outputs(b, batch)?);
     let d: f64 = ya.iter().zip(&yb).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
     let n: f64 = ya.iter().map(|x| (*x as f64).powi(2)).sum();
     Ok((d / n.max(f64::MIN_POSITIVE)).sqrt())

@@ -18,7 +18,7 @@ use super::spec::{CompressSpec, OutputFormat};
 use crate::formats::gguf::GgufType;
 use crate::formats::safetensors::{Header, TensorInfo};
 use crate::graph::eval::{plan_dataset, DatasetPlan};
-use crate::graph::{Graph, GraphSummary, TensorTable};
+use crate::graph::{Graph, GraphSummary};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
@@ -252,7 +252,7 @@ pub fn prepare(spec: CompressSpec, header: Header, graph: Option<Graph>, dataset
         })
         .collect();
     let mut refusals = Vec::new();
-    let table: TensorTable = header.tensors.iter().map(|t| (t.name.clone(), (t.dtype, t.shape.clone()))).collect();
+    let table = crate::graph::tensor_table(&header);
     let graph_summary = graph.as_ref().and_then(|g| match g.validate(&table) {
         Ok(s) => Some(s),
         Err(errors) => {
