@@ -3,7 +3,6 @@
 //! with what the edits decided at run time (ranks chosen by energy, layers chosen by count).
 
 use super::{EngineError, Tracker};
-use crate::compress::ops::structural::ShapeModel;
 use crate::compress::ops::structural::{ModelState, StructureRecord};
 use crate::compress::plan::planner::Planner;
 use crate::compress::plan::{DroppedTensor, Kernel, Plan, TensorPlan};
@@ -54,18 +53,7 @@ fn replan_reshaped(effective: &mut Plan, original: &Plan) -> Result<(), EngineEr
         let mut fresh = tp.clone();
         fresh.actions.retain(|a| matches!(a.kernel, Kernel::Rewritten { .. }));
         fresh.skipped.clear();
-        let mut cx = Planner {
-            spec: &original.spec,
-            tensors: vec![fresh],
-            refusals: Vec::new(),
-            shapes: ShapeModel { graph: None, table: Default::default() },
-            tensor_level: None,
-            has_dataset: false,
-            has_labels: false,
-            graph_decided_at_run_time: None,
-            structure: Vec::new(),
-            dropped: Vec::new(),
-        };
+        let mut cx = Planner::new(&original.spec, vec![fresh]);
         for (i, step) in original.spec.steps.iter().enumerate() {
             if step.op().edit(has_graph).is_none() {
                 cx.step(i, step.op());
@@ -140,11 +128,14 @@ pub fn restructure(
         state.weights.insert(t.name.clone(), (t.shape.clone(), values));
         state.dtypes.insert(t.name.clone(), t.dtype);
     }
-    let before = plan.evaluation.as_ref().map(|_| state.weights.clone());
-    if edits.iter().any(|(_, _, e)| matches!(e, crate::compress::ops::structural::Edit::Distill(_))) {
-        if let Some(g) = &plan.graph_def {
-            state.teacher = Some((g.clone(), state.weights.clone()));
-        }
+    // One copy of the original tensors serves as the distillation's teacher and, afterwards, as
+    // the evaluation's original model.
+    let distills = edits.iter().any(|(_, _, e)| matches!(e, crate::compress::ops::structural::Edit::Distill(_)));
+    let mut before = None;
+    match (&plan.graph_def, distills) {
+        (Some(g), true) => state.teacher = Some((g.clone(), state.weights.clone())),
+        _ if plan.evaluation.is_some() => before = Some(state.weights.clone()),
+        _ => {}
     }
     let mut records = Vec::new();
     for (i, op, edit) in edits {
@@ -213,5 +204,8 @@ pub fn restructure(
         effective.tensors.iter().filter(|tp| rewritten(tp)).map(|tp| tp.out.name.clone()).collect();
     state.weights.retain(|k, _| keep.contains(k));
     source.memory = state.weights;
+    if plan.evaluation.is_some() && before.is_none() {
+        before = state.teacher.take().map(|(_, w)| w);
+    }
     Ok(Some(Restructured { plan: effective, graph: state.graph, records, before }))
 }

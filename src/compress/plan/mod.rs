@@ -267,16 +267,11 @@ pub fn prepare(spec: CompressSpec, header: Header, graph: Option<Graph>, dataset
     let (dataset, evaluation) = plan_evaluation(&spec, graph.as_ref(), graph_summary.as_ref(), dataset, &mut refusals);
     let shapes = ShapeModel { graph: graph_summary.as_ref().and(graph.clone()), table };
     let mut planner = planner::Planner {
-        spec: &spec,
-        tensors,
         refusals,
         shapes,
-        tensor_level: None,
         has_dataset: dataset.is_some(),
         has_labels: dataset.as_ref().is_some_and(|d| d.labels.is_some()),
-        graph_decided_at_run_time: None,
-        structure: Vec::new(),
-        dropped: Vec::new(),
+        ..planner::Planner::new(&spec, tensors)
     };
     for (i, step) in spec.steps.iter().enumerate() {
         planner.step(i, step.op());

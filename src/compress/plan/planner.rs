@@ -24,7 +24,23 @@ pub struct Planner<'a> {
     pub dropped: Vec<DroppedTensor>,
 }
 
-impl Planner<'_> {
+impl<'a> Planner<'a> {
+    /// A planner over `tensors` with no graph, no dataset and nothing planned yet.
+    pub fn new(spec: &'a CompressSpec, tensors: Vec<TensorPlan>) -> Planner<'a> {
+        Planner {
+            spec,
+            tensors,
+            refusals: Vec::new(),
+            shapes: ShapeModel { graph: None, table: Default::default() },
+            tensor_level: None,
+            has_dataset: false,
+            has_labels: false,
+            graph_decided_at_run_time: None,
+            structure: Vec::new(),
+            dropped: Vec::new(),
+        }
+    }
+
     /// Refuses the spec at `pointer` because of tensor `t`.
     pub fn refuse(&mut self, pointer: String, t: &TensorInfo, detail: String) {
         self.refusals.push(Refusal {
