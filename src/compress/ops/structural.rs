@@ -164,6 +164,13 @@ fn refuse(field: impl Into<String>, detail: impl Into<String>) -> EditError {
     EditError { field: field.into(), detail: detail.into() }
 }
 
+/// Whether a step's `targets`/`ignore` pick a tensor of the table.
+fn selects(select: &Selector, name: &str, dtype: Dtype, shape: &[usize]) -> bool {
+    let t =
+        crate::formats::safetensors::TensorInfo { name: name.into(), dtype, shape: shape.to_vec(), start: 0, end: 0 };
+    select.decide(&t).is_ok()
+}
+
 fn kept_units(size: usize, ratio: f64) -> usize {
     ((size as f64 * ratio).round() as usize).clamp(1, size.max(1))
 }
@@ -200,18 +207,9 @@ fn width_targets(
 ) -> Result<(Vec<Option<usize>>, Vec<String>), EditError> {
     let mut notes = Vec::new();
     let selected = |g: &UnitGroup| {
-        g.producers.iter().any(|s| {
-            table.get(&s.tensor).is_some_and(|(dtype, shape)| {
-                let t = crate::formats::safetensors::TensorInfo {
-                    name: s.tensor.clone(),
-                    dtype: *dtype,
-                    shape: shape.clone(),
-                    start: 0,
-                    end: 0,
-                };
-                select.decide(&t).is_ok()
-            })
-        })
+        g.producers
+            .iter()
+            .any(|s| table.get(&s.tensor).is_some_and(|(dtype, shape)| selects(select, &s.tensor, *dtype, shape)))
     };
     let mut out = vec![None; groups.len()];
     match keep {
@@ -396,14 +394,7 @@ impl Edit {
             Edit::Factorize { rank, select } => {
                 let linear: Option<BTreeSet<String>> = model.graph.as_ref().map(linear_layers);
                 for (name, (dtype, shape)) in &model.table {
-                    let t = crate::formats::safetensors::TensorInfo {
-                        name: name.clone(),
-                        dtype: *dtype,
-                        shape: shape.clone(),
-                        start: 0,
-                        end: 0,
-                    };
-                    if select.decide(&t).is_err() || shape.len() != 2 || !name.ends_with(".weight") {
+                    if !selects(select, name, *dtype, shape) || shape.len() != 2 || !name.ends_with(".weight") {
                         continue;
                     }
                     let m = module(name).to_owned();
