@@ -147,6 +147,19 @@ fn main() {
         opt.update(&student, &grads).unwrap();
     });
     rows.push(("kd_step_ms", kd_ms));
+    rows.push(("kd_teacher_forward_ms", median_ms(20, || drop(teacher.forward(&x, BATCH, &[784]).unwrap()))));
+    // What a `distill` step runs per batch: the teacher's logits are computed once per dataset
+    // (no augmentation, so they do not change between epochs), the student trains.
+    let (_, t) = teacher.forward(&x, BATCH, &[784]).unwrap();
+    let t = candle_core::Tensor::from_vec(t, (BATCH, 10), &candle_core::Device::Cpu).unwrap();
+    rows.push((
+        "kd_student_step_ms",
+        median_ms(20, || {
+            let loss = kd_loss(&student.forward(&xt).unwrap(), &t, None, 4.0, 1.0).unwrap();
+            let grads = loss.backward().unwrap();
+            opt.update(&student, &grads).unwrap();
+        }),
+    ));
 
     let torch: Option<serde_json::Value> =
         std::fs::read(dir.join("torch.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());

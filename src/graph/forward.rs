@@ -187,7 +187,7 @@ fn build_one(l: &Layer, w: &Weights) -> Result<Op, ForwardError> {
 /// Below this many multiply-adds a linear layer runs on one thread: splitting a gemm across
 /// threads costs more than it saves at these sizes (the digits MLP at batch 256, whose largest
 /// layer is 2^24, ran 1.5x faster on one thread than on two).
-const PARALLEL_MIN_MACS: usize = 1 << 25;
+pub(super) const PARALLEL_MIN_MACS: usize = 1 << 25;
 
 /// `y = x W^T + b` (then ReLU) for `x` holding rows of `inp` values: faer's gemm accumulates into
 /// a buffer that starts as the bias, so the bias costs no pass and the output one allocation.

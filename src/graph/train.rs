@@ -43,6 +43,116 @@ pub fn fake_quantize(w: &Tensor, bits: u8) -> candle_core::Result<Tensor> {
     snapped.reshape(dims)
 }
 
+/// `op(A) op(B)` for row-major matrices, `op` transposing when asked, on faer's gemm: a candle
+/// op with a backward pass. candle 0.11's own CPU matmul runs the `gemm` crate's AVX2 kernel
+/// on this machine where faer runs AVX-512 kernels; the student's forward and backward passes
+/// are three of these per linear layer (`benches/graph.rs`, `kd_student_step_ms`).
+#[derive(Debug, Clone, Copy)]
+struct Gemm {
+    ta: bool,
+    tb: bool,
+}
+
+impl Gemm {
+    /// Rows and columns of `op(X)` for a rank-2 `X` of `dims`.
+    fn op_dims(dims: &[usize], t: bool) -> (usize, usize) {
+        if t {
+            (dims[1], dims[0])
+        } else {
+            (dims[0], dims[1])
+        }
+    }
+
+    fn apply(self, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+        a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &self)
+    }
+}
+
+impl candle_core::CustomOp2 for Gemm {
+    fn name(&self) -> &'static str {
+        "modelpress-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use faer::{MatMut, MatRef};
+        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("modelpress-gemm needs contiguous operands")
+        };
+        if l1.dims().len() != 2 || l2.dims().len() != 2 {
+            candle_core::bail!("modelpress-gemm multiplies matrices, got {:?} and {:?}", l1.dims(), l2.dims())
+        }
+        let (a, b) = (&s1.as_slice::<f32>()?[a0..a1], &s2.as_slice::<f32>()?[b0..b1]);
+        let (m, k) = Self::op_dims(l1.dims(), self.ta);
+        let (k2, n) = Self::op_dims(l2.dims(), self.tb);
+        if k != k2 {
+            candle_core::bail!("modelpress-gemm: inner dimensions {k} and {k2} differ")
+        }
+        fn view<'a>(x: &'a [f32], dims: &[usize], t: bool) -> MatRef<'a, f32> {
+            let v = MatRef::from_row_major_slice(x, dims[0], dims[1]);
+            if t {
+                v.transpose()
+            } else {
+                v
+            }
+        }
+        let mut c = vec![0f32; m * n];
+        faer::linalg::matmul::matmul(
+            MatMut::from_row_major_slice_mut(&mut c, m, n),
+            faer::Accum::Replace,
+            view(a, l1.dims(), self.ta),
+            view(b, l2.dims(), self.tb),
+            1.0f32,
+            if m * n * k >= super::forward::PARALLEL_MIN_MACS {
+                faer::get_global_parallelism()
+            } else {
+                faer::Par::Seq
+            },
+        );
+        Ok((candle_core::CpuStorage::F32(c), (m, n).into()))
+    }
+
+    /// For `C = op(A) op(B)`: `dA = dC op(B)^T` (transposed back when `A` enters transposed)
+    /// and `dB = op(A)^T dC` (likewise); an operand that needs no gradient gets none.
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _c: &Tensor,
+        dc: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (ta, tb) = (self.ta, self.tb);
+        let da = match (a.track_op(), ta) {
+            (false, _) => None,
+            (true, false) => Some(Gemm { ta: false, tb: !tb }.apply(dc, b)?),
+            (true, true) => Some(Gemm { ta: tb, tb: true }.apply(b, dc)?),
+        };
+        let db = match (b.track_op(), tb) {
+            (false, _) => None,
+            (true, false) => Some(Gemm { ta: !ta, tb: false }.apply(a, dc)?),
+            (true, true) => Some(Gemm { ta: true, tb: ta }.apply(dc, a)?),
+        };
+        Ok((da, db))
+    }
+}
+
+/// `x W^T` for `x` of any rank (rows along the last dimension) and `W` `[out, in]`,
+/// differentiable in both.
+fn linear_xwt(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let inp = *dims.last().unwrap_or(&1);
+    let rows = x.elem_count() / inp.max(1);
+    let y = x.contiguous()?.reshape((rows, inp))?.apply_op2(&w.contiguous()?, Gemm { ta: false, tb: true })?;
+    let mut out = dims;
+    *out.last_mut().expect("rank >= 1") = w.dim(0)?;
+    y.reshape(out)
+}
+
 fn err(e: candle_core::Error) -> String {
     e.to_string()
 }
@@ -101,13 +211,7 @@ impl Trainable {
         for layer in layers {
             x = match layer {
                 Layer::Linear { name } => {
-                    let w = &self.weight(name)?;
-                    let y = if x.rank() == 2 {
-                        x.matmul(&w.t().map_err(err)?)
-                    } else {
-                        x.broadcast_matmul(&w.t().map_err(err)?)
-                    }
-                    .map_err(err)?;
+                    let y = linear_xwt(&x, &self.weight(name)?).map_err(err)?;
                     match self.get(name, "bias") {
                         Some(b) => y.broadcast_add(b).map_err(err)?,
                         None => y,
@@ -247,28 +351,37 @@ impl AdamW {
         AdamW { learning_rate, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, step: 0, moments: BTreeMap::new() }
     }
 
-    /// One update of every trained variable from its gradient in `grads`. Returns how many
-    /// variables had a gradient.
+    /// One update of every trained variable from its gradient in `grads`, in f32 and in the
+    /// order of PyTorch's `torch.optim.AdamW` (`denom = sqrt(v) / sqrt(1 - beta2^t) + eps`,
+    /// `w -= lr / (1 - beta1^t) * m / denom` after `w *= 1 - lr * weight_decay`). Returns how
+    /// many variables had a gradient.
     pub fn update(&mut self, model: &Trainable, grads: &candle_core::backprop::GradStore) -> Result<usize, String> {
         self.step += 1;
-        let (b1, b2) = (self.beta1, self.beta2);
-        let c1 = 1.0 - b1.powi(self.step as i32);
-        let c2 = 1.0 - b2.powi(self.step as i32);
+        let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
+        let step_size = (self.learning_rate / (1.0 - self.beta1.powi(self.step as i32))) as f32;
+        let sqrt_c2 = (1.0 - self.beta2.powi(self.step as i32)).sqrt() as f32;
+        let (decay, eps) = ((1.0 - self.learning_rate * self.weight_decay) as f32, self.eps as f32);
         let mut updated = 0;
         for (name, var) in model.trained() {
             let Some(g) = grads.get(var.as_tensor()) else { continue };
             let g = g.flatten_all().map_err(err)?.to_vec1::<f32>().map_err(err)?;
             let mut w = var.as_tensor().flatten_all().map_err(err)?.to_vec1::<f32>().map_err(err)?;
             let (m, v) = self.moments.entry(name.clone()).or_insert_with(|| (vec![0.0; w.len()], vec![0.0; w.len()]));
-            let (lr, wd, eps) = (self.learning_rate, self.weight_decay, self.eps);
-            for i in 0..w.len() {
-                let gi = g[i] as f64;
-                m[i] = (b1 * m[i] as f64 + (1.0 - b1) * gi) as f32;
-                v[i] = (b2 * v[i] as f64 + (1.0 - b2) * gi * gi) as f32;
-                let mh = m[i] as f64 / c1;
-                let vh = v[i] as f64 / c2;
-                w[i] = (w[i] as f64 * (1.0 - lr * wd) - lr * mh / (vh.sqrt() + eps)) as f32;
-            }
+            // Plain zipped loops over f32 slices, so the compiler vectorizes them; blocks of
+            // them on every core.
+            use rayon::prelude::*;
+            const BLOCK: usize = 1 << 14;
+            w.par_chunks_mut(BLOCK)
+                .zip(m.par_chunks_mut(BLOCK))
+                .zip(v.par_chunks_mut(BLOCK))
+                .zip(g.par_chunks(BLOCK))
+                .for_each(|(((w, m), v), g)| {
+                    for (((w, m), v), &g) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                        *m = b1 * *m + (1.0 - b1) * g;
+                        *v = b2 * *v + (1.0 - b2) * g * g;
+                        *w = *w * decay - step_size * *m / (v.sqrt() / sqrt_c2 + eps);
+                    }
+                });
             let t = Tensor::from_vec(w, var.as_tensor().dims(), &Device::Cpu).map_err(err)?;
             var.set(&t).map_err(err)?;
             updated += 1;

@@ -98,6 +98,23 @@ def main():
         opt.step()
 
     out["kd_step_ms"] = median_ms(20, kd_step)
+
+    def teacher_forward():
+        with torch.no_grad():
+            teacher(xb)
+
+    with torch.no_grad():
+        t_fixed = teacher(xb)
+
+    def student_step():
+        s = student(xb)
+        loss = torch.nn.functional.kl_div(torch.log_softmax(s / 4, 1), torch.log_softmax(t_fixed / 4, 1), log_target=True, reduction="batchmean") * 16
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    out["kd_teacher_forward_ms"] = median_ms(20, teacher_forward)
+    out["kd_student_step_ms"] = median_ms(20, student_step)
     (DIR / "torch.json").write_text(json.dumps(out, indent=1))
     for k, v in out.items():
         print(f"{k:<30} {v:.4f}")

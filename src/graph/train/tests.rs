@@ -278,3 +278,39 @@ fn fake_quantization_snaps_each_row_to_its_levels_and_passes_the_gradient_straig
     let g = grads.get(w.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(g.iter().all(|v| *v == 1.0), "straight-through: {g:?}");
 }
+
+/// The faer gemm op and candle's matmul agree on values and gradients (relative).
+const GEMM_TOLERANCE: f32 = 1e-5;
+
+#[test]
+fn the_gemm_op_matches_candles_matmul_and_its_gradients_for_every_transposition() {
+    let close = |a: &Tensor, b: &Tensor, what: &str| {
+        let (a, b) =
+            (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(a.len(), b.len(), "{what}");
+        let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= GEMM_TOLERANCE * scale, "{what}: {x} vs {y}");
+        }
+    };
+    let (m, k, n) = (5, 7, 3);
+    for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+        let a = Var::from_tensor(&batch(if ta { k } else { m }, &[if ta { m } else { k }], 1)).unwrap();
+        let b = Var::from_tensor(&batch(if tb { n } else { k }, &[if tb { k } else { n }], 2)).unwrap();
+        let op = |x: &Tensor, t: bool| if t { x.t().unwrap() } else { x.clone() };
+        let weights = batch(m, &[n], 3);
+        let ours = a.as_tensor().apply_op2(b.as_tensor(), Gemm { ta, tb }).unwrap();
+        let theirs = op(a.as_tensor(), ta).matmul(&op(b.as_tensor(), tb)).unwrap();
+        close(&ours, &theirs, &format!("C for ta={ta} tb={tb}"));
+        let g1 = (ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        for (v, name) in [(&a, "dA"), (&b, "dB")] {
+            close(g1.get(v.as_tensor()).unwrap(), g2.get(v.as_tensor()).unwrap(), &format!("{name} ta={ta} tb={tb}"));
+        }
+    }
+    // An operand that is not a variable gets no gradient (the input batch of the first layer).
+    let x = batch(4, &[3], 4);
+    let w = Var::from_tensor(&batch(2, &[3], 5)).unwrap();
+    let grads = linear_xwt(&x, w.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(grads.get(&x).is_none() && grads.get(w.as_tensor()).is_some());
+}
