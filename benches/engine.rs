@@ -78,7 +78,7 @@ fn main() {
     println!("{:<40} {:>10} {:>10} {:>12} {:>14}", "job", "seconds", "MiB/s", "peak RSS MiB", "largest tensor");
     for (name, steps, outputs) in cases {
         let spec = parse_compress(&steps, Some(&outputs)).unwrap();
-        let p = prepare(spec, header.clone(), None, None);
+        let p = prepare(spec, header.clone(), None, None, None);
         let out = tempfile::tempdir_in(dir.path()).unwrap();
         reset_peak_rss();
         let start = Instant::now();
@@ -87,6 +87,7 @@ fn main() {
             input_sha256: "bench",
             spec_sha256: "bench",
             dataset_path: None,
+            teacher_path: None,
             checkpoint_dir: None,
         };
         execute(&p, &inputs, out.path(), &Silent).unwrap();

@@ -68,6 +68,13 @@ pub struct JobArgs {
     /// in the spec, the model is evaluated before and after with the defaults.
     #[arg(long)]
     pub dataset: Option<PathBuf>,
+    /// A separate distillation teacher (.safetensors): `distill` steps train the model above
+    /// (the student) to match it. Needs --teacher-graph.
+    #[arg(long, requires = "teacher_graph")]
+    pub teacher: Option<PathBuf>,
+    /// The teacher's architecture graph (JSON).
+    #[arg(long, requires = "teacher")]
+    pub teacher_graph: Option<PathBuf>,
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -199,7 +206,14 @@ fn prepare_job(job: &JobArgs) -> anyhow::Result<(crate::compress::plan::Plan, St
     if !evaluate_given && graph.is_some() && dataset.is_some() {
         spec.evaluate = Some(EvalOptions::default());
     }
-    Ok((prepare(spec, header, graph, dataset.as_ref()), work_hash))
+    let teacher = match (&job.teacher, &job.teacher_graph) {
+        (Some(model), Some(graph)) => Some(crate::compress::plan::Teacher {
+            graph: load_graph(graph)?,
+            header: read_header(model, u64::MAX).with_context(|| format!("reading {}", model.display()))?,
+        }),
+        _ => None,
+    };
+    Ok((prepare(spec, header, graph, dataset.as_ref(), teacher), work_hash))
 }
 
 /// A progress bar on a terminal; indicatif draws nothing when stderr is not one.
@@ -243,6 +257,7 @@ fn compress(job: &JobArgs, out: &Path) -> anyhow::Result<ExitCode> {
         input_sha256: &input_sha,
         spec_sha256: &spec_sha,
         dataset_path: job.dataset.as_deref(),
+        teacher_path: job.teacher.as_deref(),
         checkpoint_dir: None,
     };
     let result = engine::execute(&plan, &inputs, &staging, &Bar(bar.clone()));

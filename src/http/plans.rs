@@ -6,7 +6,7 @@ use bytes::Bytes;
 
 use super::error::{ApiError, ApiResult};
 use super::AppState;
-use crate::compress::plan::{prepare, Plan};
+use crate::compress::plan::{prepare, Plan, Teacher};
 use crate::compress::spec::SpecError;
 use crate::domain::spec::{parse_job_spec, JobSpec};
 use crate::formats::safetensors::read_header;
@@ -35,6 +35,30 @@ pub async fn spec_and_plan(state: &AppState, body: &[u8]) -> ApiResult<(JobSpec,
         };
         dataset_path = Some(state.blobs.local_path(&d.sha256).await.map_err(ApiError::io)?);
     }
+    // With `student_model_id` the job compresses (trains) the student; its model is the teacher.
+    let (model, teacher) = match spec.compress.student_model_id() {
+        None => (model, None),
+        Some((i, id)) => {
+            let Some(student) = state.catalog.get_model(ModelKind::Model, id).await? else {
+                return Err(ApiError::spec(vec![SpecError::new(
+                    format!("/steps/{i}/student_model_id"),
+                    "unknown_model",
+                    format!("no model with id `{id}`"),
+                )]));
+            };
+            let Some(graph) =
+                super::graphs::stored_graph(&model).map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?
+            else {
+                return Err(ApiError::spec(vec![SpecError::new(
+                    "/model_id",
+                    "plan_refused",
+                    "the teacher (`model_id`) runs during distillation, which needs its architecture graph: attach one with PUT /v1/models/{id}/graph",
+                )]));
+            };
+            let path = state.blobs.local_path(&model.sha256).await.map_err(ApiError::io)?;
+            (student, Some((graph, path)))
+        }
+    };
     let graph = super::graphs::stored_graph(&model).map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
     let path = state.blobs.local_path(&model.sha256).await.map_err(ApiError::io)?;
     let limit = state.settings.storage.max_header_bytes;
@@ -42,7 +66,12 @@ pub async fn spec_and_plan(state: &AppState, body: &[u8]) -> ApiResult<(JobSpec,
     let plan = tokio::task::spawn_blocking(move || -> anyhow::Result<Plan> {
         let header = read_header(&path, limit)?;
         let dataset = dataset_path.map(|p| read_header(&p, limit)).transpose()?;
-        Ok(prepare(compress, header, graph, dataset.as_ref()))
+        let teacher = teacher
+            .map(|(graph, path)| -> anyhow::Result<Teacher> {
+                Ok(Teacher { graph, header: read_header(&path, limit)? })
+            })
+            .transpose()?;
+        Ok(prepare(compress, header, graph, dataset.as_ref(), teacher))
     })
     .await
     .map_err(|e| ApiError::internal(anyhow::anyhow!("the plan task stopped: {e}")))?

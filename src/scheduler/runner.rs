@@ -146,6 +146,29 @@ async fn execute_inner(
         }
         Err(e) => return Outcome::Retry(failure("database_error", e.to_string())),
     };
+    // With `student_model_id` the job trains the student; its model is the teacher.
+    let (model, teacher) = match spec.compress.student_model_id() {
+        None => (model, None),
+        Some((_, id)) => match ctx.catalog.get_model(ModelKind::Model, id).await {
+            Ok(Some(student)) => (student, Some(model)),
+            Ok(None) => return Outcome::Failed(failure("model_not_found", format!("model {id} no longer exists"))),
+            Err(e) => return Outcome::Retry(failure("database_error", e.to_string())),
+        },
+    };
+    let teacher = match teacher {
+        None => None,
+        Some(t) => {
+            let graph = match t.graph.as_deref().map(crate::graph::Graph::from_stored) {
+                Some(Ok(g)) => g,
+                Some(Err(e)) => return Outcome::Failed(failure("invalid_graph", e)),
+                None => return Outcome::Failed(failure("plan_refused", "the teacher has no graph")),
+            };
+            match ctx.blobs.local_path(&t.sha256).await {
+                Ok(p) => Some((graph, p)),
+                Err(e) => return Outcome::Retry(failure("storage_error", e.to_string())),
+            }
+        }
+    };
     let model_path = match ctx.blobs.local_path(&model.sha256).await {
         Ok(p) => p,
         Err(e) => return Outcome::Retry(failure("storage_error", e.to_string())),
@@ -190,8 +213,17 @@ async fn execute_inner(
             .map(|p| read_header(p, header_limit))
             .transpose()
             .map_err(|e| EngineError::Io(std::io::Error::other(e.to_string())))?;
-        let plan = plan::prepare(spec.compress, header, graph, dataset.as_ref());
+        let (teacher, teacher_path) = match teacher {
+            Some((graph, path)) => {
+                let header = read_header(&path, header_limit)
+                    .map_err(|e| EngineError::Io(std::io::Error::other(e.to_string())))?;
+                (Some(plan::Teacher { graph, header }), Some(path))
+            }
+            None => (None, None),
+        };
+        let plan = plan::prepare(spec.compress, header, graph, dataset.as_ref(), teacher);
         let inputs = Inputs {
+            teacher_path: teacher_path.as_deref(),
             model_path: &model_path,
             input_sha256: &sha,
             spec_sha256: &spec.work_sha256,

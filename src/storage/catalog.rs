@@ -156,7 +156,8 @@ impl Catalog {
     pub async fn delete_model(&self, kind: ModelKind, id: &str) -> Result<DeleteOutcome, sqlx::Error> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let active: i64 = sqlx::query_scalar(
-            "select count(*) from jobs where (model_id = ?1 or dataset_id = ?1) and status in ('queued', 'running')",
+            "select count(*) from jobs where (model_id = ?1 or dataset_id = ?1 or student_model_id = ?1)
+             and status in ('queued', 'running')",
         )
         .bind(id)
         .fetch_one(&mut *tx)
@@ -180,7 +181,9 @@ impl Catalog {
     pub async fn set_graph(&self, id: &str, graph: Option<&str>) -> Result<GraphUpdate, sqlx::Error> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let active: i64 =
-            sqlx::query_scalar("select count(*) from jobs where model_id = ?1 and status in ('queued', 'running')")
+            sqlx::query_scalar(
+                "select count(*) from jobs where (model_id = ?1 or student_model_id = ?1) and status in ('queued', 'running')",
+            )
                 .bind(id)
                 .fetch_one(&mut *tx)
                 .await?;

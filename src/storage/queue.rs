@@ -13,6 +13,8 @@ use crate::domain::job::{JobEvent, JobFailure, JobRecord, JobStatus, Progress};
 pub struct NewJob {
     pub model_id: String,
     pub dataset_id: Option<String>,
+    /// A `distill` step's `student_model_id`: a second model the job reads.
+    pub student_model_id: Option<String>,
     pub spec: String,
     /// [`crate::domain::spec::SPEC_VERSION`] of the server that accepted it.
     pub spec_version: i64,

@@ -115,3 +115,58 @@ fn compress_with_a_graph_and_a_dataset_evaluates_the_model_before_and_after() {
     let plan: Value = serde_json::from_slice(&plan.stdout).unwrap();
     assert_eq!(plan["refusals"][0]["pointer"], "/graph/layers/0", "{plan}");
 }
+
+#[test]
+fn compress_distills_a_student_file_from_a_teacher_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let student = dir.path().join("student.safetensors");
+    std::fs::write(
+        &student,
+        safetensors_f32(&[
+            ("fc1.weight", vec![32, 64], values(32 * 64, 1, 0.125)),
+            ("fc1.bias", vec![32], vec![0.0; 32]),
+            ("fc2.weight", vec![10, 32], values(10 * 32, 2, 0.18)),
+            ("fc2.bias", vec![10], vec![0.0; 10]),
+        ]),
+    )
+    .unwrap();
+    let graph = dir.path().join("student.graph.json");
+    std::fs::write(
+        &graph,
+        r#"{"input": {"shape": [64]}, "layers": [{"kind": "linear", "name": "fc1"}, {"kind": "relu"}, {"kind": "linear", "name": "fc2"}]}"#,
+    )
+    .unwrap();
+    let spec = dir.path().join("job.json");
+    std::fs::write(&spec, r#"{"steps": [{"op": "distill", "epochs": 4, "learning_rate": 0.01}]}"#).unwrap();
+    let out = dir.path().join("out");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let (student_s, graph_s, spec_s, out_s) = (s(&student), s(&graph), s(&spec), s(&out));
+    let teacher = ["--teacher", crate::mlp::TEACHER, "--teacher-graph", crate::graphs::TEACHER_GRAPH];
+    let run = modelpress(
+        &[
+            &["compress", &student_s, "--spec", &spec_s, "--graph", &graph_s, "--dataset", crate::mlp::DIGITS_TEST][..],
+            &teacher,
+            &["--out", &out_s],
+        ]
+        .concat(),
+    );
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let report: Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let e = &report["evaluation"];
+    assert!((e["before"]["accuracy"].as_f64().unwrap() - crate::mlp::TEACHER_ACCURACY).abs() < 1e-12, "{e}");
+    assert_eq!(report["structure"][0]["training"]["epochs"].as_array().unwrap().len(), 4);
+
+    // `student_model_id` is the server's; the CLI says what to give instead.
+    let id = uuid::Uuid::now_v7();
+    std::fs::write(&spec, format!(r#"{{"steps": [{{"op": "distill", "student_model_id": "{id}"}}]}}"#)).unwrap();
+    let run =
+        modelpress(&["plan", &student_s, "--spec", &spec_s, "--graph", &graph_s, "--dataset", crate::mlp::DIGITS_TEST]);
+    let plan: Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(plan["refusals"][0]["pointer"], "/steps/0/student_model_id", "{plan}");
+    assert!(plan["refusals"][0]["detail"].as_str().unwrap().contains("--teacher"), "{plan}");
+    // A teacher without a distill step is refused.
+    std::fs::write(&spec, r#"{"steps": [{"op": "quantize", "bits": 8}]}"#).unwrap();
+    let run = modelpress(&[&["plan", &student_s, "--spec", &spec_s, "--graph", &graph_s][..], &teacher].concat());
+    let plan: Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(plan["refusals"][0]["pointer"], "/steps", "{plan}");
+}

@@ -109,12 +109,18 @@ fn run_case(
     let outputs = json!(["safetensors", "compressed-tensors", "gguf", "sparse"]);
     let spec = parse_compress(&json!([step]), Some(&outputs)).unwrap();
     let header = read_header(&model, u64::MAX).unwrap();
-    let plan = prepare(spec, header, None, None);
+    let plan = prepare(spec, header, None, None, None);
     prop_assume!(plan.refusals.is_empty());
     let out_dir = dir.path().join("out");
     std::fs::create_dir(&out_dir).unwrap();
-    let inputs =
-        Inputs { model_path: &model, input_sha256: "0", spec_sha256: "0", dataset_path: None, checkpoint_dir: None };
+    let inputs = Inputs {
+        model_path: &model,
+        input_sha256: "0",
+        spec_sha256: "0",
+        dataset_path: None,
+        teacher_path: None,
+        checkpoint_dir: None,
+    };
     match engine::execute(&plan, &inputs, &out_dir, &Silent) {
         Ok(out) => {
             prop_assert_eq!(out.report.checks.len(), 4, "every layout is checked: {:?}", out.report.checks);

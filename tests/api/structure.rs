@@ -393,3 +393,104 @@ async fn quantization_aware_training_at_2_bits_keeps_at_least_the_accuracy_of_pl
     let p = problem(app.create_job(&spec).await).await;
     assert_eq!(p["pointer"], "/steps/0/bits", "{p}");
 }
+
+#[tokio::test]
+async fn the_student_shorthand_shrinks_and_distills_in_one_step() {
+    let app = spawn_app(1).await;
+    let (model, dataset) = teacher_with_graph(&app).await;
+    let job = |steps: Value| json!({"model_id": model, "dataset_id": dataset, "evaluate": true, "steps": steps});
+    let two_steps = json!([{"op": "shrink", "width": {"ratio": 0.375}}, {"op": "distill", "epochs": 10, "seed": 3}]);
+    let (_, report, files) = run_job(&app, &job(two_steps)).await;
+    let one_step = json!([{"op": "distill", "student": {"width": 0.375}, "epochs": 10, "seed": 3}]);
+    let (_, short, short_files) = run_job(&app, &job(one_step)).await;
+    // The same student as a `shrink` step then a `distill` step, in one record.
+    let tensors = |files: &std::collections::BTreeMap<String, Vec<u8>>| read_f32_tensors(&files["model.safetensors"]);
+    assert!(tensors(&short_files) == tensors(&files), "the shorthand trains another student");
+    let record = &short["structure"][0];
+    assert_eq!(record["op"], "distill");
+    assert_eq!(record["groups"], report["structure"][0]["groups"]);
+    assert_eq!(record["parameters_before"], report["structure"][0]["parameters_before"]);
+    assert!(record["training"]["best_epoch"].as_u64().unwrap() > 0, "{record}");
+    assert_eq!(short["structure"].as_array().unwrap().len(), 1);
+
+    let drop = json!([{"op": "distill", "student": {"depth": {"drop": ["fc2"]}}, "epochs": 2}]);
+    let (_, report, files) = run_job(&app, &job(drop)).await;
+    assert!(!shapes(&files["model.safetensors"]).contains_key("fc2.weight"));
+    assert_eq!(report["structure"][0]["training"]["epochs"].as_array().unwrap().len(), 2);
+
+    for (student, pointer) in [
+        (json!({"width": 1.5}), "/steps/0/student/width/ratio"),
+        (json!({"depth": {"count": 1}}), "/steps/0/student/depth/count"),
+        (json!({"op": "shrink", "width": 0.5}), "/steps/0/student/op"),
+        (json!({"width": {"ratios": {"fc9": 0.5}}}), "/steps/0/student/width/ratios/fc9"),
+        (json!("narrow"), "/steps/0/student"),
+    ] {
+        let spec = job(json!([{"op": "distill", "student": student}]));
+        let p = problem(app.create_job(&spec).await).await;
+        assert_eq!(p["pointer"], pointer, "{p}");
+    }
+}
+
+/// The digits teacher (with graph and dataset) and a 64-32-10 student with random weights and
+/// its graph: (teacher, dataset, student).
+async fn teacher_and_student(app: &TestApp) -> (String, String, String) {
+    let (teacher, dataset) = teacher_with_graph(app).await;
+    let student = safetensors_f32(&[
+        ("fc1.weight", vec![32, 64], values(32 * 64, 1, 0.125)),
+        ("fc1.bias", vec![32], vec![0.0; 32]),
+        ("fc2.weight", vec![10, 32], values(10 * 32, 2, 0.18)),
+        ("fc2.bias", vec![10], vec![0.0; 10]),
+    ]);
+    let student = app.upload_ok(student).await;
+    let graph = json!({"input": {"shape": [64]}, "layers": [
+        {"kind": "linear", "name": "fc1"}, {"kind": "relu"}, {"kind": "linear", "name": "fc2"}]});
+    assert_eq!(app.put_json(&format!("/v1/models/{student}/graph"), &graph).await.status(), 200);
+    (teacher, dataset, student)
+}
+
+#[tokio::test]
+async fn an_uploaded_student_learns_from_the_jobs_model_as_its_teacher() {
+    let app = spawn_app(1).await;
+    let (teacher, dataset, student) = teacher_and_student(&app).await;
+    let spec = |steps: Value| json!({"model_id": teacher, "dataset_id": dataset, "evaluate": true, "steps": steps});
+    let distill =
+        json!([{"op": "distill", "student_model_id": student, "epochs": 20, "learning_rate": 1e-2, "seed": 2}]);
+    let plan = app.post_json("/v1/plans", &spec(distill.clone())).await.json::<Value>().await.unwrap();
+    assert_eq!(plan["teacher"]["output_shape"], json!([10]), "{plan}");
+    assert_eq!(plan["totals"]["parameters"], 32 * 64 + 32 + 320 + 10);
+    let (_, report, files) = run_job(&app, &spec(distill)).await;
+    assert_eq!(shapes(&files["model.safetensors"])["fc1.weight"], vec![32, 64], "the output is the student");
+    let evaluation = &report["evaluation"];
+    // The evaluation compares the student with its teacher.
+    assert!((evaluation["before"]["accuracy"].as_f64().unwrap() - 0.9778).abs() < 0.01, "{evaluation}");
+    let after = evaluation["after"]["accuracy"].as_f64().unwrap();
+    let before = report["structure"][0]["training"]["validation_accuracy_before"].as_f64().unwrap();
+    assert!(after > 0.85 && after > before + 0.3, "the student learns: {before} -> {after}");
+
+    // Refusals name the field.
+    let p = problem(app.create_job(&spec(json!([{"op": "distill", "student_model_id": "nope"}]))).await).await;
+    assert_eq!(p["pointer"], "/steps/0/student_model_id", "{p}");
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let p = problem(app.create_job(&spec(json!([{"op": "distill", "student_model_id": unknown}]))).await).await;
+    assert_eq!(p["pointer"], "/steps/0/student_model_id", "{p}");
+    let other = app.upload_ok(safetensors_f32(&[("fc.weight", vec![3, 64], values(192, 3, 0.1))])).await;
+    let g = json!({"input": {"shape": [64]}, "layers": [{"kind": "linear", "name": "fc"}]});
+    assert_eq!(app.put_json(&format!("/v1/models/{other}/graph"), &g).await.status(), 200);
+    let p = problem(app.create_job(&spec(json!([{"op": "distill", "student_model_id": other}]))).await).await;
+    assert_eq!(p["pointer"], "/steps/0/student_model_id", "{p}");
+    assert!(p.to_string().contains("same logits"), "{p}");
+}
+
+#[tokio::test]
+async fn a_student_read_by_a_queued_job_can_be_neither_deleted_nor_regraphed() {
+    let app = spawn_app(0).await;
+    let (teacher, dataset, student) = teacher_and_student(&app).await;
+    let spec = json!({"model_id": teacher, "dataset_id": dataset,
+                      "steps": [{"op": "distill", "student_model_id": student}]});
+    app.create_job_ok(&spec).await;
+    let res = app.client.delete(app.url(&format!("/v1/models/{student}"))).send().await.unwrap();
+    assert_eq!(res.status(), 409);
+    let g = json!({"input": {"shape": [64]}, "layers": [{"kind": "linear", "name": "fc1"}]});
+    assert_eq!(app.put_json(&format!("/v1/models/{student}/graph"), &g).await.status(), 409);
+    assert_eq!(app.get(&format!("/v1/models/{student}")).await.status(), 200);
+}

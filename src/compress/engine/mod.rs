@@ -46,6 +46,9 @@ pub struct Inputs<'a> {
     pub spec_sha256: &'a str,
     /// The dataset file the plan's evaluation reads (required when the plan evaluates).
     pub dataset_path: Option<&'a Path>,
+    /// The teacher's safetensors file when the plan has a separate teacher
+    /// ([`crate::compress::plan::Plan::teacher_model`]).
+    pub teacher_path: Option<&'a Path>,
     /// Where training steps keep checkpoints that survive a crash (a later attempt of the same
     /// job resumes from them); `None` trains without.
     pub checkpoint_dir: Option<&'a Path>,
@@ -228,7 +231,7 @@ pub fn execute(
         _ => None,
     };
     let mut tracker = Tracker { ctl, total: plan.totals.bytes_in, done: 0 };
-    let restructured = rewrite::restructure(plan, &mut source, data.as_ref(), inputs.checkpoint_dir, &mut tracker)?;
+    let restructured = rewrite::restructure(plan, &mut source, inputs, data.as_ref(), &mut tracker)?;
     let (plan, final_graph, structure, mut before) = match restructured {
         Some(r) => (std::borrow::Cow::Owned(r.plan), r.graph, r.records, r.before),
         None => (std::borrow::Cow::Borrowed(plan), plan.graph_def.clone(), Vec::new(), None),
@@ -401,7 +404,9 @@ pub fn execute(
         std::fs::write(&path, serde_json::to_vec_pretty(g).expect("graph JSON"))?;
         artifacts.push(ArtifactFile { name: "graph.json".into(), format: "graph".into(), path });
     }
-    let evaluation = match (&job.plan.evaluation, &job.plan.graph_def, &final_graph, &data) {
+    // The evaluation compares with the teacher when it is another model.
+    let original = job.plan.teacher_model.as_ref().map(|t| &t.graph).or(job.plan.graph_def.as_ref());
+    let evaluation = match (&job.plan.evaluation, original, &final_graph, &data) {
         (Some(e), Some(original), Some(compressed), Some(data)) => {
             let before = before.take().unwrap_or(before_values);
             Some(evaluate(e, (original, &before), (compressed, &after), data, &mut tracker)?)

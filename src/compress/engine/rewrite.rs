@@ -70,6 +70,29 @@ fn replan_reshaped(effective: &mut Plan, original: &Plan) -> Result<(), EngineEr
     }
 }
 
+/// The floating-point tensors of `header` named in `names`, as f32, checked finite.
+fn load_float_tensors(
+    header: &crate::formats::safetensors::Header,
+    reader: &mut TensorReader,
+    names: &std::collections::BTreeSet<String>,
+) -> Result<(Weights, std::collections::BTreeMap<String, crate::formats::safetensors::Dtype>), EngineError> {
+    let (mut weights, mut dtypes) = (Weights::new(), std::collections::BTreeMap::new());
+    for t in header.tensors.iter().filter(|t| names.contains(&t.name) && t.dtype.is_float()) {
+        let mut values = Vec::new();
+        reader.read_f32(t, &mut values)?;
+        if let Some(i) = crate::compress::engine::kernels::first_non_finite(&values) {
+            return Err(EngineError::Tensor {
+                tensor: t.name.clone(),
+                code: "non_finite_weights",
+                detail: format!("non-finite value {} at flat index {i}", values[i]),
+            });
+        }
+        weights.insert(t.name.clone(), (t.shape.clone(), values));
+        dtypes.insert(t.name.clone(), t.dtype);
+    }
+    Ok((weights, dtypes))
+}
+
 /// What the structural phase produced.
 pub struct Restructured {
     /// The plan with the tensor list as executed.
@@ -84,10 +107,11 @@ pub struct Restructured {
 pub fn restructure(
     plan: &Plan,
     source: &mut Source,
+    inputs: &super::Inputs<'_>,
     data: Option<&Dataset>,
-    checkpoints: Option<&std::path::Path>,
     tracker: &mut Tracker<'_>,
 ) -> Result<Option<Restructured>, EngineError> {
+    let checkpoints = inputs.checkpoint_dir;
     let has_graph = plan.graph_def.is_some();
     let edits: Vec<_> = plan
         .spec
@@ -115,25 +139,22 @@ pub fn restructure(
         dtypes: Default::default(),
         teacher: None,
     };
-    for t in plan.header.tensors.iter().filter(|t| names.contains(&t.name) && t.dtype.is_float()) {
-        let mut values = Vec::new();
-        source.reader.read_f32(t, &mut values)?;
-        if let Some(i) = crate::compress::engine::kernels::first_non_finite(&values) {
-            return Err(EngineError::Tensor {
-                tensor: t.name.clone(),
-                code: "non_finite_weights",
-                detail: format!("non-finite value {} at flat index {i}", values[i]),
-            });
-        }
-        state.weights.insert(t.name.clone(), (t.shape.clone(), values));
-        state.dtypes.insert(t.name.clone(), t.dtype);
-    }
+    (state.weights, state.dtypes) = load_float_tensors(&plan.header, &mut source.reader, &names)?;
     // One copy of the original tensors serves as the distillation's teacher and, afterwards, as
-    // the evaluation's original model.
-    let distills = edits.iter().any(|(_, _, e)| matches!(e, crate::compress::ops::structural::Edit::Distill(_)));
+    // the evaluation's original model; a separate teacher is read from its own file.
+    let distills = edits.iter().any(|(_, _, e)| matches!(e, crate::compress::ops::structural::Edit::Distill { .. }));
     let mut before = None;
-    match (&plan.graph_def, distills) {
-        (Some(g), true) => state.teacher = Some((g.clone(), state.weights.clone())),
+    match (&plan.graph_def, &plan.teacher_model, distills) {
+        (_, Some(t), _) => {
+            let path = inputs.teacher_path.ok_or_else(|| EngineError::Job {
+                code: "internal_error",
+                detail: "the plan has a teacher but the job has no teacher file".into(),
+            })?;
+            let mut reader = TensorReader::open(path)?;
+            let (weights, _) = load_float_tensors(&t.header, &mut reader, &t.graph.tensor_names())?;
+            state.teacher = Some((t.graph.clone(), weights));
+        }
+        (Some(g), None, true) => state.teacher = Some((g.clone(), state.weights.clone())),
         _ if plan.evaluation.is_some() => before = Some(state.weights.clone()),
         _ => {}
     }

@@ -334,7 +334,7 @@ mod tests {
         let outputs = serde_json::json!(["safetensors", "compressed-tensors", "sparse"]);
         let spec = parse_compress(&steps, Some(&outputs)).unwrap();
         let header = read_header(&model, u64::MAX).unwrap();
-        let plan = prepare(spec, header, None, None);
+        let plan = prepare(spec, header, None, None, None);
         let out_dir = dir.path().join("out");
         std::fs::create_dir(&out_dir).unwrap();
         let inputs = Inputs {
@@ -342,6 +342,7 @@ mod tests {
             input_sha256: "0",
             spec_sha256: "0",
             dataset_path: None,
+            teacher_path: None,
             checkpoint_dir: None,
         };
         let out = execute(&plan, &inputs, &out_dir, &Silent).unwrap();

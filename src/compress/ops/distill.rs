@@ -18,6 +18,12 @@ pub struct DistillStep {
     pub config: DistillConfig,
     /// The dataset tensor to train on (default `inputs`, or what `evaluate` names).
     pub inputs: Option<String>,
+    /// `"student": {"width": ...}` or `{"depth": {"drop": [...]}}`: the `shrink` that derives
+    /// the student from the model, in this step.
+    pub student: Option<Edit>,
+    /// `"student_model_id"`: the student is another uploaded model (with a graph), the job's
+    /// model is the teacher.
+    pub student_model_id: Option<String>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -51,6 +57,8 @@ struct RawDistill {
     seed: Option<u64>,
     loss: Option<RawLoss>,
     inputs: Option<String>,
+    student: Option<Value>,
+    student_model_id: Option<String>,
     /// `qat` only: the bits the weights train at.
     bits: Option<u8>,
 }
@@ -178,7 +186,50 @@ fn parse(value: &Value, at: &str, qat: bool) -> Result<DistillStep, SpecError> {
         c.mse = true;
         c.kd_weight = 1.0;
     }
-    Ok(DistillStep { config: c, inputs: raw.inputs })
+    let student = match raw.student {
+        None => None,
+        Some(Value::Object(mut body)) => {
+            let sat = format!("{at}/student");
+            if body.contains_key("op") {
+                return Err(field(
+                    &sat,
+                    "op",
+                    "`student` is the body of a `shrink` step (`width` or `depth`), without `op`",
+                ));
+            }
+            body.insert("op".into(), Value::from("shrink"));
+            let edit = super::shrink::parse_shrink(&Value::Object(body), &sat)?.edit;
+            if matches!(edit, Edit::Depth(super::structural::DepthRule::Count(_))) {
+                return Err(field(
+                    &format!("{sat}/depth"),
+                    "count",
+                    "inside `student`, name the layers to drop (`drop`); `count` decides them at run time, so it goes in a `shrink` job of its own (`register: true` chains jobs)",
+                ));
+            }
+            Some(edit)
+        }
+        Some(_) => {
+            return Err(field(
+                at,
+                "student",
+                "`student` is an object: {\"width\": {\"ratio\": 0.375}} or {\"depth\": {\"drop\": [\"fc2\"]}}",
+            ))
+        }
+    };
+    if qat && (student.is_some() || raw.student_model_id.is_some()) {
+        let name = if student.is_some() { "student" } else { "student_model_id" };
+        return Err(field(at, name, "`qat` fine-tunes the model itself; use `distill` for a different student"));
+    }
+    if let Some(id) = &raw.student_model_id {
+        if uuid::Uuid::parse_str(id).is_err() {
+            return Err(field(
+                at,
+                "student_model_id",
+                format!("`{id}` is not a model id (a UUID from POST /v1/models)"),
+            ));
+        }
+    }
+    Ok(DistillStep { config: c, inputs: raw.inputs, student, student_model_id: raw.student_model_id })
 }
 
 impl StepOp for DistillStep {
@@ -201,7 +252,7 @@ impl StepOp for DistillStep {
     fn plan_tensor(&self, _cx: &mut Planner<'_>, _step: usize, _i: usize) {}
 
     fn edit(&self, _has_graph: bool) -> Option<Edit> {
-        Some(Edit::Distill(self.config.clone()))
+        Some(Edit::Distill { config: self.config.clone(), student: self.student.clone().map(Box::new) })
     }
 
     fn needs_graph(&self) -> bool {

@@ -19,7 +19,7 @@ pub struct ShrinkStep {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawWidth {
+struct RawRatios {
     ratio: Option<f64>,
     ratios: Option<std::collections::BTreeMap<String, f64>>,
 }
@@ -67,7 +67,8 @@ pub(crate) fn importance(
 struct RawShrink {
     #[allow(dead_code)]
     op: String,
-    width: Option<RawWidth>,
+    /// `{"ratio": r}`, `{"ratios": {layer: r}}`, or the bare number `r`.
+    width: Option<Value>,
     depth: Option<RawDepth>,
     norm: Option<RawNorm>,
     importance: Option<RawImportance>,
@@ -101,6 +102,10 @@ pub(crate) fn parse_shrink(value: &Value, at: &str) -> Result<ShrinkStep, SpecEr
         }
         (Some(w), None) => {
             let wat = format!("{at}/width");
+            let w: RawRatios = match w.as_f64() {
+                Some(r) => RawRatios { ratio: Some(r), ratios: None },
+                None => from_value_at(&w, &wat)?,
+            };
             let keep = match (w.ratio, w.ratios) {
                 (Some(r), None) => KeepRule::Ratio(keep_ratio(r, &wat, "ratio")?),
                 (None, Some(map)) if !map.is_empty() => {
@@ -140,7 +145,7 @@ impl StepOp for ShrinkStep {
     fn selector(&self) -> &Selector {
         match &self.edit {
             Edit::Width { select, .. } | Edit::Factorize { select, .. } => select,
-            Edit::Depth(_) | Edit::Distill(_) => Selector::all(),
+            Edit::Depth(_) | Edit::Distill { .. } => Selector::all(),
         }
     }
 

@@ -67,8 +67,13 @@ pub enum Edit {
         rank: Rank,
         select: Selector,
     },
-    /// Train the model as it stands to match the original (the teacher) on the dataset.
-    Distill(DistillConfig),
+    /// Train the model as it stands to match the teacher (the original model, or the job's
+    /// model when the student is another upload) on the dataset; `student` first derives the
+    /// student from the model (the step's `"student": {"width": ...}` shorthand).
+    Distill {
+        config: DistillConfig,
+        student: Option<Box<Edit>>,
+    },
 }
 
 /// A model's architecture and tensor shapes, for planning.
@@ -260,6 +265,14 @@ fn shapes_of(table: &TensorTable) -> impl Fn(&str) -> bool + '_ {
 impl Edit {
     /// Plans the edit on shapes; returns the model after it and what changed.
     pub fn plan(&self, model: &ShapeModel) -> Result<(ShapeModel, Change), EditError> {
+        if let Edit::Distill { config, student: Some(student) } = self {
+            let (mid, mut change) =
+                student.plan(model).map_err(|e| refuse(format!("/student{}", e.field), e.detail))?;
+            let (next, more) = Edit::Distill { config: config.clone(), student: None }.plan(&mid)?;
+            change.reshaped.extend(more.reshaped);
+            change.notes.extend(more.notes);
+            return Ok((next, change));
+        }
         let mut next = model.clone();
         let mut change = Change::default();
         match self {
@@ -356,7 +369,7 @@ impl Edit {
                     }
                 }
             }
-            Edit::Distill(c) => {
+            Edit::Distill { config: c, .. } => {
                 let graph = model.graph.as_ref().ok_or_else(|| refuse("", "needs the model's architecture graph"))?;
                 let summary = graph
                     .validate(&model.table)
@@ -571,6 +584,28 @@ impl Edit {
         checkpoints: Option<&std::path::Path>,
         tick: &mut dyn FnMut(&str) -> bool,
     ) -> Result<StructureRecord, String> {
+        if let Edit::Distill { config, student: Some(student) } = self {
+            let derived = student.apply(step, op, state, data, checkpoints, tick)?;
+            let trained = Edit::Distill { config: config.clone(), student: None }.apply(
+                step,
+                op,
+                state,
+                data,
+                checkpoints,
+                tick,
+            )?;
+            let mut notes = derived.notes;
+            notes.extend(trained.notes);
+            return Ok(StructureRecord {
+                parameters_before: derived.parameters_before,
+                groups: derived.groups,
+                layers: derived.layers,
+                factors: derived.factors,
+                proof: derived.proof,
+                notes,
+                ..trained
+            });
+        }
         let before = parameters(&state.weights);
         let mut record = StructureRecord {
             step,
@@ -727,7 +762,7 @@ impl Edit {
                 ));
                 state.graph = Some(g);
             }
-            Edit::Distill(c) => {
+            Edit::Distill { config: c, .. } => {
                 let d = data.ok_or("distillation trains on the dataset: the job needs one")?;
                 let (tg, tw) = state.teacher.as_ref().ok_or("the original model (the teacher) is not in memory")?;
                 let graph = state.graph.clone().ok_or("needs the model's architecture graph")?;

@@ -60,6 +60,19 @@ pub struct Plan {
     /// The graph after the structural steps, on the new shapes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub graph_after: Option<GraphSummary>,
+    /// A teacher that is another model (`student_model_id` over HTTP, `--teacher` in the CLI):
+    /// what it computes. Without one, `distill` learns from the model as it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<GraphSummary>,
+    #[serde(skip)]
+    pub teacher_model: Option<Teacher>,
+}
+
+/// A distillation teacher that is another model than the one the job compresses.
+#[derive(Debug, Clone)]
+pub struct Teacher {
+    pub graph: Graph,
+    pub header: Header,
 }
 
 /// A structural step's decisions, known before it runs.
@@ -228,7 +241,13 @@ const BASE_MEMORY_BYTES: u64 = 64 << 20;
 /// Plans `spec` on the model whose header is `header`, with the model's architecture `graph`
 /// and the header of the job's `dataset` when there are: the only way to a [`Plan`], which owns
 /// all of them and is all [`crate::compress::engine::execute`] reads.
-pub fn prepare(spec: CompressSpec, header: Header, graph: Option<Graph>, dataset: Option<&Header>) -> Plan {
+pub fn prepare(
+    spec: CompressSpec,
+    header: Header,
+    graph: Option<Graph>,
+    dataset: Option<&Header>,
+    teacher: Option<Teacher>,
+) -> Plan {
     let tensors = header
         .tensors
         .iter()
@@ -265,6 +284,14 @@ pub fn prepare(spec: CompressSpec, header: Header, graph: Option<Graph>, dataset
         }
     });
     let (dataset, evaluation) = plan_evaluation(&spec, graph.as_ref(), graph_summary.as_ref(), dataset, &mut refusals);
+    let teacher_summary = teacher.as_ref().and_then(|t| check_teacher(&spec, t, graph_summary.as_ref(), &mut refusals));
+    if let (Some((i, _)), None) = (spec.student_model_id(), &teacher) {
+        refusals.push(Refusal {
+            pointer: format!("/steps/{i}/student_model_id"),
+            tensor: None,
+            detail: "`student_model_id` names an uploaded model, which the server resolves; in the CLI, compress the student and give the teacher with --teacher FILE --teacher-graph FILE".into(),
+        });
+    }
     let shapes = ShapeModel { graph: graph_summary.as_ref().and(graph.clone()), table };
     let mut planner = planner::Planner {
         refusals,
@@ -371,7 +398,56 @@ pub fn prepare(spec: CompressSpec, header: Header, graph: Option<Graph>, dataset
         structure,
         dropped,
         graph_after,
+        teacher: teacher_summary,
+        teacher_model: teacher,
     }
+}
+
+/// A separate teacher must fit its own graph, feed on the same inputs and give the same number
+/// of logits as the student, and some `distill` step must learn from it.
+fn check_teacher(
+    spec: &CompressSpec,
+    teacher: &Teacher,
+    student: Option<&GraphSummary>,
+    refusals: &mut Vec<Refusal>,
+) -> Option<GraphSummary> {
+    let distill = spec.steps.iter().position(|s| s.kind() == OpKind::Distill);
+    let Some(step) = distill else {
+        refusals.push(Refusal {
+            pointer: "/steps".into(),
+            tensor: None,
+            detail: "a teacher model was given, but no `distill` step learns from it".into(),
+        });
+        return None;
+    };
+    let pointer = match spec.student_model_id() {
+        Some((i, _)) => format!("/steps/{i}/student_model_id"),
+        None => format!("/steps/{step}"),
+    };
+    let summary = match teacher.graph.validate(&crate::graph::tensor_table(&teacher.header)) {
+        Ok(s) => s,
+        Err(errors) => {
+            refusals.push(Refusal {
+                pointer: "/model_id".into(),
+                tensor: None,
+                detail: format!("the teacher's graph does not fit it: {}", errors[0]),
+            });
+            return None;
+        }
+    };
+    if let Some(s) = student {
+        if s.input_shape != summary.input_shape || s.output_shape != summary.output_shape {
+            refusals.push(Refusal {
+                pointer,
+                tensor: None,
+                detail: format!(
+                    "the student maps {:?} to {:?} but the teacher maps {:?} to {:?}: distillation needs the same inputs and the same logits",
+                    s.input_shape, s.output_shape, summary.input_shape, summary.output_shape
+                ),
+            });
+        }
+    }
+    Some(summary)
 }
 
 /// The job's dataset checked against the graph, and what `evaluate` will read; refusals say why

@@ -85,7 +85,7 @@ impl<'a> Planner<'a> {
             let detail = "`importance: activation` ranks units by their activation on the job's dataset: give `dataset_id` (CLI: --dataset FILE)".to_string();
             return self.refusals.push(Refusal { pointer: format!("{pointer}/importance"), tensor: None, detail });
         }
-        if let Edit::Distill(c) = &edit {
+        if let Edit::Distill { config: c, .. } = &edit {
             if !self.has_dataset {
                 let detail = "`distill` trains on the job's dataset (`inputs`, optional `labels`): give `dataset_id` (CLI: --dataset FILE)".to_string();
                 return self.refusals.push(refuse(detail));

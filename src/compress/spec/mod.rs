@@ -16,6 +16,17 @@ pub struct CompressSpec {
     pub evaluate: Option<EvalOptions>,
 }
 
+impl CompressSpec {
+    /// The first `distill` step naming another uploaded model as its student: (step index,
+    /// model id). The job's model is then the teacher.
+    pub fn student_model_id(&self) -> Option<(usize, &str)> {
+        self.steps.iter().enumerate().find_map(|(i, s)| match s {
+            Step::Distill(d) => d.student_model_id.as_deref().map(|id| (i, id)),
+            _ => None,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OutputFormat {
