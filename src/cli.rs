@@ -113,10 +113,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Openapi => print_out(&crate::http::openapi_document())?,
         Command::Plan { job } => {
-            let (plan, _) = prepare_job(&job)?;
+            let limit = Settings::load(cli.config.as_deref())?.queue.job_memory_limit();
+            let (plan, _) = prepare_job(&job, limit)?;
             print_out(&serde_json::to_string_pretty(&plan)?)?;
         }
-        Command::Compress { job, out } => return compress(&job, &out),
+        Command::Compress { job, out } => {
+            let limit = Settings::load(cli.config.as_deref())?.queue.job_memory_limit();
+            return compress(&job, &out, limit);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -195,7 +199,8 @@ fn load_graph(path: &Path) -> anyhow::Result<Graph> {
 }
 
 /// Parses the spec and plans it on the model (with its graph and dataset when given).
-fn prepare_job(job: &JobArgs) -> anyhow::Result<(crate::compress::plan::Plan, String)> {
+/// `memory_limit` is `queue.max_job_memory_bytes` (resolved): a plan predicting more is refused.
+fn prepare_job(job: &JobArgs, memory_limit: u64) -> anyhow::Result<(crate::compress::plan::Plan, String)> {
     let (mut spec, work_hash, evaluate_given) = load_spec(&job.spec)?;
     let header = read_header(&job.model, u64::MAX).with_context(|| format!("reading {}", job.model.display()))?;
     let graph = job.graph.as_deref().map(load_graph).transpose()?;
@@ -213,7 +218,9 @@ fn prepare_job(job: &JobArgs) -> anyhow::Result<(crate::compress::plan::Plan, St
         }),
         _ => None,
     };
-    Ok((prepare(spec, header, graph, dataset.as_ref(), teacher), work_hash))
+    let mut plan = prepare(spec, header, graph, dataset.as_ref(), teacher);
+    plan.refuse_above_memory(memory_limit);
+    Ok((plan, work_hash))
 }
 
 /// A progress bar on a terminal; indicatif draws nothing when stderr is not one.
@@ -230,9 +237,9 @@ impl Control for Bar {
     }
 }
 
-fn compress(job: &JobArgs, out: &Path) -> anyhow::Result<ExitCode> {
+fn compress(job: &JobArgs, out: &Path, memory_limit: u64) -> anyhow::Result<ExitCode> {
     let model = job.model.as_path();
-    let (plan, work_hash) = prepare_job(job)?;
+    let (plan, work_hash) = prepare_job(job, memory_limit)?;
     if !plan.refusals.is_empty() {
         for r in &plan.refusals {
             eprintln!("refused: {}: {}", r.pointer, r.detail);

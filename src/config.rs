@@ -43,6 +43,9 @@ pub struct QueueSettings {
     pub max_queued: u64,
     pub shutdown_grace_secs: u64,
     pub job_nice: i32,
+    /// Largest predicted peak memory of one job, in bytes; unset: three quarters of the
+    /// machine's (or the container's) memory; 0: no limit.
+    pub max_job_memory_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -60,9 +63,33 @@ pub enum LogFormat {
 }
 
 impl QueueSettings {
+    /// The memory a job's plan may predict before it is refused, in bytes
+    /// (`max_job_memory_bytes`, resolved).
+    pub fn job_memory_limit(&self) -> u64 {
+        match self.max_job_memory_bytes {
+            Some(0) => u64::MAX,
+            Some(limit) => limit,
+            None => machine_memory_bytes().map_or(u64::MAX, |m| m / 4 * 3),
+        }
+    }
+
     /// Worker count, unset resolved to the number of cores.
     pub fn worker_count(&self) -> usize {
         self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+}
+
+/// The memory this process may use: the cgroup v2 limit of its container when one is set, else
+/// the machine's `MemTotal`; `None` when neither can be read (not Linux).
+pub fn machine_memory_bytes() -> Option<u64> {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
+        let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+    });
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok().and_then(|s| s.trim().parse::<u64>().ok());
+    match (total, cgroup) {
+        (Some(t), Some(c)) => Some(t.min(c)),
+        (t, c) => t.or(c),
     }
 }
 

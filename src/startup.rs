@@ -100,9 +100,12 @@ impl Application {
             queue.clone(),
             blob_store.clone(),
             catalog.clone(),
-            Duration::from_secs(settings.queue.lease_secs),
-            settings.storage.max_header_bytes,
-            settings.queue.job_nice,
+            crate::scheduler::WorkerLimits {
+                lease: Duration::from_secs(settings.queue.lease_secs),
+                header_limit: settings.storage.max_header_bytes,
+                memory_limit: settings.queue.job_memory_limit(),
+                nice: settings.queue.job_nice,
+            },
         );
         http::ops::prometheus();
         let state = AppState {

@@ -73,8 +73,8 @@ fn evaluation_table(e: &crate::graph::eval::Evaluation) -> String {
     )
 }
 
-/// The training loss (red, scaled to its maximum) and the validation accuracy (blue, 0 to 1) per
-/// epoch of a distillation, as an inline SVG line chart.
+/// The training loss (red, scaled to its maximum), the training accuracy (green) and the
+/// validation accuracy (blue, 0 to 1) per epoch of a distillation, as an inline SVG line chart.
 fn training_chart(t: &crate::graph::train::TrainingRecord) -> String {
     let (w, h, pad) = (420.0, 120.0, 20.0);
     let n = t.epochs.len().max(2) as f64 - 1.0;
@@ -90,10 +90,12 @@ fn training_chart(t: &crate::graph::train::TrainingRecord) -> String {
             .join(" ")
     };
     format!(
-        r##"<br><svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="training loss and validation accuracy per epoch"><rect x="0" y="0" width="{w}" height="{h}" fill="none" stroke="#ddd"/><polyline fill="none" stroke="#d9534f" stroke-width="2" points="{}"><title>training loss (max {max_loss:.3})</title></polyline><polyline fill="none" stroke="#337ab7" stroke-width="2" points="{}"><title>validation accuracy</title></polyline><text x="{pad}" y="14" font-size="11">loss (red, max {max_loss:.3}) and validation accuracy (blue) over {} epochs; kept: epoch {}</text></svg>"##,
+        r##"<br><svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="training loss and validation accuracy per epoch"><rect x="0" y="0" width="{w}" height="{h}" fill="none" stroke="#ddd"/><polyline fill="none" stroke="#d9534f" stroke-width="2" points="{}"><title>training loss (max {max_loss:.3})</title></polyline><polyline fill="none" stroke="#5cb85c" stroke-width="2" points="{}"><title>training accuracy</title></polyline><polyline fill="none" stroke="#337ab7" stroke-width="2" points="{}"><title>validation accuracy</title></polyline><text x="{pad}" y="14" font-size="11">loss (red, max {max_loss:.3}), training (green) and validation accuracy (blue) over {} epochs of {:.2} s on average; kept: epoch {}</text></svg>"##,
         line(&|e| e.loss / max_loss),
+        line(&|e| e.train_accuracy),
         line(&|e| e.validation_accuracy),
         t.epochs.len(),
+        t.epochs.iter().map(|e| e.seconds).sum::<f64>() / t.epochs.len().max(1) as f64,
         t.best_epoch
     )
 }

@@ -217,6 +217,13 @@ pub struct GraphSummary {
     pub unused_tensors: Vec<String>,
 }
 
+impl GraphSummary {
+    /// The layer named `item` (a weighted layer's name) or at the pointer `item`.
+    pub fn layer(&self, item: &str) -> Option<&LayerShape> {
+        self.layers.iter().find(|l| l.pointer == item || l.name.as_deref() == Some(item))
+    }
+}
+
 impl Graph {
     /// Parses a graph; every error names its JSON pointer. Unknown kinds and fields, missing
     /// names and zero sizes are refused here; shapes are checked by [`Graph::validate`].

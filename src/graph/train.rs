@@ -204,11 +204,23 @@ impl Trainable {
 
     /// The differentiable forward pass of a batch `x` (`[batch, ...input shape]`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, String> {
-        self.run(&self.graph.layers, x.clone())
+        self.run(&self.graph.layers, x.clone(), "", &mut Taps::default())
     }
 
-    fn run(&self, layers: &[Layer], mut x: Tensor) -> Result<Tensor, String> {
-        for layer in layers {
+    /// The forward pass, also returning the outputs of the layers at `pointers`
+    /// (`/layers/2`, `/layers/3/layers/0`), in that order.
+    pub fn forward_taps(&self, x: &Tensor, pointers: &[String]) -> Result<(Tensor, Vec<Tensor>), String> {
+        let mut taps = Taps { want: pointers.iter().cloned().collect(), got: BTreeMap::new() };
+        let y = self.run(&self.graph.layers, x.clone(), "", &mut taps)?;
+        let outs = pointers
+            .iter()
+            .map(|p| taps.got.get(p).cloned().ok_or_else(|| format!("the graph has no layer at `{p}`")))
+            .collect::<Result<_, _>>()?;
+        Ok((y, outs))
+    }
+
+    fn run(&self, layers: &[Layer], mut x: Tensor, at: &str, taps: &mut Taps) -> Result<Tensor, String> {
+        for (i, layer) in layers.iter().enumerate() {
             x = match layer {
                 Layer::Linear { name } => {
                     let y = linear_xwt(&x, &self.weight(name)?).map_err(err)?;
@@ -292,11 +304,26 @@ impl Trainable {
                 Layer::GlobalAvgPool2d => x.mean(3).and_then(|m| m.mean(2)).map_err(err)?,
                 Layer::Flatten => x.flatten_from(1).map_err(err)?,
                 Layer::Dropout { .. } => x,
-                Layer::Residual { layers } => (self.run(layers, x.clone())? + x).map_err(err)?,
+                Layer::Residual { layers } => {
+                    (self.run(layers, x.clone(), &format!("{at}/layers/{i}"), taps)? + x).map_err(err)?
+                }
             };
+            if !taps.want.is_empty() {
+                let pointer = format!("{at}/layers/{i}");
+                if taps.want.contains(&pointer) {
+                    taps.got.insert(pointer, x.clone());
+                }
+            }
         }
         Ok(x)
     }
+}
+
+/// Layer outputs a forward pass records.
+#[derive(Default)]
+struct Taps {
+    want: std::collections::BTreeSet<String>,
+    got: BTreeMap<String, Tensor>,
 }
 
 /// `x - logsumexp(x)` along the last dimension, differentiable (candle's fused softmax is not).
@@ -413,6 +440,14 @@ pub struct DistillConfig {
     pub mse: bool,
     /// Quantization-aware training to this many bits (see [`Trainable::fake_quant_bits`]).
     pub qat_bits: Option<u8>,
+    /// Feature distillation (FitNets, Romero et al. 2015, without the regressor: the layers
+    /// have equal widths): pairs of (teacher layer, student layer), names or pointers, whose
+    /// outputs are matched by mean squared error.
+    pub features: Vec<(String, String)>,
+    /// Weight of the feature term, added to the logits loss.
+    pub feature_weight: f64,
+    /// Only the feature term trains (no logits loss).
+    pub features_only: bool,
 }
 
 /// Mean squared error between two batches of logits (mean over every entry), the teacher's
@@ -427,6 +462,13 @@ pub struct EpochRecord {
     pub epoch: usize,
     /// Mean training loss over the epoch's batches.
     pub loss: f64,
+    /// Accuracy on the training batches as they were trained (the running figure of the
+    /// epoch, against the same target as the validation accuracy).
+    #[serde(default)]
+    pub train_accuracy: f64,
+    /// Wall time of the epoch's training and validation, in seconds.
+    #[serde(default)]
+    pub seconds: f64,
     /// Accuracy on the held-out samples: against the labels, or top-1 agreement with the
     /// teacher without labels.
     pub validation_accuracy: f64,
@@ -534,7 +576,25 @@ fn load_checkpoint(path: &std::path::Path, config: &DistillConfig) -> Option<Res
     Some((state, student, best, moments, order))
 }
 
-/// Trains `student` to match `teacher_logits` (and `labels`) on `inputs` (`[n, ...sample]`),
+/// What the teacher computed on every sample, once: the targets of a distillation.
+pub struct TeacherOutputs {
+    /// `[n, classes]`, row-major.
+    pub logits: Vec<f32>,
+    /// One per feature pair of the configuration, in its order.
+    pub features: Vec<FeatureTarget>,
+}
+
+/// The outputs of one teacher layer on every sample, for the student layer at `student`.
+pub struct FeatureTarget {
+    /// The student layer's pointer (`/layers/2`).
+    pub student: String,
+    /// Values per sample.
+    pub width: usize,
+    /// `[n, width]`, row-major.
+    pub values: Vec<f32>,
+}
+
+/// Trains `student` to match `teacher`'s logits and features (and `labels`) on `inputs` (`[n, ...sample]`),
 /// keeping the weights of the epoch with the best validation accuracy. `tick(message)` is called
 /// after every batch; returning false stops (the error is `"canceled"`). With `checkpoint`, the
 /// state is saved there after every epoch, and a run that finds a checkpoint of the same
@@ -545,12 +605,14 @@ pub fn distill(
     student: &Trainable,
     inputs: &[f32],
     sample_shape: &[usize],
-    teacher_logits: &[f32],
+    teacher: &TeacherOutputs,
     labels: Option<&[f32]>,
     config: &DistillConfig,
     checkpoint: Option<&std::path::Path>,
     tick: &mut dyn FnMut(&str) -> bool,
 ) -> Result<TrainingRecord, String> {
+    let teacher_logits = &teacher.logits[..];
+    let taps: Vec<String> = teacher.features.iter().map(|f| f.student.clone()).collect();
     let per: usize = sample_shape.iter().product();
     let n = inputs.len() / per.max(1);
     let classes = teacher_logits.len() / n.max(1);
@@ -607,28 +669,57 @@ pub fn distill(
             rng ^= rng << 17;
             order.swap(i, (rng % (i as u64 + 1)) as usize);
         }
-        let mut loss_sum = 0.0;
+        let epoch_started = std::time::Instant::now();
+        let (mut loss_sum, mut correct) = (0.0, 0usize);
         for (b, chunk) in order.chunks(config.batch_size.max(1)).enumerate() {
             if config.cosine {
                 let progress = opt.step as f64 / total_steps as f64;
                 opt.learning_rate = config.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
             }
-            let mut xb = Vec::with_capacity(chunk.len() * per);
-            let mut tb = Vec::with_capacity(chunk.len() * classes);
-            for &i in chunk {
-                xb.extend_from_slice(&inputs[i * per..(i + 1) * per]);
-                tb.extend_from_slice(&teacher_logits[i * classes..(i + 1) * classes]);
-            }
-            let lb = labels.map(|l| chunk.iter().map(|&i| l[i] as u32).collect::<Vec<u32>>());
-            let x = tensor(&xb, chunk.len(), sample_shape)?;
+            let rows = |values: &[f32], width: usize| -> Vec<f32> {
+                let mut out = Vec::with_capacity(chunk.len() * width);
+                for &i in chunk {
+                    out.extend_from_slice(&values[i * width..(i + 1) * width]);
+                }
+                out
+            };
+            let x = tensor(&rows(inputs, per), chunk.len(), sample_shape)?;
+            let tb = rows(teacher_logits, classes);
+            let target: Vec<u32> = match labels {
+                Some(l) => chunk.iter().map(|&i| l[i] as u32).collect(),
+                None => tb.chunks(classes).map(|r| super::eval::argmax(r) as u32).collect(),
+            };
             let t = Tensor::from_vec(tb, (chunk.len(), classes), &Device::Cpu).map_err(err)?;
-            let l = lb.map(|l| Tensor::from_vec(l, chunk.len(), &Device::Cpu)).transpose().map_err(err)?;
-            let loss = if config.mse {
-                mse_loss(&student.forward(&x)?, &t)
-            } else {
-                kd_loss(&student.forward(&x)?, &t, l.as_ref(), config.temperature, config.kd_weight)
+            let l = labels.map(|_| Tensor::from_slice(&target, chunk.len(), &Device::Cpu)).transpose().map_err(err)?;
+            let (y, feats) =
+                if taps.is_empty() { (student.forward(&x)?, Vec::new()) } else { student.forward_taps(&x, &taps)? };
+            let logits_loss = match (config.features_only, config.mse) {
+                (true, _) => None,
+                (false, true) => Some(mse_loss(&y, &t)),
+                (false, false) => Some(kd_loss(&y, &t, l.as_ref(), config.temperature, config.kd_weight)),
             }
+            .transpose()
             .map_err(err)?;
+            let mut feature_loss: Option<Tensor> = None;
+            for (f, s) in teacher.features.iter().zip(&feats) {
+                let target = Tensor::from_vec(rows(&f.values, f.width), (chunk.len(), f.width), &Device::Cpu);
+                let term = target.and_then(|t| mse_loss(&s.flatten_from(1)?, &t)).map_err(err)?;
+                feature_loss = Some(match feature_loss {
+                    None => term,
+                    Some(sum) => (sum + term).map_err(err)?,
+                });
+            }
+            let feature_loss = feature_loss
+                .map(|f| f.affine(config.feature_weight / teacher.features.len() as f64, 0.0))
+                .transpose()
+                .map_err(err)?;
+            let loss = match (logits_loss, feature_loss) {
+                (Some(a), Some(b)) => (a + b).map_err(err)?,
+                (Some(a), None) | (None, Some(a)) => a,
+                (None, None) => return Err("the distillation has no loss term".into()),
+            };
+            let predicted = y.argmax(1).map_err(err)?.to_vec1::<u32>().map_err(err)?;
+            correct += predicted.iter().zip(&target).filter(|(a, b)| a == b).count();
             let value = loss.to_scalar::<f32>().map_err(err)? as f64;
             if !value.is_finite() {
                 return Err(format!(
@@ -651,7 +742,13 @@ pub fn distill(
             }
         }
         let accuracy = validate(student)?;
-        epochs.push(EpochRecord { epoch, loss: loss_sum / batches.max(1) as f64, validation_accuracy: accuracy });
+        epochs.push(EpochRecord {
+            epoch,
+            loss: loss_sum / batches.max(1) as f64,
+            train_accuracy: correct as f64 / train.max(1) as f64,
+            seconds: epoch_started.elapsed().as_secs_f64(),
+            validation_accuracy: accuracy,
+        });
         if accuracy > best {
             (best, best_epoch, best_weights) = (accuracy, epoch, student.weights()?);
         }

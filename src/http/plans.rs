@@ -63,6 +63,7 @@ pub async fn spec_and_plan(state: &AppState, body: &[u8]) -> ApiResult<(JobSpec,
     let path = state.blobs.local_path(&model.sha256).await.map_err(ApiError::io)?;
     let limit = state.settings.storage.max_header_bytes;
     let compress = spec.compress.clone();
+    let memory_limit = state.settings.queue.job_memory_limit();
     let plan = tokio::task::spawn_blocking(move || -> anyhow::Result<Plan> {
         let header = read_header(&path, limit)?;
         let dataset = dataset_path.map(|p| read_header(&p, limit)).transpose()?;
@@ -71,7 +72,9 @@ pub async fn spec_and_plan(state: &AppState, body: &[u8]) -> ApiResult<(JobSpec,
                 Ok(Teacher { graph, header: read_header(&path, limit)? })
             })
             .transpose()?;
-        Ok(prepare(compress, header, graph, dataset.as_ref(), teacher))
+        let mut plan = prepare(compress, header, graph, dataset.as_ref(), teacher);
+        plan.refuse_above_memory(memory_limit);
+        Ok(plan)
     })
     .await
     .map_err(|e| ApiError::internal(anyhow::anyhow!("the plan task stopped: {e}")))?

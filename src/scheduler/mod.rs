@@ -24,6 +24,8 @@ pub struct WorkerContext {
     pub catalog: Catalog,
     pub lease: Duration,
     pub header_limit: u64,
+    /// Largest peak memory a job's plan may predict (`queue.max_job_memory_bytes`, resolved).
+    pub memory_limit: u64,
     /// How much lower than the API's the job threads' CPU priority is (`nice`).
     pub nice: i32,
     /// Flips to true on shutdown: stop claiming; running jobs get the grace period.
@@ -41,16 +43,28 @@ pub struct WorkerPool {
     abort_tx: watch::Sender<bool>,
 }
 
+/// The settings every worker runs with.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerLimits {
+    /// How long a claim lasts without a heartbeat.
+    pub lease: Duration,
+    /// Largest safetensors header a job reads.
+    pub header_limit: u64,
+    /// Largest peak memory a job's plan may predict.
+    pub memory_limit: u64,
+    /// How much lower than the API's the job threads' CPU priority is.
+    pub nice: i32,
+}
+
 impl WorkerPool {
     pub fn start(
         count: usize,
         queue: Arc<dyn JobQueue>,
         blobs: Arc<dyn BlobStore>,
         catalog: Catalog,
-        lease: Duration,
-        header_limit: u64,
-        nice: i32,
+        limits: WorkerLimits,
     ) -> WorkerPool {
+        let WorkerLimits { lease, header_limit, memory_limit, nice } = limits;
         priority::lower_kernel_pool(nice);
         let (stop_tx, stopping) = watch::channel(false);
         let (abort_tx, abort) = watch::channel(false);
@@ -64,6 +78,7 @@ impl WorkerPool {
                 catalog: catalog.clone(),
                 lease,
                 header_limit,
+                memory_limit,
                 nice,
                 stopping: stopping.clone(),
                 abort: abort.clone(),

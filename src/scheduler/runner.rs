@@ -199,7 +199,7 @@ async fn execute_inner(
     let watcher = tokio::spawn(watch_job(ctx.clone(), worker.to_owned(), job.id.clone(), control.clone()));
 
     let engine_control = control.clone();
-    let header_limit = ctx.header_limit;
+    let (header_limit, memory_limit) = (ctx.header_limit, ctx.memory_limit);
     let (dir, sha) = (out_dir.clone(), model.sha256.clone());
     let checkpoints = ctx.blobs.checkpoint_dir(&job.id);
     let checkpoints_for_job = checkpoints.clone();
@@ -221,7 +221,8 @@ async fn execute_inner(
             }
             None => (None, None),
         };
-        let plan = plan::prepare(spec.compress, header, graph, dataset.as_ref(), teacher);
+        let mut plan = plan::prepare(spec.compress, header, graph, dataset.as_ref(), teacher);
+        plan.refuse_above_memory(memory_limit);
         let inputs = Inputs {
             teacher_path: teacher_path.as_deref(),
             model_path: &model_path,

@@ -494,3 +494,71 @@ async fn a_student_read_by_a_queued_job_can_be_neither_deleted_nor_regraphed() {
     assert_eq!(app.put_json(&format!("/v1/models/{student}/graph"), &g).await.status(), 409);
     assert_eq!(app.get(&format!("/v1/models/{student}")).await.status(), 200);
 }
+
+#[tokio::test]
+async fn feature_distillation_matches_named_layers_of_equal_width() {
+    let app = spawn_app(1).await;
+    let (model, dataset) = teacher_with_graph(&app).await;
+    let job = |distill: Value| json!({"model_id": model, "dataset_id": dataset, "evaluate": true, "steps": [distill]});
+    // fc1 narrows to 96 units; fc2 keeps its 256 outputs, so the two fc2 layers can be matched.
+    let student = json!({"width": {"ratios": {"fc1": 0.375}}});
+    let both = json!({"op": "distill", "student": student, "epochs": 6, "seed": 5,
+                      "features": [{"teacher": "fc2", "student": "/layers/2"}], "feature_weight": 0.5});
+    let (_, report, _) = run_job(&app, &job(both)).await;
+    let epochs = report["structure"][0]["training"]["epochs"].as_array().unwrap().clone();
+    assert!(epochs[5]["loss"].as_f64().unwrap() < epochs[0]["loss"].as_f64().unwrap(), "{epochs:?}");
+    for e in &epochs {
+        assert!(e["train_accuracy"].as_f64().unwrap() > 0.5 && e["seconds"].as_f64().unwrap() > 0.0, "{e}");
+    }
+    let alone = json!({"op": "distill", "student": student, "epochs": 6, "loss": "features",
+                       "features": [{"teacher": "fc2", "student": "fc2"}]});
+    let (_, report, _) = run_job(&app, &job(alone)).await;
+    let epochs = report["structure"][0]["training"]["epochs"].as_array().unwrap().clone();
+    assert!(epochs[5]["loss"].as_f64().unwrap() < epochs[0]["loss"].as_f64().unwrap(), "{epochs:?}");
+
+    for (distill, pointer) in [
+        (
+            json!({"op": "distill", "student": {"width": 0.375}, "features": [{"teacher": "fc2", "student": "fc2"}]}),
+            "/steps/0/features/0",
+        ),
+        (json!({"op": "distill", "features": [{"teacher": "fc2", "student": "fc9"}]}), "/steps/0/features/0/student"),
+        (json!({"op": "distill", "features": [{"teacher": "fc0", "student": "fc2"}]}), "/steps/0/features/0/teacher"),
+        (json!({"op": "distill", "loss": "features"}), "/steps/0/loss"),
+        (json!({"op": "distill", "feature_weight": 2.0}), "/steps/0/feature_weight"),
+        (json!({"op": "distill", "features": []}), "/steps/0/features"),
+    ] {
+        let p = problem(app.create_job(&job(distill)).await).await;
+        assert_eq!(p["pointer"], pointer, "{p}");
+    }
+}
+
+#[tokio::test]
+async fn a_job_predicted_above_the_memory_limit_is_refused_before_it_runs() {
+    // 70 MiB: room for the digits teacher's distillation in batches of 64 (the prediction is
+    // 64 MiB of base, the model 7 times, the data and 16 KiB of activations per sample of a
+    // batch), not in one batch of all 360 samples.
+    let app = spawn_app_with(1, |s| s.queue.max_job_memory_bytes = Some(70 << 20)).await;
+    let (model, dataset) = teacher_with_graph(&app).await;
+    let spec = |distill: Value| json!({"model_id": model, "dataset_id": dataset, "steps": [distill]});
+    let small = app.post_json("/v1/plans", &spec(json!({"op": "distill", "epochs": 1}))).await;
+    let small: Value = small.json().await.unwrap();
+    assert_eq!(small["refusals"], json!([]), "{small}");
+    let big = spec(json!({"op": "distill", "epochs": 1, "batch_size": 65536}));
+    let small_peak = small["peak_memory_bytes"].as_u64().unwrap();
+    let plan: Value = app.post_json("/v1/plans", &big).await.json().await.unwrap();
+    assert!(plan["peak_memory_bytes"].as_u64().unwrap() > 70 << 20 && small_peak < 70 << 20, "{plan}");
+    assert_eq!(
+        plan["peak_memory_bytes"],
+        app.post_json("/v1/plans", &spec(json!({"op": "distill", "batch_size": 360})))
+            .await
+            .json::<Value>()
+            .await
+            .unwrap()["peak_memory_bytes"],
+        "a batch is at most the dataset"
+    );
+    let p = problem(app.create_job(&big).await).await;
+    assert_eq!(p["pointer"], "/steps/0/batch_size", "{p}");
+    assert!(p.to_string().contains("queue.max_job_memory_bytes"), "{p}");
+    let (_, report, _) = run_job(&app, &spec(json!({"op": "distill", "epochs": 1}))).await;
+    assert_eq!(report["structure"][0]["training"]["epochs"].as_array().unwrap().len(), 1);
+}

@@ -59,6 +59,8 @@ struct RawDistill {
     inputs: Option<String>,
     student: Option<Value>,
     student_model_id: Option<String>,
+    features: Option<Vec<RawFeature>>,
+    feature_weight: Option<f64>,
     /// `qat` only: the bits the weights train at.
     bits: Option<u8>,
 }
@@ -68,7 +70,19 @@ struct RawDistill {
 enum RawLoss {
     Kd,
     Mse,
+    Features,
 }
+
+/// `{"teacher": "fc2", "student": "fc1"}`: layer names or pointers whose outputs are matched.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFeature {
+    teacher: String,
+    student: String,
+}
+
+/// Most feature pairs a step may match.
+pub const MAX_FEATURE_PAIRS: usize = 16;
 
 /// Largest number of epochs a step may ask for.
 pub const MAX_EPOCHS: usize = 1000;
@@ -91,6 +105,9 @@ fn preset(p: RawPreset) -> DistillConfig {
         seed: 0,
         mse: false,
         qat_bits: None,
+        features: Vec::new(),
+        feature_weight: 1.0,
+        features_only: false,
     };
     match p {
         RawPreset::Classification => base,
@@ -174,6 +191,35 @@ fn parse(value: &Value, at: &str, qat: bool) -> Result<DistillStep, SpecError> {
         }
         (false, Some(_)) => return Err(field(at, "bits", "`bits` applies to `qat`, not `distill`")),
         (false, None) => {}
+    }
+    if let Some(list) = raw.features {
+        if list.is_empty() || list.len() > MAX_FEATURE_PAIRS {
+            return Err(field(
+                at,
+                "features",
+                format!("features lists 1 to {MAX_FEATURE_PAIRS} {{\"teacher\": layer, \"student\": layer}} pairs"),
+            ));
+        }
+        c.features = list.into_iter().map(|f| (f.teacher, f.student)).collect();
+    }
+    if let Some(w) = raw.feature_weight {
+        if c.features.is_empty() {
+            return Err(field(at, "feature_weight", "`feature_weight` weighs the `features` term: list `features`"));
+        }
+        c.feature_weight = positive(w, "feature_weight")?;
+    }
+    if let Some(RawLoss::Features) = raw.loss {
+        if c.features.is_empty() {
+            return Err(field(at, "loss", "`loss: features` matches the layers listed in `features`; list them"));
+        }
+        if raw.kd_weight.is_some() || raw.temperature.is_some() {
+            return Err(field(
+                at,
+                "loss",
+                "`loss: features` trains on the feature term alone: `kd_weight` and `temperature` do not apply",
+            ));
+        }
+        c.features_only = true;
     }
     if let Some(RawLoss::Mse) = raw.loss {
         if raw.kd_weight.is_some() || raw.temperature.is_some() {

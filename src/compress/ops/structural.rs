@@ -18,7 +18,7 @@ use crate::graph::forward::{Network, Weights};
 use crate::graph::lowrank::{self, FactorReport, Rank};
 use crate::graph::structure::{self, Norm, UnitGroup};
 use crate::graph::train::{DistillConfig, Trainable, TrainingRecord};
-use crate::graph::{Graph, Layer, TensorTable};
+use crate::graph::{Graph, GraphSummary, Layer, LayerShape, TensorTable};
 
 /// Largest relative difference allowed between a structural edit's result and its reference
 /// model on the proof batch: both are the same arithmetic in f32, summed in another order.
@@ -476,6 +476,86 @@ impl Edit {
     }
 }
 
+/// Resolves each feature pair of `c` to (teacher layer, student layer), refusing pairs whose
+/// layers are missing or of different widths. `teacher` and `student` are what the graphs
+/// compute; errors carry the pointer below the step (`/features/0/student`).
+pub fn feature_layers<'g>(
+    c: &DistillConfig,
+    teacher: &'g GraphSummary,
+    student: &'g GraphSummary,
+) -> Result<Vec<(&'g LayerShape, &'g LayerShape)>, EditError> {
+    let mut pairs = Vec::new();
+    for (k, (t, s)) in c.features.iter().enumerate() {
+        let tl = teacher.layer(t).ok_or_else(|| {
+            refuse(format!("/features/{k}/teacher"), format!("the teacher's graph has no layer `{t}`"))
+        })?;
+        let sl = student.layer(s).ok_or_else(|| {
+            refuse(format!("/features/{k}/student"), format!("the student's graph has no layer `{s}`"))
+        })?;
+        let width = |l: &LayerShape| l.shape_out.iter().product::<usize>();
+        if width(tl) != width(sl) {
+            return Err(refuse(
+                format!("/features/{k}"),
+                format!(
+                    "teacher layer `{t}` outputs {:?} per sample and student layer `{s}` {:?}: feature distillation matches layers of equal width (pick layers the student kept whole, or use the logits alone)",
+                    tl.shape_out, sl.shape_out
+                ),
+            ));
+        }
+        pairs.push((tl, sl));
+    }
+    Ok(pairs)
+}
+
+/// The teacher's logits and, for each feature pair, its layer's outputs on every sample of the
+/// dataset, computed once (no augmentation: they do not change between epochs).
+fn teacher_outputs(
+    (tg, tw): (&Graph, &Weights),
+    student: &Graph,
+    student_table: &TensorTable,
+    c: &DistillConfig,
+    d: &Dataset,
+) -> Result<crate::graph::train::TeacherOutputs, String> {
+    let (ts, ss) = (
+        tg.validate(&tw.iter().map(|(k, (shape, _))| (k.clone(), (Dtype::F32, shape.clone()))).collect())
+            .map_err(|e| format!("the teacher's graph: {}", e[0]))?,
+        student.validate(student_table).map_err(|e| format!("the student's graph: {}", e[0]))?,
+    );
+    let pairs = feature_layers(c, &ts, &ss).map_err(|e| e.detail)?;
+    let mut out = crate::graph::train::TeacherOutputs {
+        logits: Vec::with_capacity(d.samples * ts.output_shape.iter().product::<usize>()),
+        features: pairs
+            .iter()
+            .map(|(t, s)| crate::graph::train::FeatureTarget {
+                student: s.pointer.clone(),
+                width: t.shape_out.iter().product(),
+                values: Vec::new(),
+            })
+            .collect(),
+    };
+    let pointers: Vec<String> = pairs.iter().map(|(t, _)| t.pointer.clone()).collect();
+    // Logits from the inference network; features from the training forward pass, so both
+    // sides of a feature pair are the same computation (the inference network fuses ReLU).
+    let network = Network::build(tg, tw).map_err(|e| e.to_string())?;
+    let trainable = if pointers.is_empty() { None } else { Some(Trainable::new(tg, tw)?) };
+    for start in (0..d.samples).step_by(256) {
+        let n = 256.min(d.samples - start);
+        let x = &d.inputs[start * d.sample_len..(start + n) * d.sample_len];
+        out.logits.extend(network.forward(x, n, &d.input_shape).map_err(|e| e.to_string())?.1);
+        if let Some(t) = &trainable {
+            let mut dims = vec![n];
+            dims.extend_from_slice(&d.input_shape);
+            let xt = candle_core::Tensor::from_slice(x, dims, &candle_core::Device::Cpu).map_err(|e| e.to_string())?;
+            let (_, feats) = t.forward_taps(&xt, &pointers)?;
+            for (target, f) in out.features.iter_mut().zip(feats) {
+                let values = f.flatten_all().and_then(|v| v.to_vec1::<f32>()).map_err(|e| e.to_string())?;
+                target.values.extend(values);
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn linear_layers(g: &Graph) -> BTreeSet<String> {
     fn walk(layers: &[Layer], out: &mut BTreeSet<String>) {
         for l in layers {
@@ -772,13 +852,7 @@ impl Edit {
                             .into(),
                     );
                 }
-                let teacher = Network::build(tg, tw).map_err(|e| e.to_string())?;
-                let mut logits = Vec::new();
-                for start in (0..d.samples).step_by(256) {
-                    let n = 256.min(d.samples - start);
-                    let x = &d.inputs[start * d.sample_len..(start + n) * d.sample_len];
-                    logits.extend(teacher.forward(x, n, &d.input_shape).map_err(|e| e.to_string())?.1);
-                }
+                let teacher = teacher_outputs((tg, tw), &graph, &table(&state.weights, &state.dtypes), c, d)?;
                 let mut student = Trainable::new(&graph, &state.weights)?;
                 student.fake_quant_bits = c.qat_bits;
                 let labels = d.labels.as_deref();
@@ -793,7 +867,7 @@ impl Edit {
                     &student,
                     &d.inputs,
                     &d.input_shape,
-                    &logits,
+                    &teacher,
                     labels,
                     c,
                     checkpoint.as_deref(),

@@ -68,6 +68,34 @@ pub struct Plan {
     pub teacher_model: Option<Teacher>,
 }
 
+impl Plan {
+    /// Refuses the plan when its predicted peak memory is above `limit` bytes (the server's
+    /// `queue.max_job_memory_bytes`), pointing at what drives it.
+    pub fn refuse_above_memory(&mut self, limit: u64) {
+        if self.peak_memory_bytes <= limit {
+            return;
+        }
+        let distill = self.spec.steps.iter().position(|s| matches!(s, super::ops::Step::Distill(_)));
+        let (pointer, hint) = match distill {
+            Some(i) => (format!("/steps/{i}/batch_size"), "a smaller `batch_size` holds fewer activations"),
+            None => (String::new(), "the largest tensor and the structural steps drive it"),
+        };
+        let size = |b: u64| match b {
+            b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+            b => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        };
+        self.refusals.push(Refusal {
+            pointer,
+            tensor: None,
+            detail: format!(
+                "the job would need about {} of memory at its peak, above this server's limit of {} (queue.max_job_memory_bytes); {hint}",
+                size(self.peak_memory_bytes),
+                size(limit)
+            ),
+        });
+    }
+}
+
 /// A distillation teacher that is another model than the one the job compresses.
 #[derive(Debug, Clone)]
 pub struct Teacher {
@@ -298,6 +326,7 @@ pub fn prepare(
         shapes,
         has_dataset: dataset.is_some(),
         has_labels: dataset.as_ref().is_some_and(|d| d.labels.is_some()),
+        teacher: teacher_summary.clone().or(graph_summary.clone()),
         ..planner::Planner::new(&spec, tensors)
     };
     for (i, step) in spec.steps.iter().enumerate() {
@@ -353,9 +382,9 @@ pub fn prepare(
     let prepasses = spec.steps.iter().map(|s| s.op().prepasses()).sum();
     let eval_bytes = evaluation.as_ref().map_or(0, |e| eval_memory(e, graph_summary.as_ref()));
     // Structural steps hold the model's (graph's) tensors in f32, a reference copy for the proof
-    // and the edited copy: three times its parameters. Distillation adds the teacher, the
-    // gradients and AdamW's two moments (four more copies) and a batch's activations, kept for
-    // the backward pass (four per layer output).
+    // and the edited copy: three times its parameters. Distillation adds the teacher (the
+    // original or a separate model), the gradients and AdamW's two moments (three more copies)
+    // and a batch's activations, kept for the backward pass (four per layer output).
     let model_bytes = 4 * header.tensors.iter().filter(|t| t.dtype.is_float()).map(|t| t.numel() as u64).sum::<u64>();
     let distill_batch = spec.steps.iter().find_map(|s| match s {
         super::ops::Step::Distill(d) => Some(d.config.batch_size as u64),
@@ -365,11 +394,24 @@ pub fn prepare(
         .as_ref()
         .and_then(|g| g.layers.iter().map(|l| l.shape_out.iter().product::<usize>() as u64).max())
         .unwrap_or(0);
+    // The teacher: a copy of the model, or a separate model's graph tensors.
+    let teacher_bytes = teacher.as_ref().map_or(model_bytes, |t| {
+        let names = t.graph.tensor_names();
+        4 * t.header.tensors.iter().filter(|x| names.contains(&x.name)).map(|x| x.numel() as u64).sum::<u64>()
+    });
     let structural_bytes = match (structure.is_empty(), distill_batch) {
         (true, _) => 0,
         (false, None) => 3 * model_bytes,
         (false, Some(batch)) => {
-            7 * model_bytes + 4 * 4 * batch * widest * graph_summary.as_ref().map_or(1, |g| g.layers.len() as u64)
+            // A batch is at most the dataset; the dataset's inputs and the teacher's logits
+            // stay in memory for every epoch.
+            let (samples, inputs) =
+                dataset.as_ref().map_or((batch, 0), |d| (d.samples as u64, d.inputs.numel() as u64));
+            let classes = graph_summary.as_ref().map_or(0, |g| g.output_shape.iter().product::<usize>() as u64);
+            6 * model_bytes
+                + teacher_bytes
+                + 4 * (inputs + samples * classes)
+                + 4 * 4 * batch.min(samples) * widest * graph_summary.as_ref().map_or(1, |g| g.layers.len() as u64)
         }
     };
     Plan {

@@ -22,6 +22,8 @@ pub struct Planner<'a> {
     pub graph_decided_at_run_time: Option<usize>,
     pub structure: Vec<StructurePlan>,
     pub dropped: Vec<DroppedTensor>,
+    /// What a distillation's teacher computes: the separate teacher, or the model as given.
+    pub teacher: Option<crate::graph::GraphSummary>,
 }
 
 impl<'a> Planner<'a> {
@@ -38,6 +40,7 @@ impl<'a> Planner<'a> {
             graph_decided_at_run_time: None,
             structure: Vec::new(),
             dropped: Vec::new(),
+            teacher: None,
         }
     }
 
@@ -126,6 +129,21 @@ impl<'a> Planner<'a> {
                 })
             }
         };
+        if let (Edit::Distill { config, .. }, Some(teacher), Some(graph)) = (&edit, &self.teacher, &next.graph) {
+            let checked = graph.validate(&next.table).map_err(|e| crate::compress::ops::structural::EditError {
+                field: String::new(),
+                detail: format!("the student's graph does not fit it: {}", e[0]),
+            });
+            if let Err(e) = checked.and_then(|student| {
+                crate::compress::ops::structural::feature_layers(config, teacher, &student).map(drop)
+            }) {
+                return self.refusals.push(Refusal {
+                    pointer: format!("{pointer}{}", e.field),
+                    tensor: None,
+                    detail: e.detail,
+                });
+            }
+        }
         let action = |scheme: String, note: Option<String>| PlannedAction {
             step,
             op: op.kind(),

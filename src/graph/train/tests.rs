@@ -154,6 +154,14 @@ fn a_run_stopped_after_a_checkpoint_resumes_to_the_same_student_bit_for_bit() {
         seed: 9,
         mse: false,
         qat_bits: None,
+        // The hidden layer of the student matched to columns of the teacher's "features".
+        features: vec![("/layers/0".into(), "/layers/0".into())],
+        feature_weight: 0.1,
+        features_only: false,
+    };
+    let teacher = TeacherOutputs {
+        logits: teacher,
+        features: vec![FeatureTarget { student: "/layers/0".into(), width: 8, values: values(40 * 8, 6) }],
     };
     let dir = tempfile::tempdir().unwrap();
     let run = |checkpoint: &std::path::Path, stop_after: Option<usize>| {
@@ -176,7 +184,13 @@ fn a_run_stopped_after_a_checkpoint_resumes_to_the_same_student_bit_for_bit() {
     let (resumed, weights) = run(&path, None);
     let resumed = resumed.unwrap();
     assert_eq!(resumed.resumed_after_epoch, Some(3));
-    assert_eq!(TrainingRecord { resumed_after_epoch: None, ..resumed }, whole, "the same records, best epoch included");
+    // Epoch times differ between runs; everything else is the same.
+    let untimed = |r: TrainingRecord| TrainingRecord {
+        resumed_after_epoch: None,
+        epochs: r.epochs.into_iter().map(|e| EpochRecord { seconds: 0.0, ..e }).collect(),
+        ..r
+    };
+    assert_eq!(untimed(resumed), untimed(whole), "the same records, best epoch included");
     assert_eq!(weights, reference, "the same student, bit for bit");
 }
 
@@ -313,4 +327,23 @@ fn the_gemm_op_matches_candles_matmul_and_its_gradients_for_every_transposition(
     let w = Var::from_tensor(&batch(2, &[3], 5)).unwrap();
     let grads = linear_xwt(&x, w.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
     assert!(grads.get(&x).is_none() && grads.get(w.as_tensor()).is_some());
+}
+
+#[test]
+fn taps_return_the_outputs_of_the_layers_at_their_pointers_residual_blocks_included() {
+    let (graph, w) = cnn();
+    let model = Trainable::new(&graph, &w).unwrap();
+    let x = batch(2, &[2, 8, 8], 21);
+    let want = ["/layers/2".to_string(), "/layers/3/layers/1".to_string(), "/layers/8".to_string()];
+    let (y, taps) = model.forward_taps(&x, &want).unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    // The last layer's output is the model's output.
+    assert_eq!(flat(&taps[2]), flat(&y));
+    // After a ReLU: nothing negative; the residual block's inner output has the block's shape.
+    assert!(flat(&taps[0]).iter().all(|v| *v >= 0.0));
+    assert_eq!(taps[0].dims(), taps[1].dims());
+    assert!(flat(&taps[1]).iter().all(|v| *v >= 0.0));
+    // A layer that is not there is an error naming it.
+    let err = model.forward_taps(&x, &["/layers/99".to_string()]).err().unwrap();
+    assert!(err.contains("/layers/99"), "{err}");
 }
