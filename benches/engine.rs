@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use modelpress::compress::engine::{execute, Inputs, Silent};
-use modelpress::compress::plan::prepare;
+use modelpress::compress::plan::{prepare, PlanInputs};
 use modelpress::compress::spec::parse_compress;
 use modelpress::compress::synth::{benchmark_matrix, memcpy_bytes_per_sec};
 use modelpress::formats::safetensors::{read_header, Dtype, SafetensorsWriter};
@@ -78,18 +78,11 @@ fn main() {
     println!("{:<40} {:>10} {:>10} {:>12} {:>14}", "job", "seconds", "MiB/s", "peak RSS MiB", "largest tensor");
     for (name, steps, outputs) in cases {
         let spec = parse_compress(&steps, Some(&outputs)).unwrap();
-        let p = prepare(spec, header.clone(), None, None, None);
+        let p = prepare(spec, PlanInputs::model(header.clone()));
         let out = tempfile::tempdir_in(dir.path()).unwrap();
         reset_peak_rss();
         let start = Instant::now();
-        let inputs = Inputs {
-            model_path: &model,
-            input_sha256: "bench",
-            spec_sha256: "bench",
-            dataset_path: None,
-            teacher_path: None,
-            checkpoint_dir: None,
-        };
+        let inputs = Inputs::model(&model, "bench", "bench");
         execute(&p, &inputs, out.path(), &Silent).unwrap();
         let secs = start.elapsed().as_secs_f64();
         let peak = rss_field("VmHWM:");

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::compress::engine::{self, Control, Inputs};
-use crate::compress::plan::prepare;
+use crate::compress::plan::{prepare, PlanInputs};
 use crate::compress::spec::{parse_compress, parse_evaluate, work_sha256, CompressSpec};
 use crate::config::Settings;
 use crate::formats::safetensors::read_header;
@@ -68,6 +68,10 @@ pub struct JobArgs {
     /// in the spec, the model is evaluated before and after with the defaults.
     #[arg(long)]
     pub dataset: Option<PathBuf>,
+    /// A dataset the evaluation runs on instead of --dataset (a test split: --dataset then
+    /// trains and ranks only). Evaluates with the defaults unless the spec has `evaluate`.
+    #[arg(long)]
+    pub eval_dataset: Option<PathBuf>,
     /// A separate distillation teacher (.safetensors): `distill` steps train the model above
     /// (the student) to match it. Needs --teacher-graph.
     #[arg(long, requires = "teacher_graph")]
@@ -208,7 +212,11 @@ fn prepare_job(job: &JobArgs, memory_limit: u64) -> anyhow::Result<(crate::compr
         Some(p) => Some(read_header(p, u64::MAX).with_context(|| format!("reading {}", p.display()))?),
         None => None,
     };
-    if !evaluate_given && graph.is_some() && dataset.is_some() {
+    let eval = match &job.eval_dataset {
+        Some(p) => Some(read_header(p, u64::MAX).with_context(|| format!("reading {}", p.display()))?),
+        None => None,
+    };
+    if !evaluate_given && graph.is_some() && (dataset.is_some() || eval.is_some()) {
         spec.evaluate = Some(EvalOptions::default());
     }
     let teacher = match (&job.teacher, &job.teacher_graph) {
@@ -218,7 +226,8 @@ fn prepare_job(job: &JobArgs, memory_limit: u64) -> anyhow::Result<(crate::compr
         }),
         _ => None,
     };
-    let mut plan = prepare(spec, header, graph, dataset.as_ref(), teacher);
+    let inputs = PlanInputs { header, graph, dataset: dataset.as_ref(), eval_dataset: eval.as_ref(), teacher };
+    let mut plan = prepare(spec, inputs);
     plan.refuse_above_memory(memory_limit);
     Ok((plan, work_hash))
 }
@@ -264,6 +273,7 @@ fn compress(job: &JobArgs, out: &Path, memory_limit: u64) -> anyhow::Result<Exit
         input_sha256: &input_sha,
         spec_sha256: &spec_sha,
         dataset_path: job.dataset.as_deref(),
+        eval_dataset_path: job.eval_dataset.as_deref(),
         teacher_path: job.teacher.as_deref(),
         checkpoint_dir: None,
     };

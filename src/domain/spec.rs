@@ -17,6 +17,8 @@ pub const SPEC_VERSION: i64 = 1;
 pub struct JobSpec {
     pub model_id: String,
     pub dataset_id: Option<String>,
+    /// `evaluate.dataset_id`: the evaluation runs on this dataset instead of `dataset_id`.
+    pub eval_dataset_id: Option<String>,
     pub compress: CompressSpec,
     pub canonical: String,
     /// Hash of the whole request (ids included): idempotency.
@@ -52,8 +54,20 @@ pub fn parse_job_spec(body: &Value) -> Result<JobSpec, Vec<SpecError>> {
     }
     let env: Envelope = from_value_at(body, "").map_err(|e| vec![e])?;
     let mut compress = parse_compress(&env.steps, env.outputs.as_ref())?;
+    let mut eval_dataset_id = None;
     if let Some(e) = &env.evaluate {
-        compress.evaluate = parse_evaluate(e).map_err(|e| vec![e])?;
+        let mut e = e.clone();
+        if let Some(id) = e.as_object_mut().and_then(|o| o.remove("dataset_id")) {
+            let id = id.as_str().and_then(|s| uuid::Uuid::parse_str(s).ok()).ok_or_else(|| {
+                vec![SpecError::new(
+                    "/evaluate/dataset_id",
+                    "invalid_field",
+                    "dataset_id must be a dataset id (a UUID from POST /v1/datasets)",
+                )]
+            })?;
+            eval_dataset_id = Some(id.to_string());
+        }
+        compress.evaluate = parse_evaluate(&e).map_err(|e| vec![e])?;
     }
     if env.register && !compress.outputs.contains(&crate::compress::spec::OutputFormat::Safetensors) {
         return Err(vec![SpecError::new(
@@ -62,7 +76,7 @@ pub fn parse_job_spec(body: &Value) -> Result<JobSpec, Vec<SpecError>> {
             "registering makes the dense `safetensors` output a new model: add it to `outputs`",
         )]);
     }
-    if compress.evaluate.is_some() && env.dataset_id.is_none() {
+    if compress.evaluate.is_some() && env.dataset_id.is_none() && eval_dataset_id.is_none() {
         return Err(vec![SpecError::new(
             "/dataset_id",
             "invalid_field",
@@ -74,6 +88,7 @@ pub fn parse_job_spec(body: &Value) -> Result<JobSpec, Vec<SpecError>> {
     Ok(JobSpec {
         model_id: env.model_id.to_string(),
         dataset_id: env.dataset_id.map(|d| d.to_string()),
+        eval_dataset_id,
         compress,
         canonical,
         sha256,

@@ -472,13 +472,17 @@ pub struct EpochRecord {
     /// Accuracy on the held-out samples: against the labels, or top-1 agreement with the
     /// teacher without labels.
     pub validation_accuracy: f64,
+    /// Mean cross-entropy on the held-out samples against the same target.
+    #[serde(default)]
+    pub validation_loss: f64,
 }
 
 /// The result of [`distill`].
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainingRecord {
     pub epochs: Vec<EpochRecord>,
-    /// The epoch whose student was kept (best validation accuracy, earliest on ties); 0 means the
+    /// The epoch whose student was kept (best validation accuracy, then lowest validation
+    /// cross-entropy, then earliest); 0 means the
     /// student before training was better than every epoch.
     pub best_epoch: usize,
     pub validation_accuracy_before: f64,
@@ -502,6 +506,7 @@ struct Progress {
     step: u64,
     rng: u64,
     best: f64,
+    best_loss: f64,
     best_epoch: usize,
     before: f64,
     epochs: Vec<EpochRecord>,
@@ -630,20 +635,25 @@ pub fn distill(
         Some(l) => l.clone(),
         None => val_t.chunks(classes).map(|r| super::eval::argmax(r) as u32).collect(),
     };
-    let validate = |m: &Trainable| -> Result<f64, String> {
+    let target_t = Tensor::from_slice(&target, (validation, 1), &Device::Cpu).map_err(err)?;
+    // (accuracy, mean cross-entropy) on the held-out samples against `target`.
+    let validate = |m: &Trainable| -> Result<(f64, f64), String> {
         if validation == 0 {
-            return Ok(0.0);
+            return Ok((0.0, 0.0));
         }
-        let y = m.forward(&val_x)?.argmax(1).map_err(err)?.to_vec1::<u32>().map_err(err)?;
-        Ok(y.iter().zip(&target).filter(|(a, b)| a == b).count() as f64 / validation as f64)
+        let logits = m.forward(&val_x)?;
+        let y = logits.argmax(1).map_err(err)?.to_vec1::<u32>().map_err(err)?;
+        let picked = log_softmax(&logits).and_then(|l| l.gather(&target_t, 1)).map_err(err)?;
+        let ce = -(picked.sum_all().and_then(|s| s.to_scalar::<f32>()).map_err(err)? as f64) / validation as f64;
+        Ok((y.iter().zip(&target).filter(|(a, b)| a == b).count() as f64 / validation as f64, ce))
     };
     let mut opt = AdamW::new(config.learning_rate, config.weight_decay);
     let batches = train.div_ceil(config.batch_size.max(1));
     let total_steps = (batches * config.epochs).max(1);
     let mut rng = config.seed ^ 0x9E37_79B9_7F4A_7C15;
     let mut order: Vec<usize> = (0..train).collect();
-    let mut before = validate(student)?;
-    let (mut best, mut best_epoch, mut best_weights) = (before, 0, student.weights()?);
+    let (mut before, before_loss) = validate(student)?;
+    let (mut best, mut best_loss, mut best_epoch, mut best_weights) = (before, before_loss, 0, student.weights()?);
     let mut epochs = Vec::with_capacity(config.epochs);
     let mut first = 1;
     let mut resumed_after_epoch = None;
@@ -655,8 +665,8 @@ pub fn distill(
             }
         }
         (opt.step, opt.moments, rng, order) = (state.step, moments, state.rng, saved_order);
-        (best, best_epoch, best_weights, before, epochs) =
-            (state.best, state.best_epoch, best_w, state.before, state.epochs);
+        (best, best_loss, best_epoch, best_weights, before, epochs) =
+            (state.best, state.best_loss, state.best_epoch, best_w, state.before, state.epochs);
         first = state.epoch + 1;
         tick(&format!("distill: resumed after epoch {}", state.epoch));
     }
@@ -741,16 +751,19 @@ pub fn distill(
                 return Err("canceled".into());
             }
         }
-        let accuracy = validate(student)?;
+        let (accuracy, validation_loss) = validate(student)?;
         epochs.push(EpochRecord {
             epoch,
             loss: loss_sum / batches.max(1) as f64,
             train_accuracy: correct as f64 / train.max(1) as f64,
             seconds: epoch_started.elapsed().as_secs_f64(),
             validation_accuracy: accuracy,
+            validation_loss,
         });
-        if accuracy > best {
-            (best, best_epoch, best_weights) = (accuracy, epoch, student.weights()?);
+        // Ties in accuracy (a small held-out split has few distinct values) go to the lower
+        // held-out cross-entropy.
+        if accuracy > best || (accuracy == best && validation_loss < best_loss) {
+            (best, best_loss, best_epoch, best_weights) = (accuracy, validation_loss, epoch, student.weights()?);
         }
         if let Some(path) = checkpoint {
             let state = Progress {
@@ -759,6 +772,7 @@ pub fn distill(
                 step: opt.step,
                 rng,
                 best,
+                best_loss,
                 best_epoch,
                 before,
                 epochs: epochs.clone(),

@@ -150,6 +150,7 @@ pub async fn create_job(State(state): State<AppState>, headers: HeaderMap, body:
                 model_id: spec.model_id.clone(),
                 dataset_id: spec.dataset_id.clone(),
                 student_model_id: spec.compress.student_model_id().map(|(_, id)| id.to_owned()),
+                eval_dataset_id: spec.eval_dataset_id.clone(),
                 spec: spec.canonical.clone(),
                 spec_version: crate::domain::spec::SPEC_VERSION,
                 spec_hash: spec.sha256.clone(),

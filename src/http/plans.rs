@@ -6,11 +6,24 @@ use bytes::Bytes;
 
 use super::error::{ApiError, ApiResult};
 use super::AppState;
-use crate::compress::plan::{prepare, Plan, Teacher};
+use crate::compress::plan::{prepare, Plan, PlanInputs, Teacher};
 use crate::compress::spec::SpecError;
 use crate::domain::spec::{parse_job_spec, JobSpec};
 use crate::formats::safetensors::read_header;
 use crate::storage::catalog::ModelKind;
+
+/// The file of the dataset `id`, if given; an unknown id is a 422 at `pointer`.
+async fn dataset_file(state: &AppState, id: Option<&str>, pointer: &str) -> ApiResult<Option<std::path::PathBuf>> {
+    let Some(id) = id else { return Ok(None) };
+    let Some(d) = state.catalog.get_model(ModelKind::Dataset, id).await? else {
+        return Err(ApiError::spec(vec![SpecError::new(
+            pointer,
+            "unknown_dataset",
+            format!("no dataset with id `{id}`"),
+        )]));
+    };
+    Ok(Some(state.blobs.local_path(&d.sha256).await.map_err(ApiError::io)?))
+}
 
 /// Parses a job spec body, checks its model and dataset exist, and plans it.
 pub async fn spec_and_plan(state: &AppState, body: &[u8]) -> ApiResult<(JobSpec, Plan)> {
@@ -24,17 +37,8 @@ pub async fn spec_and_plan(state: &AppState, body: &[u8]) -> ApiResult<(JobSpec,
             format!("no model with id `{}`", spec.model_id),
         )])
     })?;
-    let mut dataset_path = None;
-    if let Some(ds) = &spec.dataset_id {
-        let Some(d) = state.catalog.get_model(ModelKind::Dataset, ds).await? else {
-            return Err(ApiError::spec(vec![SpecError::new(
-                "/dataset_id",
-                "unknown_dataset",
-                format!("no dataset with id `{ds}`"),
-            )]));
-        };
-        dataset_path = Some(state.blobs.local_path(&d.sha256).await.map_err(ApiError::io)?);
-    }
+    let dataset_path = dataset_file(state, spec.dataset_id.as_deref(), "/dataset_id").await?;
+    let eval_path = dataset_file(state, spec.eval_dataset_id.as_deref(), "/evaluate/dataset_id").await?;
     // With `student_model_id` the job compresses (trains) the student; its model is the teacher.
     let (model, teacher) = match spec.compress.student_model_id() {
         None => (model, None),
@@ -72,7 +76,9 @@ pub async fn spec_and_plan(state: &AppState, body: &[u8]) -> ApiResult<(JobSpec,
                 Ok(Teacher { graph, header: read_header(&path, limit)? })
             })
             .transpose()?;
-        let mut plan = prepare(compress, header, graph, dataset.as_ref(), teacher);
+        let eval = eval_path.map(|p| read_header(&p, limit)).transpose()?;
+        let inputs = PlanInputs { header, graph, dataset: dataset.as_ref(), eval_dataset: eval.as_ref(), teacher };
+        let mut plan = prepare(compress, inputs);
         plan.refuse_above_memory(memory_limit);
         Ok(plan)
     })

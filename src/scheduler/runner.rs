@@ -129,6 +129,20 @@ async fn execute(
     (outcome, gate)
 }
 
+/// The file of the dataset `id`, if given; a dataset deleted since the job was accepted fails
+/// it, a storage error retries it.
+async fn dataset_file(ctx: &WorkerContext, id: Option<&str>) -> Result<Option<std::path::PathBuf>, Outcome> {
+    let Some(id) = id else { return Ok(None) };
+    match ctx.catalog.get_model(ModelKind::Dataset, id).await {
+        Ok(Some(d)) => match ctx.blobs.local_path(&d.sha256).await {
+            Ok(p) => Ok(Some(p)),
+            Err(e) => Err(Outcome::Retry(failure("storage_error", e.to_string()))),
+        },
+        Ok(None) => Err(Outcome::Failed(failure("dataset_not_found", format!("dataset {id} no longer exists")))),
+        Err(e) => Err(Outcome::Retry(failure("database_error", e.to_string()))),
+    }
+}
+
 async fn execute_inner(
     ctx: &WorkerContext,
     worker: &str,
@@ -179,16 +193,13 @@ async fn execute_inner(
         Ok(g) => g,
         Err(e) => return Outcome::Failed(failure("invalid_graph", e)),
     };
-    let dataset_path = match &spec.dataset_id {
-        Some(ds) => match ctx.catalog.get_model(ModelKind::Dataset, ds).await {
-            Ok(Some(d)) => match ctx.blobs.local_path(&d.sha256).await {
-                Ok(p) => Some(p),
-                Err(e) => return Outcome::Retry(failure("storage_error", e.to_string())),
-            },
-            Ok(None) => return Outcome::Failed(failure("dataset_not_found", format!("dataset {ds} no longer exists"))),
-            Err(e) => return Outcome::Retry(failure("database_error", e.to_string())),
-        },
-        None => None,
+    let dataset_path = match dataset_file(ctx, spec.dataset_id.as_deref()).await {
+        Ok(p) => p,
+        Err(outcome) => return outcome,
+    };
+    let eval_path = match dataset_file(ctx, spec.eval_dataset_id.as_deref()).await {
+        Ok(p) => p,
+        Err(outcome) => return outcome,
     };
     let out_dir = ctx.blobs.staging_path("job");
     if let Err(e) = tokio::fs::create_dir_all(&out_dir).await {
@@ -208,20 +219,18 @@ async fn execute_inner(
         let _entered = span.enter();
         let header = read_header(&model_path, header_limit)
             .map_err(|e| EngineError::Io(std::io::Error::other(e.to_string())))?;
-        let dataset = dataset_path
-            .as_ref()
-            .map(|p| read_header(p, header_limit))
-            .transpose()
-            .map_err(|e| EngineError::Io(std::io::Error::other(e.to_string())))?;
+        let read = |p: &std::path::Path| {
+            read_header(p, header_limit).map_err(|e| EngineError::Io(std::io::Error::other(e.to_string())))
+        };
+        let dataset = dataset_path.as_deref().map(read).transpose()?;
+        let eval = eval_path.as_deref().map(read).transpose()?;
         let (teacher, teacher_path) = match teacher {
-            Some((graph, path)) => {
-                let header = read_header(&path, header_limit)
-                    .map_err(|e| EngineError::Io(std::io::Error::other(e.to_string())))?;
-                (Some(plan::Teacher { graph, header }), Some(path))
-            }
+            Some((graph, path)) => (Some(plan::Teacher { graph, header: read(&path)? }), Some(path)),
             None => (None, None),
         };
-        let mut plan = plan::prepare(spec.compress, header, graph, dataset.as_ref(), teacher);
+        let inputs =
+            plan::PlanInputs { header, graph, dataset: dataset.as_ref(), eval_dataset: eval.as_ref(), teacher };
+        let mut plan = plan::prepare(spec.compress, inputs);
         plan.refuse_above_memory(memory_limit);
         let inputs = Inputs {
             teacher_path: teacher_path.as_deref(),
@@ -229,6 +238,7 @@ async fn execute_inner(
             input_sha256: &sha,
             spec_sha256: &spec.work_sha256,
             dataset_path: dataset_path.as_deref(),
+            eval_dataset_path: eval_path.as_deref(),
             checkpoint_dir: Some(&checkpoints_for_job),
         };
         let out = engine::execute(&plan, &inputs, &dir, engine_control.as_ref())?;

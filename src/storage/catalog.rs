@@ -156,7 +156,7 @@ impl Catalog {
     pub async fn delete_model(&self, kind: ModelKind, id: &str) -> Result<DeleteOutcome, sqlx::Error> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let active: i64 = sqlx::query_scalar(
-            "select count(*) from jobs where (model_id = ?1 or dataset_id = ?1 or student_model_id = ?1)
+            "select count(*) from jobs where (model_id = ?1 or dataset_id = ?1 or student_model_id = ?1 or eval_dataset_id = ?1)
              and status in ('queued', 'running')",
         )
         .bind(id)

@@ -15,6 +15,8 @@ pub struct NewJob {
     pub dataset_id: Option<String>,
     /// A `distill` step's `student_model_id`: a second model the job reads.
     pub student_model_id: Option<String>,
+    /// `evaluate.dataset_id`: the evaluation's own dataset.
+    pub eval_dataset_id: Option<String>,
     pub spec: String,
     /// [`crate::domain::spec::SPEC_VERSION`] of the server that accepted it.
     pub spec_version: i64,

@@ -122,11 +122,13 @@ impl JobQueue for SqliteQueue {
         // DELETE of the model either sees this job or happens before it and this inserts nothing.
         let record: Option<JobRecord> = sqlx::query_as(
             "insert into jobs (id, model_id, dataset_id, spec, spec_hash, idempotency_key, status,
-                               max_attempts, run_after, created_at, updated_at, spec_version, student_model_id)
-             select ?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?8, ?8, ?9, ?10
+                               max_attempts, run_after, created_at, updated_at, spec_version, student_model_id,
+                               eval_dataset_id)
+             select ?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?8, ?8, ?9, ?10, ?11
              where exists (select 1 from models where id = ?2 and kind = 'model')
                and (?3 is null or exists (select 1 from models where id = ?3 and kind = 'dataset'))
                and (?10 is null or exists (select 1 from models where id = ?10 and kind = 'model'))
+               and (?11 is null or exists (select 1 from models where id = ?11 and kind = 'dataset'))
              returning *",
         )
         .bind(&id)
@@ -139,6 +141,7 @@ impl JobQueue for SqliteQueue {
         .bind(now)
         .bind(job.spec_version)
         .bind(&job.student_model_id)
+        .bind(&job.eval_dataset_id)
         .fetch_optional(&mut *tx)
         .await?;
         let record = record.ok_or_else(|| QueueError::NotFound(job.model_id.clone()))?;
@@ -423,7 +426,7 @@ impl JobQueue for SqliteQueue {
 
     async fn active_uses(&self, model_id: &str) -> Result<i64, QueueError> {
         Ok(sqlx::query_scalar(
-            "select count(*) from jobs where (model_id = ?1 or dataset_id = ?1 or student_model_id = ?1)
+            "select count(*) from jobs where (model_id = ?1 or dataset_id = ?1 or student_model_id = ?1 or eval_dataset_id = ?1)
              and status in ('queued', 'running')",
         )
         .bind(model_id)

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 pub const TEACHER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/teacher_mlp.safetensors");
 pub const DIGITS_TEST: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/digits_test.safetensors");
+pub const DIGITS_TRAIN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/digits_train.safetensors");
 
 /// The teacher's accuracy on the test split, as measured with PyTorch (352/360).
 pub const TEACHER_ACCURACY: f64 = 352.0 / 360.0;

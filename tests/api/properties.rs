@@ -9,7 +9,10 @@ use safetensors::Dtype;
 use serde_json::{json, Value};
 
 use modelpress::compress::engine::{self, EngineError, Inputs, Silent};
-use modelpress::compress::{plan::prepare, spec::parse_compress};
+use modelpress::compress::{
+    plan::{prepare, PlanInputs},
+    spec::parse_compress,
+};
 use modelpress::formats::safetensors::read_header;
 
 use crate::helpers::{read_float_tensors, safetensors_typed};
@@ -109,18 +112,11 @@ fn run_case(
     let outputs = json!(["safetensors", "compressed-tensors", "gguf", "sparse"]);
     let spec = parse_compress(&json!([step]), Some(&outputs)).unwrap();
     let header = read_header(&model, u64::MAX).unwrap();
-    let plan = prepare(spec, header, None, None, None);
+    let plan = prepare(spec, PlanInputs::model(header));
     prop_assume!(plan.refusals.is_empty());
     let out_dir = dir.path().join("out");
     std::fs::create_dir(&out_dir).unwrap();
-    let inputs = Inputs {
-        model_path: &model,
-        input_sha256: "0",
-        spec_sha256: "0",
-        dataset_path: None,
-        teacher_path: None,
-        checkpoint_dir: None,
-    };
+    let inputs = Inputs::model(&model, "0", "0");
     match engine::execute(&plan, &inputs, &out_dir, &Silent) {
         Ok(out) => {
             prop_assert_eq!(out.report.checks.len(), 4, "every layout is checked: {:?}", out.report.checks);

@@ -562,3 +562,34 @@ async fn a_job_predicted_above_the_memory_limit_is_refused_before_it_runs() {
     let (_, report, _) = run_job(&app, &spec(json!({"op": "distill", "epochs": 1}))).await;
     assert_eq!(report["structure"][0]["training"]["epochs"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_student_trained_on_the_train_split_is_evaluated_on_the_test_split() {
+    let app = spawn_app(1).await;
+    let (model, test) = teacher_with_graph(&app).await;
+    let res = app.upload_dataset(std::fs::read(mlp::DIGITS_TRAIN).unwrap()).await;
+    let train = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let spec = json!({"model_id": model, "dataset_id": train, "evaluate": {"dataset_id": test},
+                      "steps": [{"op": "distill", "student": {"width": 0.375}, "epochs": 10, "learning_rate": 0.003, "seed": 1}]});
+    let plan: Value = app.post_json("/v1/plans", &spec).await.json().await.unwrap();
+    assert_eq!(plan["evaluation"]["samples"], 360, "{plan}");
+    assert_eq!(plan["evaluation"]["separate_dataset"], true);
+    let (_, report, _) = run_job(&app, &spec).await;
+    let e = &report["evaluation"];
+    assert_eq!(e["samples"], 360);
+    assert!((e["before"]["accuracy"].as_f64().unwrap() - mlp::TEACHER_ACCURACY).abs() < 1e-12, "{e}");
+    // The goal for width 256 -> 96 then distillation: at least 0.96 on the test split.
+    assert!(e["after"]["accuracy"].as_f64().unwrap() >= 0.96, "{e}");
+    assert_eq!(report["structure"][0]["training"]["train_samples"], 1293);
+
+    // The evaluation dataset must exist and fit the graph; a dataset in use cannot be deleted.
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let bad = json!({"model_id": model, "dataset_id": train, "evaluate": {"dataset_id": unknown}, "steps": [{"op": "quantize", "bits": 8}]});
+    assert_eq!(problem(app.create_job(&bad).await).await["pointer"], "/evaluate/dataset_id");
+    let bad = json!({"model_id": model, "evaluate": {"dataset_id": "x"}, "steps": [{"op": "quantize", "bits": 8}]});
+    assert_eq!(problem(app.create_job(&bad).await).await["pointer"], "/evaluate/dataset_id");
+    // Only an evaluation dataset: enough for `evaluate`.
+    let only = json!({"model_id": model, "evaluate": {"dataset_id": test}, "steps": [{"op": "quantize", "bits": 8}]});
+    let (_, report, _) = run_job(&app, &only).await;
+    assert_eq!(report["evaluation"]["samples"], 360);
+}

@@ -46,12 +46,29 @@ pub struct Inputs<'a> {
     pub spec_sha256: &'a str,
     /// The dataset file the plan's evaluation reads (required when the plan evaluates).
     pub dataset_path: Option<&'a Path>,
+    /// The evaluation's own dataset (`evaluate.dataset_id`), when the plan has one.
+    pub eval_dataset_path: Option<&'a Path>,
     /// The teacher's safetensors file when the plan has a separate teacher
     /// ([`crate::compress::plan::Plan::teacher_model`]).
     pub teacher_path: Option<&'a Path>,
     /// Where training steps keep checkpoints that survive a crash (a later attempt of the same
     /// job resumes from them); `None` trains without.
     pub checkpoint_dir: Option<&'a Path>,
+}
+
+impl<'a> Inputs<'a> {
+    /// A model file alone: no dataset, no teacher, no checkpoints.
+    pub fn model(model_path: &'a Path, input_sha256: &'a str, spec_sha256: &'a str) -> Inputs<'a> {
+        Inputs {
+            model_path,
+            input_sha256,
+            spec_sha256,
+            dataset_path: None,
+            eval_dataset_path: None,
+            teacher_path: None,
+            checkpoint_dir: None,
+        }
+    }
 }
 
 /// One execution: the plan, its inputs and the directory it writes into.
@@ -227,7 +244,9 @@ pub fn execute(
     // The dataset is read only by an evaluation and by structural steps (proof batches, ranking).
     let structural = plan.spec.steps.iter().any(|s| s.op().edit(plan.graph_def.is_some()).is_some());
     let data = match (&plan.dataset, inputs.dataset_path) {
-        (Some(d), Some(path)) if plan.evaluation.is_some() || structural => Some(Dataset::load(path, d)?),
+        (Some(d), Some(path)) if plan.evaluation.as_ref().is_some_and(|e| !e.separate_dataset) || structural => {
+            Some(Dataset::load(path, d)?)
+        }
         _ => None,
     };
     let mut tracker = Tracker { ctl, total: plan.totals.bytes_in, done: 0 };
@@ -406,7 +425,11 @@ pub fn execute(
     }
     // The evaluation compares with the teacher when it is another model.
     let original = job.plan.teacher_model.as_ref().map(|t| &t.graph).or(job.plan.graph_def.as_ref());
-    let evaluation = match (&job.plan.evaluation, original, &final_graph, &data) {
+    let eval_data = match (&job.plan.evaluation, job.inputs.eval_dataset_path) {
+        (Some(e), Some(path)) if e.separate_dataset => Some(Dataset::load(path, &e.dataset)?),
+        _ => None,
+    };
+    let evaluation = match (&job.plan.evaluation, original, &final_graph, eval_data.as_ref().or(data.as_ref())) {
         (Some(e), Some(original), Some(compressed), Some(data)) => {
             let before = before.take().unwrap_or(before_values);
             Some(evaluate(e, (original, &before), (compressed, &after), data, &mut tracker)?)

@@ -317,7 +317,10 @@ fn gguf(
 mod tests {
     use super::*;
     use crate::compress::engine::{execute, Inputs, Silent};
-    use crate::compress::{plan::prepare, spec::parse_compress};
+    use crate::compress::{
+        plan::{prepare, PlanInputs},
+        spec::parse_compress,
+    };
 
     /// Runs a small job with every layout; returns the temp dir, the artifacts, the input tensors and
     /// the fingerprints of the dense output (what the engine's own map holds).
@@ -334,17 +337,10 @@ mod tests {
         let outputs = serde_json::json!(["safetensors", "compressed-tensors", "sparse"]);
         let spec = parse_compress(&steps, Some(&outputs)).unwrap();
         let header = read_header(&model, u64::MAX).unwrap();
-        let plan = prepare(spec, header, None, None, None);
+        let plan = prepare(spec, PlanInputs::model(header));
         let out_dir = dir.path().join("out");
         std::fs::create_dir(&out_dir).unwrap();
-        let inputs = Inputs {
-            model_path: &model,
-            input_sha256: "0",
-            spec_sha256: "0",
-            dataset_path: None,
-            teacher_path: None,
-            checkpoint_dir: None,
-        };
+        let inputs = Inputs::model(&model, "0", "0");
         let out = execute(&plan, &inputs, &out_dir, &Silent).unwrap();
         let dense = out.artifacts.iter().find(|a| a.format == "safetensors").unwrap();
         let (dense_header, mut reader) = open(dense).unwrap();

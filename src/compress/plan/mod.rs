@@ -96,6 +96,26 @@ impl Plan {
     }
 }
 
+/// What a plan is made from, besides the spec: the model's header and graph, the job's dataset,
+/// a separate evaluation dataset and a separate distillation teacher.
+pub struct PlanInputs<'a> {
+    pub header: Header,
+    pub graph: Option<Graph>,
+    /// The job's dataset (`dataset_id`): training, proofs, ranking, and the evaluation unless
+    /// it has its own.
+    pub dataset: Option<&'a Header>,
+    /// `evaluate.dataset_id` (CLI `--eval-dataset`): the evaluation runs on it instead.
+    pub eval_dataset: Option<&'a Header>,
+    pub teacher: Option<Teacher>,
+}
+
+impl PlanInputs<'_> {
+    /// A model alone: no graph, no dataset, no teacher.
+    pub fn model(header: Header) -> PlanInputs<'static> {
+        PlanInputs { header, graph: None, dataset: None, eval_dataset: None, teacher: None }
+    }
+}
+
 /// A distillation teacher that is another model than the one the job compresses.
 #[derive(Debug, Clone)]
 pub struct Teacher {
@@ -128,8 +148,23 @@ pub struct EvaluationPlan {
     pub labels: Option<String>,
     pub samples: usize,
     pub batch_size: usize,
+    /// Whether it reads a dataset of its own (`evaluate.dataset_id`) rather than the job's.
+    pub separate_dataset: bool,
     #[serde(skip)]
     pub dataset: DatasetPlan,
+}
+
+impl EvaluationPlan {
+    fn new(options: &crate::graph::eval::EvalOptions, d: DatasetPlan, separate_dataset: bool) -> EvaluationPlan {
+        EvaluationPlan {
+            inputs: d.inputs.name.clone(),
+            labels: d.labels.as_ref().map(|l| l.name.clone()),
+            samples: d.samples,
+            batch_size: options.batch_size,
+            separate_dataset,
+            dataset: d,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -269,13 +304,8 @@ const BASE_MEMORY_BYTES: u64 = 64 << 20;
 /// Plans `spec` on the model whose header is `header`, with the model's architecture `graph`
 /// and the header of the job's `dataset` when there are: the only way to a [`Plan`], which owns
 /// all of them and is all [`crate::compress::engine::execute`] reads.
-pub fn prepare(
-    spec: CompressSpec,
-    header: Header,
-    graph: Option<Graph>,
-    dataset: Option<&Header>,
-    teacher: Option<Teacher>,
-) -> Plan {
+pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
+    let PlanInputs { header, graph, dataset, eval_dataset, teacher } = inputs;
     let tensors = header
         .tensors
         .iter()
@@ -311,7 +341,8 @@ pub fn prepare(
             None
         }
     });
-    let (dataset, evaluation) = plan_evaluation(&spec, graph.as_ref(), graph_summary.as_ref(), dataset, &mut refusals);
+    let (dataset, evaluation) =
+        plan_evaluation(&spec, graph.as_ref(), graph_summary.as_ref(), (dataset, eval_dataset), &mut refusals);
     let teacher_summary = teacher.as_ref().and_then(|t| check_teacher(&spec, t, graph_summary.as_ref(), &mut refusals));
     if let (Some((i, _)), None) = (spec.student_model_id(), &teacher) {
         refusals.push(Refusal {
@@ -498,9 +529,21 @@ fn plan_evaluation(
     spec: &CompressSpec,
     graph: Option<&Graph>,
     summary: Option<&GraphSummary>,
-    dataset: Option<&Header>,
+    (dataset, eval_dataset): (Option<&Header>, Option<&Header>),
     refusals: &mut Vec<Refusal>,
 ) -> (Option<DatasetPlan>, Option<EvaluationPlan>) {
+    if let (Some(eval), Some(summary), Some(options)) = (eval_dataset, summary, &spec.evaluate) {
+        // Two datasets: the job's for the steps, the evaluation's for the evaluation.
+        let steps_only = CompressSpec { evaluate: None, ..spec.clone() };
+        let (train, _) = plan_evaluation(&steps_only, graph, Some(summary), (dataset, None), refusals);
+        return match plan_dataset(eval, options, &summary.input_shape, &summary.output_shape) {
+            Ok(d) => (train, Some(EvaluationPlan::new(options, d, true))),
+            Err(detail) => {
+                refusals.push(Refusal { pointer: "/evaluate/dataset_id".into(), tensor: None, detail });
+                (train, None)
+            }
+        };
+    }
     let pointer = if spec.evaluate.is_some() { "/evaluate" } else { "/dataset_id" };
     let refuse = |refusals: &mut Vec<Refusal>, detail: String| {
         refusals.push(Refusal { pointer: pointer.into(), tensor: None, detail });
@@ -533,13 +576,7 @@ fn plan_evaluation(
     };
     match plan_dataset(dataset, &options, &summary.input_shape, &summary.output_shape) {
         Ok(d) => {
-            let evaluation = spec.evaluate.as_ref().map(|o| EvaluationPlan {
-                inputs: d.inputs.name.clone(),
-                labels: d.labels.as_ref().map(|l| l.name.clone()),
-                samples: d.samples,
-                batch_size: o.batch_size,
-                dataset: d.clone(),
-            });
+            let evaluation = spec.evaluate.as_ref().map(|o| EvaluationPlan::new(o, d.clone(), false));
             (Some(d), evaluation)
         }
         Err(detail) => {

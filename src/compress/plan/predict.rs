@@ -127,9 +127,9 @@ mod tests {
             Some(&serde_json::json!(["sparse"])),
         )
         .unwrap();
-        let p = prepare(spec.clone(), header(&["fc", "fc.weight"]), None, None, None);
+        let p = prepare(spec.clone(), PlanInputs::model(header(&["fc", "fc.weight"])));
         assert_eq!(p.refusals.len(), 4, "{:?}", p.refusals);
         assert!(p.refusals[0].detail.contains("`fc.shape` would collide with one from `fc`"), "{:?}", p.refusals[0]);
-        assert!(prepare(spec, header(&["a.weight", "b.weight"]), None, None, None).refusals.is_empty());
+        assert!(prepare(spec, PlanInputs::model(header(&["a.weight", "b.weight"]))).refusals.is_empty());
     }
 }
