@@ -533,8 +533,15 @@ fn plan_evaluation(
     refusals: &mut Vec<Refusal>,
 ) -> (Option<DatasetPlan>, Option<EvaluationPlan>) {
     if let (Some(eval), Some(summary), Some(options)) = (eval_dataset, summary, &spec.evaluate) {
-        // Two datasets: the job's for the steps, the evaluation's for the evaluation.
-        let steps_only = CompressSpec { evaluate: None, ..spec.clone() };
+        // Two datasets: the job's for the steps, the evaluation's for the evaluation. The job's
+        // is read by the tensor names a `distill` step gives, else by the evaluation's.
+        let names_given = spec.steps.iter().any(|s| matches!(s, super::ops::Step::Distill(d) if d.inputs.is_some()));
+        let same_names = crate::graph::eval::EvalOptions {
+            inputs: options.inputs.clone(),
+            labels: options.labels.clone(),
+            ..Default::default()
+        };
+        let steps_only = CompressSpec { evaluate: (!names_given).then_some(same_names), ..spec.clone() };
         let (train, _) = plan_evaluation(&steps_only, graph, Some(summary), (dataset, None), refusals);
         return match plan_dataset(eval, options, &summary.input_shape, &summary.output_shape) {
             Ok(d) => (train, Some(EvaluationPlan::new(options, d, true))),
