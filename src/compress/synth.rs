@@ -81,7 +81,6 @@ pub fn memcpy_bytes_per_sec(src: &[f32], repeats: usize) -> f64 {
 /// `cargo test --all-targets` also runs `harness = false` benchmarks, without `--bench`: each
 /// benchmark calls this first and returns at once unless `cargo bench` started it.
 pub fn run_as_benchmark(name: &str) -> bool {
-    crate::tune_process();
     let bench = std::env::args().any(|a| a == "--bench");
     if !bench {
         println!("{name} benchmark skipped (run it with `cargo bench --bench {name}`)");
