@@ -427,6 +427,8 @@ pub struct DistillConfig {
     pub batch_size: usize,
     pub learning_rate: f64,
     pub weight_decay: f64,
+    /// AdamW's moment decay rates (beta1, beta2).
+    pub betas: (f64, f64),
     pub temperature: f64,
     /// Weight of the KD term; `1 - kd_weight` weighs cross-entropy with the labels.
     pub kd_weight: f64,
@@ -648,6 +650,7 @@ pub fn distill(
         Ok((y.iter().zip(&target).filter(|(a, b)| a == b).count() as f64 / validation as f64, ce))
     };
     let mut opt = AdamW::new(config.learning_rate, config.weight_decay);
+    (opt.beta1, opt.beta2) = config.betas;
     let batches = train.div_ceil(config.batch_size.max(1));
     let total_steps = (batches * config.epochs).max(1);
     let mut rng = config.seed ^ 0x9E37_79B9_7F4A_7C15;

@@ -526,6 +526,7 @@ async fn feature_distillation_matches_named_layers_of_equal_width() {
         (json!({"op": "distill", "loss": "features"}), "/steps/0/loss"),
         (json!({"op": "distill", "feature_weight": 2.0}), "/steps/0/feature_weight"),
         (json!({"op": "distill", "features": []}), "/steps/0/features"),
+        (json!({"op": "distill", "betas": [0.9, 1.0]}), "/steps/0/betas"),
     ] {
         let p = problem(app.create_job(&job(distill)).await).await;
         assert_eq!(p["pointer"], pointer, "{p}");

@@ -50,6 +50,7 @@ struct RawDistill {
     batch_size: Option<usize>,
     learning_rate: Option<f64>,
     weight_decay: Option<f64>,
+    betas: Option<[f64; 2]>,
     temperature: Option<f64>,
     kd_weight: Option<f64>,
     schedule: Option<RawSchedule>,
@@ -98,6 +99,7 @@ fn preset(p: RawPreset) -> DistillConfig {
         batch_size: 64,
         learning_rate: 1e-3,
         weight_decay: 0.0,
+        betas: (0.9, 0.999),
         temperature: 4.0,
         kd_weight: 0.5,
         cosine: true,
@@ -156,6 +158,12 @@ fn parse(value: &Value, at: &str, qat: bool) -> Result<DistillStep, SpecError> {
             return Err(field(at, "weight_decay", format!("weight_decay must be >= 0, got {v}")));
         }
         c.weight_decay = v;
+    }
+    if let Some([b1, b2]) = raw.betas {
+        if !((0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2)) {
+            return Err(field(at, "betas", format!("betas are two decay rates in [0, 1), got [{b1}, {b2}]")));
+        }
+        c.betas = (b1, b2);
     }
     if let Some(v) = raw.temperature {
         c.temperature = positive(v, "temperature")?;

@@ -542,7 +542,10 @@ fn plan_evaluation(
             ..Default::default()
         };
         let steps_only = CompressSpec { evaluate: (!names_given).then_some(same_names), ..spec.clone() };
-        let (train, _) = plan_evaluation(&steps_only, graph, Some(summary), (dataset, None), refusals);
+        let train = match dataset {
+            Some(_) => plan_evaluation(&steps_only, graph, Some(summary), (dataset, None), refusals).0,
+            None => None,
+        };
         return match plan_dataset(eval, options, &summary.input_shape, &summary.output_shape) {
             Ok(d) => (train, Some(EvaluationPlan::new(options, d, true))),
             Err(detail) => {

@@ -147,6 +147,7 @@ fn a_run_stopped_after_a_checkpoint_resumes_to_the_same_student_bit_for_bit() {
         batch_size: 8,
         learning_rate: 1e-2,
         weight_decay: 0.01,
+        betas: (0.9, 0.99),
         temperature: 2.0,
         kd_weight: 0.5,
         cosine: true,
