@@ -50,6 +50,34 @@ pub enum Command {
         #[command(flatten)]
         job: JobArgs,
     },
+    /// Manage API keys in the configured data directory (works with the server running or not).
+    Keys {
+        #[command(subcommand)]
+        action: KeysCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print it (the only time the full key is shown).
+    Create {
+        /// Who the key acts for.
+        #[arg(long)]
+        principal: String,
+        /// `read`, `write` or `admin`.
+        #[arg(long, default_value = "write")]
+        scopes: String,
+        /// A label for the key.
+        #[arg(long)]
+        name: Option<String>,
+        /// Days until the key stops working.
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+    },
+    /// List the keys (never their secrets), as JSON.
+    List,
+    /// Revoke a key by its id (the 12 characters after `mp_`).
+    Revoke { id: String },
 }
 
 /// A model, a spec, and optionally the model's graph and a dataset.
@@ -121,9 +149,51 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let (plan, _) = prepare_job(&job, limit)?;
             print_out(&serde_json::to_string_pretty(&plan)?)?;
         }
+        Command::Keys { action } => {
+            let settings = Settings::load(cli.config.as_deref())?;
+            return runtime()?.block_on(keys(&settings, action));
+        }
         Command::Compress { job, out } => {
             let limit = Settings::load(cli.config.as_deref())?.queue.job_memory_limit();
             return compress(&job, &out, limit);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `modelpress keys ...`, straight on the database (SQLite lets the server run meanwhile).
+async fn keys(settings: &Settings, action: KeysCommand) -> anyhow::Result<ExitCode> {
+    use crate::storage::keys::{CreateError, KeyStore};
+    std::fs::create_dir_all(&settings.storage.data_dir)?;
+    let store = KeyStore::new(crate::storage::db::connect(&settings.storage.data_dir).await?);
+    match action {
+        KeysCommand::Create { principal, scopes, name, expires_in_days } => {
+            let (scope, expires) = crate::http::auth::check_new_key(&principal, &scopes, expires_in_days)
+                .map_err(|e| anyhow::anyhow!("{}", e.detail))?;
+            match store.create(&principal, name.as_deref(), scope, expires).await {
+                Ok((record, key)) => {
+                    eprintln!(
+                        "key {} for `{}` ({}); it is shown only now:",
+                        record.id, record.principal, record.scopes
+                    );
+                    println!("{key}");
+                }
+                Err(CreateError::TooManyKeys(n)) => {
+                    anyhow::bail!("`{principal}` already has {n} live keys (the most for rotation): revoke one first")
+                }
+                Err(CreateError::Database(e)) => return Err(e.into()),
+            }
+        }
+        KeysCommand::List => {
+            let views: Vec<crate::http::auth::KeyView> =
+                store.list().await?.iter().map(crate::http::auth::KeyView::from).collect();
+            print_out(&serde_json::to_string_pretty(&views)?)?;
+        }
+        KeysCommand::Revoke { id } => {
+            if !store.revoke(&id).await? {
+                anyhow::bail!("no key with id `{id}`");
+            }
+            eprintln!("key {id} revoked");
         }
     }
     Ok(ExitCode::SUCCESS)

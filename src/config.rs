@@ -14,6 +14,15 @@ pub struct Settings {
     pub storage: StorageSettings,
     pub queue: QueueSettings,
     pub log: LogSettings,
+    pub auth: AuthSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Every request but the health checks and the docs needs a key, even before one exists
+    /// (the container sets it). Otherwise keys are needed as soon as one live key exists.
+    pub required: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

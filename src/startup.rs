@@ -116,6 +116,7 @@ impl Application {
             workers_alive: workers.alive(),
             workers_expected: worker_count,
             openapi: Arc::default(),
+            keys: crate::storage::keys::KeyStore::new(pool.clone()),
         };
         let address = format!("{}:{}", settings.server.host, settings.server.port);
         let listener = TcpListener::bind(&address).await.with_context(|| format!("binding {address}"))?;

@@ -1,5 +1,6 @@
 //! HTTP: routing, extraction, errors. Handlers are grouped per resource.
 
+pub mod auth;
 pub mod download;
 pub mod error;
 pub mod events;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub workers_expected: usize,
     /// The rendered OpenAPI document, built once at start.
     pub openapi: Arc<String>,
+    /// API keys.
+    pub keys: crate::storage::keys::KeyStore,
 }
 
 /// A page of a cursor-paginated list.
@@ -92,7 +95,7 @@ pub fn parse_id(raw: &str, what: &str) -> ApiResult<String> {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "ModelPress", description = "Makes neural-network models smaller: upload a safetensors model, plan and run compression jobs, download the artifacts and the per-tensor report."),
-    tags((name = "models"), (name = "datasets"), (name = "jobs"), (name = "plans"), (name = "operations"))
+    tags((name = "models"), (name = "datasets"), (name = "jobs"), (name = "plans"), (name = "keys"), (name = "operations"))
 )]
 struct ApiDoc;
 
@@ -113,6 +116,8 @@ fn api_router() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(jobs::list_artifacts))
         .routes(routes!(jobs::get_report))
         .routes(routes!(plans::create_plan))
+        .routes(routes!(auth::create_key, auth::list_keys))
+        .routes(routes!(auth::revoke_key))
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics_text))
@@ -138,6 +143,7 @@ pub fn router(mut state: AppState) -> Router {
         .route("/docs", axum::routing::get(ops::docs))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate))
         .with_state(state)
         .layer(axum::middleware::from_fn(record_metrics))
         .layer(axum::middleware::from_fn(scope_request_id))

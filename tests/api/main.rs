@@ -1,5 +1,6 @@
 //! Integration tests: the real application on port 0 with a temp data dir, spoken to over HTTP.
 
+mod auth;
 mod cli;
 mod crash;
 mod faults;

@@ -1,0 +1,177 @@
+//! API keys: scopes, the key lifecycle, and the open routes.
+
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+/// `modelpress keys ...` on the app's data directory, as an operator would run it.
+fn keys_cli(app: &TestApp, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_modelpress"))
+        .arg("keys")
+        .args(args)
+        .env("MODELPRESS__STORAGE__DATA_DIR", app.data_dir())
+        .output()
+        .expect("binary runs")
+}
+
+fn create_key_cli(app: &TestApp, principal: &str, scopes: &str) -> String {
+    let out = keys_cli(app, &["create", "--principal", principal, "--scopes", scopes]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+async fn send(app: &TestApp, method: reqwest::Method, path: &str, key: Option<&str>) -> reqwest::Response {
+    let mut req = app.client.request(method, app.url(path));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    req.send().await.unwrap()
+}
+
+async fn problem(res: reqwest::Response, status: u16) -> Value {
+    assert_eq!(res.status(), status);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    if status == 401 {
+        assert_eq!(res.headers()["www-authenticate"], "Bearer realm=\"modelpress\"");
+    }
+    res.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn without_keys_the_embedded_server_is_open_and_the_first_key_closes_it() {
+    let app = spawn_app(0).await;
+    assert_eq!(send(&app, reqwest::Method::GET, "/v1/models", None).await.status(), 200);
+    let admin = create_key_cli(&app, "ops", "admin");
+    assert!(admin.starts_with("mp_"), "{admin}");
+    let p = problem(send(&app, reqwest::Method::GET, "/v1/models", None).await, 401).await;
+    assert!(p["detail"].as_str().unwrap().contains("Bearer"), "{p}");
+    assert_eq!(send(&app, reqwest::Method::GET, "/v1/models", Some(&admin)).await.status(), 200);
+    // Health checks and the docs stay open; metrics do not.
+    for open in ["/healthz", "/readyz", "/openapi.json", "/docs"] {
+        assert_eq!(send(&app, reqwest::Method::GET, open, None).await.status(), 200, "{open}");
+    }
+    problem(send(&app, reqwest::Method::GET, "/metrics", None).await, 401).await;
+    assert_eq!(send(&app, reqwest::Method::GET, "/metrics", Some(&admin)).await.status(), 200);
+}
+
+#[tokio::test]
+async fn scopes_decide_what_a_key_may_do() {
+    let app = spawn_app_with(0, |s| s.auth.required = true).await;
+    // Required: closed before any key exists.
+    problem(send(&app, reqwest::Method::GET, "/v1/models", None).await, 401).await;
+    let admin = create_key_cli(&app, "ops", "admin");
+    let new_key = |principal: &str, scopes: &str| {
+        let body = json!({"principal": principal, "scopes": scopes, "name": "test"});
+        app.client.post(app.url("/v1/keys")).bearer_auth(&admin).json(&body).send()
+    };
+    let res = new_key("alice", "read").await.unwrap();
+    assert_eq!(res.status(), 201);
+    let created: Value = res.json().await.unwrap();
+    let reader = created["key"].as_str().unwrap().to_owned();
+    assert_eq!(created["principal"], "alice");
+    let writer: Value = new_key("bob", "write").await.unwrap().json().await.unwrap();
+    let writer = writer["key"].as_str().unwrap().to_owned();
+
+    // read: lists and downloads, no uploads; write: uploads, no keys; admin: keys.
+    assert_eq!(send(&app, reqwest::Method::GET, "/v1/models", Some(&reader)).await.status(), 200);
+    let upload = |key: &str| app.client.post(app.url("/v1/models")).bearer_auth(key).body(small_model()).send();
+    let p = problem(upload(&reader).await.unwrap(), 403).await;
+    assert!(p["detail"].as_str().unwrap().contains("`write` scope"), "{p}");
+    assert_eq!(upload(&writer).await.unwrap().status(), 201);
+    problem(send(&app, reqwest::Method::GET, "/v1/keys", Some(&writer)).await, 403).await;
+    let listed: Value = send(&app, reqwest::Method::GET, "/v1/keys", Some(&admin)).await.json().await.unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 3);
+    assert!(!listed.to_string().contains(&reader[16..]), "secrets are never listed");
+    assert!(listed.to_string().contains("last_used_at"));
+
+    // Two live keys per principal (rotation), not three.
+    assert_eq!(new_key("alice", "read").await.unwrap().status(), 201);
+    let p = problem(new_key("alice", "read").await.unwrap(), 409).await;
+    assert_eq!(p["code"], "too_many_keys");
+    let p = problem(
+        app.client
+            .post(app.url("/v1/keys"))
+            .bearer_auth(&admin)
+            .json(&json!({"principal": "a b", "scopes": "read"}))
+            .send()
+            .await
+            .unwrap(),
+        422,
+    )
+    .await;
+    assert_eq!(p["pointer"], "/principal");
+    let p = problem(
+        app.client
+            .post(app.url("/v1/keys"))
+            .bearer_auth(&admin)
+            .json(&json!({"principal": "c", "scopes": "root"}))
+            .send()
+            .await
+            .unwrap(),
+        422,
+    )
+    .await;
+    assert_eq!(p["pointer"], "/scopes");
+
+    // Revoked keys stop at once, on the API and from the CLI.
+    let id = &reader[3..15];
+    assert_eq!(send(&app, reqwest::Method::DELETE, &format!("/v1/keys/{id}"), Some(&admin)).await.status(), 204);
+    let p = problem(send(&app, reqwest::Method::GET, "/v1/models", Some(&reader)).await, 401).await;
+    assert!(p["detail"].as_str().unwrap().contains("revoked"), "{p}");
+    let out = keys_cli(&app, &["revoke", &writer[3..15]]);
+    assert!(out.status.success());
+    problem(send(&app, reqwest::Method::GET, "/v1/models", Some(&writer)).await, 401).await;
+    let out = keys_cli(&app, &["list"]);
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().iter().filter(|k| k["revoked_at"].is_string()).count(), 2);
+}
+
+#[tokio::test]
+async fn malformed_mistyped_unknown_and_expired_keys_are_401() {
+    let app = spawn_app_with(0, |s| s.auth.required = true).await;
+    let admin = create_key_cli(&app, "ops", "admin");
+    let mut typo = admin.clone().into_bytes();
+    typo[30] = if typo[30] == b'x' { b'y' } else { b'x' };
+    let typo = String::from_utf8(typo).unwrap();
+    let get = |auth: &str| app.client.get(app.url("/v1/models")).header("authorization", auth.to_owned()).send();
+    for (auth, words) in [
+        (format!("Basic {admin}"), "Bearer mp_"),
+        ("Bearer sk-123".to_string(), "not a ModelPress key"),
+        (format!("Bearer {typo}"), "checksum"),
+    ] {
+        let p = problem(get(&auth).await.unwrap(), 401).await;
+        assert!(p["detail"].as_str().unwrap().contains(words), "{auth}: {p}");
+    }
+    // A well-formed key that was never issued (its checksum is right).
+    let forged = {
+        let out = Command::new(env!("CARGO_BIN_EXE_modelpress"))
+            .args(["keys", "create", "--principal", "elsewhere", "--scopes", "admin"])
+            .env("MODELPRESS__STORAGE__DATA_DIR", tempfile::tempdir().unwrap().path())
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let p = problem(get(&format!("Bearer {forged}")).await.unwrap(), 401).await;
+    assert_eq!(p["detail"], "unknown key");
+    // Expired: a key whose expiry is moved into the past in the database.
+    let out = keys_cli(&app, &["create", "--principal", "temp", "--scopes", "read", "--expires-in-days", "1"]);
+    let temp = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(get(&format!("Bearer {temp}")).await.unwrap().status(), 200);
+    let db = app.data_dir().join("modelpress.db");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display())).await.unwrap();
+    sqlx::query("update api_keys set expires_at = 1 where id = ?").bind(&temp[3..15]).execute(&pool).await.unwrap();
+    let p = problem(get(&format!("Bearer {temp}")).await.unwrap(), 401).await;
+    assert!(p["detail"].as_str().unwrap().contains("expired"), "{p}");
+    assert_eq!(get(&format!("Bearer {admin}")).await.unwrap().status(), 200);
+    // Only a hash of the secret is stored.
+    let stored: Vec<String> = sqlx::query_scalar("select secret_sha256 from api_keys").fetch_all(&pool).await.unwrap();
+    assert!(stored.iter().all(|h| h.len() == 64 && !admin.contains(h.as_str())));
+    let used: Option<i64> = sqlx::query_scalar("select last_used_at from api_keys where id = ?")
+        .bind(&admin[3..15])
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(used.is_some(), "last_used_at is recorded");
+}
