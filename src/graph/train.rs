@@ -484,7 +484,7 @@ pub struct EpochRecord {
 pub struct TrainingRecord {
     pub epochs: Vec<EpochRecord>,
     /// The epoch whose student was kept (best validation accuracy, then lowest validation
-    /// cross-entropy, then earliest); 0 means the
+    /// cross-entropy, then earliest; the last one without held-out samples); 0 means the
     /// student before training was better than every epoch.
     pub best_epoch: usize,
     pub validation_accuracy_before: f64,
@@ -765,7 +765,8 @@ pub fn distill(
         });
         // Ties in accuracy (a small held-out split has few distinct values) go to the lower
         // held-out cross-entropy.
-        if accuracy > best || (accuracy == best && validation_loss < best_loss) {
+        // Without held-out samples there is nothing to choose by: the last epoch is kept.
+        if validation == 0 || accuracy > best || (accuracy == best && validation_loss < best_loss) {
             (best, best_loss, best_epoch, best_weights) = (accuracy, validation_loss, epoch, student.weights()?);
         }
         if let Some(path) = checkpoint {

@@ -59,6 +59,13 @@ pub async fn spec_and_plan(state: &AppState, body: &[u8]) -> ApiResult<(JobSpec,
                     "the teacher (`model_id`) runs during distillation, which needs its architecture graph: attach one with PUT /v1/models/{id}/graph",
                 )]));
             };
+            if student.graph.is_none() {
+                return Err(ApiError::spec(vec![SpecError::new(
+                    format!("/steps/{i}/student_model_id"),
+                    "plan_refused",
+                    format!("the student `{id}` has no architecture graph, which training needs: attach one with PUT /v1/models/{id}/graph"),
+                )]));
+            }
             let path = state.blobs.local_path(&model.sha256).await.map_err(ApiError::io)?;
             (student, Some((graph, path)))
         }

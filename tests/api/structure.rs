@@ -479,17 +479,33 @@ async fn an_uploaded_student_learns_from_the_jobs_model_as_its_teacher() {
     let p = problem(app.create_job(&spec(json!([{"op": "distill", "student_model_id": other}]))).await).await;
     assert_eq!(p["pointer"], "/steps/0/student_model_id", "{p}");
     assert!(p.to_string().contains("same logits"), "{p}");
+    // A student without a graph, and a student named by a later step.
+    let bare = app.upload_ok(safetensors_f32(&[("fc.weight", vec![10, 64], values(640, 4, 0.1))])).await;
+    let p = problem(app.create_job(&spec(json!([{"op": "distill", "student_model_id": bare}]))).await).await;
+    assert_eq!(p["pointer"], "/steps/0/student_model_id", "{p}");
+    assert!(p.to_string().contains("no architecture graph"), "{p}");
+    let later = json!([{"op": "quantize", "bits": 8}, {"op": "distill", "student_model_id": student}]);
+    let p = problem(app.create_job(&spec(later)).await).await;
+    assert!(p.to_string().contains("/steps/1/student_model_id"), "{p}");
+    // Without held-out samples the last epoch is kept.
+    let all = json!([{"op": "distill", "student_model_id": student, "epochs": 3, "validation_fraction": 0.0}]);
+    let (_, report, _) = run_job(&app, &spec(all)).await;
+    assert_eq!(report["structure"][0]["training"]["best_epoch"], 3);
 }
 
 #[tokio::test]
 async fn a_student_read_by_a_queued_job_can_be_neither_deleted_nor_regraphed() {
     let app = spawn_app(0).await;
     let (teacher, dataset, student) = teacher_and_student(&app).await;
-    let spec = json!({"model_id": teacher, "dataset_id": dataset,
+    let res = app.upload_dataset(std::fs::read(mlp::DIGITS_TRAIN).unwrap()).await;
+    let train = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let spec = json!({"model_id": teacher, "dataset_id": train, "evaluate": {"dataset_id": dataset},
                       "steps": [{"op": "distill", "student_model_id": student}]});
     app.create_job_ok(&spec).await;
     let res = app.client.delete(app.url(&format!("/v1/models/{student}"))).send().await.unwrap();
     assert_eq!(res.status(), 409);
+    let res = app.client.delete(app.url(&format!("/v1/datasets/{dataset}"))).send().await.unwrap();
+    assert_eq!(res.status(), 409, "the evaluation's dataset is in use too");
     let g = json!({"input": {"shape": [64]}, "layers": [{"kind": "linear", "name": "fc1"}]});
     assert_eq!(app.put_json(&format!("/v1/models/{student}/graph"), &g).await.status(), 409);
     assert_eq!(app.get(&format!("/v1/models/{student}")).await.status(), 200);
@@ -515,6 +531,32 @@ async fn feature_distillation_matches_named_layers_of_equal_width() {
     let (_, report, _) = run_job(&app, &job(alone)).await;
     let epochs = report["structure"][0]["training"]["epochs"].as_array().unwrap().clone();
     assert!(epochs[5]["loss"].as_f64().unwrap() < epochs[0]["loss"].as_f64().unwrap(), "{epochs:?}");
+
+    // The student's fc2 and the teacher's fc2 are the same computation before training: with a
+    // learning rate of ~0 the feature loss is exactly 0 (the right rows of the right layers).
+    let same = json!({"op": "distill", "epochs": 1, "loss": "features", "learning_rate": 1e-30,
+                      "features": [{"teacher": "fc2", "student": "fc2"}, {"teacher": "/layers/1", "student": "/layers/1"}]});
+    let (_, report, _) = run_job(&app, &job(same)).await;
+    assert_eq!(report["structure"][0]["training"]["epochs"][0]["loss"], 0.0, "{}", report["structure"]);
+    // The teacher's feature outputs are held for every sample: the plan counts them.
+    let peak = |d: Value| {
+        let body = job(d);
+        let app = &app;
+        async move {
+            app.post_json("/v1/plans", &body).await.json::<Value>().await.unwrap()["peak_memory_bytes"]
+                .as_u64()
+                .unwrap()
+        }
+    };
+    let without = peak(json!({"op": "distill"})).await;
+    let with = peak(json!({"op": "distill", "features": [{"teacher": "fc2", "student": "fc2"}]})).await;
+    assert_eq!(with - without, 4 * 360 * 256, "one float per sample and unit of fc2");
+    // Features alone need no labels.
+    let unlabelled = app.upload_dataset(safetensors_f32(&[("inputs", vec![40, 64], values(40 * 64, 1, 0.5))])).await;
+    let unlabelled = unlabelled.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let alone = json!({"model_id": model, "dataset_id": unlabelled, "steps": [{"op": "distill", "epochs": 1,
+                       "loss": "features", "features": [{"teacher": "fc2", "student": "fc2"}]}]});
+    run_job(&app, &alone).await;
 
     for (distill, pointer) in [
         (
@@ -583,7 +625,7 @@ async fn a_student_trained_on_the_train_split_is_evaluated_on_the_test_split() {
     assert!(e["after"]["accuracy"].as_f64().unwrap() >= 0.96, "{e}");
     assert_eq!(report["structure"][0]["training"]["train_samples"], 1293);
 
-    // The evaluation dataset must exist and fit the graph; a dataset in use cannot be deleted.
+    // The evaluation dataset must exist and be a UUID.
     let unknown = uuid::Uuid::now_v7().to_string();
     let bad = json!({"model_id": model, "dataset_id": train, "evaluate": {"dataset_id": unknown}, "steps": [{"op": "quantize", "bits": 8}]});
     assert_eq!(problem(app.create_job(&bad).await).await["pointer"], "/evaluate/dataset_id");

@@ -228,6 +228,8 @@ fn parse(value: &Value, at: &str, qat: bool) -> Result<DistillStep, SpecError> {
             ));
         }
         c.features_only = true;
+        // No logits term: the labels' cross-entropy does not apply either.
+        c.kd_weight = 1.0;
     }
     if let Some(RawLoss::Mse) = raw.loss {
         if raw.kd_weight.is_some() || raw.temperature.is_some() {

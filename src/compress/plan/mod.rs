@@ -344,6 +344,16 @@ pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
     let (dataset, evaluation) =
         plan_evaluation(&spec, graph.as_ref(), graph_summary.as_ref(), (dataset, eval_dataset), &mut refusals);
     let teacher_summary = teacher.as_ref().and_then(|t| check_teacher(&spec, t, graph_summary.as_ref(), &mut refusals));
+    for (i, step) in spec.steps.iter().enumerate() {
+        let names_student = matches!(step, super::ops::Step::Distill(d) if d.student_model_id.is_some());
+        if names_student && i > 0 {
+            refusals.push(Refusal {
+                pointer: format!("/steps/{i}/student_model_id"),
+                tensor: None,
+                detail: "`student_model_id` replaces the model the whole job works on, so only the first step may name it; chain jobs with `register: true` to distill again".into(),
+            });
+        }
+    }
     if let (Some((i, _)), None) = (spec.student_model_id(), &teacher) {
         refusals.push(Refusal {
             pointer: format!("/steps/{i}/student_model_id"),
@@ -411,7 +421,9 @@ pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
         .collect();
     let max_numel = tensors.iter().map(|tp| tp.out.numel().max(header.tensors[tp.index].numel()) as u64).max();
     let prepasses = spec.steps.iter().map(|s| s.op().prepasses()).sum();
-    let eval_bytes = evaluation.as_ref().map_or(0, |e| eval_memory(e, graph_summary.as_ref()));
+    let eval_bytes = evaluation
+        .as_ref()
+        .map_or(0, |e| eval_memory(e, graph_summary.as_ref(), teacher_summary.as_ref().or(graph_summary.as_ref())));
     // Structural steps hold the model's (graph's) tensors in f32, a reference copy for the proof
     // and the edited copy: three times its parameters. Distillation adds the teacher (the
     // original or a separate model), the gradients and AdamW's two moments (three more copies)
@@ -439,9 +451,21 @@ pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
             let (samples, inputs) =
                 dataset.as_ref().map_or((batch, 0), |d| (d.samples as u64, d.inputs.numel() as u64));
             let classes = graph_summary.as_ref().map_or(0, |g| g.output_shape.iter().product::<usize>() as u64);
+            // The teacher's outputs of every feature pair's layer, for every sample.
+            let feature_width: u64 = spec
+                .steps
+                .iter()
+                .filter_map(|s| match s {
+                    super::ops::Step::Distill(d) => Some(&d.config.features),
+                    _ => None,
+                })
+                .flatten()
+                .filter_map(|(t, _)| teacher_summary.as_ref().or(graph_summary.as_ref())?.layer(t))
+                .map(|l| l.shape_out.iter().product::<usize>() as u64)
+                .sum();
             6 * model_bytes
                 + teacher_bytes
-                + 4 * (inputs + samples * classes)
+                + 4 * (inputs + samples * (classes + feature_width))
                 + 4 * 4 * batch.min(samples) * widest * graph_summary.as_ref().map_or(1, |g| g.layers.len() as u64)
         }
     };
@@ -596,13 +620,15 @@ fn plan_evaluation(
     }
 }
 
-/// Memory an evaluation adds: the graph's weights twice (original and compressed) in f32, the
-/// dataset's inputs in f32, and a batch's activations (two layers' outputs at a time, both models).
-fn eval_memory(e: &EvaluationPlan, graph: Option<&GraphSummary>) -> u64 {
-    let Some(g) = graph else { return 0 };
-    let widest = g.layers.iter().map(|l| l.shape_out.iter().product::<usize>()).max().unwrap_or(0) as u64;
+/// Memory an evaluation adds: the original model's weights (the teacher's when it is another
+/// model) and the compressed model's in f32, the dataset's inputs in f32, and a batch's
+/// activations (two layers' outputs at a time, both models).
+fn eval_memory(e: &EvaluationPlan, graph: Option<&GraphSummary>, original: Option<&GraphSummary>) -> u64 {
+    let (Some(g), Some(o)) = (graph, original) else { return 0 };
+    let widest = |s: &GraphSummary| s.layers.iter().map(|l| l.shape_out.iter().product::<usize>()).max().unwrap_or(0);
+    let widest = widest(g).max(widest(o)) as u64;
     let inputs = e.dataset.inputs.numel() as u64;
-    2 * 4 * g.parameters + 4 * inputs + 4 * 4 * e.batch_size as u64 * widest
+    4 * (g.parameters + o.parameters) + 4 * inputs + 4 * 4 * e.batch_size as u64 * widest
 }
 
 /// Fills what each tensor becomes in the requested layouts (plan fields `matrix`, `gguf_type`,

@@ -348,3 +348,41 @@ fn taps_return_the_outputs_of_the_layers_at_their_pointers_residual_blocks_inclu
     let err = model.forward_taps(&x, &["/layers/99".to_string()]).err().unwrap();
     assert!(err.contains("/layers/99"), "{err}");
 }
+
+#[test]
+fn epochs_tied_on_held_out_accuracy_are_decided_by_held_out_cross_entropy() {
+    // The held-out half repeats the training half, training is full-batch plain cross-entropy
+    // with a tiny step: accuracy cannot move, the held-out cross-entropy falls every epoch, so
+    // the last epoch wins (the earliest, 0, won before the tie-break).
+    let graph = Graph::parse(&json!({"input": {"shape": [6]}, "layers": [{"kind": "linear", "name": "a"}]})).unwrap();
+    let mut w = Weights::new();
+    put(&mut w, "a.weight", &[4, 6], 1);
+    let half = values(20 * 6, 4);
+    let inputs = [half.clone(), half].concat();
+    let labels: Vec<f32> = (0..40).map(|i| ((i % 20) % 4) as f32).collect();
+    let config = DistillConfig {
+        epochs: 4,
+        batch_size: 20,
+        learning_rate: 1e-5,
+        weight_decay: 0.0,
+        betas: (0.9, 0.999),
+        temperature: 1.0,
+        kd_weight: 0.0,
+        cosine: false,
+        validation_fraction: 0.5,
+        seed: 1,
+        mse: false,
+        qat_bits: None,
+        features: Vec::new(),
+        feature_weight: 1.0,
+        features_only: false,
+    };
+    let teacher = TeacherOutputs { logits: values(40 * 4, 5), features: Vec::new() };
+    let student = Trainable::new(&graph, &w).unwrap();
+    let record = distill(&student, &inputs, &[6], &teacher, Some(&labels), &config, None, &mut |_| true).unwrap();
+    let accuracies: Vec<f64> = record.epochs.iter().map(|e| e.validation_accuracy).collect();
+    assert!(accuracies.iter().all(|a| *a == record.validation_accuracy_before), "{accuracies:?}");
+    let losses: Vec<f64> = record.epochs.iter().map(|e| e.validation_loss).collect();
+    assert!(losses.windows(2).all(|p| p[1] < p[0]), "{losses:?}");
+    assert_eq!(record.best_epoch, 4);
+}
