@@ -452,6 +452,30 @@ pub struct DistillConfig {
     pub features_only: bool,
 }
 
+impl Default for DistillConfig {
+    /// The `classification` preset: T = 4 and kd_weight 0.5 (Hinton et al. 2015), AdamW at 1e-3
+    /// with PyTorch's betas, 10 epochs of batches of 64 with a cosine schedule, 10% held out.
+    fn default() -> Self {
+        DistillConfig {
+            epochs: 10,
+            batch_size: 64,
+            learning_rate: 1e-3,
+            weight_decay: 0.0,
+            betas: (0.9, 0.999),
+            temperature: 4.0,
+            kd_weight: 0.5,
+            cosine: true,
+            validation_fraction: 0.1,
+            seed: 0,
+            mse: false,
+            qat_bits: None,
+            features: Vec::new(),
+            feature_weight: 1.0,
+            features_only: false,
+        }
+    }
+}
+
 /// Mean squared error between two batches of logits (mean over every entry), the teacher's
 /// detached.
 pub fn mse_loss(student: &Tensor, teacher: &Tensor) -> candle_core::Result<Tensor> {

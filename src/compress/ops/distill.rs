@@ -94,23 +94,7 @@ pub const MAX_EPOCHS: usize = 1000;
 /// - `recovery`: after a shrink, the Minitron recipe (Muralidharan et al., 2024): logit
 ///   distillation alone (kd_weight 1, T = 1), AdamW at 1e-3, 20 epochs, cosine.
 fn preset(p: RawPreset) -> DistillConfig {
-    let base = DistillConfig {
-        epochs: 10,
-        batch_size: 64,
-        learning_rate: 1e-3,
-        weight_decay: 0.0,
-        betas: (0.9, 0.999),
-        temperature: 4.0,
-        kd_weight: 0.5,
-        cosine: true,
-        validation_fraction: 0.1,
-        seed: 0,
-        mse: false,
-        qat_bits: None,
-        features: Vec::new(),
-        feature_weight: 1.0,
-        features_only: false,
-    };
+    let base = DistillConfig::default();
     match p {
         RawPreset::Classification => base,
         RawPreset::Recovery => DistillConfig { epochs: 20, temperature: 1.0, kd_weight: 1.0, ..base },

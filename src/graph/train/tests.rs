@@ -149,16 +149,12 @@ fn a_run_stopped_after_a_checkpoint_resumes_to_the_same_student_bit_for_bit() {
         weight_decay: 0.01,
         betas: (0.9, 0.99),
         temperature: 2.0,
-        kd_weight: 0.5,
-        cosine: true,
         validation_fraction: 0.2,
         seed: 9,
-        mse: false,
-        qat_bits: None,
         // The hidden layer of the student matched to columns of the teacher's "features".
         features: vec![("/layers/0".into(), "/layers/0".into())],
         feature_weight: 0.1,
-        features_only: false,
+        ..Default::default()
     };
     let teacher = TeacherOutputs {
         logits: teacher,
@@ -364,18 +360,11 @@ fn epochs_tied_on_held_out_accuracy_are_decided_by_held_out_cross_entropy() {
         epochs: 4,
         batch_size: 20,
         learning_rate: 1e-5,
-        weight_decay: 0.0,
-        betas: (0.9, 0.999),
-        temperature: 1.0,
         kd_weight: 0.0,
         cosine: false,
         validation_fraction: 0.5,
         seed: 1,
-        mse: false,
-        qat_bits: None,
-        features: Vec::new(),
-        feature_weight: 1.0,
-        features_only: false,
+        ..Default::default()
     };
     let teacher = TeacherOutputs { logits: values(40 * 4, 5), features: Vec::new() };
     let student = Trainable::new(&graph, &w).unwrap();
