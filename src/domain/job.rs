@@ -80,6 +80,8 @@ pub struct JobRecord {
     pub canceled_at: Option<i64>,
     pub updated_at: i64,
     pub registered_model_id: Option<String>,
+    /// The principal it belongs to (`local` without keys).
+    pub owner: String,
 }
 
 impl JobRecord {

@@ -30,6 +30,19 @@ pub struct Principal {
     pub scope: Scope,
 }
 
+impl Principal {
+    /// Whether rows of `owner` exist for this principal: its own, or every row for an admin.
+    /// Another principal's rows answer 404, as if they did not exist.
+    pub fn sees(&self, owner: &str) -> bool {
+        self.scope == Scope::Admin || self.name == owner
+    }
+
+    /// The owner to filter lists by: `None` (everyone's) for admins.
+    pub fn owner_filter(&self) -> Option<&str> {
+        (self.scope != Scope::Admin).then_some(self.name.as_str())
+    }
+}
+
 /// Paths anyone may read.
 const OPEN: [&str; 4] = ["/healthz", "/readyz", "/docs", "/openapi.json"];
 

@@ -2,12 +2,13 @@
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::Json;
+use axum::{Extension, Json};
 use bytes::Bytes;
 use serde::Serialize;
 
+use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
-use super::{parse_id, AppState};
+use super::AppState;
 use crate::compress::spec::SpecError;
 use crate::graph::{Graph, GraphSummary, TensorTable};
 use crate::storage::catalog::{GraphUpdate, ModelKind, ModelRecord};
@@ -52,9 +53,8 @@ pub fn graph_errors_at(prefix: &'static str) -> impl Fn(Vec<crate::graph::GraphE
     }
 }
 
-async fn model(state: &AppState, id: &str) -> ApiResult<ModelRecord> {
-    let id = parse_id(id, "id")?;
-    state.catalog.get_model(ModelKind::Model, &id).await?.ok_or_else(|| ApiError::not_found("model", &id))
+async fn model(state: &AppState, who: &Principal, id: &str) -> ApiResult<ModelRecord> {
+    super::models::get_kind(state, who, ModelKind::Model, id).await
 }
 
 fn in_use(id: &str, n: i64) -> ApiError {
@@ -72,10 +72,11 @@ fn in_use(id: &str, n: i64) -> ApiError {
               (status = 409, body = super::error::Problem), (status = 422, body = super::error::Problem)))]
 pub async fn put_graph(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<GraphView>> {
-    let m = model(&state, &id).await?;
+    let m = model(&state, &who, &id).await?;
     let value: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")))?;
     let graph = Graph::parse(&value).map_err(graph_errors)?;
@@ -93,8 +94,12 @@ pub async fn put_graph(
 /// The model's graph (with defaults filled in) and what it computes on the model.
 #[utoipa::path(get, path = "/v1/models/{id}/graph", tag = "models",
     responses((status = 200, body = GraphView), (status = 404, body = super::error::Problem)))]
-pub async fn get_graph(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<GraphView>> {
-    let m = model(&state, &id).await?;
+pub async fn get_graph(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<GraphView>> {
+    let m = model(&state, &who, &id).await?;
     let graph = stored_graph(&m).map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -109,8 +114,12 @@ pub async fn get_graph(State(state): State<AppState>, Path(id): Path<String>) ->
 /// Remove the model's graph (409 while queued or running jobs read the model).
 #[utoipa::path(delete, path = "/v1/models/{id}/graph", tag = "models",
     responses((status = 204), (status = 404, body = super::error::Problem), (status = 409, body = super::error::Problem)))]
-pub async fn delete_graph(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
-    let m = model(&state, &id).await?;
+pub async fn delete_graph(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let m = model(&state, &who, &id).await?;
     match state.catalog.set_graph(&m.id, None).await? {
         GraphUpdate::Updated => Ok(StatusCode::NO_CONTENT),
         GraphUpdate::InUse(n) => Err(in_use(&m.id, n)),

@@ -7,12 +7,13 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use bytes::Bytes;
 use futures_util::Stream;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
 use super::extract::Query;
 use super::plans::checked_plan;
@@ -114,7 +115,12 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body(content = Object, description = "A job spec"),
     responses((status = 202, body = JobView), (status = 200, body = JobView, description = "Idempotent replay"),
               (status = 422, body = super::error::Problem), (status = 429, body = super::error::Problem)))]
-pub async fn create_job(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
+pub async fn create_job(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
     let key = match headers.get("idempotency-key") {
         Some(v) => {
             let k = v
@@ -126,7 +132,8 @@ pub async fn create_job(State(state): State<AppState>, headers: HeaderMap, body:
                     format!("Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} characters"),
                 ));
             }
-            Some(k.to_owned())
+            // Keys are the principal's own: another principal's same key is another job.
+            Some(format!("{}/{k}", who.name))
         }
         None => None,
     };
@@ -142,7 +149,7 @@ pub async fn create_job(State(state): State<AppState>, headers: HeaderMap, body:
             return Ok((StatusCode::OK, [(header::LOCATION, location)], Json(JobView::from(&existing))).into_response());
         }
     }
-    let (spec, _plan) = checked_plan(&state, &body).await?;
+    let (spec, _plan) = checked_plan(&state, &who, &body).await?;
     let outcome = state
         .queue
         .enqueue(
@@ -156,6 +163,7 @@ pub async fn create_job(State(state): State<AppState>, headers: HeaderMap, body:
                 spec_hash: spec.sha256.clone(),
                 idempotency_key: key,
                 max_attempts: state.settings.queue.max_attempts,
+                owner: who.name.clone(),
             },
             state.settings.queue.max_queued,
         )
@@ -180,6 +188,7 @@ pub async fn create_job(State(state): State<AppState>, headers: HeaderMap, body:
 #[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(JobListParams), responses((status = 200, body = Page<JobView>)))]
 pub async fn list_jobs(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Query(p): Query<JobListParams>,
 ) -> ApiResult<Json<Page<JobView>>> {
     let limit = page_limit(p.limit)?;
@@ -201,27 +210,40 @@ pub async fn list_jobs(
         model_id: p.model_id.as_deref().map(|m| parse_id(m, "model_id")).transpose()?,
         after: p.after.as_deref().map(|a| parse_id(a, "after")).transpose()?,
         limit: limit + 1,
+        owner: who.owner_filter().map(str::to_owned),
     };
     let mut rows = state.queue.list(&filter).await?;
     Ok(Json(Page::from_rows(&mut rows, limit, |j| j.id.clone(), |j| JobView::from(j))))
 }
 
-async fn load(state: &AppState, id: &str) -> ApiResult<JobRecord> {
+/// The job `id` if `who` may see it; another principal's is a 404 like a missing one.
+async fn load(state: &AppState, who: &Principal, id: &str) -> ApiResult<JobRecord> {
     let id = parse_id(id, "id")?;
-    state.queue.get(&id).await?.ok_or_else(|| ApiError::not_found("job", &id))
+    match state.queue.get(&id).await? {
+        Some(j) if who.sees(&j.owner) => Ok(j),
+        _ => Err(ApiError::not_found("job", &id)),
+    }
 }
 
 /// A job: status, progress, attempts, timestamps and the error of a failed job.
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", responses((status = 200, body = JobView), (status = 404, body = super::error::Problem)))]
-pub async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<JobView>> {
-    Ok(Json(JobView::from(&load(&state, &id).await?)))
+pub async fn get_job(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobView>> {
+    Ok(Json(JobView::from(&load(&state, &who, &id).await?)))
 }
 
 /// Cancel a job: a queued one at once (200), a running one at its next tensor (202).
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs",
     responses((status = 200, body = JobView), (status = 202, body = JobView), (status = 409, body = super::error::Problem)))]
-pub async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
-    let id = parse_id(&id, "id")?;
+pub async fn cancel_job(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let id = load(&state, &who, &id).await?.id;
     let job = state.queue.cancel(&id).await?;
     let status = if job.status() == JobStatus::Running { StatusCode::ACCEPTED } else { StatusCode::OK };
     Ok((status, Json(JobView::from(&job))).into_response())
@@ -232,10 +254,11 @@ pub async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -
 #[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", responses((status = 200, content_type = "text/event-stream")))]
 pub async fn job_events(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
-    let job = load(&state, &id).await?;
+    let job = load(&state, &who, &id).await?;
     let last: i64 = headers.get("last-event-id").and_then(|v| v.to_str().ok()?.trim().parse().ok()).unwrap_or(0);
     let stream = super::events::job_event_stream(state.queue.clone(), job.id, last);
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
@@ -245,9 +268,10 @@ pub async fn job_events(
 #[utoipa::path(get, path = "/v1/jobs/{id}/artifacts", tag = "jobs", responses((status = 200, body = Vec<ArtifactView>)))]
 pub async fn list_artifacts(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Vec<ArtifactView>>> {
-    let job = load(&state, &id).await?;
+    let job = load(&state, &who, &id).await?;
     let rows = state.catalog.artifacts(&job.id).await?;
     Ok(Json(
         rows.into_iter()
@@ -291,10 +315,11 @@ async fn serve_artifact(state: &AppState, job: &JobRecord, name: &str, headers: 
 #[utoipa::path(get, path = "/v1/jobs/{id}/artifacts/{name}", tag = "jobs", responses((status = 200), (status = 206), (status = 404, body = super::error::Problem)))]
 pub async fn download_artifact(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path((id, name)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let job = load(&state, &id).await?;
+    let job = load(&state, &who, &id).await?;
     serve_artifact(&state, &job, &name, &headers).await
 }
 
@@ -302,10 +327,11 @@ pub async fn download_artifact(
 #[utoipa::path(get, path = "/v1/jobs/{id}/report", tag = "jobs", responses((status = 200, content_type = "application/json"), (status = 404, body = super::error::Problem)))]
 pub async fn get_report(
     State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let job = load(&state, &id).await?;
+    let job = load(&state, &who, &id).await?;
     serve_artifact(&state, &job, "report.json", &headers).await.map(|mut r| {
         r.headers_mut().remove(header::CONTENT_DISPOSITION);
         r

@@ -4,10 +4,11 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
 use super::extract::Query;
 use super::{page_limit, parse_id, upload, AppState, Page};
@@ -78,6 +79,7 @@ pub struct ListParams {
 
 async fn upload_kind(
     state: &AppState,
+    owner: &Principal,
     kind: ModelKind,
     params: UploadParams,
     headers: HeaderMap,
@@ -160,6 +162,7 @@ async fn upload_kind(
             parameters,
             source_job: None,
             graph,
+            owner: owner.name.clone(),
         })
         .await?;
     tracing::info!(id = %record.id, kind = kind.as_str(), bytes = record.bytes, "stored upload");
@@ -168,27 +171,42 @@ async fn upload_kind(
         .into_response())
 }
 
-async fn list_kind(state: &AppState, kind: ModelKind, params: ListParams) -> ApiResult<Json<Page<ModelView>>> {
+async fn list_kind(
+    state: &AppState,
+    who: &Principal,
+    kind: ModelKind,
+    params: ListParams,
+) -> ApiResult<Json<Page<ModelView>>> {
     let limit = page_limit(params.limit)?;
     let after = params.after.as_deref().map(|a| parse_id(a, "after")).transpose()?;
-    let mut rows = state.catalog.list_models(kind, after.as_deref(), limit + 1).await?;
+    let mut rows = state.catalog.list_models(kind, after.as_deref(), limit + 1, who.owner_filter()).await?;
     Ok(Json(Page::from_rows(&mut rows, limit, |m| m.id.clone(), |m| ModelView::from_record(m, false))))
 }
 
-async fn get_kind(state: &AppState, kind: ModelKind, id: &str) -> ApiResult<ModelRecord> {
+/// The model or dataset `id` if `who` may see it; another principal's is a 404 like a missing one.
+pub async fn get_kind(state: &AppState, who: &Principal, kind: ModelKind, id: &str) -> ApiResult<ModelRecord> {
     let id = parse_id(id, "id")?;
-    state.catalog.get_model(kind, &id).await?.ok_or_else(|| ApiError::not_found(kind.as_str(), &id))
+    match state.catalog.get_model(kind, &id).await? {
+        Some(m) if who.sees(&m.owner) => Ok(m),
+        _ => Err(ApiError::not_found(kind.as_str(), &id)),
+    }
 }
 
-async fn download_kind(state: &AppState, kind: ModelKind, id: &str, headers: HeaderMap) -> ApiResult<Response> {
-    let m = get_kind(state, kind, id).await?;
+async fn download_kind(
+    state: &AppState,
+    who: &Principal,
+    kind: ModelKind,
+    id: &str,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let m = get_kind(state, who, kind, id).await?;
     let path = state.blobs.local_path(&m.sha256).await.map_err(ApiError::io)?;
     let filename = m.name.clone().unwrap_or_else(|| format!("{}.safetensors", m.id));
     super::download::serve_file(&path, &m.sha256, "application/octet-stream", &filename, &headers).await
 }
 
-async fn delete_kind(state: &AppState, kind: ModelKind, id: &str) -> ApiResult<StatusCode> {
-    let id = parse_id(id, "id")?;
+async fn delete_kind(state: &AppState, who: &Principal, kind: ModelKind, id: &str) -> ApiResult<StatusCode> {
+    let id = get_kind(state, who, kind, id).await?.id;
     let _gate = state.catalog.blob_gate().await;
     match state.catalog.delete_model(kind, &id).await? {
         DeleteOutcome::NotFound => Err(ApiError::not_found(kind.as_str(), &id)),
@@ -217,39 +235,53 @@ async fn delete_kind(state: &AppState, kind: ModelKind, id: &str) -> ApiResult<S
               (status = 415, body = super::error::Problem), (status = 422, body = super::error::Problem)))]
 pub async fn upload_model(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     Query(p): Query<UploadParams>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    upload_kind(&s, ModelKind::Model, p, headers, body).await
+    upload_kind(&s, &who, ModelKind::Model, p, headers, body).await
 }
 
 /// List models, newest first.
 #[utoipa::path(get, path = "/v1/models", tag = "models", params(ListParams), responses((status = 200, body = Page<ModelView>)))]
-pub async fn list_models(State(s): State<AppState>, Query(p): Query<ListParams>) -> ApiResult<Json<Page<ModelView>>> {
-    list_kind(&s, ModelKind::Model, p).await
+pub async fn list_models(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Query(p): Query<ListParams>,
+) -> ApiResult<Json<Page<ModelView>>> {
+    list_kind(&s, &who, ModelKind::Model, p).await
 }
 
 /// A model with its tensor table.
 #[utoipa::path(get, path = "/v1/models/{id}", tag = "models", responses((status = 200, body = ModelView), (status = 404, body = super::error::Problem)))]
-pub async fn get_model(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<ModelView>> {
-    Ok(Json(ModelView::from_record(&get_kind(&s, ModelKind::Model, &id).await?, true)))
+pub async fn get_model(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ModelView>> {
+    Ok(Json(ModelView::from_record(&get_kind(&s, &who, ModelKind::Model, &id).await?, true)))
 }
 
 /// Download the model file (supports `Range` and `If-None-Match`).
 #[utoipa::path(get, path = "/v1/models/{id}/file", tag = "models", responses((status = 200), (status = 206), (status = 404, body = super::error::Problem)))]
 pub async fn download_model(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    download_kind(&s, ModelKind::Model, &id, headers).await
+    download_kind(&s, &who, ModelKind::Model, &id, headers).await
 }
 
 /// Delete a model (409 while a queued or running job uses it).
 #[utoipa::path(delete, path = "/v1/models/{id}", tag = "models", responses((status = 204), (status = 404, body = super::error::Problem), (status = 409, body = super::error::Problem)))]
-pub async fn delete_model(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
-    delete_kind(&s, ModelKind::Model, &id).await
+pub async fn delete_model(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    delete_kind(&s, &who, ModelKind::Model, &id).await
 }
 
 /// Upload a dataset: safetensors with `inputs` and optional `labels` (POST or PUT).
@@ -258,37 +290,51 @@ pub async fn delete_model(State(s): State<AppState>, Path(id): Path<String>) -> 
     responses((status = 201, body = ModelView), (status = 422, body = super::error::Problem)))]
 pub async fn upload_dataset(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     Query(p): Query<UploadParams>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    upload_kind(&s, ModelKind::Dataset, p, headers, body).await
+    upload_kind(&s, &who, ModelKind::Dataset, p, headers, body).await
 }
 
 /// List datasets, newest first.
 #[utoipa::path(get, path = "/v1/datasets", tag = "datasets", params(ListParams), responses((status = 200, body = Page<ModelView>)))]
-pub async fn list_datasets(State(s): State<AppState>, Query(p): Query<ListParams>) -> ApiResult<Json<Page<ModelView>>> {
-    list_kind(&s, ModelKind::Dataset, p).await
+pub async fn list_datasets(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Query(p): Query<ListParams>,
+) -> ApiResult<Json<Page<ModelView>>> {
+    list_kind(&s, &who, ModelKind::Dataset, p).await
 }
 
 /// A dataset with its tensor table.
 #[utoipa::path(get, path = "/v1/datasets/{id}", tag = "datasets", responses((status = 200, body = ModelView), (status = 404, body = super::error::Problem)))]
-pub async fn get_dataset(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<ModelView>> {
-    Ok(Json(ModelView::from_record(&get_kind(&s, ModelKind::Dataset, &id).await?, true)))
+pub async fn get_dataset(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ModelView>> {
+    Ok(Json(ModelView::from_record(&get_kind(&s, &who, ModelKind::Dataset, &id).await?, true)))
 }
 
 /// Download the dataset file.
 #[utoipa::path(get, path = "/v1/datasets/{id}/file", tag = "datasets", responses((status = 200), (status = 206)))]
 pub async fn download_dataset(
     State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    download_kind(&s, ModelKind::Dataset, &id, headers).await
+    download_kind(&s, &who, ModelKind::Dataset, &id, headers).await
 }
 
 /// Delete a dataset (409 while a queued or running job uses it).
 #[utoipa::path(delete, path = "/v1/datasets/{id}", tag = "datasets", responses((status = 204), (status = 409, body = super::error::Problem)))]
-pub async fn delete_dataset(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
-    delete_kind(&s, ModelKind::Dataset, &id).await
+pub async fn delete_dataset(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    delete_kind(&s, &who, ModelKind::Dataset, &id).await
 }

@@ -1,9 +1,10 @@
 //! `POST /v1/plans`: what a spec will do, from the model's header alone.
 
 use axum::extract::State;
-use axum::Json;
+use axum::{Extension, Json};
 use bytes::Bytes;
 
+use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
 use super::AppState;
 use crate::compress::plan::{prepare, Plan, PlanInputs, Teacher};
@@ -13,9 +14,14 @@ use crate::formats::safetensors::read_header;
 use crate::storage::catalog::ModelKind;
 
 /// The file of the dataset `id`, if given; an unknown id is a 422 at `pointer`.
-async fn dataset_file(state: &AppState, id: Option<&str>, pointer: &str) -> ApiResult<Option<std::path::PathBuf>> {
+async fn dataset_file(
+    state: &AppState,
+    who: &Principal,
+    id: Option<&str>,
+    pointer: &str,
+) -> ApiResult<Option<std::path::PathBuf>> {
     let Some(id) = id else { return Ok(None) };
-    let Some(d) = state.catalog.get_model(ModelKind::Dataset, id).await? else {
+    let Some(d) = visible(state, who, ModelKind::Dataset, id).await? else {
         return Err(ApiError::spec(vec![SpecError::new(
             pointer,
             "unknown_dataset",
@@ -25,25 +31,35 @@ async fn dataset_file(state: &AppState, id: Option<&str>, pointer: &str) -> ApiR
     Ok(Some(state.blobs.local_path(&d.sha256).await.map_err(ApiError::io)?))
 }
 
-/// Parses a job spec body, checks its model and dataset exist, and plans it.
-pub async fn spec_and_plan(state: &AppState, body: &[u8]) -> ApiResult<(JobSpec, Plan)> {
+/// The model or dataset `id` when `who` may see it.
+async fn visible(
+    state: &AppState,
+    who: &Principal,
+    kind: ModelKind,
+    id: &str,
+) -> ApiResult<Option<crate::storage::catalog::ModelRecord>> {
+    Ok(state.catalog.get_model(kind, id).await?.filter(|m| who.sees(&m.owner)))
+}
+
+/// Parses a job spec body, checks its model and dataset exist (for `who`), and plans it.
+pub async fn spec_and_plan(state: &AppState, who: &Principal, body: &[u8]) -> ApiResult<(JobSpec, Plan)> {
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")))?;
     let spec = parse_job_spec(&value).map_err(ApiError::spec)?;
-    let model = state.catalog.get_model(ModelKind::Model, &spec.model_id).await?.ok_or_else(|| {
+    let model = visible(state, who, ModelKind::Model, &spec.model_id).await?.ok_or_else(|| {
         ApiError::spec(vec![SpecError::new(
             "/model_id",
             "unknown_model",
             format!("no model with id `{}`", spec.model_id),
         )])
     })?;
-    let dataset_path = dataset_file(state, spec.dataset_id.as_deref(), "/dataset_id").await?;
-    let eval_path = dataset_file(state, spec.eval_dataset_id.as_deref(), "/evaluate/dataset_id").await?;
+    let dataset_path = dataset_file(state, who, spec.dataset_id.as_deref(), "/dataset_id").await?;
+    let eval_path = dataset_file(state, who, spec.eval_dataset_id.as_deref(), "/evaluate/dataset_id").await?;
     // With `student_model_id` the job compresses (trains) the student; its model is the teacher.
     let (model, teacher) = match spec.compress.student_model_id() {
         None => (model, None),
         Some((i, id)) => {
-            let Some(student) = state.catalog.get_model(ModelKind::Model, id).await? else {
+            let Some(student) = visible(state, who, ModelKind::Model, id).await? else {
                 return Err(ApiError::spec(vec![SpecError::new(
                     format!("/steps/{i}/student_model_id"),
                     "unknown_model",
@@ -96,8 +112,8 @@ pub async fn spec_and_plan(state: &AppState, body: &[u8]) -> ApiResult<(JobSpec,
 }
 
 /// Like [`spec_and_plan`], but a plan with refusals is a 422 carrying the plan's words.
-pub async fn checked_plan(state: &AppState, body: &[u8]) -> ApiResult<(JobSpec, Plan)> {
-    let (spec, plan) = spec_and_plan(state, body).await?;
+pub async fn checked_plan(state: &AppState, who: &Principal, body: &[u8]) -> ApiResult<(JobSpec, Plan)> {
+    let (spec, plan) = spec_and_plan(state, who, body).await?;
     if !plan.refusals.is_empty() {
         let errors =
             plan.refusals.iter().map(|r| SpecError::new(r.pointer.clone(), "plan_refused", r.detail.clone())).collect();
@@ -110,7 +126,11 @@ pub async fn checked_plan(state: &AppState, body: &[u8]) -> ApiResult<(JobSpec, 
 /// sizes, bits per weight and peak memory. `refusals` lists what `POST /v1/jobs` would refuse.
 #[utoipa::path(post, path = "/v1/plans", tag = "plans", request_body(content = Object, description = "A job spec"),
     responses((status = 200, body = Object), (status = 422, body = super::error::Problem)))]
-pub async fn create_plan(State(state): State<AppState>, body: Bytes) -> ApiResult<Json<Plan>> {
-    let (_, plan) = spec_and_plan(&state, &body).await?;
+pub async fn create_plan(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    body: Bytes,
+) -> ApiResult<Json<Plan>> {
+    let (_, plan) = spec_and_plan(&state, &who, &body).await?;
     Ok(Json(plan))
 }

@@ -257,7 +257,7 @@ async fn execute_inner(
         Ok(Ok(output)) => {
             *gate = Some(ctx.catalog.blob_gate().await);
             match persist(ctx, &output.artifacts).await {
-                Ok(artifacts) => match registration(ctx, &job_name, register, &artifacts).await {
+                Ok(artifacts) => match registration(ctx, &job_name, &job.owner, register, &artifacts).await {
                     Ok(r) => Outcome::Succeeded(artifacts, r),
                     Err(e) => io_outcome(&e),
                 },
@@ -348,6 +348,7 @@ async fn watch_job(ctx: WorkerContext, worker: String, id: String, control: Arc<
 async fn registration(
     ctx: &WorkerContext,
     name: &str,
+    owner: &str,
     register: bool,
     artifacts: &[NewArtifact],
 ) -> std::io::Result<Option<NewModel>> {
@@ -378,6 +379,7 @@ async fn registration(
         parameters: header.parameter_count() as i64,
         source_job: None,
         graph,
+        owner: owner.to_owned(),
     }))
 }
 

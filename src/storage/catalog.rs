@@ -35,6 +35,8 @@ pub struct ModelRecord {
     pub graph: Option<String>,
     pub source_job: Option<String>,
     pub created_at: i64,
+    /// The principal whose key created it (`local` without keys).
+    pub owner: String,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -59,6 +61,8 @@ pub struct NewModel {
     pub source_job: Option<String>,
     /// The architecture graph (canonical JSON), validated against `tensors` by the caller.
     pub graph: Option<String>,
+    /// The principal it belongs to.
+    pub owner: String,
 }
 
 #[derive(Debug)]
@@ -109,8 +113,8 @@ impl Catalog {
             .execute(&mut *tx)
             .await?;
         let rec = sqlx::query_as(
-            "insert into models (id, kind, name, sha256, bytes, tensors, parameters, source_job, created_at, graph)
-             values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) returning *",
+            "insert into models (id, kind, name, sha256, bytes, tensors, parameters, source_job, created_at, graph, owner)
+             values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) returning *",
         )
         .bind(uuid::Uuid::now_v7().to_string())
         .bind(m.kind.as_str())
@@ -122,6 +126,7 @@ impl Catalog {
         .bind(&m.source_job)
         .bind(now)
         .bind(&m.graph)
+        .bind(&m.owner)
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -136,19 +141,25 @@ impl Catalog {
             .await
     }
 
-    /// Newest first; `after` is the last id of the previous page.
+    /// Newest first; `after` is the last id of the previous page; `owner` limits the list to one
+    /// principal's rows (`None`: everyone's).
     pub async fn list_models(
         &self,
         kind: ModelKind,
         after: Option<&str>,
         limit: u32,
+        owner: Option<&str>,
     ) -> Result<Vec<ModelRecord>, sqlx::Error> {
-        sqlx::query_as("select * from models where kind = ?1 and (?2 is null or id < ?2) order by id desc limit ?3")
-            .bind(kind.as_str())
-            .bind(after)
-            .bind(limit as i64)
-            .fetch_all(&self.pool)
-            .await
+        sqlx::query_as(
+            "select * from models where kind = ?1 and (?2 is null or id < ?2) and (?4 is null or owner = ?4)
+             order by id desc limit ?3",
+        )
+        .bind(kind.as_str())
+        .bind(after)
+        .bind(limit as i64)
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await
     }
 
     /// Deletes unless a queued or running job reads it; the check and the delete are one

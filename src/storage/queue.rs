@@ -17,6 +17,8 @@ pub struct NewJob {
     pub student_model_id: Option<String>,
     /// `evaluate.dataset_id`: the evaluation's own dataset.
     pub eval_dataset_id: Option<String>,
+    /// The principal it belongs to.
+    pub owner: String,
     pub spec: String,
     /// [`crate::domain::spec::SPEC_VERSION`] of the server that accepted it.
     pub spec_version: i64,
@@ -69,6 +71,8 @@ pub struct LeaseState {
 pub struct JobFilter {
     pub status: Option<JobStatus>,
     pub model_id: Option<String>,
+    /// Only this principal's jobs (`None`: everyone's).
+    pub owner: Option<String>,
     /// Cursor: list jobs older than this id (ids are time-ordered UUIDv7, newest first).
     pub after: Option<String>,
     pub limit: u32,

@@ -123,8 +123,8 @@ impl JobQueue for SqliteQueue {
         let record: Option<JobRecord> = sqlx::query_as(
             "insert into jobs (id, model_id, dataset_id, spec, spec_hash, idempotency_key, status,
                                max_attempts, run_after, created_at, updated_at, spec_version, student_model_id,
-                               eval_dataset_id)
-             select ?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?8, ?8, ?9, ?10, ?11
+                               eval_dataset_id, owner)
+             select ?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?8, ?8, ?9, ?10, ?11, ?12
              where exists (select 1 from models where id = ?2 and kind = 'model')
                and (?3 is null or exists (select 1 from models where id = ?3 and kind = 'dataset'))
                and (?10 is null or exists (select 1 from models where id = ?10 and kind = 'model'))
@@ -142,6 +142,7 @@ impl JobQueue for SqliteQueue {
         .bind(job.spec_version)
         .bind(&job.student_model_id)
         .bind(&job.eval_dataset_id)
+        .bind(&job.owner)
         .fetch_optional(&mut *tx)
         .await?;
         let record = record.ok_or_else(|| QueueError::NotFound(job.model_id.clone()))?;
@@ -400,12 +401,14 @@ impl JobQueue for SqliteQueue {
         Ok(sqlx::query_as(
             "select * from jobs
              where (?1 is null or status = ?1) and (?2 is null or model_id = ?2) and (?3 is null or id < ?3)
+               and (?5 is null or owner = ?5)
              order by id desc limit ?4",
         )
         .bind(f.status.map(JobStatus::as_str))
         .bind(&f.model_id)
         .bind(&f.after)
         .bind(f.limit as i64)
+        .bind(&f.owner)
         .fetch_all(&self.pool)
         .await?)
     }

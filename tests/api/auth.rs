@@ -175,3 +175,68 @@ async fn malformed_mistyped_unknown_and_expired_keys_are_401() {
         .unwrap();
     assert!(used.is_some(), "last_used_at is recorded");
 }
+
+#[tokio::test]
+async fn another_principals_models_datasets_and_jobs_do_not_exist_for_you() {
+    let app = spawn_app(0).await;
+    // Uploaded before any key: it belongs to `local`, which only admins see once keys exist.
+    let old = app.upload_ok(small_model()).await;
+    let admin = create_key_cli(&app, "ops", "admin");
+    let alice = create_key_cli(&app, "alice", "write");
+    let bob = create_key_cli(&app, "bob", "write");
+    let upload = |key: String| {
+        let app = &app;
+        async move {
+            let res =
+                app.client.post(app.url("/v1/models")).bearer_auth(&key).body(small_model()).send().await.unwrap();
+            assert_eq!(res.status(), 201);
+            res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let model = upload(alice.clone()).await;
+    let bobs = upload(bob.clone()).await;
+    let job_spec = |m: &str| json!({"model_id": m, "steps": [{"op": "quantize", "bits": 8}]});
+    let create = |key: &str, spec: Value, idem: &str| {
+        app.client.post(app.url("/v1/jobs")).bearer_auth(key).header("idempotency-key", idem).json(&spec).send()
+    };
+    let res = create(&alice, job_spec(&model), "same-key").await.unwrap();
+    assert_eq!(res.status(), 202);
+    let job = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+
+    // Bob: 404 for every path to Alice's rows, and his lists do not show them.
+    for (method, path) in [
+        (reqwest::Method::GET, format!("/v1/models/{model}")),
+        (reqwest::Method::GET, format!("/v1/models/{model}/file")),
+        (reqwest::Method::GET, format!("/v1/models/{model}/graph")),
+        (reqwest::Method::DELETE, format!("/v1/models/{model}")),
+        (reqwest::Method::GET, format!("/v1/models/{old}")),
+        (reqwest::Method::GET, format!("/v1/jobs/{job}")),
+        (reqwest::Method::POST, format!("/v1/jobs/{job}/cancel")),
+        (reqwest::Method::GET, format!("/v1/jobs/{job}/artifacts")),
+        (reqwest::Method::GET, format!("/v1/jobs/{job}/report")),
+        (reqwest::Method::GET, format!("/v1/jobs/{job}/events")),
+    ] {
+        let res = send(&app, method.clone(), &path, Some(&bob)).await;
+        assert_eq!(res.status(), 404, "{method} {path}");
+    }
+    let listed: Value = send(&app, reqwest::Method::GET, "/v1/models", Some(&bob)).await.json().await.unwrap();
+    let ids: Vec<&str> = listed["items"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [bobs.as_str()]);
+    let listed: Value = send(&app, reqwest::Method::GET, "/v1/jobs", Some(&bob)).await.json().await.unwrap();
+    assert_eq!(listed["items"], json!([]));
+    // A job on Alice's model is refused as if it did not exist.
+    let p = problem(create(&bob, job_spec(&model), "other").await.unwrap(), 422).await;
+    assert_eq!(p["pointer"], "/model_id", "{p}");
+    // The same Idempotency-Key is Bob's own: a new job, not Alice's replayed.
+    let res = create(&bob, job_spec(&bobs), "same-key").await.unwrap();
+    assert_eq!(res.status(), 202);
+    assert_ne!(res.json::<Value>().await.unwrap()["id"], job);
+
+    // Alice sees hers; the admin sees everything, the rows from before keys included.
+    assert_eq!(send(&app, reqwest::Method::GET, &format!("/v1/jobs/{job}"), Some(&alice)).await.status(), 200);
+    assert_eq!(send(&app, reqwest::Method::GET, &format!("/v1/models/{old}"), Some(&admin)).await.status(), 200);
+    let all: Value = send(&app, reqwest::Method::GET, "/v1/models", Some(&admin)).await.json().await.unwrap();
+    assert_eq!(all["items"].as_array().unwrap().len(), 3);
+    let all: Value = send(&app, reqwest::Method::GET, "/v1/jobs", Some(&admin)).await.json().await.unwrap();
+    assert_eq!(all["items"].as_array().unwrap().len(), 2);
+}
