@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiResult};
+use super::extract::JsonBody;
 use super::AppState;
 use crate::storage::keys::{self, CreateError, KeyRecord, Scope};
 use crate::storage::rfc3339;
@@ -194,7 +195,7 @@ pub fn check_new_key(principal: &str, scopes: &str, days: Option<u32>) -> Result
 /// Create a key (admin). The answer holds the full key, once.
 #[utoipa::path(post, path = "/v1/keys", tag = "keys", request_body = NewKey,
     responses((status = 201, body = CreatedKey), (status = 409, body = super::error::Problem), (status = 422, body = super::error::Problem)))]
-pub async fn create_key(State(state): State<AppState>, body: bytes::Bytes) -> ApiResult<Response> {
+pub async fn create_key(State(state): State<AppState>, JsonBody(body): JsonBody) -> ApiResult<Response> {
     let mut de = serde_json::Deserializer::from_slice(&body);
     let body: NewKey = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();

@@ -95,10 +95,13 @@ pub async fn serve_file(
 }
 
 /// A user-given name made safe for a header: printable ASCII without quotes or backslashes.
+/// The base name of `name` (after its last `/` or `\\`), printable ASCII without quotes: a
+/// model named `../../etc/passwd` downloads as `passwd`.
 fn safe_filename(name: &str) -> String {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or_default();
     let cleaned: String =
-        name.chars().map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' { c } else { '_' }).collect();
-    if cleaned.trim().is_empty() {
+        base.chars().map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' { c } else { '_' }).collect();
+    if cleaned.trim().is_empty() || cleaned == "." || cleaned == ".." {
         "download".into()
     } else {
         cleaned
@@ -116,11 +119,21 @@ impl ApiError {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_range;
+    use super::{parse_range, safe_filename};
+
+    #[test]
+    fn download_names_keep_only_a_printable_base_name() {
+        assert_eq!(safe_filename("../../etc/passwd"), "passwd");
+        assert_eq!(safe_filename("C:\\models\\m.safetensors"), "m.safetensors");
+        assert_eq!(safe_filename("a\"b\nc"), "a_b_c");
+        assert_eq!(safe_filename("dir/"), "download");
+        assert_eq!(safe_filename(".."), "download");
+    }
 
     #[test]
     fn filenames_cannot_break_the_header() {
-        assert_eq!(super::safe_filename("a\nb\"c\\d é.safetensors"), "a_b_c_d _.safetensors");
+        // A backslash separates directories (Windows names): only what follows it stays.
+        assert_eq!(super::safe_filename("a\nb\"c\\d é.safetensors"), "d _.safetensors");
         assert_eq!(super::safe_filename("  "), "download");
     }
 

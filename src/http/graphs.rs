@@ -3,11 +3,11 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use bytes::Bytes;
 use serde::Serialize;
 
 use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
+use super::extract::JsonBody;
 use super::AppState;
 use crate::compress::spec::SpecError;
 use crate::graph::{Graph, GraphSummary, TensorTable};
@@ -74,7 +74,7 @@ pub async fn put_graph(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> ApiResult<Json<GraphView>> {
     let m = model(&state, &who, &id).await?;
     let value: serde_json::Value = serde_json::from_slice(&body)

@@ -8,13 +8,13 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use bytes::Bytes;
 use futures_util::Stream;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
+use super::extract::JsonBody;
 use super::extract::Query;
 use super::plans::checked_plan;
 use super::{page_limit, parse_id, AppState, Page};
@@ -119,7 +119,7 @@ pub async fn create_job(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
     headers: HeaderMap,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> ApiResult<Response> {
     let key = match headers.get("idempotency-key") {
         Some(v) => {
@@ -308,7 +308,17 @@ async fn serve_artifact(state: &AppState, job: &JobRecord, name: &str, headers: 
     };
     let path = state.blobs.local_path(&a.sha256).await.map_err(ApiError::io)?;
     let filename = name.rsplit('/').next().unwrap_or(name);
-    super::download::serve_file(&path, &a.sha256, content_type_of(name), filename, headers).await
+    let mut res = super::download::serve_file(&path, &a.sha256, content_type_of(name), filename, headers).await?;
+    if name.ends_with(".html") {
+        // report.html: inline styles and SVG only; no script, no network, never framed.
+        res.headers_mut().insert(
+            header::CONTENT_SECURITY_POLICY,
+            axum::http::HeaderValue::from_static(
+                "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'; sandbox",
+            ),
+        );
+    }
+    Ok(res)
 }
 
 /// Download one artifact (supports `Range` and `If-None-Match`).

@@ -146,6 +146,11 @@ pub fn router(mut state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate))
         .with_state(state)
         .layer(axum::middleware::from_fn(record_metrics))
+        // Browsers must not guess types (a JSON artifact rendered as HTML).
+        .layer(tower_http::set_header::SetResponseHeaderLayer::overriding(
+            axum::http::header::X_CONTENT_TYPE_OPTIONS,
+            axum::http::HeaderValue::from_static("nosniff"),
+        ))
         .layer(axum::middleware::from_fn(scope_request_id))
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(idle))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {

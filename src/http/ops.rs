@@ -99,6 +99,8 @@ pub async fn openapi_json(State(state): State<AppState>) -> Response {
 
 /// A self-contained API reference page: no scripts or styles from the network, so it works
 /// behind an offline gateway (it reads `/openapi.json` from this server).
-pub async fn docs() -> Html<&'static str> {
-    Html(include_str!("docs.html"))
+pub async fn docs() -> Response {
+    // Its own inline script and style, and `/openapi.json` from here; never framed.
+    let csp = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'";
+    ([(header::CONTENT_SECURITY_POLICY, csp)], Html(include_str!("docs.html"))).into_response()
 }

@@ -2,10 +2,10 @@
 
 use axum::extract::State;
 use axum::{Extension, Json};
-use bytes::Bytes;
 
 use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
+use super::extract::JsonBody;
 use super::AppState;
 use crate::compress::plan::{prepare, Plan, PlanInputs, Teacher};
 use crate::compress::spec::SpecError;
@@ -129,7 +129,7 @@ pub async fn checked_plan(state: &AppState, who: &Principal, body: &[u8]) -> Api
 pub async fn create_plan(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> ApiResult<Json<Plan>> {
     let (_, plan) = spec_and_plan(&state, &who, &body).await?;
     Ok(Json(plan))

@@ -116,8 +116,11 @@ impl BlobStore for LocalBlobStore {
 
     async fn check_writable(&self) -> std::io::Result<()> {
         let probe = self.staging.join(format!(".probe-{}", uuid::Uuid::new_v4()));
-        tokio::fs::write(&probe, b"ok").await?;
-        tokio::fs::remove_file(&probe).await
+        let written = tokio::fs::write(&probe, b"ok").await;
+        // On a full disk the write fails after creating the file: remove it on every path.
+        let removed = tokio::fs::remove_file(&probe).await;
+        written?;
+        removed
     }
 }
 

@@ -68,7 +68,10 @@ async fn a_job_runs_to_success_and_its_artifacts_match_its_report() {
         }
     }
     assert_eq!(report["outputs"][0]["bytes"], out.len());
-    let html = String::from_utf8(app.download(&format!("/v1/jobs/{id}/artifacts/report.html")).await).unwrap();
+    let res = app.get(&format!("/v1/jobs/{id}/artifacts/report.html")).await;
+    let csp = res.headers()["content-security-policy"].to_str().unwrap().to_owned();
+    assert!(csp.contains("default-src 'none'") && csp.contains("sandbox"), "{csp}");
+    let html = res.text().await.unwrap();
     assert!(html.contains("<svg") && html.contains("fc1.weight"), "the HTML report charts the tensors");
     assert!(report["totals"]["ratio"].as_f64().unwrap() > 3.0, "{}", report["totals"]);
 }
@@ -110,9 +113,33 @@ async fn spec_errors_are_422_with_the_json_pointer_of_the_field() {
         assert_eq!(body["pointer"], pointer, "{body}");
         assert_eq!(body["code"], code, "{body}");
     }
-    let res = app.client.post(app.url("/v1/jobs")).body("{not json").send().await.unwrap();
+    let post = |body: Vec<u8>, content_type: Option<&'static str>| {
+        let mut req = app.client.post(app.url("/v1/jobs")).body(body);
+        if let Some(c) = content_type {
+            req = req.header("content-type", c);
+        }
+        req.send()
+    };
+    let json = Some("application/json; charset=utf-8");
+    let res = post(b"{not json".to_vec(), json).await.unwrap();
     assert_eq!(res.status(), 400);
     assert_eq!(res.json::<Value>().await.unwrap()["code"], "invalid_json");
+    // Duplicate keys would silently keep the last: refused, naming the key.
+    let dup = format!(r#"{{"model_id": "{model_id}", "steps": [{{"op": "quantize", "bits": 8, "bits": 2}}]}}"#);
+    let res = post(dup.into_bytes(), json).await.unwrap();
+    assert_eq!(res.status(), 400);
+    assert!(res.json::<Value>().await.unwrap()["detail"].as_str().unwrap().contains("`/steps/0/bits`"));
+    // A browser's cross-site simple request (text/plain, or no type) is not JSON: 415.
+    let spec = serde_json::to_vec(&json!({"model_id": model_id, "steps": [{"op": "quantize", "bits": 8}]})).unwrap();
+    for content_type in [Some("text/plain"), Some("application/x-www-form-urlencoded"), None] {
+        let res = post(spec.clone(), content_type).await.unwrap();
+        assert_eq!(res.status(), 415, "{content_type:?}");
+        assert_eq!(res.headers()["content-type"], "application/problem+json");
+    }
+    // Over 2 MiB: a 413 problem, not axum's plain text.
+    let res = post(vec![b' '; 3 << 20], json).await.unwrap();
+    assert_eq!(res.status(), 413);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
     assert_eq!(app.get_json("/v1/jobs").await["items"].as_array().unwrap().len(), 0, "nothing was queued");
 }
 

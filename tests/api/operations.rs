@@ -31,7 +31,10 @@ async fn the_openapi_document_and_docs_page_are_served() {
     for path in ["/v1/models", "/v1/jobs", "/v1/jobs/{id}/events", "/v1/plans", "/readyz"] {
         assert!(doc["paths"].get(path).is_some(), "{path} missing");
     }
-    let page = app.get("/docs").await.text().await.unwrap();
+    let res = app.get("/docs").await;
+    assert!(res.headers()["content-security-policy"].to_str().unwrap().contains("frame-ancestors 'none'"));
+    assert_eq!(res.headers()["x-content-type-options"], "nosniff");
+    let page = res.text().await.unwrap();
     assert!(page.contains("/openapi.json"));
     assert!(!page.contains("https://"), "the docs page loads nothing from the network");
 }
