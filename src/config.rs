@@ -40,6 +40,8 @@ pub struct StorageSettings {
     pub data_dir: PathBuf,
     pub max_upload_bytes: u64,
     pub max_header_bytes: u64,
+    /// Days a finished job (and its artifacts) is kept; unset keeps them until deleted.
+    pub retention_days: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

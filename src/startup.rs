@@ -93,6 +93,15 @@ impl Application {
                 }
             }
         });
+        if let Some(days) = settings.storage.retention_days {
+            let (catalog, blobs, queue) = (catalog.clone(), blobs.clone(), queue.clone());
+            tokio::spawn(async move {
+                loop {
+                    crate::storage::sweep_finished_jobs(&catalog, queue.as_ref(), blobs.as_ref(), days).await;
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                }
+            });
+        }
         let worker_count = settings.queue.worker_count();
         let blob_store: Arc<dyn BlobStore> = blobs;
         let workers = WorkerPool::start(

@@ -249,6 +249,45 @@ pub async fn cancel_job(
     Ok((status, Json(JobView::from(&job))).into_response())
 }
 
+/// How long `DELETE` waits for a running job it canceled to stop.
+const DELETE_WAIT: Duration = Duration::from_secs(10);
+
+/// Delete a job with its events, artifacts and report (their files too unless another row names
+/// the same content). A queued or running job is canceled first; a running one that does not
+/// stop within 10 s is a 409 to retry.
+#[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "jobs",
+    responses((status = 204), (status = 404, body = super::error::Problem), (status = 409, body = super::error::Problem)))]
+pub async fn delete_job(
+    State(state): State<AppState>,
+    Extension(who): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let mut job = load(&state, &who, &id).await?;
+    if !job.status().is_terminal() {
+        job = state.queue.cancel(&job.id).await?;
+        let deadline = tokio::time::Instant::now() + DELETE_WAIT;
+        while !job.status().is_terminal() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            job = state.queue.get(&job.id).await?.ok_or_else(|| ApiError::not_found("job", &id))?;
+        }
+    }
+    use crate::storage::catalog::JobDeleteOutcome;
+    match crate::storage::delete_job(&state.catalog, state.queue.as_ref(), state.blobs.as_ref(), &job.id).await? {
+        JobDeleteOutcome::Deleted { orphan_blobs } => {
+            tracing::info!(job_id = %job.id, blobs_removed = orphan_blobs.len(), "job deleted");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        JobDeleteOutcome::NotFound => Err(ApiError::not_found("job", &job.id)),
+        JobDeleteOutcome::Active => Err(ApiError {
+            retry_after: Some(5),
+            ..ApiError::conflict(
+                "job_running",
+                format!("job `{}` was asked to stop and is still running (it stops at its next tensor or batch); retry the delete", job.id),
+            )
+        }),
+    }
+}
+
 /// The job's stored events as Server-Sent Events; resumes after `Last-Event-ID` and ends after
 /// the terminal state.
 #[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", responses((status = 200, content_type = "text/event-stream")))]

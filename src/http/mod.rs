@@ -110,7 +110,7 @@ fn api_router() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(models::get_dataset, models::delete_dataset))
         .routes(routes!(models::download_dataset))
         .routes(routes!(jobs::create_job, jobs::list_jobs))
-        .routes(routes!(jobs::get_job))
+        .routes(routes!(jobs::get_job, jobs::delete_job))
         .routes(routes!(jobs::cancel_job))
         .routes(routes!(jobs::job_events))
         .routes(routes!(jobs::list_artifacts))

@@ -257,6 +257,60 @@ impl Catalog {
     }
 }
 
+/// What deleting a job did.
+#[derive(Debug)]
+pub enum JobDeleteOutcome {
+    /// Deleted with its events and artifacts; the blobs no row uses any more, to remove.
+    Deleted {
+        orphan_blobs: Vec<String>,
+    },
+    /// Queued or running: cancel it first.
+    Active,
+    NotFound,
+}
+
+impl Catalog {
+    /// Deletes a finished job, its events and artifact rows (one transaction), and the blob rows
+    /// nothing else names. The caller holds [`Catalog::blob_gate`] until it removed the files.
+    pub async fn delete_job(&self, id: &str) -> Result<JobDeleteOutcome, sqlx::Error> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let status: Option<String> =
+            sqlx::query_scalar("select status from jobs where id = ?").bind(id).fetch_optional(&mut *tx).await?;
+        match status.as_deref() {
+            None => return Ok(JobDeleteOutcome::NotFound),
+            Some("queued" | "running") => return Ok(JobDeleteOutcome::Active),
+            Some(_) => {}
+        }
+        let shas: Vec<String> = sqlx::query_scalar("select distinct sha256 from artifacts where job_id = ?")
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+        // Events and artifacts go with the job (`on delete cascade`).
+        sqlx::query("delete from jobs where id = ?").bind(id).execute(&mut *tx).await?;
+        let mut orphan_blobs = Vec::new();
+        for sha in shas {
+            if delete_blob_row_if_unused(&mut tx, &sha).await? {
+                orphan_blobs.push(sha);
+            }
+        }
+        tx.commit().await?;
+        Ok(JobDeleteOutcome::Deleted { orphan_blobs })
+    }
+
+    /// Finished jobs that ended before `before_ms` (unix milliseconds), oldest first.
+    pub async fn finished_before(&self, before_ms: i64, limit: u32) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            "select id from jobs where status in ('succeeded', 'failed', 'canceled')
+               and coalesce(finished_at, canceled_at, updated_at) < ?
+             order by coalesce(finished_at, canceled_at, updated_at) limit ?",
+        )
+        .bind(before_ms)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+    }
+}
+
 async fn delete_blob_row_if_unused(
     tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
     sha: &str,

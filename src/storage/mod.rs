@@ -11,6 +11,69 @@ pub mod keys;
 pub mod queue;
 pub mod sqlite_queue;
 
+/// Deletes a finished job with its events, artifact rows, the artifact files no other row names
+/// and its training checkpoints; the blob gate is held until the files are gone, so an upload
+/// of the same content cannot find a file that is about to go.
+pub async fn delete_job(
+    catalog: &catalog::Catalog,
+    queue: &dyn queue::JobQueue,
+    blobs: &dyn blobs::BlobStore,
+    id: &str,
+) -> Result<catalog::JobDeleteOutcome, sqlx::Error> {
+    let _gate = catalog.blob_gate().await;
+    let outcome = catalog.delete_job(id).await?;
+    if let catalog::JobDeleteOutcome::Deleted { orphan_blobs } = &outcome {
+        queue.forget(id);
+        for sha in orphan_blobs {
+            if let Err(e) = blobs.delete(sha).await {
+                tracing::warn!(error = %e, sha256 = %sha, "job deleted but a blob file remains; removed at next start");
+            }
+        }
+        let _ = tokio::fs::remove_dir_all(blobs.checkpoint_dir(id)).await;
+    }
+    Ok(outcome)
+}
+
+/// Deletes every job that finished more than `days` days ago (see [`delete_job`]); returns how
+/// many went. Run by a background task when `storage.retention_days` is set.
+pub async fn sweep_finished_jobs(
+    catalog: &catalog::Catalog,
+    queue: &dyn queue::JobQueue,
+    blobs: &dyn blobs::BlobStore,
+    days: u64,
+) -> usize {
+    let before = now_ms() - (days as i64).saturating_mul(86_400_000);
+    let mut deleted = 0;
+    loop {
+        let ids = match catalog.finished_before(before, 100).await {
+            Ok(ids) if !ids.is_empty() => ids,
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention: listing old jobs failed");
+                break;
+            }
+        };
+        let mut progressed = false;
+        for id in ids {
+            match delete_job(catalog, queue, blobs, &id).await {
+                Ok(catalog::JobDeleteOutcome::Deleted { .. }) => {
+                    deleted += 1;
+                    progressed = true;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, job_id = %id, "retention: deleting a job failed"),
+            }
+        }
+        if !progressed {
+            break;
+        }
+    }
+    if deleted > 0 {
+        tracing::info!(deleted, days, "retention: deleted finished jobs");
+    }
+    deleted
+}
+
 /// Milliseconds since the Unix epoch: the one clock every row uses.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)

@@ -113,6 +113,8 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn counts(&self) -> Result<Vec<(JobStatus, i64)>, QueueError>;
     /// Queued or running jobs that read this model or dataset.
     async fn active_uses(&self, model_id: &str) -> Result<i64, QueueError>;
+    /// Drops any copy of the job kept in memory (after its row was deleted).
+    fn forget(&self, id: &str);
     /// Wakes on every stored event with the job id (SSE streams wait on it).
     fn subscribe(&self) -> broadcast::Receiver<String>;
 }

@@ -48,10 +48,6 @@ impl SqliteQueue {
         cache.insert(job.id.clone(), (job.clone(), Instant::now()));
     }
 
-    fn forget(&self, id: &str) {
-        self.cache.write().expect("job cache lock").remove(id);
-    }
-
     async fn write_tx(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
         // IMMEDIATE takes the write lock up front: a deferred transaction that reads, then
         // writes, can fail with SQLITE_BUSY_SNAPSHOT without waiting for the busy timeout.
@@ -435,6 +431,10 @@ impl JobQueue for SqliteQueue {
         .bind(model_id)
         .fetch_one(&self.pool)
         .await?)
+    }
+
+    fn forget(&self, id: &str) {
+        self.cache.write().expect("job cache lock").remove(id);
     }
 
     fn subscribe(&self) -> broadcast::Receiver<String> {
