@@ -289,7 +289,8 @@ async fn execute_inner(
 }
 
 fn io_outcome(e: &std::io::Error) -> Outcome {
-    if e.raw_os_error() == Some(libc::ENOSPC) {
+    // The kind survives errors rewrapped with context; the raw code does when nothing rewrapped.
+    if e.raw_os_error() == Some(libc::ENOSPC) || e.kind() == std::io::ErrorKind::StorageFull {
         Outcome::Failed(failure("insufficient_storage", "the disk is full; free space and submit the job again"))
     } else {
         Outcome::Retry(failure("io_error", e.to_string()))

@@ -18,7 +18,25 @@ pub async fn connect(data_dir: &Path) -> Result<SqlitePool, sqlx::Error> {
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(Duration::from_secs(10))
         .foreign_keys(true);
-    let pool = SqlitePoolOptions::new().max_connections(8).connect_with(options).await?;
+    let pool = SqlitePoolOptions::new()
+        .max_connections(8)
+        // The ping before this hook runs after any rollback a dropped transaction queued. A
+        // connection still inside a transaction here had its COMMIT or ROLLBACK fail (a full
+        // disk: SQLite ends the transaction itself, sqlx still counts it), and sqlx would refuse
+        // every later BEGIN on it ("begin_with at non-zero transaction depth") until a restart:
+        // it is closed and replaced instead, so storage works again as soon as space is free.
+        .before_acquire(|conn, _meta| {
+            Box::pin(async move {
+                use sqlx::Connection;
+                if conn.is_in_transaction() {
+                    tracing::warn!("discarding a database connection left inside a failed transaction");
+                    return Ok(false);
+                }
+                Ok(true)
+            })
+        })
+        .connect_with(options)
+        .await?;
     migrate(&pool).await?;
     Ok(pool)
 }

@@ -3,6 +3,7 @@
 mod auth;
 mod cli;
 mod crash;
+mod disk;
 mod faults;
 mod graphs;
 mod helpers;

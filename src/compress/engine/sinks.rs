@@ -56,6 +56,17 @@ fn io_err(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
+/// A GGUF error as an I/O error, keeping the kind of an underlying I/O error (a full disk must
+/// fail the job as `insufficient_storage` at once, not be retried as a generic I/O error).
+fn gguf_err(e: crate::formats::gguf::GgufError) -> std::io::Error {
+    match e {
+        crate::formats::gguf::GgufError::Io { context, source } => {
+            std::io::Error::new(source.kind(), format!("{context}: {source}"))
+        }
+        other => io_err(other),
+    }
+}
+
 impl TensorData<'_> {
     /// The tensor's bytes in its own dtype.
     fn dense(&self) -> &[u8] {
@@ -214,7 +225,7 @@ pub struct GgufSink {
 
 impl GgufSink {
     pub fn create(dir: &Path, tensors: &[GgufTensor], metadata: &[(String, MetaValue)]) -> std::io::Result<Self> {
-        let writer = GgufWriter::create(&dir.join("model.gguf"), metadata, tensors).map_err(io_err)?;
+        let writer = GgufWriter::create(&dir.join("model.gguf"), metadata, tensors).map_err(gguf_err)?;
         let types = tensors.iter().map(|t| (t.name.clone(), t.ty)).collect();
         Ok(Self { writer: Some(writer), types, dir: dir.into(), buf: Vec::new(), values: Vec::new() })
     }
@@ -243,11 +254,11 @@ impl Sink for GgufSink {
                 &self.buf
             }
         };
-        w.write_tensor(&t.name, bytes).map_err(io_err)
+        w.write_tensor(&t.name, bytes).map_err(gguf_err)
     }
 
     fn finish(mut self: Box<Self>, _: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>> {
-        self.writer.take().expect("open writer").finish().map_err(io_err)?;
+        self.writer.take().expect("open writer").finish().map_err(gguf_err)?;
         Ok(vec![artifact(&self.dir, "model.gguf", "gguf")])
     }
 }
@@ -322,5 +333,17 @@ impl Sink for SparseSink {
             artifact(&parent, "sparse/model.safetensors", "sparse"),
             artifact(&parent, "sparse/config.json", "sparse"),
         ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_full_disk_under_the_gguf_writer_stays_a_full_disk() {
+        let full = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        let e =
+            super::gguf_err(crate::formats::gguf::GgufError::Io { context: "writing model.gguf".into(), source: full });
+        assert_eq!(e.kind(), std::io::ErrorKind::StorageFull);
+        assert!(e.to_string().contains("writing model.gguf"), "{e}");
     }
 }
