@@ -235,7 +235,7 @@ pub async fn get_job(
     Ok(Json(JobView::from(&load(&state, &who, &id).await?)))
 }
 
-/// Cancel a job: a queued one at once (200), a running one at its next tensor (202).
+/// Cancel a job: a queued one at once (200), a running one at its next step, tensor or batch (202).
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs",
     responses((status = 200, body = JobView), (status = 202, body = JobView), (status = 409, body = super::error::Problem)))]
 pub async fn cancel_job(

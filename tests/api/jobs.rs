@@ -258,6 +258,33 @@ async fn a_running_job_stops_within_a_second_of_cancel() {
 }
 
 #[tokio::test]
+async fn a_job_of_many_steps_on_one_large_tensor_stops_between_steps_and_shows_progress() {
+    let app = spawn_app(1).await;
+    let model_id = app.upload_ok(big_model(1, 2048, 2048)).await;
+    let steps: Vec<Value> = (0..60).map(|_| json!({"op": "quantize", "bits": 8})).collect();
+    let id = app.create_job_ok(&json!({"model_id": model_id, "steps": steps})).await;
+    // Progress moves inside the one tensor.
+    let job = app
+        .wait_for(&id, Duration::from_secs(30), |j| {
+            j["progress"]["message"].as_str().is_some_and(|m| m.contains(": step ")) || j["status"] == "succeeded"
+        })
+        .await;
+    assert_eq!(job["status"], "running", "60 steps on 4M values take seconds: {job}");
+    assert!(job["progress"]["fraction"].as_f64().unwrap() > 0.0, "{job}");
+    let asked = std::time::Instant::now();
+    assert_eq!(app.cancel(&id).await.status(), 202);
+    let job = app.wait_terminal(&id).await;
+    assert_eq!(job["status"], "canceled", "{job}");
+    eprintln!("cancel between steps took {:?}", asked.elapsed());
+    assert!(asked.elapsed() < CANCEL_LATENCY_BOUND, "took {:?}", asked.elapsed());
+    // And a spec cannot ask for an unbounded number of steps.
+    let steps: Vec<Value> = (0..65).map(|_| json!({"op": "quantize", "bits": 8})).collect();
+    let res = app.create_job(&json!({"model_id": model_id, "steps": steps})).await;
+    assert_eq!(res.status(), 422);
+    assert_eq!(res.json::<Value>().await.unwrap()["pointer"], "/steps");
+}
+
+#[tokio::test]
 async fn many_jobs_on_several_workers_each_run_exactly_once() {
     let app = spawn_app(3).await;
     let model_id = app.upload_ok(small_model()).await;

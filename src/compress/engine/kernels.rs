@@ -159,7 +159,9 @@ pub fn apply(
     b: &mut Buffers,
     resolved: &mut Resolved,
     mut timings: Option<&mut [StepTiming]>,
+    stop: &dyn Fn(usize, usize) -> bool,
 ) -> Result<Outcome, EngineError> {
+    let total = actions.iter().filter(|a| until.is_none_or(|u| a.step < u)).count();
     check_finite_input(t, &b.work)?;
     let (rows, cols) = t.matrix();
     let mut out = Outcome {
@@ -169,7 +171,11 @@ pub fn apply(
         requested_sparsity: None,
         rtn_relative_error: None,
     };
-    for a in actions.iter().filter(|a| until.is_none_or(|u| a.step < u)) {
+    for (n, a) in actions.iter().filter(|a| until.is_none_or(|u| a.step < u)).enumerate() {
+        // A cancel or a shutdown stops between the steps of a tensor, not after all of them.
+        if n > 0 && stop(n, total) {
+            return Err(EngineError::Canceled);
+        }
         let started = Instant::now();
         let mut label = a.scheme.clone();
         let mut pruned = false;

@@ -336,7 +336,16 @@ pub fn execute(
             source_file.read(job.plan, tp, &mut b.orig, true)?;
             b.work.clear();
             b.work.extend_from_slice(&b.orig);
-            let outcome = kernels::apply(t, &tp.actions, None, &mut b, &mut resolved, Some(&mut steps))?;
+            // Between the steps of a tensor: progress moves and a cancel stops.
+            let (ctl, total) = (tracker.ctl, tracker.total.max(1) as f64);
+            let (done, bytes) = (tracker.done as f64, src.bytes() as f64);
+            let between_steps = |k: usize, n: usize| {
+                let fraction = ((done + bytes * k as f64 / n as f64) / total).min(1.0);
+                ctl.progress(fraction, "compress", &format!("tensor {}: step {}/{n}", t.name, k + 1));
+                ctl.canceled()
+            };
+            let outcome =
+                kernels::apply(t, &tp.actions, None, &mut b, &mut resolved, Some(&mut steps), &between_steps)?;
             store_as(t, &mut b.work, &mut dense)?;
             expected.insert(t.name.clone(), fingerprint(&dense));
             if before_names.contains(&src.name) && !rewrite::rewritten(tp) {

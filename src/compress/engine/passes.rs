@@ -28,7 +28,8 @@ impl PassCx<'_, '_> {
     pub fn load_before(&mut self, i: usize, step: usize) -> Result<(), EngineError> {
         let tp = &self.plan.tensors[i];
         self.source.read(self.plan, tp, &mut self.b.work, false)?;
-        apply(&tp.out, &tp.actions, Some(step), self.b, self.resolved, None)?;
+        let ctl = self.tracker.ctl;
+        apply(&tp.out, &tp.actions, Some(step), self.b, self.resolved, None, &|_, _| ctl.canceled())?;
         Ok(())
     }
 

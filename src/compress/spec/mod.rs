@@ -112,6 +112,13 @@ pub fn parse_compress(steps: &Value, outputs: Option<&Value>) -> Result<Compress
     if raw.steps.is_empty() {
         errors.push(SpecError::new("/steps", "invalid_field", "at least one step is required"));
     }
+    if raw.steps.len() > MAX_STEPS {
+        return Err(vec![SpecError::new(
+            "/steps",
+            "invalid_field",
+            format!("a spec has at most {MAX_STEPS} steps, got {}", raw.steps.len()),
+        )]);
+    }
     let mut steps = Vec::new();
     for (i, step) in raw.steps.iter().enumerate() {
         match parse_step(step, &format!("/steps/{i}")) {
@@ -160,6 +167,10 @@ pub fn parse_evaluate(value: &Value) -> Result<Option<EvalOptions>, SpecError> {
     }
     Ok(Some(options))
 }
+
+/// Most steps a spec may have: every step runs on every tensor it selects, so the count bounds
+/// a job's work per tensor (real pipelines use a handful).
+pub const MAX_STEPS: usize = 64;
 
 /// Largest evaluation batch: activations of a batch are held at once.
 pub const MAX_EVAL_BATCH: usize = 65_536;
