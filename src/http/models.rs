@@ -12,7 +12,7 @@ use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
 use super::extract::Query;
 use super::{page_limit, parse_id, upload, AppState, Page};
-use crate::storage::catalog::{DeleteOutcome, ModelKind, ModelRecord, NewModel};
+use crate::storage::catalog::{DeleteOutcome, ModelKind, ModelRecord, ModelSummary, NewModel};
 use crate::storage::rfc3339;
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -43,7 +43,8 @@ pub struct ModelView {
 }
 
 impl ModelView {
-    fn from_record(m: &ModelRecord, with_tensors: bool) -> ModelView {
+    /// With its tensor table.
+    fn from_record(m: &ModelRecord) -> ModelView {
         let tensors: Vec<TensorView> = serde_json::from_str(&m.tensors).unwrap_or_default();
         ModelView {
             id: m.id.clone(),
@@ -56,7 +57,24 @@ impl ModelView {
             created_at: rfc3339(m.created_at),
             source_job: m.source_job.clone(),
             has_graph: m.graph.is_some(),
-            tensors: with_tensors.then_some(tensors),
+            tensors: Some(tensors),
+        }
+    }
+
+    /// As lists show it: no tensor table.
+    fn from_summary(m: &ModelSummary) -> ModelView {
+        ModelView {
+            id: m.id.clone(),
+            kind: m.kind.clone(),
+            name: m.name.clone(),
+            sha256: m.sha256.clone(),
+            bytes: m.bytes,
+            parameters: m.parameters,
+            tensor_count: m.tensor_count as usize,
+            created_at: rfc3339(m.created_at),
+            source_job: m.source_job.clone(),
+            has_graph: m.has_graph,
+            tensors: None,
         }
     }
 }
@@ -163,12 +181,12 @@ async fn upload_kind(
             source_job: None,
             graph,
             owner: owner.name.clone(),
+            tensor_count: tensors.len() as i64,
         })
         .await?;
     tracing::info!(id = %record.id, kind = kind.as_str(), bytes = record.bytes, "stored upload");
     let location = format!("/v1/{}s/{}", kind.as_str(), record.id);
-    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(ModelView::from_record(&record, true)))
-        .into_response())
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(ModelView::from_record(&record))).into_response())
 }
 
 async fn list_kind(
@@ -180,7 +198,7 @@ async fn list_kind(
     let limit = page_limit(params.limit)?;
     let after = params.after.as_deref().map(|a| parse_id(a, "after")).transpose()?;
     let mut rows = state.catalog.list_models(kind, after.as_deref(), limit + 1, who.owner_filter()).await?;
-    Ok(Json(Page::from_rows(&mut rows, limit, |m| m.id.clone(), |m| ModelView::from_record(m, false))))
+    Ok(Json(Page::from_rows(&mut rows, limit, |m| m.id.clone(), ModelView::from_summary)))
 }
 
 /// The model or dataset `id` if `who` may see it; another principal's is a 404 like a missing one.
@@ -260,7 +278,7 @@ pub async fn get_model(
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ModelView>> {
-    Ok(Json(ModelView::from_record(&get_kind(&s, &who, ModelKind::Model, &id).await?, true)))
+    Ok(Json(ModelView::from_record(&get_kind(&s, &who, ModelKind::Model, &id).await?)))
 }
 
 /// Download the model file (supports `Range` and `If-None-Match`).
@@ -315,7 +333,7 @@ pub async fn get_dataset(
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ModelView>> {
-    Ok(Json(ModelView::from_record(&get_kind(&s, &who, ModelKind::Dataset, &id).await?, true)))
+    Ok(Json(ModelView::from_record(&get_kind(&s, &who, ModelKind::Dataset, &id).await?)))
 }
 
 /// Download the dataset file.

@@ -381,6 +381,7 @@ async fn registration(
         source_job: None,
         graph,
         owner: owner.to_owned(),
+        tensor_count: header.tensors.len() as i64,
     }))
 }
 

@@ -37,6 +37,22 @@ pub struct ModelRecord {
     pub created_at: i64,
     /// The principal whose key created it (`local` without keys).
     pub owner: String,
+    pub tensor_count: i64,
+}
+
+/// A model or dataset as lists show it: everything but the tensor table and the graph.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ModelSummary {
+    pub id: String,
+    pub kind: String,
+    pub name: Option<String>,
+    pub sha256: String,
+    pub bytes: i64,
+    pub parameters: i64,
+    pub tensor_count: i64,
+    pub has_graph: bool,
+    pub source_job: Option<String>,
+    pub created_at: i64,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -63,6 +79,8 @@ pub struct NewModel {
     pub graph: Option<String>,
     /// The principal it belongs to.
     pub owner: String,
+    /// Entries of `tensors`.
+    pub tensor_count: i64,
 }
 
 #[derive(Debug)]
@@ -113,8 +131,9 @@ impl Catalog {
             .execute(&mut *tx)
             .await?;
         let rec = sqlx::query_as(
-            "insert into models (id, kind, name, sha256, bytes, tensors, parameters, source_job, created_at, graph, owner)
-             values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) returning *",
+            "insert into models (id, kind, name, sha256, bytes, tensors, parameters, source_job, created_at, graph, owner,
+                                 tensor_count)
+             values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) returning *",
         )
         .bind(uuid::Uuid::now_v7().to_string())
         .bind(m.kind.as_str())
@@ -127,6 +146,7 @@ impl Catalog {
         .bind(now)
         .bind(&m.graph)
         .bind(&m.owner)
+        .bind(m.tensor_count)
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -149,9 +169,11 @@ impl Catalog {
         after: Option<&str>,
         limit: u32,
         owner: Option<&str>,
-    ) -> Result<Vec<ModelRecord>, sqlx::Error> {
+    ) -> Result<Vec<ModelSummary>, sqlx::Error> {
         sqlx::query_as(
-            "select * from models where kind = ?1 and (?2 is null or id < ?2) and (?4 is null or owner = ?4)
+            "select id, kind, name, sha256, bytes, parameters, tensor_count, graph is not null as has_graph,
+                    source_job, created_at
+             from models where kind = ?1 and (?2 is null or id < ?2) and (?4 is null or owner = ?4)
              order by id desc limit ?3",
         )
         .bind(kind.as_str())

@@ -207,3 +207,21 @@ async fn a_header_whose_length_looks_like_a_pickle_is_still_accepted_and_put_upl
     let res = app.client.put(app.url("/v1/models")).body(small_model()).send().await.unwrap();
     assert_eq!(res.status(), 201);
 }
+
+#[tokio::test]
+async fn lists_show_tensor_counts_without_carrying_the_tensor_tables() {
+    let app = spawn_app(0).await;
+    let names: Vec<String> = (0..20_000).map(|i| format!("blocks.{i}.scale")).collect();
+    let tensors: Vec<(&str, Vec<usize>, Vec<f32>)> = names.iter().map(|n| (n.as_str(), vec![1], vec![1.0])).collect();
+    let id = app.upload_ok(safetensors_f32(&tensors)).await;
+    let res = app.get("/v1/models").await;
+    let body = res.bytes().await.unwrap();
+    assert!(body.len() < 4096, "a list row is a summary: {} bytes", body.len());
+    let list: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(list["items"][0]["tensor_count"], 20_000);
+    assert!(list["items"][0].get("tensors").is_none());
+    // The model itself still has its whole table.
+    let one = app.get_json(&format!("/v1/models/{id}")).await;
+    assert_eq!(one["tensors"].as_array().unwrap().len(), 20_000);
+    assert_eq!(one["tensor_count"], 20_000);
+}
