@@ -5,6 +5,7 @@ mod cli;
 mod crash;
 mod disk;
 mod faults;
+mod fuzz;
 mod graphs;
 mod helpers;
 mod jobs;
