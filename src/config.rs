@@ -40,6 +40,9 @@ pub struct StorageSettings {
     pub data_dir: PathBuf,
     pub max_upload_bytes: u64,
     pub max_header_bytes: u64,
+    /// Uploads received at once; more answer 503 with `Retry-After`. Each holds a writer
+    /// thread of the runtime's blocking pool (512) for its whole life.
+    pub max_concurrent_uploads: usize,
     /// Days a finished job (and its artifacts) is kept; unset keeps them until deleted.
     pub retention_days: Option<u64>,
 }

@@ -126,6 +126,7 @@ impl Application {
             workers_expected: worker_count,
             openapi: Arc::default(),
             keys: crate::storage::keys::KeyStore::new(pool.clone()),
+            uploads: Arc::new(tokio::sync::Semaphore::new(settings.storage.max_concurrent_uploads)),
         };
         let address = format!("{}:{}", settings.server.host, settings.server.port);
         let listener = TcpListener::bind(&address).await.with_context(|| format!("binding {address}"))?;

@@ -48,6 +48,8 @@ pub struct AppState {
     pub openapi: Arc<String>,
     /// API keys.
     pub keys: crate::storage::keys::KeyStore,
+    /// One permit per upload being received (`storage.max_concurrent_uploads`).
+    pub uploads: Arc<tokio::sync::Semaphore>,
 }
 
 /// A page of a cursor-paginated list.

@@ -104,6 +104,18 @@ async fn upload_kind(
     body: Body,
 ) -> ApiResult<Response> {
     let settings = &state.settings.storage;
+    // Held until the upload is stored or refused.
+    let _permit = state.uploads.clone().try_acquire_owned().map_err(|_| ApiError {
+        retry_after: Some(5),
+        ..ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_uploads",
+            format!(
+                "{} uploads are being received (storage.max_concurrent_uploads); retry shortly",
+                settings.max_concurrent_uploads
+            ),
+        )
+    })?;
     let boundary = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

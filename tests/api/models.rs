@@ -225,3 +225,48 @@ async fn lists_show_tensor_counts_without_carrying_the_tensor_tables() {
     assert_eq!(one["tensors"].as_array().unwrap().len(), 20_000);
     assert_eq!(one["tensor_count"], 20_000);
 }
+
+#[tokio::test]
+async fn uploads_past_the_concurrency_cap_get_503_while_the_rest_stays_responsive() {
+    let app = spawn_app_with(0, |s| s.storage.max_concurrent_uploads = 1).await;
+    // A slow client: the first bytes, then nothing until we say.
+    let model = small_model();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    tx.send(Ok(model[..16].to_vec())).await.unwrap();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let url = app.url("/v1/models");
+    let slow = tokio::spawn({
+        let client = app.client.clone();
+        let len = model.len();
+        async move {
+            client
+                .post(url)
+                .header("content-length", len)
+                .body(reqwest::Body::wrap_stream(stream))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    // Wait (up to 5 s on a busy machine) until the slow upload holds the permit.
+    let mut refused = None;
+    for _ in 0..250 {
+        let res = app.upload(small_model()).await;
+        if res.status() == 503 {
+            refused = Some(res);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let res = refused.expect("the second upload is refused while the first is received");
+    assert_eq!(res.headers()["retry-after"], "5");
+    assert_eq!(res.json::<serde_json::Value>().await.unwrap()["code"], "too_many_uploads");
+    assert_eq!(app.get("/readyz").await.status(), 200);
+    assert_eq!(app.get("/v1/models").await.status(), 200);
+    // The slow client finishes; the permit comes back.
+    tx.send(Ok(model[16..].to_vec())).await.unwrap();
+    drop(tx);
+    assert_eq!(slow.await.unwrap(), 201);
+    assert_eq!(app.upload(small_model()).await.status(), 201);
+}
