@@ -32,6 +32,8 @@ pub struct ServerSettings {
     pub port: u16,
     pub shutdown_grace_secs: u64,
     pub body_idle_timeout_secs: u64,
+    /// Seconds a client has to send a request's headers (slow-loris clients are cut off).
+    pub header_read_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

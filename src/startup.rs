@@ -147,11 +147,8 @@ impl Application {
     /// running jobs their grace period (then re-queue them), give in-flight requests theirs.
     pub async fn run_until(self, signal: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let mut http_stop = stop_rx.clone();
-        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
-            let _ = http_stop.wait_for(|s| *s).await;
-        });
-        let server = tokio::spawn(async move { server.await });
+        let header_timeout = Duration::from_secs(self.settings.server.header_read_timeout_secs);
+        let server = tokio::spawn(serve(self.listener, self.router, header_timeout, stop_rx.clone()));
         signal.await;
         tracing::info!("shutdown requested: no new requests or jobs");
         let _ = stop_tx.send(true);
@@ -166,6 +163,51 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Accepts connections until `stop` turns true, then waits for the open ones to finish (the
+/// caller bounds that wait). HTTP/1 and HTTP/2 as `axum::serve` does, plus a header read timeout.
+async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    header_timeout: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    builder.http2().timer(TokioTimer::new());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait instead of spinning.
+                        tracing::warn!(error = %e, "accepting a connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let service = hyper_util::service::TowerToHyperService::new(router.clone());
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            // The guard `wait_for` returns is not Send: drop it inside.
+            () = async { drop(stop.wait_for(|s| *s).await) } => break,
+        }
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 async fn shutdown_signal() {

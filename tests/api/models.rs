@@ -228,30 +228,29 @@ async fn lists_show_tensor_counts_without_carrying_the_tensor_tables() {
 
 #[tokio::test]
 async fn uploads_past_the_concurrency_cap_get_503_while_the_rest_stays_responsive() {
+    type Sender = tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>;
     let app = spawn_app_with(0, |s| s.storage.max_concurrent_uploads = 1).await;
-    // A slow client: the first bytes, then nothing until we say.
     let model = small_model();
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
-    tx.send(Ok(model[..16].to_vec())).await.unwrap();
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
-    let url = app.url("/v1/models");
-    let slow = tokio::spawn({
-        let client = app.client.clone();
-        let len = model.len();
-        async move {
-            client
-                .post(url)
-                .header("content-length", len)
-                .body(reqwest::Body::wrap_stream(stream))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        }
-    });
-    // Wait (up to 5 s on a busy machine) until the slow upload holds the permit.
+    // A slow client: the first bytes, then nothing until we say.
+    let start_slow = || -> (Sender, tokio::task::JoinHandle<reqwest::StatusCode>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.try_send(Ok(model[..16].to_vec())).unwrap();
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+        let request = app
+            .client
+            .post(app.url("/v1/models"))
+            .header("content-length", model.len())
+            .body(reqwest::Body::wrap_stream(stream));
+        (tx, tokio::spawn(async move { request.send().await.unwrap().status() }))
+    };
+    let (mut tx, mut slow) = start_slow();
+    // Probe until an upload is refused because the slow one holds the permit (a probe can also
+    // take the permit first and make the slow one the refused one: then start it again).
     let mut refused = None;
     for _ in 0..250 {
+        if slow.is_finished() {
+            (tx, slow) = start_slow();
+        }
         let res = app.upload(small_model()).await;
         if res.status() == 503 {
             refused = Some(res);
@@ -259,7 +258,7 @@ async fn uploads_past_the_concurrency_cap_get_503_while_the_rest_stays_responsiv
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let res = refused.expect("the second upload is refused while the first is received");
+    let res = refused.expect("an upload is refused while another is received");
     assert_eq!(res.headers()["retry-after"], "5");
     assert_eq!(res.json::<serde_json::Value>().await.unwrap()["code"], "too_many_uploads");
     assert_eq!(app.get("/readyz").await.status(), 200);

@@ -67,3 +67,29 @@ async fn a_restarted_app_keeps_its_models_jobs_and_artifacts() {
     assert_eq!(app.download(&format!("/v1/jobs/{job}/report")).await, report);
     drop(dir);
 }
+
+#[tokio::test]
+async fn a_client_trickling_its_headers_is_cut_off_while_others_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app_with(0, |s| s.server.header_read_timeout_secs = 1).await;
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let mut slow = Vec::new();
+    for _ in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(&address).await.unwrap();
+        s.write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.unwrap();
+        slow.push(s);
+    }
+    // Others are served meanwhile.
+    assert_eq!(app.get("/healthz").await.status(), 200);
+    // Within a few seconds of the 1 s limit every slow connection is closed by the server
+    // (hyper answers 408 or just closes).
+    let started = std::time::Instant::now();
+    for mut s in slow {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "a connection still open after {:?}", started.elapsed());
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}
