@@ -156,9 +156,13 @@ impl Application {
         // axum's graceful shutdown waits for every connection without limit (an upload kept a
         // process alive 18 s in FACTS.md): bound it.
         let grace = Duration::from_secs(self.settings.server.shutdown_grace_secs);
+        let abort = server.abort_handle();
         match tokio::time::timeout(grace, server).await {
             Ok(res) => res??,
-            Err(_) => tracing::warn!(grace_secs = grace.as_secs(), "in-flight requests cut off after the grace period"),
+            Err(_) => {
+                abort.abort();
+                tracing::warn!(grace_secs = grace.as_secs(), "in-flight requests cut off after the grace period")
+            }
         }
         tracing::info!("stopped");
         Ok(())

@@ -55,7 +55,9 @@ fn needed(method: &Method, path: &str) -> Option<Scope> {
     if path == "/v1/keys" || path.starts_with("/v1/keys/") {
         return Some(Scope::Admin);
     }
-    Some(if matches!(*method, Method::GET | Method::HEAD) { Scope::Read } else { Scope::Write })
+    // A plan reads and computes, it stores nothing: `read` may ask for one.
+    let reads = matches!(*method, Method::GET | Method::HEAD) || (*method == Method::POST && path == "/v1/plans");
+    Some(if reads { Scope::Read } else { Scope::Write })
 }
 
 fn unauthorized(detail: impl Into<String>) -> ApiError {
@@ -78,7 +80,7 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
 }
 
 async fn principal(state: &AppState, presented: Option<axum::http::HeaderValue>, scope: Scope) -> ApiResult<Principal> {
-    if presented.is_none() && !state.settings.auth.required && !state.keys.any_live().await? {
+    if presented.is_none() && !state.settings.auth.required && !state.keys.any().await? {
         return Ok(Principal { name: "local".into(), key_id: None, scope: Scope::Admin });
     }
     let Some(value) = presented else {
@@ -111,7 +113,7 @@ async fn principal(state: &AppState, presented: Option<axum::http::HeaderValue>,
             format!("this needs the `{}` scope; key `{id}` has `{}`", scope.as_str(), record.scopes),
         ));
     }
-    if let Err(e) = state.keys.touch(id).await {
+    if let Err(e) = state.keys.touch(&record).await {
         tracing::warn!(error = %e, key = id, "could not record the key's use");
     }
     let scope = record.scope();
@@ -170,6 +172,13 @@ pub struct NewKey {
 /// Checks a new key's fields; errors name the field.
 pub fn check_new_key(principal: &str, scopes: &str, days: Option<u32>) -> Result<(Scope, Option<i64>), ApiError> {
     let valid = |c: char| c.is_ascii_alphanumeric() || "._-@".contains(c);
+    if principal == "local" {
+        return Err(ApiError::unprocessable(
+            "invalid_field",
+            "`local` owns what was created while keys were off, which only admins may see: choose another principal",
+        )
+        .with_pointer("/principal"));
+    }
     if principal.is_empty() || principal.len() > 128 || !principal.chars().all(valid) {
         return Err(ApiError::unprocessable(
             "invalid_field",
@@ -251,7 +260,8 @@ mod tests {
         assert_eq!(needed(&Method::GET, "/readyz"), None);
         assert_eq!(needed(&Method::GET, "/metrics"), Some(Scope::Read));
         assert_eq!(needed(&Method::GET, "/v1/models"), Some(Scope::Read));
-        assert_eq!(needed(&Method::POST, "/v1/plans"), Some(Scope::Write));
+        assert_eq!(needed(&Method::POST, "/v1/plans"), Some(Scope::Read));
+        assert_eq!(needed(&Method::POST, "/v1/jobs"), Some(Scope::Write));
         assert_eq!(needed(&Method::DELETE, "/v1/models/x"), Some(Scope::Write));
         assert_eq!(needed(&Method::GET, "/v1/keys"), Some(Scope::Admin));
         assert_eq!(needed(&Method::DELETE, "/v1/keys/abc"), Some(Scope::Admin));

@@ -264,7 +264,14 @@ pub async fn delete_job(
 ) -> ApiResult<StatusCode> {
     let mut job = load(&state, &who, &id).await?;
     if !job.status().is_terminal() {
-        job = state.queue.cancel(&job.id).await?;
+        // The row read may be up to 250 ms old: a job that finished meanwhile is deleted as is.
+        job = match state.queue.cancel(&job.id).await {
+            Ok(j) => j,
+            Err(crate::storage::queue::QueueError::Finished { .. }) => {
+                state.queue.get(&job.id).await?.ok_or_else(|| ApiError::not_found("job", &id))?
+            }
+            Err(e) => return Err(e.into()),
+        };
         let deadline = tokio::time::Instant::now() + DELETE_WAIT;
         while !job.status().is_terminal() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;

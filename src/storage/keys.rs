@@ -219,24 +219,25 @@ impl KeyStore {
         Ok(done.rows_affected() > 0)
     }
 
-    /// Whether any key that could authenticate exists: then every request needs one.
-    pub async fn any_live(&self) -> Result<bool, sqlx::Error> {
-        let n: i64 = sqlx::query_scalar(
-            "select count(*) from (select 1 from api_keys where revoked_at is null
-             and (expires_at is null or expires_at > ?) limit 1)",
-        )
-        .bind(now_ms())
-        .fetch_one(&self.pool)
-        .await?;
+    /// Whether any key was ever created: then every request needs one. Revoked and expired
+    /// keys count, so revoking the last key never reopens the server to anonymous admins.
+    pub async fn any(&self) -> Result<bool, sqlx::Error> {
+        let n: i64 =
+            sqlx::query_scalar("select count(*) from (select 1 from api_keys limit 1)").fetch_one(&self.pool).await?;
         Ok(n > 0)
     }
 
-    /// Records a use, at most once a minute per key (a write per request would serialise reads).
-    pub async fn touch(&self, id: &str) -> Result<(), sqlx::Error> {
+    /// Records a use of `key`, at most once a minute: the check is made on the row already read,
+    /// because an UPDATE takes SQLite's write lock even when it changes nothing, and a write per
+    /// request would queue reads behind job progress writes.
+    pub async fn touch(&self, key: &KeyRecord) -> Result<(), sqlx::Error> {
         let now = now_ms();
-        sqlx::query("update api_keys set last_used_at = ?1 where id = ?2 and (last_used_at is null or last_used_at < ?1 - 60000)")
+        if key.last_used_at.is_some_and(|t| t > now - 60_000) {
+            return Ok(());
+        }
+        sqlx::query("update api_keys set last_used_at = ? where id = ?")
             .bind(now)
-            .bind(id)
+            .bind(&key.id)
             .execute(&self.pool)
             .await?;
         Ok(())

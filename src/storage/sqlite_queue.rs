@@ -255,8 +255,9 @@ impl JobQueue for SqliteQueue {
         if let Outcome::Succeeded(_, Some(m)) = &outcome {
             let model_id = uuid::Uuid::now_v7().to_string();
             sqlx::query(
-                "insert into models (id, kind, name, sha256, bytes, tensors, parameters, graph, source_job, created_at)
-                 values (?, 'model', ?, ?, ?, ?, ?, ?, ?, ?)",
+                "insert into models (id, kind, name, sha256, bytes, tensors, parameters, graph, source_job, created_at,
+                                     owner, tensor_count)
+                 values (?, 'model', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&model_id)
             .bind(&m.name)
@@ -267,6 +268,8 @@ impl JobQueue for SqliteQueue {
             .bind(&m.graph)
             .bind(id)
             .bind(now)
+            .bind(&m.owner)
+            .bind(m.tensor_count)
             .execute(&mut *tx)
             .await?;
             registered = Some(model_id);

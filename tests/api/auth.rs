@@ -240,3 +240,55 @@ async fn another_principals_models_datasets_and_jobs_do_not_exist_for_you() {
     let all: Value = send(&app, reqwest::Method::GET, "/v1/jobs", Some(&admin)).await.json().await.unwrap();
     assert_eq!(all["items"].as_array().unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn registered_models_belong_to_the_jobs_principal_and_revoking_every_key_keeps_auth_on() {
+    let app = spawn_app(1).await;
+    let alice = create_key_cli(&app, "alice", "write");
+    let reader = create_key_cli(&app, "bob", "read");
+    let res = app.client.post(app.url("/v1/models")).bearer_auth(&alice).body(small_model()).send().await.unwrap();
+    let model = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let spec = json!({"model_id": model, "register": true, "steps": [{"op": "quantize", "bits": 8}]});
+    // A read key may plan (nothing is stored), not run.
+    let plan = app
+        .client
+        .post(app.url("/v1/plans"))
+        .bearer_auth(&reader)
+        .json(&json!({"model_id": model, "steps": [{"op": "quantize", "bits": 8}]}))
+        .send()
+        .await
+        .unwrap();
+    // Not 403: the read key may plan; alice's model just does not exist for bob.
+    let p = problem(plan, 422).await;
+    assert_eq!(p["pointer"], "/model_id", "{p}");
+
+    let res = app.client.post(app.url("/v1/jobs")).bearer_auth(&alice).json(&spec).send().await.unwrap();
+    let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let mut job = Value::Null;
+    for _ in 0..300 {
+        job = send(&app, reqwest::Method::GET, &format!("/v1/jobs/{id}"), Some(&alice)).await.json().await.unwrap();
+        if job["status"] == "succeeded" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let registered = job["registered_model_id"].as_str().expect("registered").to_owned();
+    let mine: Value =
+        send(&app, reqwest::Method::GET, &format!("/v1/models/{registered}"), Some(&alice)).await.json().await.unwrap();
+    assert_eq!(mine["tensor_count"], mine["tensors"].as_array().unwrap().len());
+    let listed: Value = send(&app, reqwest::Method::GET, "/v1/models", Some(&alice)).await.json().await.unwrap();
+    assert!(listed["items"].as_array().unwrap().iter().all(|m| m["tensor_count"].as_u64().unwrap() > 0));
+    assert_eq!(
+        send(&app, reqwest::Method::GET, &format!("/v1/models/{registered}"), Some(&reader)).await.status(),
+        404
+    );
+
+    // `local` (what was made while keys were off) cannot be handed to a key.
+    let out = keys_cli(&app, &["create", "--principal", "local", "--scopes", "read"]);
+    assert!(!out.status.success());
+    // Revoking every key does not reopen the server to anonymous admins.
+    for key in [&alice, &reader] {
+        assert!(keys_cli(&app, &["revoke", &key[3..15]]).status.success());
+    }
+    problem(send(&app, reqwest::Method::GET, "/v1/models", None).await, 401).await;
+}
