@@ -46,19 +46,7 @@ impl ModelView {
     /// With its tensor table.
     fn from_record(m: &ModelRecord) -> ModelView {
         let tensors: Vec<TensorView> = serde_json::from_str(&m.tensors).unwrap_or_default();
-        ModelView {
-            id: m.id.clone(),
-            kind: m.kind.clone(),
-            name: m.name.clone(),
-            sha256: m.sha256.clone(),
-            bytes: m.bytes,
-            parameters: m.parameters,
-            tensor_count: tensors.len(),
-            created_at: rfc3339(m.created_at),
-            source_job: m.source_job.clone(),
-            has_graph: m.graph.is_some(),
-            tensors: Some(tensors),
-        }
+        ModelView { tensor_count: tensors.len(), tensors: Some(tensors), ..Self::from_summary(&ModelSummary::from(m)) }
     }
 
     /// As lists show it: no tensor table.

@@ -55,6 +55,23 @@ pub struct ModelSummary {
     pub created_at: i64,
 }
 
+impl From<&ModelRecord> for ModelSummary {
+    fn from(m: &ModelRecord) -> Self {
+        ModelSummary {
+            id: m.id.clone(),
+            kind: m.kind.clone(),
+            name: m.name.clone(),
+            sha256: m.sha256.clone(),
+            bytes: m.bytes,
+            parameters: m.parameters,
+            tensor_count: m.tensor_count,
+            has_graph: m.graph.is_some(),
+            source_job: m.source_job.clone(),
+            created_at: m.created_at,
+        }
+    }
+}
+
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ArtifactRecord {
     pub job_id: String,
