@@ -60,6 +60,34 @@ fn needed(method: &Method, path: &str) -> Option<Scope> {
     Some(if reads { Scope::Read } else { Scope::Write })
 }
 
+/// The host part of `host[:port]` (`[::1]:8080` -> `[::1]`).
+fn host_part(authority: &str) -> &str {
+    authority
+        .rsplit_once(':')
+        .filter(|(h, p)| !h.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
+        .map_or(authority, |(h, _)| h)
+}
+
+fn is_loopback(host: &str) -> bool {
+    matches!(host, "localhost" | "127.0.0.1" | "[::1]")
+}
+
+/// Whether the request's `Host` (HTTP/1) or authority (HTTP/2) names this machine's loopback.
+fn addressed_to_loopback(headers: &axum::http::HeaderMap) -> bool {
+    headers.get(header::HOST).and_then(|v| v.to_str().ok()).is_none_or(|h| is_loopback(host_part(h)))
+}
+
+/// Whether a browser sent the request from a page that is not on this machine: a cross-site
+/// `Sec-Fetch-Site`, or an `Origin` whose host is not loopback. Tools send neither.
+fn from_a_foreign_page(headers: &axum::http::HeaderMap) -> bool {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if header("sec-fetch-site").is_some_and(|s| s == "cross-site") {
+        return true;
+    }
+    let Some(origin) = header("origin") else { return false };
+    !is_loopback(host_part(origin.split("://").nth(1).unwrap_or(origin)))
+}
+
 fn unauthorized(detail: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
 }
@@ -71,6 +99,22 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
     };
     let presented = req.headers().get(header::AUTHORIZATION).cloned();
     match principal(&state, presented, scope).await {
+        // Without keys every request is the local admin: a browser page must not be able to
+        // act as it (a cross-site form post, or a DNS-rebinding page whose origin is its own).
+        Ok(p) if p.key_id.is_none() && !addressed_to_loopback(req.headers()) => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "api_key_required",
+            "while API keys are off this server answers only requests addressed to localhost (a DNS-rebinding page names its own host); create a key (`modelpress keys create`) to use it from elsewhere",
+        )
+        .into_response(),
+        Ok(p) if p.key_id.is_none() && scope > Scope::Read && from_a_foreign_page(req.headers()) => {
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "cross_site_request",
+                "while API keys are off, changes are accepted only from tools (curl, clients) or pages on localhost; create a key to use the API from elsewhere",
+            )
+            .into_response()
+        }
         Ok(p) => {
             req.extensions_mut().insert(p);
             next.run(req).await
@@ -253,6 +297,25 @@ pub async fn revoke_key(State(state): State<AppState>, Path(id): Path<String>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_pages_on_this_machine_count_as_local() {
+        let with = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = axum::http::HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, axum::http::HeaderValue::from_static(v));
+            }
+            from_a_foreign_page(&h)
+        };
+        assert!(!with(&[]), "curl sends no Origin");
+        assert!(!with(&[("origin", "http://localhost:8080")]));
+        assert!(!with(&[("origin", "http://127.0.0.1:8080"), ("sec-fetch-site", "same-origin")]));
+        assert!(!with(&[("origin", "http://[::1]:8080")]));
+        assert!(with(&[("origin", "https://evil.example")]));
+        assert!(with(&[("origin", "http://rebind.example:8080")]), "a DNS-rebinding page keeps its own origin");
+        assert!(with(&[("origin", "null")]));
+        assert!(with(&[("sec-fetch-site", "cross-site")]));
+    }
 
     #[test]
     fn routes_need_read_write_admin_or_nothing() {

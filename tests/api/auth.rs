@@ -292,3 +292,38 @@ async fn registered_models_belong_to_the_jobs_principal_and_revoking_every_key_k
     }
     problem(send(&app, reqwest::Method::GET, "/v1/models", None).await, 401).await;
 }
+
+#[tokio::test]
+async fn without_keys_only_localhost_addressed_tool_requests_act_as_the_local_admin() {
+    let app = spawn_app(0).await;
+    assert_eq!(app.get("/v1/models").await.status(), 200);
+    // A DNS-rebinding page reaches 127.0.0.1 under its own name: refused, reads included.
+    let rebound = app.client.get(app.url("/v1/models")).header("host", "rebind.example:8080").send().await.unwrap();
+    let p = problem(rebound, 403).await;
+    assert_eq!(p["code"], "api_key_required");
+    // A cross-site form post from a page elsewhere: refused; the same from a tool: accepted.
+    let upload = |origin: Option<&'static str>| {
+        let mut req = app.client.post(app.url("/v1/models")).body(small_model());
+        if let Some(o) = origin {
+            req = req.header("origin", o).header("sec-fetch-site", "cross-site");
+        }
+        req.send()
+    };
+    let p = problem(upload(Some("https://evil.example")).await.unwrap(), 403).await;
+    assert_eq!(p["code"], "cross_site_request");
+    assert_eq!(upload(None).await.unwrap().status(), 201);
+    // The health checks stay open to any host (probes use the pod's address).
+    let probe = app.client.get(app.url("/readyz")).header("host", "10.0.0.7:8080").send().await.unwrap();
+    assert_eq!(probe.status(), 200);
+    // With keys, the host does not matter.
+    let key = create_key_cli(&app, "ops", "admin");
+    let res = app
+        .client
+        .get(app.url("/v1/models"))
+        .header("host", "modelpress.internal")
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+}
