@@ -57,6 +57,8 @@ pub struct QueueSettings {
     pub max_attempts: u32,
     pub retry_backoff_secs: u64,
     pub max_queued: u64,
+    /// Jobs one principal (an API key's) may have waiting; more answer 429.
+    pub max_queued_per_principal: u64,
     pub shutdown_grace_secs: u64,
     pub job_nice: i32,
     /// Largest predicted peak memory of one job, in bytes; unset: three quarters of the

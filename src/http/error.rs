@@ -127,6 +127,14 @@ impl From<crate::storage::queue::QueueError> for ApiError {
         use crate::storage::queue::QueueError as Q;
         match e {
             Q::IdempotencyConflict => ApiError::unprocessable("idempotency_key_reused", e.to_string()),
+            Q::QuotaExceeded { .. } => ApiError {
+                retry_after: Some(10),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "quota_exceeded",
+                    format!("{e} (queue.max_queued_per_principal); retry when some have run"),
+                )
+            },
             Q::Full { .. } => ApiError {
                 retry_after: Some(10),
                 ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", format!("{e}; retry later"))

@@ -165,7 +165,10 @@ pub async fn create_job(
                 max_attempts: state.settings.queue.max_attempts,
                 owner: who.name.clone(),
             },
-            state.settings.queue.max_queued,
+            crate::storage::queue::QueueLimits {
+                total: state.settings.queue.max_queued,
+                per_owner: state.settings.queue.max_queued_per_principal,
+            },
         )
         .await
         .map_err(|e| match e {

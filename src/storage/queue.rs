@@ -27,6 +27,13 @@ pub struct NewJob {
     pub max_attempts: u32,
 }
 
+/// Queued jobs allowed: in all, and per principal.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    pub total: u64,
+    pub per_owner: u64,
+}
+
 #[derive(Debug)]
 pub enum Enqueued {
     Created(JobRecord),
@@ -84,6 +91,8 @@ pub enum QueueError {
     IdempotencyConflict,
     #[error("the queue holds {queued} jobs, its limit")]
     Full { queued: u64 },
+    #[error("`{owner}` has {queued} jobs queued, its limit")]
+    QuotaExceeded { owner: String, queued: u64 },
     #[error("no job {0}")]
     NotFound(String),
     #[error("job {id} is {} and can no longer change", status.as_str())]
@@ -94,7 +103,9 @@ pub enum QueueError {
 
 #[async_trait]
 pub trait JobQueue: Send + Sync + 'static {
-    async fn enqueue(&self, job: NewJob, max_queued: u64) -> Result<Enqueued, QueueError>;
+    /// Enqueues `job` unless the queue holds `limits.total` queued jobs, or its owner
+    /// `limits.per_owner` (the embedded `local` principal has no quota of its own).
+    async fn enqueue(&self, job: NewJob, limits: QueueLimits) -> Result<Enqueued, QueueError>;
     /// The job created with this `Idempotency-Key`, if any.
     async fn find_by_idempotency_key(&self, key: &str) -> Result<Option<JobRecord>, QueueError>;
     /// Atomically takes the oldest runnable job, leasing it to `worker`.

@@ -13,7 +13,7 @@ use sqlx::{Sqlite, SqlitePool, Transaction};
 use tokio::sync::broadcast;
 
 use super::now_ms;
-use super::queue::{Enqueued, JobFilter, JobQueue, LeaseState, NewJob, Outcome, QueueError};
+use super::queue::{Enqueued, JobFilter, JobQueue, LeaseState, NewJob, Outcome, QueueError, QueueLimits};
 use crate::domain::job::{JobEvent, JobFailure, JobRecord, JobStatus, Progress};
 
 #[derive(Debug, Clone)]
@@ -92,7 +92,7 @@ async fn fetch(tx: &mut Transaction<'static, Sqlite>, id: &str) -> Result<Option
 
 #[async_trait]
 impl JobQueue for SqliteQueue {
-    async fn enqueue(&self, job: NewJob, max_queued: u64) -> Result<Enqueued, QueueError> {
+    async fn enqueue(&self, job: NewJob, limits: QueueLimits) -> Result<Enqueued, QueueError> {
         let mut tx = self.write_tx().await?;
         if let Some(key) = &job.idempotency_key {
             let existing: Option<JobRecord> = sqlx::query_as("select * from jobs where idempotency_key = ?")
@@ -109,8 +109,17 @@ impl JobQueue for SqliteQueue {
         }
         let queued: i64 =
             sqlx::query_scalar("select count(*) from jobs where status = 'queued'").fetch_one(&mut *tx).await?;
-        if queued as u64 >= max_queued {
+        if queued as u64 >= limits.total {
             return Err(QueueError::Full { queued: queued as u64 });
+        }
+        if job.owner != "local" {
+            let mine: i64 = sqlx::query_scalar("select count(*) from jobs where status = 'queued' and owner = ?")
+                .bind(&job.owner)
+                .fetch_one(&mut *tx)
+                .await?;
+            if mine as u64 >= limits.per_owner {
+                return Err(QueueError::QuotaExceeded { owner: job.owner.clone(), queued: mine as u64 });
+            }
         }
         let id = uuid::Uuid::now_v7().to_string();
         let now = now_ms();

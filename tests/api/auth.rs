@@ -327,3 +327,29 @@ async fn without_keys_only_localhost_addressed_tool_requests_act_as_the_local_ad
         .unwrap();
     assert_eq!(res.status(), 200);
 }
+
+#[tokio::test]
+async fn a_principal_past_its_queued_jobs_quota_gets_429_while_others_still_queue() {
+    let app = spawn_app_with(0, |s| s.queue.max_queued_per_principal = 3).await;
+    let alice = create_key_cli(&app, "alice", "write");
+    let bob = create_key_cli(&app, "bob", "write");
+    let submit = |key: String| {
+        let app = &app;
+        async move {
+            let res =
+                app.client.post(app.url("/v1/models")).bearer_auth(&key).body(small_model()).send().await.unwrap();
+            let model = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+            let spec = json!({"model_id": model, "steps": [{"op": "quantize", "bits": 8}]});
+            let mut statuses = Vec::new();
+            for _ in 0..4 {
+                let res = app.client.post(app.url("/v1/jobs")).bearer_auth(&key).json(&spec).send().await.unwrap();
+                statuses.push((res.status().as_u16(), res.headers().get("retry-after").is_some()));
+            }
+            statuses
+        }
+    };
+    let alices = submit(alice).await;
+    assert_eq!(alices, [(202, false), (202, false), (202, false), (429, true)]);
+    let bobs = submit(bob).await;
+    assert_eq!(bobs[0], (202, false), "another principal is not held back by alice's jobs");
+}
