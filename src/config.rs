@@ -45,6 +45,9 @@ pub struct StorageSettings {
     /// Uploads received at once; more answer 503 with `Retry-After`. Each holds a writer
     /// thread of the runtime's blocking pool (512) for its whole life.
     pub max_concurrent_uploads: usize,
+    /// Bytes of models and datasets one principal (an API key's owner) may store; unset: no
+    /// quota. The embedded `local` user has none.
+    pub max_stored_bytes_per_principal: Option<u64>,
     /// Days a finished job (and its artifacts) is kept; unset keeps them until deleted.
     pub retention_days: Option<u64>,
 }

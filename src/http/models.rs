@@ -111,16 +111,33 @@ async fn upload_kind(
         .map(multer::parse_boundary)
         .transpose()
         .map_err(|e| ApiError::bad_request("invalid_multipart", format!("bad multipart content type: {e}")))?;
+    // A principal's storage quota caps this upload at what it has left.
+    let quota = settings.max_stored_bytes_per_principal.filter(|_| owner.name != "local");
+    let left = match quota {
+        Some(q) => Some(q.saturating_sub(state.catalog.stored_bytes(&owner.name).await?)),
+        None => None,
+    };
+    let max_bytes = left.map_or(settings.max_upload_bytes, |l| l.min(settings.max_upload_bytes));
     let path = state.blobs.staging_path("upload");
-    let (staged, graph_part, file_name) = match boundary {
-        Some(b) => {
-            upload::receive_multipart(b, body, path, settings.max_upload_bytes, settings.max_header_bytes).await?
+    let received = match boundary {
+        Some(b) => upload::receive_multipart(b, body, path, max_bytes, settings.max_header_bytes).await,
+        None => upload::receive(&headers, body, path, max_bytes, settings.max_header_bytes)
+            .await
+            .map(|staged| (staged, None, None)),
+    };
+    let (staged, graph_part, file_name) = match (received, quota, left) {
+        (Ok(r), ..) => r,
+        (Err(e), Some(q), Some(l)) if e.code == "upload_too_large" && l < settings.max_upload_bytes => {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "storage_quota_exceeded",
+                format!(
+                    "`{}` may store {q} bytes of models and datasets (storage.max_stored_bytes_per_principal) and has {l} left; delete some first",
+                    owner.name
+                ),
+            ))
         }
-        None => {
-            let staged =
-                upload::receive(&headers, body, path, settings.max_upload_bytes, settings.max_header_bytes).await?;
-            (staged, None, None)
-        }
+        (Err(e), ..) => return Err(e),
     };
     // A graph sent with the model is validated against it before anything is stored.
     let graph = match graph_part {

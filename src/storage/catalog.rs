@@ -336,6 +336,15 @@ impl Catalog {
         Ok(JobDeleteOutcome::Deleted { orphan_blobs })
     }
 
+    /// Bytes of the models and datasets `owner` stores.
+    pub async fn stored_bytes(&self, owner: &str) -> Result<u64, sqlx::Error> {
+        let n: i64 = sqlx::query_scalar("select coalesce(sum(bytes), 0) from models where owner = ?")
+            .bind(owner)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
+    }
+
     /// Finished jobs that ended before `before_ms` (unix milliseconds), oldest first.
     pub async fn finished_before(&self, before_ms: i64, limit: u32) -> Result<Vec<String>, sqlx::Error> {
         sqlx::query_scalar(

@@ -353,3 +353,23 @@ async fn a_principal_past_its_queued_jobs_quota_gets_429_while_others_still_queu
     let bobs = submit(bob).await;
     assert_eq!(bobs[0], (202, false), "another principal is not held back by alice's jobs");
 }
+
+#[tokio::test]
+async fn a_principal_past_its_storage_quota_gets_413_and_can_upload_again_after_a_delete() {
+    let size = small_model().len() as u64;
+    let app = spawn_app_with(0, move |s| s.storage.max_stored_bytes_per_principal = Some(2 * size + size / 2)).await;
+    let alice = create_key_cli(&app, "alice", "write");
+    let bob = create_key_cli(&app, "bob", "write");
+    let upload =
+        |key: &str| app.client.post(app.url("/v1/models")).bearer_auth(key.to_owned()).body(small_model()).send();
+    let first = upload(&alice).await.unwrap();
+    assert_eq!(first.status(), 201);
+    let first = first.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    assert_eq!(upload(&alice).await.unwrap().status(), 201);
+    let p = problem(upload(&alice).await.unwrap(), 413).await;
+    assert_eq!(p["code"], "storage_quota_exceeded", "{p}");
+    assert_eq!(upload(&bob).await.unwrap().status(), 201, "bob has a quota of his own");
+    let res = app.client.delete(app.url(&format!("/v1/models/{first}"))).bearer_auth(&alice).send().await.unwrap();
+    assert_eq!(res.status(), 204);
+    assert_eq!(upload(&alice).await.unwrap().status(), 201);
+}
