@@ -23,6 +23,9 @@ pub struct AuthSettings {
     /// Every request but the health checks and the docs needs a key, even before one exists
     /// (the container sets it). Otherwise keys are needed as soon as one live key exists.
     pub required: bool,
+    /// Requests per second one principal (an API key's owner) may make, sustained; bursts of
+    /// twice that pass. 0: no limit. The embedded `local` user is not limited.
+    pub requests_per_second: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

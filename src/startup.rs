@@ -126,6 +126,7 @@ impl Application {
             workers_expected: worker_count,
             openapi: Arc::default(),
             keys: crate::storage::keys::KeyStore::new(pool.clone()),
+            rate: crate::http::auth::rate_limiter(settings.auth.requests_per_second).map(Arc::new),
             uploads: Arc::new(tokio::sync::Semaphore::new(settings.storage.max_concurrent_uploads)),
         };
         let address = format!("{}:{}", settings.server.host, settings.server.port);

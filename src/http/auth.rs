@@ -44,6 +44,16 @@ impl Principal {
     }
 }
 
+/// A keyed GCRA limiter: one budget per principal.
+pub type RateLimiter = governor::DefaultKeyedRateLimiter<String>;
+
+/// `per_second` requests a second sustained, bursts of twice that; `None` for 0 (no limit).
+pub fn rate_limiter(per_second: u32) -> Option<RateLimiter> {
+    let rate = std::num::NonZeroU32::new(per_second)?;
+    let burst = rate.saturating_mul(std::num::NonZeroU32::new(2).expect("2"));
+    Some(governor::RateLimiter::keyed(governor::Quota::per_second(rate).allow_burst(burst)))
+}
+
 /// Paths anyone may read.
 const OPEN: [&str; 4] = ["/healthz", "/readyz", "/docs", "/openapi.json"];
 
@@ -116,6 +126,23 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
             .into_response()
         }
         Ok(p) => {
+            if let (Some(limiter), Some(_)) = (&state.rate, &p.key_id) {
+                if let Err(not_until) = limiter.check_key(&p.name) {
+                    let wait = not_until.wait_time_from(governor::clock::Clock::now(&governor::clock::DefaultClock::default()));
+                    return ApiError {
+                        retry_after: Some(wait.as_secs().max(1)),
+                        ..ApiError::new(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            "rate_limited",
+                            format!(
+                                "`{}` is over {} requests per second (auth.requests_per_second); retry after the Retry-After seconds",
+                                p.name, state.settings.auth.requests_per_second
+                            ),
+                        )
+                    }
+                    .into_response();
+                }
+            }
             req.extensions_mut().insert(p);
             next.run(req).await
         }

@@ -48,6 +48,8 @@ pub struct AppState {
     pub openapi: Arc<String>,
     /// API keys.
     pub keys: crate::storage::keys::KeyStore,
+    /// Requests per principal (`auth.requests_per_second`); `None` without a limit.
+    pub rate: Option<Arc<auth::RateLimiter>>,
     /// One permit per upload being received (`storage.max_concurrent_uploads`).
     pub uploads: Arc<tokio::sync::Semaphore>,
 }

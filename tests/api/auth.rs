@@ -373,3 +373,27 @@ async fn a_principal_past_its_storage_quota_gets_413_and_can_upload_again_after_
     assert_eq!(res.status(), 204);
     assert_eq!(upload(&alice).await.unwrap().status(), 201);
 }
+
+#[tokio::test]
+async fn a_principal_over_its_request_rate_gets_429_and_others_do_not() {
+    let app = spawn_app_with(0, |s| s.auth.requests_per_second = 2).await;
+    let alice = create_key_cli(&app, "alice", "read");
+    let bob = create_key_cli(&app, "bob", "read");
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        let res = send(&app, reqwest::Method::GET, "/v1/models", Some(&alice)).await;
+        if res.status() == 429 {
+            assert!(res.headers().get("retry-after").is_some());
+            assert_eq!(res.json::<Value>().await.unwrap()["code"], "rate_limited");
+            statuses.push(429);
+        } else {
+            statuses.push(res.status().as_u16());
+        }
+    }
+    // A burst of twice the rate passes, then the limit holds.
+    assert!(statuses[..4].iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert_eq!(send(&app, reqwest::Method::GET, "/v1/models", Some(&bob)).await.status(), 200);
+    // Health checks are never limited.
+    assert_eq!(send(&app, reqwest::Method::GET, "/healthz", None).await.status(), 200);
+}
