@@ -23,6 +23,8 @@ struct StreamState {
     pending: VecDeque<JobEvent>,
     wake: broadcast::Receiver<String>,
     done: bool,
+    /// The API key the stream was opened with: the stream ends once it is revoked or expires.
+    key: Option<(crate::storage::keys::KeyStore, String)>,
 }
 
 fn is_terminal(e: &JobEvent) -> bool {
@@ -37,9 +39,10 @@ pub fn job_event_stream(
     queue: Arc<dyn JobQueue>,
     job_id: String,
     last: i64,
+    key: Option<(crate::storage::keys::KeyStore, String)>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let wake = queue.subscribe();
-    let state = StreamState { queue, job_id, last, pending: VecDeque::new(), wake, done: false };
+    let state = StreamState { queue, job_id, last, pending: VecDeque::new(), wake, done: false, key };
     futures_util::stream::unfold(state, |mut s| async move {
         loop {
             if let Some(e) = s.pending.pop_front() {
@@ -61,6 +64,13 @@ pub fn job_event_stream(
                     // Nothing newer than `last`: a finished job has nothing more to say.
                     if let Ok(Some(job)) = s.queue.get(&s.job_id).await {
                         if job.status().is_terminal() {
+                            return None;
+                        }
+                    }
+                    // A key revoked or expired since the stream opened ends it.
+                    if let Some((keys, id)) = &s.key {
+                        let live = keys.get(id).await.ok().flatten().is_some_and(|k| k.live(crate::storage::now_ms()));
+                        if !live {
                             return None;
                         }
                     }

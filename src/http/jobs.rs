@@ -309,7 +309,8 @@ pub async fn job_events(
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let job = load(&state, &who, &id).await?;
     let last: i64 = headers.get("last-event-id").and_then(|v| v.to_str().ok()?.trim().parse().ok()).unwrap_or(0);
-    let stream = super::events::job_event_stream(state.queue.clone(), job.id, last);
+    let key = who.key_id.clone().map(|id| (state.keys.clone(), id));
+    let stream = super::events::job_event_stream(state.queue.clone(), job.id, last, key);
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 

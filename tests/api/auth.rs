@@ -397,3 +397,23 @@ async fn a_principal_over_its_request_rate_gets_429_and_others_do_not() {
     // Health checks are never limited.
     assert_eq!(send(&app, reqwest::Method::GET, "/healthz", None).await.status(), 200);
 }
+
+#[tokio::test]
+async fn an_event_stream_ends_when_its_key_is_revoked() {
+    let app = spawn_app(0).await;
+    let alice = create_key_cli(&app, "alice", "write");
+    let res = app.client.post(app.url("/v1/models")).bearer_auth(&alice).body(small_model()).send().await.unwrap();
+    let model = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let spec = json!({"model_id": model, "steps": [{"op": "quantize", "bits": 8}]});
+    let res = app.client.post(app.url("/v1/jobs")).bearer_auth(&alice).json(&spec).send().await.unwrap();
+    let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    // No workers: the job stays queued and its stream stays open.
+    let stream = send(&app, reqwest::Method::GET, &format!("/v1/jobs/{id}/events"), Some(&alice)).await;
+    assert_eq!(stream.status(), 200);
+    let body = tokio::spawn(async move { stream.text().await.unwrap() });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!body.is_finished(), "the stream of a queued job stays open");
+    assert!(keys_cli(&app, &["revoke", &alice[3..15]]).status.success());
+    let text = tokio::time::timeout(std::time::Duration::from_secs(5), body).await.expect("the stream ended").unwrap();
+    assert!(text.contains("queued"), "{text}");
+}
