@@ -79,6 +79,10 @@ async fn a_client_trickling_its_headers_is_cut_off_while_others_are_served() {
         s.write_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.unwrap();
         slow.push(s);
     }
+    // And clients that connect and send nothing at all.
+    for _ in 0..5 {
+        slow.push(tokio::net::TcpStream::connect(&address).await.unwrap());
+    }
     // Others are served meanwhile.
     assert_eq!(app.get("/healthz").await.status(), 200);
     // Within a few seconds of the 1 s limit every slow connection is closed by the server
