@@ -276,8 +276,7 @@ pub fn check_new_key(principal: &str, scopes: &str, days: Option<u32>) -> Result
 #[utoipa::path(post, path = "/v1/keys", tag = "keys", request_body = NewKey,
     responses((status = 201, body = CreatedKey), (status = 409, body = super::error::Problem), (status = 422, body = super::error::Problem)))]
 pub async fn create_key(State(state): State<AppState>, JsonBody(body): JsonBody) -> ApiResult<Response> {
-    let mut de = serde_json::Deserializer::from_slice(&body);
-    let body: NewKey = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+    let body: NewKey = serde_path_to_error::deserialize(body).map_err(|e| {
         let path = e.path().to_string();
         let err = ApiError::unprocessable("invalid_field", format!("the key request: {}", e.into_inner()));
         if path == "." {

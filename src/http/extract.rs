@@ -33,7 +33,9 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Que
 /// - At most axum's default 2 MiB: a 413 problem naming the limit.
 /// - Valid JSON without duplicate object keys (serde_json keeps the last silently, so
 ///   `{"bits": 8, "bits": 2}` would quantize to 2 bits): a 400 naming the key.
-pub struct JsonBody(pub bytes::Bytes);
+///
+/// It holds the parsed body: handlers never parse it again.
+pub struct JsonBody(pub serde_json::Value);
 
 /// Largest JSON body, in bytes (axum's `DefaultBodyLimit`).
 pub const MAX_JSON_BODY: usize = 2 * 1024 * 1024;
@@ -67,83 +69,82 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for JsonBody {
                 ApiError::bad_request("invalid_body", format!("reading the body: {}", e.body_text()))
             }
         })?;
-        if let Err(e) = check_json(&body) {
-            return Err(ApiError::bad_request("invalid_json", e));
-        }
-        Ok(JsonBody(body))
+        parse_json(&body).map(JsonBody).map_err(|e| ApiError::bad_request("invalid_json", e))
     }
 }
 
 /// Parses `bytes` as JSON, refusing duplicate keys in any object: the error names the key and
 /// where it is.
-pub fn check_json(bytes: &[u8]) -> Result<(), String> {
+pub fn parse_json(bytes: &[u8]) -> Result<serde_json::Value, String> {
     use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
+    use serde_json::Value;
     struct Strict(String);
     impl<'de> DeserializeSeed<'de> for Strict {
-        type Value = ();
-        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        type Value = Value;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
             d.deserialize_any(self)
         }
     }
     impl<'de> Visitor<'de> for Strict {
-        type Value = ();
+        type Value = Value;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("JSON")
         }
-        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-            Ok(())
+        fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+            Ok(Value::Bool(v))
         }
-        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-            Ok(())
+        fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+            Ok(Value::from(v))
         }
-        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-            Ok(())
+        fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+            Ok(Value::from(v))
         }
-        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-            Ok(())
+        fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+            Ok(Value::from(v))
         }
-        fn visit_str<E>(self, _: &str) -> Result<(), E> {
-            Ok(())
+        fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+            Ok(Value::from(v))
         }
-        fn visit_unit<E>(self) -> Result<(), E> {
-            Ok(())
+        fn visit_unit<E>(self) -> Result<Value, E> {
+            Ok(Value::Null)
         }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-            let mut i = 0;
-            while seq.next_element_seed(Strict(format!("{}/{i}", self.0)))?.is_some() {
-                i += 1;
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+            let mut items = Vec::new();
+            while let Some(v) = seq.next_element_seed(Strict(format!("{}/{}", self.0, items.len())))? {
+                items.push(v);
             }
-            Ok(())
+            Ok(Value::Array(items))
         }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-            let mut seen = std::collections::HashSet::new();
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+            let mut object = serde_json::Map::new();
             while let Some(key) = map.next_key::<String>()? {
                 let at = format!("{}/{key}", self.0);
-                if !seen.insert(key.clone()) {
+                if object.contains_key(&key) {
                     return Err(serde::de::Error::custom(format!("duplicate key `{key}` at `{at}`")));
                 }
-                map.next_value_seed(Strict(at))?;
+                let value = map.next_value_seed(Strict(at))?;
+                object.insert(key, value);
             }
-            Ok(())
+            Ok(Value::Object(object))
         }
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    Strict(String::new())
-        .deserialize(&mut de)
-        .and_then(|()| de.end())
-        .map_err(|e| format!("the body is not valid JSON: {e}"))
+    let value = Strict(String::new()).deserialize(&mut de).map_err(|e| format!("the body is not valid JSON: {e}"))?;
+    de.end().map_err(|e| format!("the body is not valid JSON: {e}"))?;
+    Ok(value)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::check_json;
+    use super::parse_json;
 
     #[test]
     fn duplicate_keys_are_refused_at_any_depth_with_their_place() {
-        assert!(check_json(br#"{"a": [1, {"b": 2}], "c": null}"#).is_ok());
-        let e = check_json(br#"{"steps": [{"op": "quantize", "bits": 8, "bits": 2}]}"#).unwrap_err();
+        let v = parse_json(br#"{"a": [1, {"b": 2.5}], "c": null, "d": "x"}"#).unwrap();
+        assert_eq!(v, serde_json::json!({"a": [1, {"b": 2.5}], "c": null, "d": "x"}));
+        let e = parse_json(br#"{"steps": [{"op": "quantize", "bits": 8, "bits": 2}]}"#).unwrap_err();
         assert!(e.contains("duplicate key `bits` at `/steps/0/bits`"), "{e}");
-        assert!(check_json(br#"{"a": 1} x"#).is_err());
-        assert!(check_json(b"").is_err());
+        assert!(parse_json(br#"{"a": 1} x"#).is_err());
+        assert!(parse_json(b"").is_err());
     }
 }

@@ -77,9 +77,7 @@ pub async fn put_graph(
     JsonBody(body): JsonBody,
 ) -> ApiResult<Json<GraphView>> {
     let m = model(&state, &who, &id).await?;
-    let value: serde_json::Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")))?;
-    let graph = Graph::parse(&value).map_err(graph_errors)?;
+    let graph = Graph::parse(&body).map_err(graph_errors)?;
     let summary = graph.validate(&tensor_table(&m)).map_err(graph_errors)?;
     let text = serde_json::to_string(&graph).expect("graphs serialise");
     match state.catalog.set_graph(&m.id, Some(&text)).await? {

@@ -140,9 +140,7 @@ pub async fn create_job(
     // A replay answers with the job created the first time, even if its model is gone since.
     if let Some(k) = &key {
         if let Some(existing) = state.queue.find_by_idempotency_key(k).await? {
-            let value: serde_json::Value = serde_json::from_slice(&body)
-                .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")))?;
-            if crate::domain::spec::request_sha256(&value) != existing.spec_hash {
+            if crate::domain::spec::request_sha256(&body) != existing.spec_hash {
                 return Err(crate::storage::queue::QueueError::IdempotencyConflict.into());
             }
             let location = format!("/v1/jobs/{}", existing.id);

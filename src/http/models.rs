@@ -221,10 +221,13 @@ async fn list_kind(
 /// The model or dataset `id` if `who` may see it; another principal's is a 404 like a missing one.
 pub async fn get_kind(state: &AppState, who: &Principal, kind: ModelKind, id: &str) -> ApiResult<ModelRecord> {
     let id = parse_id(id, "id")?;
-    match state.catalog.get_model(kind, &id).await? {
-        Some(m) if who.sees(&m.owner) => Ok(m),
-        _ => Err(ApiError::not_found(kind.as_str(), &id)),
-    }
+    visible(state, who, kind, &id).await?.ok_or_else(|| ApiError::not_found(kind.as_str(), &id))
+}
+
+/// The model or dataset `id` when `who` may see it (its own, or any for an admin): the one
+/// ownership check of models and datasets.
+pub async fn visible(state: &AppState, who: &Principal, kind: ModelKind, id: &str) -> ApiResult<Option<ModelRecord>> {
+    Ok(state.catalog.get_model(kind, id).await?.filter(|m| who.sees(&m.owner)))
 }
 
 async fn download_kind(

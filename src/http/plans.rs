@@ -21,7 +21,7 @@ async fn dataset_file(
     pointer: &str,
 ) -> ApiResult<Option<std::path::PathBuf>> {
     let Some(id) = id else { return Ok(None) };
-    let Some(d) = visible(state, who, ModelKind::Dataset, id).await? else {
+    let Some(d) = super::models::visible(state, who, ModelKind::Dataset, id).await? else {
         return Err(ApiError::spec(vec![SpecError::new(
             pointer,
             "unknown_dataset",
@@ -31,22 +31,10 @@ async fn dataset_file(
     Ok(Some(state.blobs.local_path(&d.sha256).await.map_err(ApiError::io)?))
 }
 
-/// The model or dataset `id` when `who` may see it.
-async fn visible(
-    state: &AppState,
-    who: &Principal,
-    kind: ModelKind,
-    id: &str,
-) -> ApiResult<Option<crate::storage::catalog::ModelRecord>> {
-    Ok(state.catalog.get_model(kind, id).await?.filter(|m| who.sees(&m.owner)))
-}
-
 /// Parses a job spec body, checks its model and dataset exist (for `who`), and plans it.
-pub async fn spec_and_plan(state: &AppState, who: &Principal, body: &[u8]) -> ApiResult<(JobSpec, Plan)> {
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}")))?;
-    let spec = parse_job_spec(&value).map_err(ApiError::spec)?;
-    let model = visible(state, who, ModelKind::Model, &spec.model_id).await?.ok_or_else(|| {
+pub async fn spec_and_plan(state: &AppState, who: &Principal, body: &serde_json::Value) -> ApiResult<(JobSpec, Plan)> {
+    let spec = parse_job_spec(body).map_err(ApiError::spec)?;
+    let model = super::models::visible(state, who, ModelKind::Model, &spec.model_id).await?.ok_or_else(|| {
         ApiError::spec(vec![SpecError::new(
             "/model_id",
             "unknown_model",
@@ -59,7 +47,7 @@ pub async fn spec_and_plan(state: &AppState, who: &Principal, body: &[u8]) -> Ap
     let (model, teacher) = match spec.compress.student_model_id() {
         None => (model, None),
         Some((i, id)) => {
-            let Some(student) = visible(state, who, ModelKind::Model, id).await? else {
+            let Some(student) = super::models::visible(state, who, ModelKind::Model, id).await? else {
                 return Err(ApiError::spec(vec![SpecError::new(
                     format!("/steps/{i}/student_model_id"),
                     "unknown_model",
@@ -112,7 +100,7 @@ pub async fn spec_and_plan(state: &AppState, who: &Principal, body: &[u8]) -> Ap
 }
 
 /// Like [`spec_and_plan`], but a plan with refusals is a 422 carrying the plan's words.
-pub async fn checked_plan(state: &AppState, who: &Principal, body: &[u8]) -> ApiResult<(JobSpec, Plan)> {
+pub async fn checked_plan(state: &AppState, who: &Principal, body: &serde_json::Value) -> ApiResult<(JobSpec, Plan)> {
     let (spec, plan) = spec_and_plan(state, who, body).await?;
     if !plan.refusals.is_empty() {
         let errors =
