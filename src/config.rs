@@ -37,6 +37,30 @@ pub struct ServerSettings {
     pub body_idle_timeout_secs: u64,
     /// Seconds a client has to send a request's headers (slow-loris clients are cut off).
     pub header_read_timeout_secs: u64,
+    /// Web origins (`https://host[:port]`, or `*`) whose pages may call the API from a browser
+    /// (CORS). Empty (the default): none, browsers keep cross-origin responses from pages.
+    #[serde(default)]
+    pub cors_allowed_origins: Vec<String>,
+}
+
+impl ServerSettings {
+    /// Refuses origins a browser never sends (a path, no scheme, a trailing slash).
+    fn check_origins(&self) -> Result<(), String> {
+        for origin in &self.cors_allowed_origins {
+            if origin == "*" {
+                continue;
+            }
+            let rest = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
+            let ok = rest.is_some_and(|r| !r.is_empty() && !r.contains(['/', '?', '#', ' ']))
+                && axum::http::HeaderValue::from_str(origin).is_ok();
+            if !ok {
+                return Err(format!(
+                    "server.cors_allowed_origins: `{origin}` is not an origin: write scheme://host[:port] with no path (https://app.example.com), or `*`"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -48,6 +72,10 @@ pub struct StorageSettings {
     /// Uploads received at once; more answer 503 with `Retry-After`. Each holds a writer
     /// thread of the runtime's blocking pool (512) for its whole life.
     pub max_concurrent_uploads: usize,
+    /// Slowest accepted upload, in bytes per second averaged over each window of
+    /// `upload_rate_window_secs`; slower ones answer 408 `upload_too_slow`. 0: no floor.
+    pub min_upload_bytes_per_sec: u64,
+    pub upload_rate_window_secs: u64,
     /// Bytes of models and datasets one principal (an API key's owner) may store; unset: no
     /// quota. The embedded `local` user has none.
     pub max_stored_bytes_per_principal: Option<u64>,
@@ -125,12 +153,20 @@ impl Settings {
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).required(true));
         }
-        builder
+        let settings: Settings = builder
             .add_source(
-                config::Environment::with_prefix("MODELPRESS").prefix_separator("__").separator("__").try_parsing(true),
+                config::Environment::with_prefix("MODELPRESS")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    // MODELPRESS__SERVER__CORS_ALLOWED_ORIGINS=https://a.example,https://b.example
+                    .list_separator(",")
+                    .with_list_parse_key("server.cors_allowed_origins"),
             )
             .build()?
-            .try_deserialize()
+            .try_deserialize()?;
+        settings.server.check_origins().map_err(config::ConfigError::Message)?;
+        Ok(settings)
     }
 
     /// Defaults only: what tests start from before pointing the data dir at a temp dir.
@@ -164,6 +200,21 @@ mod tests {
         assert_eq!(s.server.port, 9999);
         assert_eq!(s.queue.worker_count(), 3);
         assert_eq!(s.server.host, "127.0.0.1");
+    }
+
+    #[test]
+    fn cors_origins_must_be_bare_origins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cors.toml");
+        std::fs::write(&path, "[server]\ncors_allowed_origins = [\"https://app.example.com:8443\", \"*\"]\n").unwrap();
+        assert_eq!(Settings::load(Some(&path)).unwrap().server.cors_allowed_origins.len(), 2);
+        assert!(Settings::defaults().server.cors_allowed_origins.is_empty());
+        for bad in ["app.example.com", "https://app.example.com/", "https://app.example.com/ui", "ftp://x", "https://"]
+        {
+            std::fs::write(&path, format!("[server]\ncors_allowed_origins = [\"{bad}\"]\n")).unwrap();
+            let err = Settings::load(Some(&path)).unwrap_err().to_string();
+            assert!(err.contains("is not an origin") && err.contains(bad), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -88,13 +88,19 @@ fn addressed_to_loopback(headers: &axum::http::HeaderMap) -> bool {
 }
 
 /// Whether a browser sent the request from a page that is not on this machine: a cross-site
-/// `Sec-Fetch-Site`, or an `Origin` whose host is not loopback. Tools send neither.
-fn from_a_foreign_page(headers: &axum::http::HeaderMap) -> bool {
+/// `Sec-Fetch-Site`, or an `Origin` whose host is not loopback. Tools send neither. An origin
+/// named in `allowed` (`server.cors_allowed_origins`, never its `*`) is trusted: the operator
+/// chose that page.
+fn from_a_foreign_page(headers: &axum::http::HeaderMap, allowed: &[String]) -> bool {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let origin = header("origin");
+    if origin.is_some_and(|o| allowed.iter().any(|a| a == o)) {
+        return false;
+    }
     if header("sec-fetch-site").is_some_and(|s| s == "cross-site") {
         return true;
     }
-    let Some(origin) = header("origin") else { return false };
+    let Some(origin) = origin else { return false };
     !is_loopback(host_part(origin.split("://").nth(1).unwrap_or(origin)))
 }
 
@@ -117,7 +123,8 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
             "while API keys are off this server answers only requests addressed to localhost (a DNS-rebinding page names its own host); create a key (`modelpress keys create`) to use it from elsewhere",
         )
         .into_response(),
-        Ok(p) if p.key_id.is_none() && scope > Scope::Read && from_a_foreign_page(req.headers()) => {
+        Ok(p) if p.key_id.is_none() && scope > Scope::Read
+            && from_a_foreign_page(req.headers(), &state.settings.server.cors_allowed_origins) => {
             ApiError::new(
                 StatusCode::FORBIDDEN,
                 "cross_site_request",
@@ -331,7 +338,7 @@ mod tests {
             for (k, v) in pairs {
                 h.insert(*k, axum::http::HeaderValue::from_static(v));
             }
-            from_a_foreign_page(&h)
+            from_a_foreign_page(&h, &[])
         };
         assert!(!with(&[]), "curl sends no Origin");
         assert!(!with(&[("origin", "http://localhost:8080")]));
@@ -341,6 +348,12 @@ mod tests {
         assert!(with(&[("origin", "http://rebind.example:8080")]), "a DNS-rebinding page keeps its own origin");
         assert!(with(&[("origin", "null")]));
         assert!(with(&[("sec-fetch-site", "cross-site")]));
+        // An origin the operator listed in server.cors_allowed_origins is trusted; `*` is not.
+        let mut h = axum::http::HeaderMap::new();
+        h.insert("origin", axum::http::HeaderValue::from_static("https://ui.example"));
+        h.insert("sec-fetch-site", axum::http::HeaderValue::from_static("cross-site"));
+        assert!(!from_a_foreign_page(&h, &["https://ui.example".into()]));
+        assert!(from_a_foreign_page(&h, &["*".into(), "https://other.example".into()]));
     }
 
     #[test]

@@ -137,6 +137,7 @@ pub fn router(mut state: AppState) -> Router {
     let (api, doc) = api_router();
     state.openapi = Arc::new(doc.to_pretty_json().expect("OpenAPI JSON"));
     let idle = Duration::from_secs(state.settings.server.body_idle_timeout_secs);
+    let cors = cors_layer(&state.settings.server.cors_allowed_origins);
     api
         // Artifact names may contain '/' (compressed-tensors/config.json): a wildcard route.
         .route("/v1/jobs/{id}/artifacts/{*name}", axum::routing::get(jobs::download_artifact))
@@ -149,6 +150,8 @@ pub fn router(mut state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authenticate))
         .with_state(state)
+        // Outside the keys: a browser's preflight carries no Authorization and is answered here.
+        .layer(tower::util::option_layer(cors))
         .layer(axum::middleware::from_fn(record_metrics))
         // Browsers must not guess types (a JSON artifact rendered as HTML).
         .layer(tower_http::set_header::SetResponseHeaderLayer::overriding(
@@ -164,6 +167,45 @@ pub fn router(mut state: AppState) -> Router {
         }))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// The CORS policy for `origins` (`server.cors_allowed_origins`); `None` when it is empty: no
+/// CORS headers at all, so browsers keep every cross-origin response from the page. Keys travel
+/// in `Authorization`, never cookies, so credentials are not allowed.
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{header, HeaderName};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().map(|o| o.parse().expect("origins are checked when settings load")))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::DELETE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::RANGE,
+                header::IF_NONE_MATCH,
+                HeaderName::from_static("idempotency-key"),
+                HeaderName::from_static("last-event-id"),
+                HeaderName::from_static("x-request-id"),
+            ])
+            .expose_headers([
+                header::LOCATION,
+                header::RETRY_AFTER,
+                header::ETAG,
+                header::CONTENT_DISPOSITION,
+                header::CONTENT_RANGE,
+                HeaderName::from_static("x-request-id"),
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 async fn not_found(req: Request) -> ApiError {

@@ -119,6 +119,12 @@ async fn upload_kind(
     };
     let max_bytes = left.map_or(settings.max_upload_bytes, |l| l.min(settings.max_upload_bytes));
     let path = state.blobs.staging_path("upload");
+    let rate = upload::MinRate {
+        bytes_per_sec: settings.min_upload_bytes_per_sec,
+        window: std::time::Duration::from_secs(settings.upload_rate_window_secs.max(1)),
+    };
+    let slow = upload::TooSlow::default();
+    let body = if rate.bytes_per_sec > 0 { upload::paced(body, rate, slow.clone()) } else { body };
     let received = match boundary {
         Some(b) => upload::receive_multipart(b, body, path, max_bytes, settings.max_header_bytes).await,
         None => upload::receive(&headers, body, path, max_bytes, settings.max_header_bytes)
@@ -127,6 +133,7 @@ async fn upload_kind(
     };
     let (staged, graph_part, file_name) = match (received, quota, left) {
         (Ok(r), ..) => r,
+        (Err(_), ..) if slow.happened() => return Err(upload::TooSlow::error(rate)),
         (Err(e), Some(q), Some(l)) if e.code == "upload_too_large" && l < settings.max_upload_bytes => {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,

@@ -4,6 +4,9 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode};
@@ -58,6 +61,88 @@ fn too_large(limit: u64) -> ApiError {
         "upload_too_large",
         format!("the upload exceeds the limit of {limit} bytes (storage.max_upload_bytes)"),
     )
+}
+
+/// The slowest an upload may arrive: at least `bytes_per_sec` on average over each window of
+/// `window` (`storage.min_upload_bytes_per_sec`, `storage.upload_rate_window_secs`). A client
+/// that trickles a byte now and then stays under any idle timeout; this cuts it off.
+#[derive(Debug, Clone, Copy)]
+pub struct MinRate {
+    pub bytes_per_sec: u64,
+    pub window: Duration,
+}
+
+/// Set when [`paced`] cut an upload off, so the caller answers 408 `upload_too_slow` whatever
+/// layer (raw body, multipart parser) saw the stream fail.
+#[derive(Clone, Default)]
+pub struct TooSlow(Arc<AtomicBool>);
+
+impl TooSlow {
+    pub fn happened(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    pub fn error(rate: MinRate) -> ApiError {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "upload_too_slow",
+            format!(
+                "the upload sent less than {} bytes/s over {} s (storage.min_upload_bytes_per_sec); resend it over a faster link",
+                rate.bytes_per_sec,
+                rate.window.as_secs()
+            ),
+        )
+    }
+}
+
+/// `body` cut off with an error once a window of `rate.window` passes with fewer than
+/// `rate.bytes_per_sec * window` bytes (at least one) received; `slow` records that it did.
+/// Windows follow each other from the first read; a fast window does not carry over.
+pub fn paced(body: Body, rate: MinRate, slow: TooSlow) -> Body {
+    struct State {
+        inner: axum::body::BodyDataStream,
+        window_end: tokio::time::Instant,
+        received: u64,
+        need: u64,
+        window: Duration,
+        slow: TooSlow,
+    }
+    let need = (rate.bytes_per_sec.saturating_mul(rate.window.as_secs())).max(1);
+    let start = State {
+        inner: body.into_data_stream(),
+        window_end: tokio::time::Instant::now() + rate.window,
+        received: 0,
+        need,
+        window: rate.window,
+        slow,
+    };
+    let stream = futures_util::stream::unfold(Some(start), |state| async move {
+        let mut s = state?;
+        loop {
+            match tokio::time::timeout_at(s.window_end, s.inner.next()).await {
+                Ok(Some(Ok(chunk))) => {
+                    s.received += chunk.len() as u64;
+                    if tokio::time::Instant::now() >= s.window_end {
+                        s.window_end += s.window;
+                        s.received = 0;
+                    }
+                    return Some((Ok(chunk), Some(s)));
+                }
+                Ok(Some(Err(e))) => return Some((Err(e), None)),
+                Ok(None) => return None,
+                Err(_) if s.received >= s.need => {
+                    s.window_end += s.window;
+                    s.received = 0;
+                }
+                Err(_) => {
+                    s.slow.0.store(true, Ordering::Relaxed);
+                    let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "upload too slow");
+                    return Some((Err(axum::Error::new(e)), None));
+                }
+            }
+        }
+    });
+    Body::from_stream(stream)
 }
 
 /// What the writer thread returns.

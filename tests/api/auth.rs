@@ -417,3 +417,52 @@ async fn an_event_stream_ends_when_its_key_is_revoked() {
     let text = tokio::time::timeout(std::time::Duration::from_secs(5), body).await.expect("the stream ended").unwrap();
     assert!(text.contains("queued"), "{text}");
 }
+
+#[tokio::test]
+async fn cors_is_off_by_default_and_answers_only_the_listed_origins_when_set() {
+    let preflight = |app: &TestApp, origin: &'static str| {
+        app.client
+            .request(reqwest::Method::OPTIONS, app.url("/v1/jobs"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization,content-type")
+            .send()
+    };
+    // Off: no CORS header on any answer, so a browser keeps responses from other pages.
+    let app = spawn_app(0).await;
+    let res = preflight(&app, "https://ui.example").await.unwrap();
+    assert!(res.headers().get("access-control-allow-origin").is_none());
+    let res = app.client.get(app.url("/v1/models")).header("origin", "https://ui.example").send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().get("access-control-allow-origin").is_none());
+    drop(app);
+
+    let app = spawn_app_with(0, |s| s.server.cors_allowed_origins = vec!["https://ui.example".into()]).await;
+    let key = create_key_cli(&app, "ui", "write");
+    // The preflight carries no key and is answered before authentication.
+    let res = preflight(&app, "https://ui.example").await.unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    assert_eq!(res.headers()["access-control-allow-origin"], "https://ui.example");
+    let allowed = res.headers()["access-control-allow-headers"].to_str().unwrap().to_owned();
+    assert!(allowed.contains("authorization") && allowed.contains("idempotency-key"), "{allowed}");
+    assert!(res.headers().get("access-control-allow-credentials").is_none());
+    // The request itself still needs its key, and its answer names the origin.
+    let res = app.client.post(app.url("/v1/models")).header("origin", "https://ui.example").body(small_model());
+    let p = problem(res.send().await.unwrap(), 401).await;
+    assert_eq!(p["code"], "unauthorized");
+    let res = app
+        .client
+        .post(app.url("/v1/models"))
+        .header("origin", "https://ui.example")
+        .bearer_auth(&key)
+        .body(small_model())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    assert_eq!(res.headers()["access-control-allow-origin"], "https://ui.example");
+    assert!(res.headers()["access-control-expose-headers"].to_str().unwrap().contains("location"));
+    // Another page gets no grant.
+    let res = preflight(&app, "https://evil.example").await.unwrap();
+    assert!(res.headers().get("access-control-allow-origin").is_none());
+}

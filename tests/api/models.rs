@@ -269,3 +269,61 @@ async fn uploads_past_the_concurrency_cap_get_503_while_the_rest_stays_responsiv
     assert_eq!(slow.await.unwrap(), 201);
     assert_eq!(app.upload(small_model()).await.status(), 201);
 }
+
+/// Sends `head` then `body` in 8-byte pieces every 100 ms over a raw connection (under any idle
+/// timeout) and returns what the server answered, and after how long.
+async fn trickle(app: &TestApp, head: String, body: Vec<u8>) -> (String, std::time::Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let (mut read, mut write) = tokio::net::TcpStream::connect(&address).await.unwrap().into_split();
+    let started = std::time::Instant::now();
+    let writer = tokio::spawn(async move {
+        write.write_all(head.as_bytes()).await.unwrap();
+        for piece in body.chunks(8) {
+            if write.write_all(piece).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), read.read_to_end(&mut answer)).await;
+    writer.abort();
+    (String::from_utf8_lossy(&answer).into_owned(), started.elapsed())
+}
+
+#[tokio::test]
+async fn an_upload_trickling_below_the_minimum_rate_is_cut_off_with_408_and_leaves_nothing() {
+    let app = spawn_app_with(0, |s| {
+        s.storage.min_upload_bytes_per_sec = 1000;
+        s.storage.upload_rate_window_secs = 1;
+    })
+    .await;
+    let model = small_model();
+    // 80 bytes/s: a byte arrives well within the 60 s idle timeout, but far below 1000 bytes/s.
+    let head = format!("PUT /v1/models HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n", model.len());
+    let slow = trickle(&app, head, model.clone());
+    // A multipart upload is paced the same way.
+    let boundary = "XyZ";
+    let mut form =
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m.safetensors\"\r\n\r\n")
+            .into_bytes();
+    form.extend_from_slice(&model);
+    form.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let head = format!(
+        "POST /v1/models HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {}\r\n\r\n",
+        form.len()
+    );
+    let slow_form = trickle(&app, head, form);
+    // A normal upload meanwhile is not held up.
+    let (raw, multipart, fast) = tokio::join!(slow, slow_form, app.upload(small_model()));
+    assert_eq!(fast.status(), 201);
+    for (answer, took) in [raw, multipart] {
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("\"code\":\"upload_too_slow\""), "{answer}");
+        assert!(answer.contains("min_upload_bytes_per_sec"), "{answer}");
+        assert!(took < std::time::Duration::from_secs(4), "cut off after {took:?}");
+    }
+    assert_eq!(staging_entries(&app.data_dir()), 0);
+    assert_eq!(app.get_json("/v1/models").await["items"].as_array().unwrap().len(), 1);
+}
