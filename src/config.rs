@@ -69,6 +69,10 @@ pub struct StorageSettings {
     pub data_dir: PathBuf,
     pub max_upload_bytes: u64,
     pub max_header_bytes: u64,
+    /// Most tensors one uploaded file may hold.
+    pub max_tensors: usize,
+    /// Longest tensor name accepted, in bytes.
+    pub max_tensor_name_bytes: usize,
     /// Uploads received at once; more answer 503 with `Retry-After`. Each holds a writer
     /// thread of the runtime's blocking pool (512) for its whole life.
     pub max_concurrent_uploads: usize,

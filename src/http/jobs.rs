@@ -147,6 +147,20 @@ pub async fn create_job(
             return Ok((StatusCode::OK, [(header::LOCATION, location)], Json(JobView::from(&existing))).into_response());
         }
     }
+    // A principal at its storage quota cannot start outputs it has no room for.
+    if let Some(quota) = state.settings.storage.max_stored_bytes_per_principal.filter(|_| who.name != "local") {
+        let stored = state.catalog.stored_bytes(&who.name).await?;
+        if stored >= quota {
+            return Err(ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "storage_quota_exceeded",
+                format!(
+                    "`{}` stores {stored} bytes of models, datasets and job artifacts, its whole quota of {quota} (storage.max_stored_bytes_per_principal): delete models or finished jobs first",
+                    who.name
+                ),
+            ));
+        }
+    }
     let (spec, _plan) = checked_plan(&state, &who, &body).await?;
     let outcome = state
         .queue

@@ -21,10 +21,10 @@ use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::Router;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
-use utoipa::{OpenApi, ToSchema};
+use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -73,6 +73,37 @@ impl<T> Page<T> {
             items: rows.iter().map(view).collect(),
             has_more,
         }
+    }
+}
+
+/// Most tensors one response lists: a model's table or a plan past it is read in windows
+/// (`?tensors_offset=&tensors_limit=`), so a 200,000-tensor header never makes a 40 MB answer.
+pub const MAX_TENSORS_PER_RESPONSE: usize = 10_000;
+
+/// The window of a long tensor table a response carries (a model's, a plan's).
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct TensorWindow {
+    /// Tensors to skip (the `tensors_next_offset` of the previous answer). Default 0.
+    pub tensors_offset: Option<usize>,
+    /// Tensors to list, 0-10,000 (default and most: 10,000; 0 lists none).
+    pub tensors_limit: Option<usize>,
+}
+
+impl TensorWindow {
+    /// The indices to list out of `len`, and the offset of the next window when more remain.
+    pub fn range(&self, len: usize) -> ApiResult<(std::ops::Range<usize>, Option<usize>)> {
+        let limit = self.tensors_limit.unwrap_or(MAX_TENSORS_PER_RESPONSE);
+        if limit > MAX_TENSORS_PER_RESPONSE {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("tensors_limit must be at most {MAX_TENSORS_PER_RESPONSE}, got {limit}"),
+            )
+            .with_pointer("/tensors_limit"));
+        }
+        let start = self.tensors_offset.unwrap_or(0).min(len);
+        let end = start.saturating_add(limit).min(len);
+        Ok((start..end, (end < len).then_some(end)))
     }
 }
 

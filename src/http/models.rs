@@ -11,7 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
 use super::extract::Query;
-use super::{page_limit, parse_id, upload, AppState, Page};
+use super::{page_limit, parse_id, upload, AppState, Page, TensorWindow};
 use crate::storage::catalog::{DeleteOutcome, ModelKind, ModelRecord, ModelSummary, NewModel};
 use crate::storage::rfc3339;
 
@@ -37,16 +37,29 @@ pub struct ModelView {
     pub source_job: Option<String>,
     /// Whether an architecture graph is attached (`GET /v1/models/{id}/graph`).
     pub has_graph: bool,
-    /// The tensor table (only on `GET /v1/models/{id}`).
+    /// The tensor table (only on `GET /v1/models/{id}`), at most 10,000 at a time: the window
+    /// `?tensors_offset=&tensors_limit=` asks for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tensors: Option<Vec<TensorView>>,
+    /// Pass as `tensors_offset` for the next window of the table; absent at its end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tensors_next_offset: Option<usize>,
 }
 
 impl ModelView {
-    /// With its tensor table.
-    fn from_record(m: &ModelRecord) -> ModelView {
-        let tensors: Vec<TensorView> = serde_json::from_str(&m.tensors).unwrap_or_default();
-        ModelView { tensor_count: tensors.len(), tensors: Some(tensors), ..Self::from_summary(&ModelSummary::from(m)) }
+    /// With the `window` of its tensor table.
+    fn from_record(m: &ModelRecord, window: &TensorWindow) -> ApiResult<ModelView> {
+        let mut tensors: Vec<TensorView> = serde_json::from_str(&m.tensors).unwrap_or_default();
+        let (range, next) = window.range(tensors.len())?;
+        let count = tensors.len();
+        tensors.truncate(range.end);
+        tensors.drain(..range.start);
+        Ok(ModelView {
+            tensor_count: count,
+            tensors: Some(tensors),
+            tensors_next_offset: next,
+            ..Self::from_summary(&ModelSummary::from(m))
+        })
     }
 
     /// As lists show it: no tensor table.
@@ -63,6 +76,7 @@ impl ModelView {
             source_job: m.source_job.clone(),
             has_graph: m.has_graph,
             tensors: None,
+            tensors_next_offset: None,
         }
     }
 }
@@ -139,13 +153,17 @@ async fn upload_kind(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "storage_quota_exceeded",
                 format!(
-                    "`{}` may store {q} bytes of models and datasets (storage.max_stored_bytes_per_principal) and has {l} left; delete some first",
+                    "`{}` may store {q} bytes of models, datasets and job artifacts (storage.max_stored_bytes_per_principal) and has {l} left; delete some first",
                     owner.name
                 ),
             ))
         }
         (Err(e), ..) => return Err(e),
     };
+    if let Err(e) = upload::check_header_limits(&staged.header, settings.max_tensors, settings.max_tensor_name_bytes) {
+        let _ = std::fs::remove_file(&staged.path);
+        return Err(e);
+    }
     // A graph sent with the model is validated against it before anything is stored.
     let graph = match graph_part {
         None => None,
@@ -210,7 +228,12 @@ async fn upload_kind(
         .await?;
     tracing::info!(id = %record.id, kind = kind.as_str(), bytes = record.bytes, "stored upload");
     let location = format!("/v1/{}s/{}", kind.as_str(), record.id);
-    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(ModelView::from_record(&record))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        Json(ModelView::from_record(&record, &TensorWindow::default())?),
+    )
+        .into_response())
 }
 
 async fn list_kind(
@@ -298,14 +321,15 @@ pub async fn list_models(
     list_kind(&s, &who, ModelKind::Model, p).await
 }
 
-/// A model with its tensor table.
-#[utoipa::path(get, path = "/v1/models/{id}", tag = "models", responses((status = 200, body = ModelView), (status = 404, body = super::error::Problem)))]
+/// A model with its tensor table, 10,000 tensors at a time (`tensors_next_offset`).
+#[utoipa::path(get, path = "/v1/models/{id}", tag = "models", params(TensorWindow), responses((status = 200, body = ModelView), (status = 404, body = super::error::Problem)))]
 pub async fn get_model(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
+    Query(window): Query<TensorWindow>,
 ) -> ApiResult<Json<ModelView>> {
-    Ok(Json(ModelView::from_record(&get_kind(&s, &who, ModelKind::Model, &id).await?)))
+    Ok(Json(ModelView::from_record(&get_kind(&s, &who, ModelKind::Model, &id).await?, &window)?))
 }
 
 /// Download the model file (supports `Range` and `If-None-Match`).
@@ -353,14 +377,15 @@ pub async fn list_datasets(
     list_kind(&s, &who, ModelKind::Dataset, p).await
 }
 
-/// A dataset with its tensor table.
-#[utoipa::path(get, path = "/v1/datasets/{id}", tag = "datasets", responses((status = 200, body = ModelView), (status = 404, body = super::error::Problem)))]
+/// A dataset with its tensor table, 10,000 tensors at a time (`tensors_next_offset`).
+#[utoipa::path(get, path = "/v1/datasets/{id}", tag = "datasets", params(TensorWindow), responses((status = 200, body = ModelView), (status = 404, body = super::error::Problem)))]
 pub async fn get_dataset(
     State(s): State<AppState>,
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
+    Query(window): Query<TensorWindow>,
 ) -> ApiResult<Json<ModelView>> {
-    Ok(Json(ModelView::from_record(&get_kind(&s, &who, ModelKind::Dataset, &id).await?)))
+    Ok(Json(ModelView::from_record(&get_kind(&s, &who, ModelKind::Dataset, &id).await?, &window)?))
 }
 
 /// Download the dataset file.

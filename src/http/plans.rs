@@ -2,11 +2,12 @@
 
 use axum::extract::State;
 use axum::{Extension, Json};
+use serde::Serialize;
 
 use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
-use super::extract::JsonBody;
-use super::AppState;
+use super::extract::{JsonBody, Query};
+use super::{AppState, TensorWindow};
 use crate::compress::plan::{prepare, Plan, PlanInputs, Teacher};
 use crate::compress::spec::SpecError;
 use crate::domain::spec::{parse_job_spec, JobSpec};
@@ -110,15 +111,32 @@ pub async fn checked_plan(state: &AppState, who: &Principal, body: &serde_json::
     Ok((spec, plan))
 }
 
+/// A plan as answered: its tensors limited to the window asked for.
+#[derive(Serialize)]
+pub struct PlanView {
+    #[serde(flatten)]
+    plan: Plan,
+    /// Pass as `tensors_offset` for the next window of `tensors`; absent at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tensors_next_offset: Option<usize>,
+}
+
 /// Plan a job without running it: per tensor the scheme it will get or why not, predicted
 /// sizes, bits per weight and peak memory. `refusals` lists what `POST /v1/jobs` would refuse.
-#[utoipa::path(post, path = "/v1/plans", tag = "plans", request_body(content = Object, description = "A job spec"),
+/// `tensors` lists at most 10,000 tensors (`?tensors_offset=&tensors_limit=`); `totals` and
+/// `refusals` always cover them all.
+#[utoipa::path(post, path = "/v1/plans", tag = "plans", params(TensorWindow), request_body(content = Object, description = "A job spec"),
     responses((status = 200, body = Object), (status = 422, body = super::error::Problem)))]
 pub async fn create_plan(
     State(state): State<AppState>,
     Extension(who): Extension<Principal>,
+    Query(window): Query<TensorWindow>,
     JsonBody(body): JsonBody,
-) -> ApiResult<Json<Plan>> {
-    let (_, plan) = spec_and_plan(&state, &who, &body).await?;
-    Ok(Json(plan))
+) -> ApiResult<Json<PlanView>> {
+    window.range(0)?; // a bad window is refused before the planning work
+    let (_, mut plan) = spec_and_plan(&state, &who, &body).await?;
+    let (range, tensors_next_offset) = window.range(plan.tensors.len())?;
+    plan.tensors.truncate(range.end);
+    plan.tensors.drain(..range.start);
+    Ok(Json(PlanView { plan, tensors_next_offset }))
 }

@@ -63,6 +63,34 @@ fn too_large(limit: u64) -> ApiError {
     )
 }
 
+/// Refuses a header past `storage.max_tensors` tensors or with a name longer than
+/// `storage.max_tensor_name_bytes` (422, naming the limit and, for a name, the tensor). Real
+/// checkpoints hold well under 100,000 tensors with names under 200 bytes.
+pub fn check_header_limits(header: &Header, max_tensors: usize, max_name_bytes: usize) -> Result<(), ApiError> {
+    if header.tensors.len() > max_tensors {
+        return Err(ApiError::unprocessable(
+            "too_many_tensors",
+            format!(
+                "the file holds {} tensors; at most {max_tensors} are accepted (storage.max_tensors)",
+                header.tensors.len()
+            ),
+        )
+        .with_pointer("/tensors"));
+    }
+    if let Some(t) = header.tensors.iter().find(|t| t.name.len() > max_name_bytes) {
+        let shown: String = t.name.chars().take(64).collect();
+        return Err(ApiError::unprocessable(
+            "tensor_name_too_long",
+            format!(
+                "tensor `{shown}…` has a {}-byte name; at most {max_name_bytes} bytes are accepted (storage.max_tensor_name_bytes)",
+                t.name.len()
+            ),
+        )
+        .with_pointer(format!("/tensors/{}", shown.replace('~', "~0").replace('/', "~1"))));
+    }
+    Ok(())
+}
+
 /// The slowest an upload may arrive: at least `bytes_per_sec` on average over each window of
 /// `window` (`storage.min_upload_bytes_per_sec`, `storage.upload_rate_window_secs`). A client
 /// that trickles a byte now and then stays under any idle timeout; this cuts it off.

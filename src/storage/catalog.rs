@@ -336,12 +336,17 @@ impl Catalog {
         Ok(JobDeleteOutcome::Deleted { orphan_blobs })
     }
 
-    /// Bytes of the models and datasets `owner` stores.
+    /// Bytes `owner` stores: its models and datasets (those registered from its jobs included)
+    /// and its jobs' artifacts, as they would be downloaded (a blob two of them share counts twice).
     pub async fn stored_bytes(&self, owner: &str) -> Result<u64, sqlx::Error> {
-        let n: i64 = sqlx::query_scalar("select coalesce(sum(bytes), 0) from models where owner = ?")
-            .bind(owner)
-            .fetch_one(&self.pool)
-            .await?;
+        let n: i64 = sqlx::query_scalar(
+            "select (select coalesce(sum(bytes), 0) from models where owner = ?1)
+                  + (select coalesce(sum(a.bytes), 0) from artifacts a join jobs j on j.id = a.job_id
+                     where j.owner = ?1)",
+        )
+        .bind(owner)
+        .fetch_one(&self.pool)
+        .await?;
         Ok(n as u64)
     }
 

@@ -466,3 +466,31 @@ async fn cors_is_off_by_default_and_answers_only_the_listed_origins_when_set() {
     let res = preflight(&app, "https://evil.example").await.unwrap();
     assert!(res.headers().get("access-control-allow-origin").is_none());
 }
+
+#[tokio::test]
+async fn job_artifacts_count_toward_the_storage_quota_and_a_full_quota_refuses_new_jobs() {
+    let size = small_model().len() as u64;
+    // Room for the model and one byte more: the first job's artifacts fill it.
+    let app = spawn_app_with(1, move |s| s.storage.max_stored_bytes_per_principal = Some(size + 1)).await;
+    let alice = create_key_cli(&app, "alice", "write");
+    let res = app.client.post(app.url("/v1/models")).bearer_auth(&alice).body(small_model()).send().await.unwrap();
+    let model = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let create = || app.client.post(app.url("/v1/jobs")).bearer_auth(&alice).json(&int8_spec(&model)).send();
+    let res = create().await.unwrap();
+    assert_eq!(res.status(), 202);
+    let job = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    for _ in 0..600 {
+        let res = send(&app, reqwest::Method::GET, &format!("/v1/jobs/{job}"), Some(&alice)).await;
+        if res.json::<Value>().await.unwrap()["status"] == "succeeded" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let p = problem(create().await.unwrap(), 507).await;
+    assert_eq!(p["code"], "storage_quota_exceeded");
+    assert!(p["detail"].as_str().unwrap().contains("job artifacts"), "{p}");
+    // Deleting the finished job frees its artifacts.
+    let res = app.client.delete(app.url(&format!("/v1/jobs/{job}"))).bearer_auth(&alice).send().await.unwrap();
+    assert_eq!(res.status(), 204);
+    assert_eq!(create().await.unwrap().status(), 202);
+}
