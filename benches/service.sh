@@ -14,7 +14,9 @@ DURATION=${DURATION:-30s}
 AUTH=${AUTH:-0}
 ROUNDS=${ROUNDS:-1}
 LIMITED_DURATION=${LIMITED_DURATION:-10s}
-HEAVY_JOBS=${HEAVY_JOBS:-12}
+# Enough slow jobs to keep both workers busy through a measurement: 12 at 2 GiB, more for
+# smaller models (up to 90: a key's principal may queue 100).
+HEAVY_JOBS=${HEAVY_JOBS:-$(( SIZE_MIB >= 2048 ? 12 : 12 * 2048 / SIZE_MIB > 90 ? 90 : 12 * 2048 / SIZE_MIB ))}
 if [ -z "${BIN:-}" ]; then
   cargo build --release --locked --bin modelpress >/dev/null
   BIN=target/release/modelpress

@@ -403,3 +403,24 @@ async fn retention_deletes_jobs_finished_before_the_period() {
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(app.get(&format!("/v1/jobs/{id}")).await.status(), 404);
 }
+
+#[tokio::test]
+async fn a_cancel_stops_a_long_kernel_inside_its_one_tensor() {
+    let app = spawn_app(1).await;
+    // One step on one 2048x4096 tensor: int4 groups with MSE scale search, seconds of kernel
+    // work in a debug build; the cancel lands between its row blocks, not after them.
+    let model_id = app.upload_ok(big_model(1, 2048, 4096)).await;
+    let spec = json!({"model_id": model_id, "steps": [{"op": "quantize", "bits": 4, "granularity": "group", "search": "mse"}]});
+    let id = app.create_job_ok(&spec).await;
+    app.wait_for(&id, Duration::from_secs(30), |j| {
+        j["progress"]["message"].as_str().is_some_and(|m| m.contains("layers.0.weight"))
+            || j["status"] != "running" && j["status"] != "queued"
+    })
+    .await;
+    let asked = std::time::Instant::now();
+    assert_eq!(app.cancel(&id).await.status(), 202);
+    let job = app.wait_terminal(&id).await;
+    eprintln!("cancel inside one kernel took {:?}", asked.elapsed());
+    assert_eq!(job["status"], "canceled", "{job}");
+    assert!(asked.elapsed() < CANCEL_LATENCY_BOUND, "took {:?}", asked.elapsed());
+}

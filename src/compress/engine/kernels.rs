@@ -9,7 +9,7 @@ use crate::compress::metrics::error_metrics;
 use crate::compress::ops::Scheme;
 use crate::compress::plan::{Kernel, PlannedAction};
 use crate::compress::prune::{self, GlobalCut, TieState};
-use crate::compress::quant::{quantize_into, IntParams, IntQuantized, QuantError, ScaleSearch, StoreDtype};
+use crate::compress::quant::{quantize_into_until, IntParams, IntQuantized, QuantError, ScaleSearch, Stop, StoreDtype};
 use crate::compress::report::StepTiming;
 use crate::formats::gguf::GgufType;
 use crate::formats::safetensors::{Dtype, TensorInfo};
@@ -65,6 +65,9 @@ fn tensor_error(t: &TensorInfo, code: &'static str, detail: impl ToString) -> En
 }
 
 fn quant_error(t: &TensorInfo, e: QuantError) -> EngineError {
+    if e == QuantError::Canceled {
+        return EngineError::Canceled;
+    }
     let code = if matches!(e, QuantError::NonFinite { .. }) { "non_finite_weights" } else { "kernel_error" };
     tensor_error(t, code, e)
 }
@@ -125,19 +128,27 @@ fn saturate_for(ty: GgufType, d: Dtype, data: &mut [f32]) -> (f32, usize) {
 
 /// Quantizes `b.work` in place with `scheme`; returns what now describes it, and a note when
 /// values had to be saturated to fit the scheme's range.
-pub fn quantize(t: &TensorInfo, scheme: &Scheme, b: &mut Buffers) -> Result<(LastQuant, Option<String>), EngineError> {
+pub fn quantize(
+    t: &TensorInfo,
+    scheme: &Scheme,
+    b: &mut Buffers,
+    stop: &Stop<'_>,
+) -> Result<(LastQuant, Option<String>), EngineError> {
     let (rows, cols) = t.matrix();
     b.scratch.resize(b.work.len(), 0.0);
     match scheme {
         Scheme::Int(p) => {
-            quantize_into(&b.work, rows, cols, p, store_dtype(t.dtype), &mut b.int, &mut b.scratch)
+            quantize_into_until(&b.work, rows, cols, p, store_dtype(t.dtype), &mut b.int, &mut b.scratch, stop)
                 .map_err(|e| quant_error(t, e))?;
             std::mem::swap(&mut b.work, &mut b.scratch);
             Ok((LastQuant::Int(*p), None))
         }
         Scheme::Ggml { ty, .. } => {
             let (limit, saturated) = saturate_for(*ty, t.dtype, &mut b.work);
-            ggml::quantize(&b.work, rows, cols, *ty, &mut b.ggml).map_err(|e| tensor_error(t, "kernel_error", e))?;
+            ggml::quantize_until(&b.work, rows, cols, *ty, &mut b.ggml, stop).map_err(|e| match e {
+                ggml::GgmlError::Canceled => EngineError::Canceled,
+                e => tensor_error(t, "kernel_error", e),
+            })?;
             ggml::dequantize(&b.ggml, rows, cols, *ty, &mut b.work).map_err(|e| tensor_error(t, "kernel_error", e))?;
             let note = (saturated > 0).then(|| {
                 format!(
@@ -151,6 +162,14 @@ pub fn quantize(t: &TensorInfo, scheme: &Scheme, b: &mut Buffers) -> Result<(Las
     }
 }
 
+/// How [`apply`] reports and stops: `between_steps(k, n)` before step `k` of `n` (progress; true
+/// stops), `canceled` between the row blocks of a kernel.
+#[derive(Clone, Copy)]
+pub struct Hooks<'a> {
+    pub between_steps: &'a dyn Fn(usize, usize) -> bool,
+    pub canceled: &'a Stop<'a>,
+}
+
 /// Runs the actions of steps `< until` (all when `None`) on `b.work`, which holds the tensor.
 pub fn apply(
     t: &TensorInfo,
@@ -159,8 +178,9 @@ pub fn apply(
     b: &mut Buffers,
     resolved: &mut Resolved,
     mut timings: Option<&mut [StepTiming]>,
-    stop: &dyn Fn(usize, usize) -> bool,
+    hooks: Hooks<'_>,
 ) -> Result<Outcome, EngineError> {
+    let Hooks { between_steps: stop, canceled } = hooks;
     let total = actions.iter().filter(|a| until.is_none_or(|u| a.step < u)).count();
     check_finite_input(t, &b.work)?;
     let (rows, cols) = t.matrix();
@@ -186,15 +206,24 @@ pub fn apply(
                     let rtn = IntParams { search: ScaleSearch::None, ..*p };
                     let mut probe = IntQuantized::default();
                     b.scratch.resize(b.work.len(), 0.0);
-                    quantize_into(&b.work, rows, cols, &rtn, store_dtype(t.dtype), &mut probe, &mut b.scratch)
-                        .map_err(|e| quant_error(t, e))?;
+                    quantize_into_until(
+                        &b.work,
+                        rows,
+                        cols,
+                        &rtn,
+                        store_dtype(t.dtype),
+                        &mut probe,
+                        &mut b.scratch,
+                        canceled,
+                    )
+                    .map_err(|e| quant_error(t, e))?;
                     out.rtn_relative_error = Some(error_metrics(&b.work, &b.scratch).relative_error);
                 }
-                (out.quant, _) = quantize(t, &Scheme::Int(*p), b)?;
+                (out.quant, _) = quantize(t, &Scheme::Int(*p), b, canceled)?;
             }
             Kernel::Ggml(ty) => {
                 let note;
-                (out.quant, note) = quantize(t, &Scheme::Ggml { ty: *ty, fallback: None }, b)?;
+                (out.quant, note) = quantize(t, &Scheme::Ggml { ty: *ty, fallback: None }, b, canceled)?;
                 out.notes.extend(note.map(|n| format!("step {}: {n}", a.step)));
             }
             Kernel::Auto { step } => {
@@ -203,7 +232,7 @@ pub fn apply(
                 })?;
                 label = format!("{} (auto)", crate::compress::ops::quantize::scheme_name(&scheme));
                 let note;
-                (out.quant, note) = quantize(t, &scheme, b)?;
+                (out.quant, note) = quantize(t, &scheme, b, canceled)?;
                 out.notes.extend(note.map(|n| format!("step {}: {n}", a.step)));
             }
             Kernel::Magnitude { sparsity } => {

@@ -344,8 +344,8 @@ pub fn execute(
                 ctl.progress(fraction, "compress", &format!("tensor {}: step {}/{n}", t.name, k + 1));
                 ctl.canceled()
             };
-            let outcome =
-                kernels::apply(t, &tp.actions, None, &mut b, &mut resolved, Some(&mut steps), &between_steps)?;
+            let hooks = kernels::Hooks { between_steps: &between_steps, canceled: &|| ctl.canceled() };
+            let outcome = kernels::apply(t, &tp.actions, None, &mut b, &mut resolved, Some(&mut steps), hooks)?;
             store_as(t, &mut b.work, &mut dense)?;
             expected.insert(t.name.clone(), fingerprint(&dense));
             if before_names.contains(&src.name) && !rewrite::rewritten(tp) {

@@ -2,7 +2,7 @@
 //! magnitude pruning, automatic mixed precision: [`crate::compress::ops::StepOp::prepass`]). Each
 //! pass reads the tensors one at a time, so memory stays bounded.
 
-use super::kernels::{apply, Buffers, Resolved};
+use super::kernels::{apply, Buffers, Hooks, Resolved};
 use super::rewrite::Source;
 use super::{EngineError, Tracker};
 use crate::compress::plan::{Kernel, Plan};
@@ -18,7 +18,12 @@ pub struct PassCx<'a, 't> {
     tracker: &'a mut Tracker<'t>,
 }
 
-impl PassCx<'_, '_> {
+impl<'t> PassCx<'_, 't> {
+    /// The job's control: `|| control.canceled()` is the stop of kernels run in a pass.
+    pub fn control(&self) -> &'t dyn super::Control {
+        self.tracker.ctl
+    }
+
     /// Indices (into `plan.tensors`) of the tensors with an action matching `want`.
     pub fn members(&self, want: impl Fn(&Kernel) -> bool) -> Vec<usize> {
         (0..self.plan.tensors.len()).filter(|&i| self.plan.tensors[i].actions.iter().any(|a| want(&a.kernel))).collect()
@@ -29,7 +34,8 @@ impl PassCx<'_, '_> {
         let tp = &self.plan.tensors[i];
         self.source.read(self.plan, tp, &mut self.b.work, false)?;
         let ctl = self.tracker.ctl;
-        apply(&tp.out, &tp.actions, Some(step), self.b, self.resolved, None, &|_, _| ctl.canceled())?;
+        let hooks = Hooks { between_steps: &|_, _| ctl.canceled(), canceled: &|| ctl.canceled() };
+        apply(&tp.out, &tp.actions, Some(step), self.b, self.resolved, None, hooks)?;
         Ok(())
     }
 

@@ -24,6 +24,9 @@ pub enum GgmlError {
     ValueCount { rows: usize, cols: usize, expected: usize, got: usize },
     #[error("{ty} data of a {rows}x{cols} matrix is {expected} bytes, got {got}")]
     ByteCount { ty: GgufType, rows: usize, cols: usize, expected: usize, got: usize },
+    /// The `stop` of [`quantize_until`] answered true between two chunks.
+    #[error("canceled")]
+    Canceled,
 }
 
 /// Input values per parallel work item: 64 KiB of f32 keeps per-task overhead under 1% while
@@ -45,16 +48,32 @@ fn check_shape(ty: GgufType, rows: usize, cols: usize, values: usize) -> Result<
 ///
 /// `out` keeps its allocation between calls: pass the same Vec for every tensor.
 pub fn quantize(data: &[f32], rows: usize, cols: usize, ty: GgufType, out: &mut Vec<u8>) -> Result<(), GgmlError> {
+    quantize_until(data, rows, cols, ty, out, crate::compress::quant::NEVER)
+}
+
+/// [`quantize`] that asks `stop` before each chunk of blocks and ends with
+/// [`GgmlError::Canceled`] (`out` then partly written) once it answers true.
+pub fn quantize_until(
+    data: &[f32],
+    rows: usize,
+    cols: usize,
+    ty: GgufType,
+    out: &mut Vec<u8>,
+    stop: &crate::compress::quant::Stop<'_>,
+) -> Result<(), GgmlError> {
     let elems = check_shape(ty, rows, cols, data.len())?;
     // Zeroing costs one write pass over the (smaller) output; it keeps every byte defined even if
     // a kernel leaves padding untouched, so the same input always gives the same file.
     out.clear();
     out.resize(ty.encoded_len(elems), 0);
     let out_chunk = ty.encoded_len(CHUNK_VALUES);
-    data.par_chunks(CHUNK_VALUES)
-        .zip(out.par_chunks_mut(out_chunk))
-        .for_each(|(xs, ys)| kernels::quantize_chunk(ty, xs, ys));
-    Ok(())
+    data.par_chunks(CHUNK_VALUES).zip(out.par_chunks_mut(out_chunk)).try_for_each(|(xs, ys)| {
+        if stop() {
+            return Err(GgmlError::Canceled);
+        }
+        kernels::quantize_chunk(ty, xs, ys);
+        Ok(())
+    })
 }
 
 /// Decodes `ty` blocks of a row-major `rows x cols` matrix into `out` (exactly `rows * cols` long).

@@ -247,3 +247,16 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn a_stop_that_answers_true_ends_gguf_quantization_between_chunks() {
+    let data = normal_matrix(64, 4096, 11); // 16 chunks of 16K values
+    let asked = std::sync::atomic::AtomicUsize::new(0);
+    let stop_after_two = || asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 2;
+    let mut out = Vec::new();
+    assert_eq!(quantize_until(&data, 64, 4096, GgufType::Q4K, &mut out, &stop_after_two), Err(GgmlError::Canceled));
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    quantize_until(&data, 64, 4096, GgufType::Q4K, &mut a, crate::compress::quant::NEVER).unwrap();
+    quantize(&data, 64, 4096, GgufType::Q4K, &mut b).unwrap();
+    assert_eq!(a, b);
+}

@@ -5,7 +5,7 @@ use rayon::prelude::*;
 
 use super::kernel::{self, qparams, Levels};
 use super::search;
-use super::{Granularity, IntParams, IntQuantized, QuantError, ScaleSearch, StoreDtype};
+use super::{Granularity, IntParams, IntQuantized, QuantError, ScaleSearch, Stop, StoreDtype, NEVER};
 
 /// Target number of input values per rayon task (256 KiB of f32): large enough to hide scheduling,
 /// small enough to balance 2-8 cores on a 4096-row matrix.
@@ -47,6 +47,22 @@ pub fn quantize_into(
     q: &mut IntQuantized,
     dequant: &mut [f32],
 ) -> Result<(), QuantError> {
+    quantize_into_until(data, rows, cols, p, store, q, dequant, NEVER)
+}
+
+/// [`quantize_into`] that asks `stop` before each block of rows and ends with
+/// [`QuantError::Canceled`] (the outputs then partly written) once it answers true.
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_into_until(
+    data: &[f32],
+    rows: usize,
+    cols: usize,
+    p: &IntParams,
+    store: StoreDtype,
+    q: &mut IntQuantized,
+    dequant: &mut [f32],
+    stop: &Stop<'_>,
+) -> Result<(), QuantError> {
     let blk = validate(data.len(), dequant.len(), rows, cols, p)?;
     let lv = Levels::new(p.bits, p.symmetric, store);
     let scale_shape = match p.granularity {
@@ -86,16 +102,24 @@ pub fn quantize_into(
         if let Some(z) = q.zero_points.as_mut() {
             z[0] = qp.zp;
         }
-        (q.codes.par_chunks_mut(task), dequant.par_chunks_mut(task), data.par_chunks(task))
+        return (q.codes.par_chunks_mut(task), dequant.par_chunks_mut(task), data.par_chunks(task))
             .into_par_iter()
-            .for_each(|(c, d, x)| kernel::quantize_chunk(x, c, d, qp));
-        return Ok(());
+            .try_for_each(|(c, d, x)| {
+                if stop() {
+                    return Err(QuantError::Canceled);
+                }
+                kernel::quantize_chunk(x, c, d, qp);
+                Ok(())
+            });
     }
 
     let per_task_scales = task / blk;
     let mse = p.search == ScaleSearch::Mse;
     let work = |x: &[f32], c: &mut [i8], d: &mut [f32], s: &mut [f32], z: Option<&mut [i8]>| {
-        kernel::blocks_chunk(x, c, d, s, z, blk, &lv, mse)
+        if stop() {
+            return Err(QuantError::Canceled);
+        }
+        kernel::blocks_chunk(x, c, d, s, z, blk, &lv, mse).map_err(|()| first_non_finite(data))
     };
     let chunks = (q.codes.par_chunks_mut(task), dequant.par_chunks_mut(task), data.par_chunks(task));
     let outcome = match q.zero_points.as_mut() {
@@ -112,7 +136,7 @@ pub fn quantize_into(
             .into_par_iter()
             .try_for_each(|(c, d, x, s)| work(x, c, d, s, None)),
     };
-    outcome.map_err(|()| first_non_finite(data))
+    outcome
 }
 
 /// Allocating convenience over [`quantize_into`] with f32 scales: returns the quantized tensor and

@@ -24,7 +24,7 @@ mod kernel;
 pub mod pack;
 mod search;
 
-pub use int::{dequantize_into, quantize, quantize_into};
+pub use int::{dequantize_into, quantize, quantize_into, quantize_into_until};
 pub use pack::{pack_int32, pack_int32_into, pack_zero_points, packed_len, unpack_int32, unpack_zero_points};
 
 /// The float type scales and dequantized values are stored in (compressed-tensors keeps scales in
@@ -161,7 +161,17 @@ pub enum QuantError {
     LengthMismatch { what: &'static str, got: usize, expected: usize, rows: usize, cols: usize },
     #[error("non-finite value {value} at flat index {index}")]
     NonFinite { index: usize, value: f32 },
+    /// The `stop` of a cancellable kernel answered true between two row blocks.
+    #[error("canceled")]
+    Canceled,
 }
+
+/// Asked between the row blocks of a long kernel: `true` stops it (a job canceled or shutting
+/// down). Checked once per block of about 64K values, so a cancel lands within milliseconds.
+pub type Stop<'a> = dyn Fn() -> bool + Sync + 'a;
+
+/// A [`Stop`] that never stops (benchmarks, tests, one-shot tools).
+pub const NEVER: &Stop<'static> = &|| false;
 
 #[cfg(test)]
 mod tests;

@@ -257,3 +257,25 @@ fn the_avx2_and_baseline_kernels_give_bit_identical_results() {
         assert_eq!(run(blocks_chunk), run(blocks_chunk_baseline), "bits {bits} symmetric {symmetric} mse {mse}");
     }
 }
+
+#[test]
+fn a_stop_that_answers_true_ends_the_kernel_between_row_blocks() {
+    let (rows, cols) = (256, 4096); // 16 blocks of 64K values
+    let data = benchmark_matrix(rows, cols, 7);
+    let asked = std::sync::atomic::AtomicUsize::new(0);
+    let stop_after_two = || asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 2;
+    for p in [
+        params(4, Granularity::Group(128), true, ScaleSearch::None),
+        params(8, Granularity::Tensor, false, ScaleSearch::None),
+    ] {
+        asked.store(0, std::sync::atomic::Ordering::Relaxed);
+        let (mut q, mut d) = (IntQuantized::default(), vec![0f32; data.len()]);
+        let r = quantize_into_until(&data, rows, cols, &p, StoreDtype::F32, &mut q, &mut d, &stop_after_two);
+        assert_eq!(r, Err(QuantError::Canceled), "{p:?}");
+        // Never stopping gives exactly what the plain entry point gives.
+        let (mut q2, mut d2) = (IntQuantized::default(), vec![0f32; data.len()]);
+        quantize_into_until(&data, rows, cols, &p, StoreDtype::F32, &mut q2, &mut d2, NEVER).unwrap();
+        let (q1, d1) = quantize(&data, rows, cols, &p).unwrap();
+        assert_eq!((q1.codes, d1), (q2.codes, d2));
+    }
+}

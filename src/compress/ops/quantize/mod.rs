@@ -242,7 +242,8 @@ impl StepOp for QuantizeStep {
             for c in &fits {
                 probe.work.clear();
                 probe.work.extend_from_slice(&cx.b.work);
-                crate::compress::engine::quantize(&t, c, &mut probe)?;
+                let ctl = cx.control();
+                crate::compress::engine::quantize(&t, c, &mut probe, &|| ctl.canceled())?;
                 let error: f64 = cx.b.work.iter().zip(&probe.work).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
                 cands.push(Candidate { bits_per_weight: scheme_bits(c, &t), error });
                 measured.push((scheme_name(c), error));
