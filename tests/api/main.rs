@@ -6,6 +6,7 @@ mod crash;
 mod disk;
 mod faults;
 mod fuzz;
+mod golden;
 mod graphs;
 mod helpers;
 mod jobs;
