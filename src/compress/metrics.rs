@@ -97,10 +97,27 @@ impl ErrorAccumulator {
     }
 }
 
-/// Metrics of a whole tensor in one call.
+/// Values per parallel piece of [`error_metrics`] (256 KiB of f32).
+const METRICS_CHUNK: usize = 1 << 16;
+
+/// Metrics of a whole tensor in one call, over every core: pieces of [`METRICS_CHUNK`] values
+/// are summed in parallel and merged in order, so the result does not depend on scheduling.
 pub fn error_metrics(original: &[f32], approx: &[f32]) -> ErrorMetrics {
+    use rayon::prelude::*;
+    debug_assert_eq!(original.len(), approx.len());
+    let parts: Vec<ErrorAccumulator> = original
+        .par_chunks(METRICS_CHUNK)
+        .zip(approx.par_chunks(METRICS_CHUNK))
+        .map(|(x, y)| {
+            let mut acc = ErrorAccumulator::default();
+            acc.add(x, y);
+            acc
+        })
+        .collect();
     let mut acc = ErrorAccumulator::default();
-    acc.add(original, approx);
+    for p in &parts {
+        acc.merge(p);
+    }
     acc.finish()
 }
 

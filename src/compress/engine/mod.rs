@@ -21,13 +21,12 @@ pub(crate) use kernels::{quantize, Buffers};
 pub use passes::PassCx;
 pub use verify::{fingerprint, OutputCheck};
 
-use super::metrics::error_metrics;
 use super::ops::Scheme;
 use super::plan::{EvaluationPlan, Kernel, Plan, PlannedAction, Refusal, TensorPlan};
 use super::report::{peak_rss_bytes, OutputSummary, Report, StepTiming, TensorReport, Totals};
 use super::spec::OutputFormat;
 use crate::formats::gguf::{GgufType, MetaValue, TensorInfo as GgufTensor};
-use crate::formats::safetensors::{decode_f32, encode_f32, Dtype, TensorInfo, TensorReader};
+use crate::formats::safetensors::{decode_f32, encode_f32_into, Dtype, TensorInfo, TensorReader};
 use crate::graph::eval::{Dataset, EvalError, Evaluation};
 use crate::graph::forward::{Network, Weights};
 use crate::graph::Graph;
@@ -346,16 +345,17 @@ pub fn execute(
             };
             let hooks = kernels::Hooks { between_steps: &between_steps, canceled: &|| ctl.canceled() };
             let outcome = kernels::apply(t, &tp.actions, None, &mut b, &mut resolved, Some(&mut steps), hooks)?;
-            store_as(t, &mut b.work, &mut dense)?;
-            expected.insert(t.name.clone(), fingerprint(&dense));
+            let pruned = tp.actions.iter().any(PlannedAction::zeroes);
+            let structural_only = tp.actions.iter().all(|a| matches!(a.kernel, Kernel::Rewritten { .. }));
+            // A structural rewrite alone is not an approximation of the tensor it came from.
+            let done = finalize(t, &mut b.work, (!structural_only).then_some(b.orig.as_slice()), &mut dense)?;
+            expected.insert(t.name.clone(), done.fingerprint);
             if before_names.contains(&src.name) && !rewrite::rewritten(tp) {
                 before_values.insert(src.name.clone(), (src.shape.clone(), b.orig.clone()));
             }
             if after_names.contains(&t.name) {
                 after.insert(t.name.clone(), (t.shape.clone(), b.work.clone()));
             }
-            let pruned = tp.actions.iter().any(PlannedAction::zeroes);
-            let structural_only = tp.actions.iter().all(|a| matches!(a.kernel, Kernel::Rewritten { .. }));
             let data = TensorData::Values {
                 values: &b.work,
                 dense: &dense,
@@ -366,7 +366,7 @@ pub fn execute(
                 sink.write(t, &data)?;
             }
             notes.extend(outcome.notes);
-            let nonzeros = b.work.iter().filter(|v| **v != 0.0).count() as u64;
+            let nonzeros = done.nonzeros;
             let (bytes_out, bits) = match (&tp.actions.last().map(|a| &a.kernel), final_ggml(tp, &resolved)) {
                 (Some(Kernel::Auto { step }), _) => {
                     let scheme = resolved.auto[&(*step, tp.name.clone())];
@@ -392,8 +392,7 @@ pub fn execute(
                 nonzeros,
                 sparsity: 1.0 - nonzeros as f64 / n,
                 requested_sparsity: outcome.requested_sparsity,
-                // A structural rewrite alone is not an approximation of the tensor it came from.
-                error: (!structural_only).then(|| error_metrics(&b.orig, &b.work)),
+                error: done.error,
                 rtn_relative_error: outcome.rtn_relative_error,
                 milliseconds: t0.elapsed().as_secs_f64() * 1e3,
                 notes,
@@ -515,27 +514,85 @@ fn evaluate(
 /// bytes every dense layout stores) and makes `values` exactly what those bytes decode to, so the
 /// report, the dense output and every compressed layout describe the same numbers. A value the dtype cannot hold (an f16
 /// overflow) fails the tensor: no job writes NaN/Inf it made itself.
-fn store_as(t: &TensorInfo, values: &mut [f32], dense: &mut Vec<u8>) -> Result<(), EngineError> {
-    // -0.0 + 0.0 = +0.0: the sparse layout stores zeros as absent bits and decodes them as +0.0,
-    // so every changed tensor's zeros are made positive for all layouts to agree bit for bit.
-    values.iter_mut().for_each(|v| *v += 0.0);
-    dense.clear();
-    encode_f32(values, t.dtype, dense);
-    if t.dtype != Dtype::F32 {
-        // What the narrower dtype holds, including an overflow to Inf, which the check below finds.
-        decode_f32(dense, t.dtype, values);
+/// What [`finalize`] learned about a changed tensor on its way out.
+struct Finalized {
+    /// [`fingerprint`] of its dense bytes.
+    fingerprint: u64,
+    nonzeros: u64,
+    /// Its error against the original, when one was given.
+    error: Option<crate::compress::metrics::ErrorMetrics>,
+}
+
+/// One parallel pass over a changed tensor after its kernels: makes zeros positive, encodes
+/// `values` into `dense` in the tensor's dtype and decodes them back (what the dtype holds),
+/// refuses a non-finite result, and on the same cache-hot pieces counts non-zeros, sums the
+/// error against `original` and fingerprints the bytes. Pieces are merged in order, so every
+/// figure is independent of scheduling.
+fn finalize(
+    t: &TensorInfo,
+    values: &mut [f32],
+    original: Option<&[f32]>,
+    dense: &mut Vec<u8>,
+) -> Result<Finalized, EngineError> {
+    use crate::compress::metrics::ErrorAccumulator;
+    use rayon::prelude::*;
+    struct Piece {
+        fingerprint: u64,
+        nonzeros: u64,
+        error: ErrorAccumulator,
+        non_finite: Option<usize>,
     }
-    match kernels::first_non_finite(values) {
-        None => Ok(()),
-        Some(i) => Err(EngineError::Tensor {
-            tensor: t.name.clone(),
-            code: "non_finite_output",
-            detail: format!(
-                "the compressed value at flat index {i} is {} in {}: it exceeds the dtype's largest finite value; exclude the tensor with `ignore` or use a scheme with a smaller range",
-                values[i],
-                t.dtype.as_str()
-            ),
-        }),
+    let size = t.dtype.size();
+    let per = verify::FINGERPRINT_CHUNK / size;
+    dense.clear();
+    dense.resize(values.len() * size, 0);
+    let original = original.filter(|o| o.len() == values.len());
+    let pieces: Vec<Piece> = values
+        .par_chunks_mut(per)
+        .zip(dense.par_chunks_mut(per * size))
+        .enumerate()
+        .map(|(k, (v, d))| {
+            // -0.0 + 0.0 = +0.0: the sparse layout stores zeros as absent bits and decodes them
+            // as +0.0, so every changed tensor's zeros are made positive for all layouts to agree.
+            v.iter_mut().for_each(|x| *x += 0.0);
+            encode_f32_into(v, t.dtype, d);
+            if t.dtype != Dtype::F32 {
+                // What the narrower dtype holds, including an overflow to Inf, found below.
+                decode_f32(d, t.dtype, v);
+            }
+            let mut error = ErrorAccumulator::default();
+            if let Some(o) = original {
+                error.add(&o[k * per..k * per + v.len()], v);
+            }
+            Piece {
+                fingerprint: verify::piece_fingerprint(d),
+                nonzeros: v.iter().filter(|x| **x != 0.0).count() as u64,
+                error,
+                non_finite: kernels::first_non_finite(v).map(|i| k * per + i),
+            }
+        })
+        .collect();
+    if let Some(i) = pieces.iter().find_map(|p| p.non_finite) {
+        return Err(non_finite_output(t, i, values[i]));
+    }
+    let mut error = ErrorAccumulator::default();
+    pieces.iter().for_each(|p| error.merge(&p.error));
+    let prints: Vec<u64> = pieces.iter().map(|p| p.fingerprint).collect();
+    Ok(Finalized {
+        fingerprint: verify::fold_fingerprints(&prints, dense.len()),
+        nonzeros: pieces.iter().map(|p| p.nonzeros).sum(),
+        error: original.map(|_| error.finish()),
+    })
+}
+
+fn non_finite_output(t: &TensorInfo, i: usize, value: f32) -> EngineError {
+    EngineError::Tensor {
+        tensor: t.name.clone(),
+        code: "non_finite_output",
+        detail: format!(
+            "the compressed value at flat index {i} is {value} in {}: it exceeds the dtype's largest finite value; exclude the tensor with `ignore` or use a scheme with a smaller range",
+            t.dtype.as_str()
+        ),
     }
 }
 

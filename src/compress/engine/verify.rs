@@ -38,10 +38,29 @@ impl OutputCheck {
     }
 }
 
-/// Order-sensitive 64-bit fingerprint of a byte string: four independent multiply-xorshift lanes
-/// over 8-byte words (fast enough to hide behind the reads), folded with the length.
+const K: [u64; 4] = [0x9E37_79B9_7F4A_7C15, 0xC2B2_AE3D_27D4_EB4F, 0x1656_67B1_9E37_79F9, 0x27D4_EB2F_1656_67C5];
+
+/// Bytes per piece of a [`fingerprint`]: pieces are hashed in parallel and folded in order. Every
+/// float dtype's size divides it, so a piece of encoded values is whole values.
+pub const FINGERPRINT_CHUNK: usize = 1 << 18;
+
+/// Order-sensitive 64-bit fingerprint of a byte string: each piece of [`FINGERPRINT_CHUNK`]
+/// bytes gets four independent multiply-xorshift lanes over 8-byte words, the pieces are folded
+/// in order with the length ([`fold_fingerprints`]). Not cryptographic: it compares what the
+/// engine meant to write with what a layout decodes to.
 pub fn fingerprint(bytes: &[u8]) -> u64 {
-    const K: [u64; 4] = [0x9E37_79B9_7F4A_7C15, 0xC2B2_AE3D_27D4_EB4F, 0x1656_67B1_9E37_79F9, 0x27D4_EB2F_1656_67C5];
+    use rayon::prelude::*;
+    let pieces: Vec<u64> = bytes.par_chunks(FINGERPRINT_CHUNK).map(piece_fingerprint).collect();
+    fold_fingerprints(&pieces, bytes.len())
+}
+
+/// The fingerprint of a byte string of `len` bytes from its pieces' fingerprints, in order.
+pub fn fold_fingerprints(pieces: &[u64], len: usize) -> u64 {
+    pieces.iter().fold(len as u64, |h, p| (h ^ p).wrapping_mul(K[1]).rotate_left(29))
+}
+
+/// The fingerprint of one piece (at most [`FINGERPRINT_CHUNK`] bytes).
+pub fn piece_fingerprint(bytes: &[u8]) -> u64 {
     let mut lanes = K;
     let mut chunks = bytes.chunks_exact(32);
     for c in &mut chunks {

@@ -74,6 +74,29 @@ pub fn decode_f32(raw: &[u8], dtype: Dtype, out: &mut [f32]) {
     }
 }
 
+/// Converts f32 values to little-endian bytes of `dtype` into `out`, which holds exactly
+/// `values.len() * dtype.size()` bytes.
+pub fn encode_f32_into(values: &[f32], dtype: Dtype, out: &mut [u8]) {
+    assert_eq!(out.len(), values.len() * dtype.size(), "encode_f32_into: output size");
+    match dtype {
+        Dtype::F32 => {
+            out.chunks_exact_mut(4).zip(values).for_each(|(o, v)| o.copy_from_slice(&v.to_le_bytes()));
+        }
+        Dtype::F16 => out
+            .chunks_exact_mut(2)
+            .zip(values)
+            .for_each(|(o, v)| o.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+        Dtype::BF16 => out
+            .chunks_exact_mut(2)
+            .zip(values)
+            .for_each(|(o, v)| o.copy_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+        Dtype::F64 => {
+            out.chunks_exact_mut(8).zip(values).for_each(|(o, v)| o.copy_from_slice(&(*v as f64).to_le_bytes()));
+        }
+        other => panic!("encode_f32_into called on non-float dtype {}", other.as_str()),
+    }
+}
+
 /// Converts f32 values to little-endian bytes of `dtype`, appending to `out`.
 pub fn encode_f32(values: &[f32], dtype: Dtype, out: &mut Vec<u8>) {
     out.reserve(values.len() * dtype.size());
