@@ -19,7 +19,7 @@ use crate::compress::ggml;
 use crate::compress::layout::compressed_tensors as ct;
 use crate::compress::quant::{packed_len, unpack_int32, unpack_zero_points};
 use crate::formats::gguf::GgufType;
-use crate::formats::safetensors::{decode_f32, encode_f32, read_header, Dtype, Header, TensorInfo, TensorReader};
+use crate::formats::safetensors::{decode_f32, encode_f32_into, read_header, Dtype, Header, TensorInfo, TensorReader};
 
 /// What the agreement check did for one output, for the report.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -92,10 +92,20 @@ impl Scratch {
     /// count as +0.0, as the engine writes them (a GGUF block with a zero scale decodes its
     /// negative codes to -0.0, which is the same number).
     fn values_fp(&mut self, dtype: Dtype) -> u64 {
-        self.values.iter_mut().for_each(|v| *v += 0.0);
-        self.encoded.clear();
-        encode_f32(&self.values, dtype, &mut self.encoded);
-        fingerprint(&self.encoded)
+        let per = FINGERPRINT_CHUNK / dtype.size();
+        self.encoded.resize(self.values.len() * dtype.size(), 0);
+        // In parallel pieces, each encoded and hashed while in cache (as the engine's own pass).
+        let pieces: Vec<u64> = self
+            .values
+            .par_chunks_mut(per)
+            .zip(self.encoded.par_chunks_mut(FINGERPRINT_CHUNK))
+            .map(|(v, e)| {
+                v.iter_mut().for_each(|x| *x += 0.0);
+                encode_f32_into(v, dtype, e);
+                piece_fingerprint(e)
+            })
+            .collect();
+        fold_fingerprints(&pieces, self.encoded.len())
     }
 }
 

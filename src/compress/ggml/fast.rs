@@ -64,6 +64,34 @@ pub(super) fn quantize_q8_0(xs: &[f32], ys: &mut [u8]) {
     q8_0_blocks(xs, ys)
 }
 
+#[inline(always)]
+fn q8_0_decode_blocks(xs: &[u8], ys: &mut [f32]) {
+    for (x, y) in xs.chunks_exact(Q8_0_BYTES).zip(ys.chunks_exact_mut(QK)) {
+        let d = f16::from_le_bytes([x[0], x[1]]).to_f32();
+        for (o, &q) in y.iter_mut().zip(&x[2..]) {
+            // candle's BlockQ8_0::to_float: `qs[j] as f32 * d`, the same product bit for bit.
+            *o = q as i8 as f32 * d;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn q8_0_decode_avx2(xs: &[u8], ys: &mut [f32]) {
+    q8_0_decode_blocks(xs, ys)
+}
+
+/// Decodes whole Q8_0 blocks `xs` into `ys` exactly as candle's `to_float` does, vectorised
+/// (candle's loop is scalar: 6% of a whole Q8_0 job's CPU went to it).
+pub(super) fn dequantize_q8_0(xs: &[u8], ys: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { q8_0_decode_avx2(xs, ys) };
+    }
+    q8_0_decode_blocks(xs, ys)
+}
+
 /// The portable version, for tests that compare both paths on an AVX2 machine.
 #[cfg(test)]
 pub(super) fn quantize_portable(xs: &[f32], ys: &mut [u8]) {
