@@ -329,7 +329,8 @@ fn compress(job: &JobArgs, out: &Path, memory_limit: u64) -> anyhow::Result<Exit
     if std::fs::read_dir(out)?.next().is_some() {
         anyhow::bail!("output directory {} is not empty", out.display());
     }
-    let (input_sha, _) = crate::scheduler::hash_file(model)?;
+    // Hashed by a thread of its own while the job runs, never as a pass before it.
+    let input_sha = engine::PendingSha::start(model);
     let spec_sha = work_hash;
     let bar = indicatif::ProgressBar::new(1000).with_style(
         indicatif::ProgressStyle::with_template("{bar:40} {percent:>3}% {elapsed_precise} {msg}").expect("template"),
@@ -340,7 +341,7 @@ fn compress(job: &JobArgs, out: &Path, memory_limit: u64) -> anyhow::Result<Exit
     std::fs::create_dir_all(&staging)?;
     let inputs = Inputs {
         model_path: model,
-        input_sha256: &input_sha,
+        input_sha256: engine::InputSha::Pending(&input_sha),
         spec_sha256: &spec_sha,
         dataset_path: job.dataset.as_deref(),
         eval_dataset_path: job.eval_dataset.as_deref(),

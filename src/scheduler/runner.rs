@@ -235,7 +235,7 @@ async fn execute_inner(
         let inputs = Inputs {
             teacher_path: teacher_path.as_deref(),
             model_path: &model_path,
-            input_sha256: &sha,
+            input_sha256: engine::InputSha::Known(&sha),
             spec_sha256: &spec.work_sha256,
             dataset_path: dataset_path.as_deref(),
             eval_dataset_path: eval_path.as_deref(),

@@ -39,8 +39,8 @@ use sinks::{QuantRef, Sink, TensorData};
 pub struct Inputs<'a> {
     /// The safetensors file the plan's header was read from.
     pub model_path: &'a Path,
-    /// SHA-256 (hex) of that file.
-    pub input_sha256: &'a str,
+    /// SHA-256 (hex) of that file: known, or being computed alongside the job.
+    pub input_sha256: InputSha<'a>,
     /// [`crate::compress::spec::work_sha256`] of the spec.
     pub spec_sha256: &'a str,
     /// The dataset file the plan's evaluation reads (required when the plan evaluates).
@@ -60,13 +60,88 @@ impl<'a> Inputs<'a> {
     pub fn model(model_path: &'a Path, input_sha256: &'a str, spec_sha256: &'a str) -> Inputs<'a> {
         Inputs {
             model_path,
-            input_sha256,
+            input_sha256: InputSha::Known(input_sha256),
             spec_sha256,
             dataset_path: None,
             eval_dataset_path: None,
             teacher_path: None,
             checkpoint_dir: None,
         }
+    }
+}
+
+/// The SHA-256 of the input model: already known (the server has it from the upload), or
+/// computed by another thread while the job runs (the CLI), so hashing is never a pass of its
+/// own before the work. Outputs are written with [`InputSha::PLACEHOLDER`] in their headers and
+/// the headers rewritten in place once the hash is known (same length).
+#[derive(Clone, Copy)]
+pub enum InputSha<'a> {
+    Known(&'a str),
+    Pending(&'a PendingSha),
+}
+
+impl InputSha<'_> {
+    /// 64 hex digits, the width of the real value.
+    pub const PLACEHOLDER: &'static str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+    /// The hash if known, else [`Self::PLACEHOLDER`].
+    fn now(&self) -> &str {
+        match self {
+            InputSha::Known(s) => s,
+            InputSha::Pending(p) => p.value.get().map_or(Self::PLACEHOLDER, String::as_str),
+        }
+    }
+
+    /// The hash, waiting for its thread when pending.
+    pub fn wait(&self) -> std::io::Result<&str> {
+        match self {
+            InputSha::Known(s) => Ok(s),
+            InputSha::Pending(p) => p.wait(),
+        }
+    }
+}
+
+/// SHA-256 of a file, computed by a thread of its own (one core; SHA-256 is sequential).
+pub struct PendingSha {
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<std::io::Result<String>>>>,
+    value: std::sync::OnceLock<String>,
+}
+
+impl PendingSha {
+    /// Starts hashing `path`.
+    pub fn start(path: &Path) -> PendingSha {
+        let path = path.to_owned();
+        let thread = std::thread::spawn(move || sha256_file(&path));
+        PendingSha { thread: std::sync::Mutex::new(Some(thread)), value: std::sync::OnceLock::new() }
+    }
+
+    /// The hash (hex), joining the thread the first time.
+    pub fn wait(&self) -> std::io::Result<&str> {
+        if let Some(v) = self.value.get() {
+            return Ok(v);
+        }
+        let thread = self.thread.lock().expect("hash thread lock").take();
+        if let Some(t) = thread {
+            let sha = t.join().map_err(|_| std::io::Error::other("the input hashing thread panicked"))??;
+            let _ = self.value.set(sha);
+        }
+        self.value.get().map(String::as_str).ok_or_else(|| std::io::Error::other("the input hash failed before"))
+    }
+}
+
+/// SHA-256 (hex) of the file at `path`, read in 1 MiB pieces.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex::encode(hasher.finalize()));
+        }
+        hasher.update(&buf[..n]);
     }
 }
 
@@ -149,10 +224,11 @@ impl Tracker<'_> {
 
 /// Provenance written into every model artifact's metadata. Deterministic (no times, no job
 /// ids) so a re-run after a crash produces byte-identical files.
+/// The metadata outputs carry, with the input's hash as known now (see [`InputSha`]).
 fn provenance(job: &Job<'_>) -> BTreeMap<String, String> {
     let mut meta = job.plan.header.metadata.clone();
     meta.insert("modelpress.version".into(), env!("CARGO_PKG_VERSION").into());
-    meta.insert("modelpress.input_sha256".into(), job.inputs.input_sha256.into());
+    meta.insert("modelpress.input_sha256".into(), job.inputs.input_sha256.now().into());
     meta.insert("modelpress.spec_sha256".into(), job.inputs.spec_sha256.into());
     meta
 }
@@ -213,7 +289,7 @@ fn open_sinks(
                 let meta = vec![
                     ("general.name".to_string(), MetaValue::from("modelpress output")),
                     ("modelpress.version".to_string(), MetaValue::from(env!("CARGO_PKG_VERSION"))),
-                    ("modelpress.input_sha256".to_string(), MetaValue::from(job.inputs.input_sha256)),
+                    ("modelpress.input_sha256".to_string(), MetaValue::from(job.inputs.input_sha256.now())),
                     ("modelpress.spec_sha256".to_string(), MetaValue::from(job.inputs.spec_sha256)),
                     ("modelpress.tensor_schemes".to_string(), MetaValue::from(schemes)),
                     ("modelpress.omitted_tensors".to_string(), MetaValue::from(omitted)),
@@ -416,6 +492,8 @@ pub fn execute(
     }
     tracker.check("writing outputs")?;
 
+    // Every header gets the input's hash now: wait for it if another thread computes it.
+    job.inputs.input_sha256.wait()?;
     let metadata = provenance(job);
     let mut artifacts = Vec::new();
     for sink in sinks {
@@ -457,7 +535,7 @@ pub fn execute(
         .collect::<std::io::Result<Vec<_>>>()?;
     let report = Report {
         engine: format!("modelpress {}", env!("CARGO_PKG_VERSION")),
-        input_sha256: job.inputs.input_sha256.into(),
+        input_sha256: job.inputs.input_sha256.now().into(),
         spec_sha256: job.inputs.spec_sha256.into(),
         totals: Totals::from_tensors(&reports),
         tensors: reports,

@@ -109,8 +109,9 @@ impl Sink for DenseSink {
         self.writer.write(&t.name, data.dense())
     }
 
-    fn finish(self: Box<Self>, _: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>> {
-        self.writer.finish()?;
+    fn finish(self: Box<Self>, metadata: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>> {
+        // The header written at creation may hold a placeholder for the input's hash.
+        self.writer.finish_with_metadata(metadata)?;
         Ok(vec![artifact(&self.dir, "model.safetensors", "safetensors")])
     }
 }
@@ -217,6 +218,8 @@ impl Sink for CompressedTensorsSink {
 /// GGUF through the streaming writer; the tensor list is fixed when the sink opens.
 pub struct GgufSink {
     writer: Option<GgufWriter<std::io::BufWriter<std::fs::File>>>,
+    /// The metadata written at creation; `finish` rewrites the input's hash in it.
+    metadata: Vec<(String, MetaValue)>,
     types: BTreeMap<String, GgufType>,
     dir: PathBuf,
     buf: Vec<u8>,
@@ -227,7 +230,14 @@ impl GgufSink {
     pub fn create(dir: &Path, tensors: &[GgufTensor], metadata: &[(String, MetaValue)]) -> std::io::Result<Self> {
         let writer = GgufWriter::create(&dir.join("model.gguf"), metadata, tensors).map_err(gguf_err)?;
         let types = tensors.iter().map(|t| (t.name.clone(), t.ty)).collect();
-        Ok(Self { writer: Some(writer), types, dir: dir.into(), buf: Vec::new(), values: Vec::new() })
+        Ok(Self {
+            writer: Some(writer),
+            metadata: metadata.to_vec(),
+            types,
+            dir: dir.into(),
+            buf: Vec::new(),
+            values: Vec::new(),
+        })
     }
 }
 
@@ -257,8 +267,14 @@ impl Sink for GgufSink {
         w.write_tensor(&t.name, bytes).map_err(gguf_err)
     }
 
-    fn finish(mut self: Box<Self>, _: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>> {
-        self.writer.take().expect("open writer").finish().map_err(gguf_err)?;
+    fn finish(mut self: Box<Self>, provenance: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>> {
+        // The header written at creation may hold a placeholder for the input's hash.
+        const KEY: &str = "modelpress.input_sha256";
+        let mut metadata = std::mem::take(&mut self.metadata);
+        if let (Some(entry), Some(sha)) = (metadata.iter_mut().find(|(k, _)| k == KEY), provenance.get(KEY)) {
+            entry.1 = MetaValue::from(sha.as_str());
+        }
+        self.writer.take().expect("open writer").finish_with_metadata(&metadata).map_err(gguf_err)?;
         Ok(vec![artifact(&self.dir, "model.gguf", "gguf")])
     }
 }

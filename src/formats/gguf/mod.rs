@@ -306,6 +306,33 @@ impl GgufWriter<BufWriter<File>> {
     }
 }
 
+impl GgufWriter<BufWriter<File>> {
+    /// Like [`GgufWriter::finish`], but the header carries `metadata` (a value learned while
+    /// the tensors were written, such as the input's hash). It must encode to the length of the
+    /// header written at creation (a fixed-width value replaced) and is written over it.
+    pub fn finish_with_metadata(mut self, metadata: &[(String, MetaValue)]) -> Result<BufWriter<File>, GgufError> {
+        use std::os::unix::fs::FileExt;
+        let header = layout(metadata, &self.tensors)?.header;
+        if header.len() != self.layout.header.len() {
+            return Err(GgufError::Io {
+                context: "rewriting the header".into(),
+                source: std::io::Error::other(format!(
+                    "the final GGUF header is {} bytes where {} were reserved",
+                    header.len(),
+                    self.layout.header.len()
+                )),
+            });
+        }
+        self.check_complete()?;
+        self.sink.flush().map_err(io("flush"))?;
+        if header != self.layout.header {
+            self.sink.get_ref().write_all_at(&header, 0).map_err(io("rewriting the header"))?;
+        }
+        self.sink.make_durable().map_err(io("flush/fsync"))?;
+        Ok(self.sink)
+    }
+}
+
 impl<W: Durable> GgufWriter<W> {
     /// Validates the plan and writes header, metadata, tensor infos and padding to `sink`.
     pub fn new(mut sink: W, metadata: &[(String, MetaValue)], tensors: &[TensorInfo]) -> Result<Self, GgufError> {
@@ -344,15 +371,18 @@ impl<W: Durable> GgufWriter<W> {
 
     /// Checks every tensor was written, flushes and fsyncs; returns the sink.
     pub fn finish(mut self) -> Result<W, GgufError> {
-        if let Some(next) = self.tensors.get(self.next) {
-            return Err(GgufError::Unfinished {
-                written: self.next,
-                planned: self.tensors.len(),
-                next: next.name.clone(),
-            });
-        }
+        self.check_complete()?;
         self.sink.make_durable().map_err(io("flush/fsync"))?;
         Ok(self.sink)
+    }
+
+    fn check_complete(&self) -> Result<(), GgufError> {
+        match self.tensors.get(self.next) {
+            Some(next) => {
+                Err(GgufError::Unfinished { written: self.next, planned: self.tensors.len(), next: next.name.clone() })
+            }
+            None => Ok(()),
+        }
     }
 }
 

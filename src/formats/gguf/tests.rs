@@ -112,6 +112,29 @@ fn predicted_size_and_offsets_match_the_written_file() {
 }
 
 #[test]
+fn a_header_finished_with_a_same_length_value_equals_writing_it_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let tensors = [TensorInfo::new("w", &[2, 32], GgufType::Q8_0)];
+    let meta = |sha: &str| vec![("modelpress.input_sha256".to_string(), MetaValue::from(sha))];
+    let mut bytes = Vec::new();
+    quantize(&[0.5; 64], 2, 32, GgufType::Q8_0, &mut bytes).unwrap();
+    let write = |name: &str, first: &str, last: Option<&str>| {
+        let path = dir.path().join(name);
+        let mut w = GgufWriter::create(&path, &meta(first), &tensors).unwrap();
+        w.write_tensor("w", &bytes).unwrap();
+        match last {
+            Some(sha) => w.finish_with_metadata(&meta(sha)).map(|_| ()),
+            None => w.finish().map(|_| ()),
+        }
+        .map(|()| std::fs::read(&path).unwrap())
+    };
+    let patched = write("p.gguf", &"0".repeat(64), Some(&"ab".repeat(32))).unwrap();
+    assert_eq!(patched, write("d.gguf", &"ab".repeat(32), None).unwrap());
+    let err = write("x.gguf", &"0".repeat(64), Some(&"0".repeat(65))).unwrap_err();
+    assert!(err.to_string().contains("reserved"), "{err}");
+}
+
+#[test]
 fn a_written_file_is_synced_and_readable_from_disk() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.gguf");

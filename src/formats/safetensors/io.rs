@@ -194,6 +194,8 @@ pub struct PlannedSafetensorsWriter {
     out: BufWriter<File>,
     entries: Vec<(String, Dtype, Vec<usize>, u64, u64)>,
     next: usize,
+    /// The JSON header written at creation.
+    header: Vec<u8>,
 }
 
 impl PlannedSafetensorsWriter {
@@ -215,7 +217,7 @@ impl PlannedSafetensorsWriter {
         let mut out = BufWriter::with_capacity(1 << 20, File::create(path)?);
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(&header)?;
-        Ok(Self { out, entries, next: 0 })
+        Ok(Self { out, entries, next: 0, header })
     }
 
     pub fn write(&mut self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
@@ -235,10 +237,35 @@ impl PlannedSafetensorsWriter {
     }
 
     pub fn finish(self) -> std::io::Result<()> {
+        let header = self.header.clone();
+        self.finish_with_header(header)
+    }
+
+    /// Like [`Self::finish`], but the header carries `metadata` (a value learned while the data
+    /// was written, such as the input's hash). The new header must have the length of the one
+    /// written at creation (a fixed-width value replaced), so it is written over it in place.
+    pub fn finish_with_metadata(self, metadata: &BTreeMap<String, String>) -> std::io::Result<()> {
+        let header = header_bytes(&self.entries, metadata);
+        if header.len() != self.header.len() {
+            return Err(std::io::Error::other(format!(
+                "the final safetensors header is {} bytes where {} were reserved",
+                header.len(),
+                self.header.len()
+            )));
+        }
+        self.finish_with_header(header)
+    }
+
+    fn finish_with_header(self, header: Vec<u8>) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
         if let Some((missing, ..)) = self.entries.get(self.next) {
             return Err(std::io::Error::other(format!("tensor `{missing}` was declared but never written")));
         }
-        self.out.into_inner().map_err(|e| e.into_error())?.sync_all()
+        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        if header != self.header {
+            file.write_all_at(&header, 8)?;
+        }
+        file.sync_all()
     }
 }
 
@@ -263,6 +290,28 @@ mod tests {
         planned.write("b", &b).unwrap();
         planned.finish().unwrap();
         assert_eq!(std::fs::read(dir.path().join("d")).unwrap(), std::fs::read(dir.path().join("p")).unwrap());
+    }
+
+    #[test]
+    fn a_header_finished_with_new_metadata_of_the_same_length_equals_writing_it_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let declared = [("a".to_string(), Dtype::F32, vec![3])];
+        let (early, late) = (
+            BTreeMap::from([("sha".to_string(), "0".repeat(64))]),
+            BTreeMap::from([("sha".to_string(), "ab".repeat(32))]),
+        );
+        let mut patched = PlannedSafetensorsWriter::create(&dir.path().join("p"), &declared, &early).unwrap();
+        patched.write("a", &[7u8; 12]).unwrap();
+        patched.finish_with_metadata(&late).unwrap();
+        let mut direct = PlannedSafetensorsWriter::create(&dir.path().join("d"), &declared, &late).unwrap();
+        direct.write("a", &[7u8; 12]).unwrap();
+        direct.finish().unwrap();
+        assert_eq!(std::fs::read(dir.path().join("p")).unwrap(), std::fs::read(dir.path().join("d")).unwrap());
+        // A longer value cannot fit the reserved header.
+        let mut w = PlannedSafetensorsWriter::create(&dir.path().join("x"), &declared, &early).unwrap();
+        w.write("a", &[7u8; 12]).unwrap();
+        let longer = BTreeMap::from([("sha".to_string(), "0".repeat(100))]);
+        assert!(w.finish_with_metadata(&longer).unwrap_err().to_string().contains("reserved"));
     }
 
     #[test]
