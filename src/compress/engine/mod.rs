@@ -394,7 +394,8 @@ pub fn execute(
             for sink in &mut sinks {
                 sink.write(t, &TensorData::Raw(raw))?;
             }
-            expected.insert(t.name.clone(), fingerprint(raw));
+            let (print, nonzeros) = raw_pass(raw, t.dtype.size());
+            expected.insert(t.name.clone(), print);
             if before_names.contains(&t.name) || after_names.contains(&t.name) {
                 let mut values = vec![0f32; t.numel()];
                 decode_f32(raw, t.dtype, &mut values);
@@ -405,7 +406,6 @@ pub fn execute(
                     after.insert(t.name.clone(), (t.shape.clone(), values));
                 }
             }
-            let nonzeros = raw.chunks_exact(t.dtype.size()).filter(|c| c.iter().any(|x| *x != 0)).count() as u64;
             reports.push(unchanged_report(t, nonzeros, notes, t0));
         } else {
             source_file.read(job.plan, tp, &mut b.orig, true)?;
@@ -592,6 +592,27 @@ fn evaluate(
 /// bytes every dense layout stores) and makes `values` exactly what those bytes decode to, so the
 /// report, the dense output and every compressed layout describe the same numbers. A value the dtype cannot hold (an f16
 /// overflow) fails the tensor: no job writes NaN/Inf it made itself.
+/// One parallel pass over an unchanged tensor's bytes: their [`fingerprint`] and how many of
+/// its `size`-byte elements are not all-zero bytes.
+fn raw_pass(raw: &[u8], size: usize) -> (u64, u64) {
+    use rayon::prelude::*;
+    let pieces: Vec<(u64, u64)> = raw
+        .par_chunks(verify::FINGERPRINT_CHUNK)
+        .map(|piece| {
+            // Whole words per element size, so the count vectorises.
+            let nonzeros = match size {
+                2 => piece.chunks_exact(2).filter(|c| u16::from_ne_bytes([c[0], c[1]]) != 0).count(),
+                4 => piece.chunks_exact(4).filter(|c| u32::from_ne_bytes((*c).try_into().expect("4")) != 0).count(),
+                8 => piece.chunks_exact(8).filter(|c| u64::from_ne_bytes((*c).try_into().expect("8")) != 0).count(),
+                _ => piece.chunks_exact(size).filter(|c| c.iter().any(|x| *x != 0)).count(),
+            } as u64;
+            (verify::piece_fingerprint(piece), nonzeros)
+        })
+        .collect();
+    let prints: Vec<u64> = pieces.iter().map(|p| p.0).collect();
+    (verify::fold_fingerprints(&prints, raw.len()), pieces.iter().map(|p| p.1).sum())
+}
+
 /// What [`finalize`] learned about a changed tensor on its way out.
 struct Finalized {
     /// [`fingerprint`] of its dense bytes.
