@@ -92,6 +92,40 @@ pub(super) fn dequantize_q8_0(xs: &[u8], ys: &mut [f32]) {
     q8_0_decode_blocks(xs, ys)
 }
 
+/// Bytes of one Q4_0 block: f16 scale + 16 bytes of 4-bit codes.
+const Q4_0_BYTES: usize = 2 + QK / 2;
+
+#[inline(always)]
+fn q4_0_decode_blocks(xs: &[u8], ys: &mut [f32]) {
+    for (x, y) in xs.chunks_exact(Q4_0_BYTES).zip(ys.chunks_exact_mut(QK)) {
+        let d = f16::from_le_bytes([x[0], x[1]]).to_f32();
+        let (lo, hi) = y.split_at_mut(QK / 2);
+        // candle's BlockQ4_0::to_float: low nibbles are values 0..16, high nibbles 16..32,
+        // each `(nibble as i16 - 8) as f32 * d`.
+        for ((l, h), &q) in lo.iter_mut().zip(hi.iter_mut()).zip(&x[2..]) {
+            *l = ((q & 0x0F) as i16 - 8) as f32 * d;
+            *h = ((q >> 4) as i16 - 8) as f32 * d;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn q4_0_decode_avx2(xs: &[u8], ys: &mut [f32]) {
+    q4_0_decode_blocks(xs, ys)
+}
+
+/// Decodes whole Q4_0 blocks exactly as candle's `to_float`, with one f16 conversion per block
+/// and a vectorisable loop (candle's took 12% of a whole Q4_0 job's CPU).
+pub(super) fn dequantize_q4_0(xs: &[u8], ys: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { q4_0_decode_avx2(xs, ys) };
+    }
+    q4_0_decode_blocks(xs, ys)
+}
+
 /// The portable version, for tests that compare both paths on an AVX2 machine.
 #[cfg(test)]
 pub(super) fn quantize_portable(xs: &[f32], ys: &mut [u8]) {

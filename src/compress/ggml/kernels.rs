@@ -104,7 +104,7 @@ pub(super) fn dequantize_chunk(ty: GgufType, xs: &[u8], ys: &mut [f32]) {
         GgufType::F32 => dequantize_with::<f32>(xs, ys),
         GgufType::F16 => dequantize_with::<f16>(xs, ys),
         GgufType::Q8_0 => super::fast::dequantize_q8_0(xs, ys),
-        GgufType::Q4_0 => dequantize_with::<BlockQ4_0>(xs, ys),
+        GgufType::Q4_0 => super::fast::dequantize_q4_0(xs, ys),
         GgufType::Q4_1 => dequantize_with::<BlockQ4_1>(xs, ys),
         GgufType::Q5_0 => dequantize_with::<BlockQ5_0>(xs, ys),
         GgufType::Q5_1 => dequantize_with::<BlockQ5_1>(xs, ys),
