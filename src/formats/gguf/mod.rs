@@ -255,11 +255,18 @@ pub fn predict_file_size(metadata: &[(String, MetaValue)], tensors: &[TensorInfo
 pub trait Durable: Write {
     /// Flushes and, for files, waits until the data is on stable storage.
     fn make_durable(&mut self) -> std::io::Result<()>;
+
+    /// For files: starts writing what was written so far to disk, without waiting.
+    fn start_writeback(&mut self) {}
 }
 
 impl Durable for File {
     fn make_durable(&mut self) -> std::io::Result<()> {
         self.sync_all()
+    }
+
+    fn start_writeback(&mut self) {
+        crate::formats::safetensors::start_writeback(self)
     }
 }
 
@@ -267,6 +274,10 @@ impl<W: Durable> Durable for BufWriter<W> {
     fn make_durable(&mut self) -> std::io::Result<()> {
         self.flush()?;
         self.get_mut().make_durable()
+    }
+
+    fn start_writeback(&mut self) {
+        self.get_mut().start_writeback()
     }
 }
 
@@ -366,6 +377,7 @@ impl<W: Durable> GgufWriter<W> {
             .and_then(|()| write_zeros(&mut self.sink, padding))
             .map_err(io(format!("tensor \"{name}\"")))?;
         self.next += 1;
+        self.sink.start_writeback();
         Ok(())
     }
 

@@ -14,7 +14,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub use io::{decode_f32, encode_f32, encode_f32_into, PlannedSafetensorsWriter, SafetensorsWriter, TensorReader};
+pub use io::{
+    decode_f32, encode_f32, encode_f32_into, start_writeback, PlannedSafetensorsWriter, SafetensorsWriter, TensorReader,
+};
 
 /// Element types the format defines; anything else in a header is refused. Variants are
 /// spelled as in the format so they serialise to the header's own names.
