@@ -51,11 +51,17 @@ impl ServerSettings {
                 continue;
             }
             let rest = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
-            let ok = rest.is_some_and(|r| !r.is_empty() && !r.contains(['/', '?', '#', ' ']))
+            // Browsers send origins lower-case, without a default port and without wildcards:
+            // anything else would never match and silently serve no page.
+            let default_port = (origin.ends_with(":443") && origin.starts_with("https://"))
+                || (origin.ends_with(":80") && origin.starts_with("http://"));
+            let ok = rest.is_some_and(|r| !r.is_empty() && !r.contains(['/', '?', '#', ' ', '*']))
+                && !origin.chars().any(|c| c.is_ascii_uppercase())
+                && !default_port
                 && axum::http::HeaderValue::from_str(origin).is_ok();
             if !ok {
                 return Err(format!(
-                    "server.cors_allowed_origins: `{origin}` is not an origin: write scheme://host[:port] with no path (https://app.example.com), or `*`"
+                    "server.cors_allowed_origins: `{origin}` is not an origin as browsers send it: write scheme://host[:port] in lower case, with no path, wildcard or default port (https://app.example.com), or `*`"
                 ));
             }
         }
@@ -170,6 +176,12 @@ impl Settings {
             .build()?
             .try_deserialize()?;
         settings.server.check_origins().map_err(config::ConfigError::Message)?;
+        if !(1..=3600).contains(&settings.storage.upload_rate_window_secs) {
+            return Err(config::ConfigError::Message(format!(
+                "storage.upload_rate_window_secs must be 1-3600, got {}",
+                settings.storage.upload_rate_window_secs
+            )));
+        }
         Ok(settings)
     }
 

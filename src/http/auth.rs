@@ -123,12 +123,16 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
             "while API keys are off this server answers only requests addressed to localhost (a DNS-rebinding page names its own host); create a key (`modelpress keys create`) to use it from elsewhere",
         )
         .into_response(),
-        Ok(p) if p.key_id.is_none() && scope > Scope::Read
+        // Changes from any foreign page; reads when a foreign page's script asks (it sends
+        // `Origin`; a link followed from elsewhere does not and cannot read the answer), which
+        // matters once `server.cors_allowed_origins` lets pages read answers at all.
+        Ok(p) if p.key_id.is_none()
+            && (scope > Scope::Read || req.headers().contains_key(header::ORIGIN))
             && from_a_foreign_page(req.headers(), &state.settings.server.cors_allowed_origins) => {
             ApiError::new(
                 StatusCode::FORBIDDEN,
                 "cross_site_request",
-                "while API keys are off, changes are accepted only from tools (curl, clients) or pages on localhost; create a key to use the API from elsewhere",
+                "while API keys are off, requests are accepted only from tools (curl, clients), pages on localhost and the origins in server.cors_allowed_origins (never `*`); create a key to use the API from elsewhere",
             )
             .into_response()
         }

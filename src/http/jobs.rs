@@ -147,12 +147,14 @@ pub async fn create_job(
             return Ok((StatusCode::OK, [(header::LOCATION, location)], Json(JobView::from(&existing))).into_response());
         }
     }
-    // A principal at its storage quota cannot start outputs it has no room for.
+    let (spec, _plan) = checked_plan(&state, &who, &body).await?;
+    // A principal at its storage quota cannot start outputs it has no room for (a 4xx: its
+    // own limit, which deleting frees, not a fault of the server's disk).
     if let Some(quota) = state.settings.storage.max_stored_bytes_per_principal.filter(|_| who.name != "local") {
         let stored = state.catalog.stored_bytes(&who.name).await?;
         if stored >= quota {
             return Err(ApiError::new(
-                StatusCode::INSUFFICIENT_STORAGE,
+                StatusCode::FORBIDDEN,
                 "storage_quota_exceeded",
                 format!(
                     "`{}` stores {stored} bytes of models, datasets and job artifacts, its whole quota of {quota} (storage.max_stored_bytes_per_principal): delete models or finished jobs first",
@@ -161,7 +163,6 @@ pub async fn create_job(
             ));
         }
     }
-    let (spec, _plan) = checked_plan(&state, &who, &body).await?;
     let outcome = state
         .queue
         .enqueue(

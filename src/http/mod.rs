@@ -103,7 +103,8 @@ impl TensorWindow {
         }
         let start = self.tensors_offset.unwrap_or(0).min(len);
         let end = start.saturating_add(limit).min(len);
-        Ok((start..end, (end < len).then_some(end)))
+        // A window of 0 lists nothing and points nowhere (a client following the offset must end).
+        Ok((start..end, (end < len && end > start).then_some(end)))
     }
 }
 

@@ -78,15 +78,18 @@ pub fn check_header_limits(header: &Header, max_tensors: usize, max_name_bytes: 
         .with_pointer("/tensors"));
     }
     if let Some(t) = header.tensors.iter().find(|t| t.name.len() > max_name_bytes) {
-        let shown: String = t.name.chars().take(64).collect();
+        let mut shown: String = t.name.chars().take(64).collect();
+        if shown.len() < t.name.len() {
+            shown.push('…');
+        }
         return Err(ApiError::unprocessable(
             "tensor_name_too_long",
             format!(
-                "tensor `{shown}…` has a {}-byte name; at most {max_name_bytes} bytes are accepted (storage.max_tensor_name_bytes)",
+                "tensor `{shown}` has a {}-byte name; at most {max_name_bytes} bytes are accepted (storage.max_tensor_name_bytes)",
                 t.name.len()
             ),
         )
-        .with_pointer(format!("/tensors/{}", shown.replace('~', "~0").replace('/', "~1"))));
+        .with_pointer(format!("/tensors/{}", t.name.replace('~', "~0").replace('/', "~1"))));
     }
     Ok(())
 }
@@ -125,48 +128,58 @@ impl TooSlow {
 
 /// `body` cut off with an error once a window of `rate.window` passes with fewer than
 /// `rate.bytes_per_sec * window` bytes (at least one) received; `slow` records that it did.
-/// Windows follow each other from the first read; a fast window does not carry over.
+/// Windows count only the time spent waiting for the client: while the server itself does not
+/// read (its writer is busy), no window runs, so a stall of ours never fails a fast client. A
+/// window is judged on the bytes that arrived within it, whether its end is noticed by the
+/// timer or by a chunk that arrives just after it.
 pub fn paced(body: Body, rate: MinRate, slow: TooSlow) -> Body {
     struct State {
         inner: axum::body::BodyDataStream,
-        window_end: tokio::time::Instant,
+        /// Time spent waiting for the client in the current window.
+        waited: Duration,
+        /// Bytes received in the current window.
         received: u64,
         need: u64,
         window: Duration,
         slow: TooSlow,
     }
+    impl State {
+        fn cut_off(&self) -> Option<(Result<Bytes, axum::Error>, Option<State>)> {
+            self.slow.0.store(true, Ordering::Relaxed);
+            let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "upload too slow");
+            Some((Err(axum::Error::new(e)), None))
+        }
+    }
     let need = (rate.bytes_per_sec.saturating_mul(rate.window.as_secs())).max(1);
-    let start = State {
-        inner: body.into_data_stream(),
-        window_end: tokio::time::Instant::now() + rate.window,
-        received: 0,
-        need,
-        window: rate.window,
-        slow,
-    };
+    let start =
+        State { inner: body.into_data_stream(), waited: Duration::ZERO, received: 0, need, window: rate.window, slow };
     let stream = futures_util::stream::unfold(Some(start), |state| async move {
         let mut s = state?;
         loop {
-            match tokio::time::timeout_at(s.window_end, s.inner.next()).await {
+            let asked = tokio::time::Instant::now();
+            let budget = s.window.saturating_sub(s.waited);
+            let next = tokio::time::timeout(budget, s.inner.next()).await;
+            s.waited += asked.elapsed();
+            match next {
                 Ok(Some(Ok(chunk))) => {
-                    s.received += chunk.len() as u64;
-                    if tokio::time::Instant::now() >= s.window_end {
-                        s.window_end += s.window;
+                    if s.waited >= s.window {
+                        // The window ended just before this chunk: judge it without it.
+                        if s.received < s.need {
+                            return s.cut_off();
+                        }
+                        s.waited = Duration::ZERO;
                         s.received = 0;
                     }
+                    s.received += chunk.len() as u64;
                     return Some((Ok(chunk), Some(s)));
                 }
                 Ok(Some(Err(e))) => return Some((Err(e), None)),
                 Ok(None) => return None,
                 Err(_) if s.received >= s.need => {
-                    s.window_end += s.window;
+                    s.waited = Duration::ZERO;
                     s.received = 0;
                 }
-                Err(_) => {
-                    s.slow.0.store(true, Ordering::Relaxed);
-                    let e = std::io::Error::new(std::io::ErrorKind::TimedOut, "upload too slow");
-                    return Some((Err(axum::Error::new(e)), None));
-                }
+                Err(_) => return s.cut_off(),
             }
         }
     });

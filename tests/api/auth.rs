@@ -433,8 +433,8 @@ async fn cors_is_off_by_default_and_answers_only_the_listed_origins_when_set() {
     let res = preflight(&app, "https://ui.example").await.unwrap();
     assert!(res.headers().get("access-control-allow-origin").is_none());
     let res = app.client.get(app.url("/v1/models")).header("origin", "https://ui.example").send().await.unwrap();
-    assert_eq!(res.status(), 200);
     assert!(res.headers().get("access-control-allow-origin").is_none());
+    assert_eq!(problem(res, 403).await["code"], "cross_site_request", "keys off: a foreign script reads nothing");
     drop(app);
 
     let app = spawn_app_with(0, |s| s.server.cors_allowed_origins = vec!["https://ui.example".into()]).await;
@@ -465,6 +465,24 @@ async fn cors_is_off_by_default_and_answers_only_the_listed_origins_when_set() {
     // Another page gets no grant.
     let res = preflight(&app, "https://evil.example").await.unwrap();
     assert!(res.headers().get("access-control-allow-origin").is_none());
+    drop(app);
+
+    // `*` while keys are off: a foreign page's script may not read as the local admin; a link
+    // followed from elsewhere (no Origin: the page cannot read the answer) still opens.
+    let app = spawn_app_with(0, |s| s.server.cors_allowed_origins = vec!["*".into()]).await;
+    let res = app
+        .client
+        .get(app.url("/v1/models"))
+        .header("origin", "https://evil.example")
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(problem(res, 403).await["code"], "cross_site_request");
+    let res = app.client.get(app.url("/v1/models")).header("sec-fetch-site", "cross-site").send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let res = app.client.get(app.url("/v1/models")).header("origin", "http://localhost:3000").send().await.unwrap();
+    assert_eq!(res.status(), 200, "a page on this machine");
 }
 
 #[tokio::test]
@@ -479,14 +497,21 @@ async fn job_artifacts_count_toward_the_storage_quota_and_a_full_quota_refuses_n
     let res = create().await.unwrap();
     assert_eq!(res.status(), 202);
     let job = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let mut status = Value::Null;
     for _ in 0..600 {
         let res = send(&app, reqwest::Method::GET, &format!("/v1/jobs/{job}"), Some(&alice)).await;
-        if res.json::<Value>().await.unwrap()["status"] == "succeeded" {
+        status = res.json::<Value>().await.unwrap()["status"].clone();
+        if status == "succeeded" {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let p = problem(create().await.unwrap(), 507).await;
+    assert_eq!(status, "succeeded");
+    // A bad spec is still told what is wrong with it first.
+    let bad = json!({"model_id": model, "steps": [{"op": "quantize", "bits": 3}]});
+    let res = app.client.post(app.url("/v1/jobs")).bearer_auth(&alice).json(&bad).send().await.unwrap();
+    assert_eq!(res.status(), 422);
+    let p = problem(create().await.unwrap(), 403).await;
     assert_eq!(p["code"], "storage_quota_exceeded");
     assert!(p["detail"].as_str().unwrap().contains("job artifacts"), "{p}");
     // Deleting the finished job frees its artifacts.

@@ -407,9 +407,9 @@ async fn retention_deletes_jobs_finished_before_the_period() {
 #[tokio::test]
 async fn a_cancel_stops_a_long_kernel_inside_its_one_tensor() {
     let app = spawn_app(1).await;
-    // One step on one 2048x4096 tensor: int4 groups with MSE scale search, seconds of kernel
-    // work in a debug build; the cancel lands between its row blocks, not after them.
-    let model_id = app.upload_ok(big_model(1, 2048, 4096)).await;
+    // One step on one 2048x8192 tensor: int4 groups with MSE scale search, about 6 s of kernel
+    // work in a debug build (twice the bound); the cancel lands between its row blocks.
+    let model_id = app.upload_ok(big_model(1, 2048, 8192)).await;
     let spec = json!({"model_id": model_id, "steps": [{"op": "quantize", "bits": 4, "granularity": "group", "search": "mse"}]});
     let id = app.create_job_ok(&spec).await;
     app.wait_for(&id, Duration::from_secs(30), |j| {

@@ -237,6 +237,10 @@ async fn a_200_000_tensor_model_lists_fast_and_its_table_and_plan_come_in_window
     let at = app.get_json(&format!("/v1/models/{id}?tensors_offset=195000&tensors_limit=1")).await;
     let name_at_195000 = at["tensors"][0]["name"].clone();
     assert_eq!(at["tensors_next_offset"], 195_001);
+    // A window of none lists none and points nowhere.
+    let none = app.get_json(&format!("/v1/models/{id}?tensors_offset=5&tensors_limit=0")).await;
+    assert_eq!(none["tensors"], json!([]));
+    assert!(none.get("tensors_next_offset").is_none());
     let res = app.get(&format!("/v1/models/{id}?tensors_limit=10001")).await;
     assert_eq!(res.status(), 400);
     assert_eq!(res.json::<Value>().await.unwrap()["pointer"], "/tensors_limit");
@@ -273,6 +277,12 @@ async fn headers_past_the_tensor_count_or_name_length_limits_are_refused_by_name
     let p: Value = res.json().await.unwrap();
     assert_eq!(p["code"], "tensor_name_too_long");
     assert_eq!(p["pointer"], "/tensors/model~1layers.0.attention.weight");
+    // A name past what the message shows is cut there, but the pointer names the whole tensor.
+    let name = format!("blocks/{}", "x".repeat(200));
+    let res = app.upload(safetensors_f32(&[(name.as_str(), vec![1], vec![1.0])])).await;
+    let p: Value = res.json().await.unwrap();
+    assert_eq!(p["pointer"].as_str().unwrap(), format!("/tensors/blocks~1{}", "x".repeat(200)));
+    assert!(p["detail"].as_str().unwrap().contains("…` has a 207-byte name"), "{p}");
     assert_eq!(staging_entries(&app.data_dir()), 0);
     assert_eq!(app.upload(safetensors_f32(&four[..3])).await.status(), 201);
 }
@@ -324,13 +334,18 @@ async fn uploads_past_the_concurrency_cap_get_503_while_the_rest_stays_responsiv
 /// Sends `head` then `body` in 8-byte pieces every 100 ms over a raw connection (under any idle
 /// timeout) and returns what the server answered, and after how long.
 async fn trickle(app: &TestApp, head: String, body: Vec<u8>) -> (String, std::time::Duration) {
+    trickle_at(app, head, body, 8).await
+}
+
+/// [`trickle`] with pieces of `piece` bytes every 100 ms.
+async fn trickle_at(app: &TestApp, head: String, body: Vec<u8>, piece: usize) -> (String, std::time::Duration) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let address = app.address.trim_start_matches("http://").to_owned();
     let (mut read, mut write) = tokio::net::TcpStream::connect(&address).await.unwrap().into_split();
     let started = std::time::Instant::now();
     let writer = tokio::spawn(async move {
         write.write_all(head.as_bytes()).await.unwrap();
-        for piece in body.chunks(8) {
+        for piece in body.chunks(piece) {
             if write.write_all(piece).await.is_err() {
                 return;
             }
@@ -366,9 +381,15 @@ async fn an_upload_trickling_below_the_minimum_rate_is_cut_off_with_408_and_leav
         form.len()
     );
     let slow_form = trickle(&app, head, form);
+    // An upload above the floor that spans several windows passes: 20 KB/s for about 2 s.
+    let steady = safetensors_f32(&[("w", vec![40, 256], values(40 * 256, 3, 0.1))]);
+    let head = format!("PUT /v1/models HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n", steady.len());
+    let steady = trickle_at(&app, head, steady, 2048);
     // A normal upload meanwhile is not held up.
-    let (raw, multipart, fast) = tokio::join!(slow, slow_form, app.upload(small_model()));
+    let (raw, multipart, fast, steady) = tokio::join!(slow, slow_form, app.upload(small_model()), steady);
     assert_eq!(fast.status(), 201);
+    assert!(steady.0.starts_with("HTTP/1.1 201"), "{}", steady.0);
+    assert!(steady.1 > std::time::Duration::from_millis(1500), "spans windows: {:?}", steady.1);
     for (answer, took) in [raw, multipart] {
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
         assert!(answer.contains("\"code\":\"upload_too_slow\""), "{answer}");
@@ -376,5 +397,5 @@ async fn an_upload_trickling_below_the_minimum_rate_is_cut_off_with_408_and_leav
         assert!(took < std::time::Duration::from_secs(4), "cut off after {took:?}");
     }
     assert_eq!(staging_entries(&app.data_dir()), 0);
-    assert_eq!(app.get_json("/v1/models").await["items"].as_array().unwrap().len(), 1);
+    assert_eq!(app.get_json("/v1/models").await["items"].as_array().unwrap().len(), 2);
 }
