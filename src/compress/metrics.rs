@@ -72,8 +72,15 @@ impl ErrorAccumulator {
             unsafe { _mm256_storeu_pd(out.as_mut_ptr(), v) };
             out
         };
-        let (mut x2, mut y2, mut xy, mut d2, mut mx) = (lanes(x2), lanes(y2), lanes(xy), lanes(d2), lanes(mx));
-        for (&x, &y) in original[n..].iter().zip(&approx[n..]) {
+        self.fold_lanes([lanes(x2), lanes(y2), lanes(xy), lanes(d2), lanes(mx)], &original[n..], &approx[n..]);
+    }
+
+    /// Adds the tail values (fewer than a lane group) into lane 0 of `[x2, y2, xy, d2, max]`,
+    /// then folds the lanes into the running sums, in lane order.
+    #[inline(always)]
+    fn fold_lanes(&mut self, lanes: [[f64; 4]; 5], xs: &[f32], ys: &[f32]) {
+        let [mut x2, mut y2, mut xy, mut d2, mut mx] = lanes;
+        for (&x, &y) in xs.iter().zip(ys) {
             let (x, y) = (x as f64, y as f64);
             let d = x - y;
             x2[0] += x * x;
@@ -110,20 +117,7 @@ impl ErrorAccumulator {
                 mx[i] = if d.abs() > mx[i] { d.abs() } else { mx[i] };
             }
         }
-        for (&x, &y) in xs.remainder().iter().zip(ys.remainder()) {
-            let (x, y) = (x as f64, y as f64);
-            let d = x - y;
-            x2[0] += x * x;
-            y2[0] += y * y;
-            xy[0] += x * y;
-            d2[0] += d * d;
-            mx[0] = mx[0].max(d.abs());
-        }
-        self.sum_x2 += x2.iter().sum::<f64>();
-        self.sum_y2 += y2.iter().sum::<f64>();
-        self.sum_xy += xy.iter().sum::<f64>();
-        self.sum_d2 += d2.iter().sum::<f64>();
-        self.max_abs = mx.iter().fold(self.max_abs, |a, &b| a.max(b));
+        self.fold_lanes([x2, y2, xy, d2, mx], xs.remainder(), ys.remainder());
     }
 
     pub fn merge(&mut self, other: &ErrorAccumulator) {
