@@ -46,7 +46,7 @@ fn compress_writes_the_same_artifacts_as_a_job_and_plan_prints_the_plan() {
 fn a_refused_spec_exits_2_with_the_reason_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("job.json");
-    std::fs::write(&spec, r#"{"steps": [{"op": "quantize", "gguf_type": "q4_k"}]}"#).unwrap();
+    std::fs::write(&spec, r#"{"steps": [{"op": "quantize", "gguf_type": "q4_k", "fallback": "refuse"}]}"#).unwrap();
     let out = dir.path().join("out");
     let run = modelpress(&[
         "compress",

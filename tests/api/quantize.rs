@@ -159,7 +159,7 @@ async fn gguf_read_back_by_candle_equals_the_dense_output_and_conv_rows_fall_bac
 async fn a_block_that_does_not_divide_the_rows_is_refused_with_the_plans_words() {
     let app = spawn_app(0).await;
     let model = app.upload_ok(teacher()).await;
-    let spec = json!({"model_id": model, "steps": [{"op": "quantize", "gguf_type": "q4_k"}]});
+    let spec = json!({"model_id": model, "steps": [{"op": "quantize", "gguf_type": "q4_k", "fallback": "refuse"}]});
     let plan: Value = app.post_json("/v1/plans", &spec).await.json().await.unwrap();
     let refusal = plan["refusals"][0].clone();
     assert_eq!(refusal["tensor"], "fc1.weight");
@@ -169,7 +169,47 @@ async fn a_block_that_does_not_divide_the_rows_is_refused_with_the_plans_words()
     assert_eq!(body["code"], "plan_refused");
     assert_eq!(body["pointer"], "/steps/0/gguf_type");
     assert_eq!(body["errors"][0]["detail"], refusal["detail"]);
-    assert!(refusal["detail"].as_str().unwrap().contains("\"fallback\": \"f16\""), "the refusal says how to fix it");
+    assert!(
+        refusal["detail"].as_str().unwrap().contains("\"fallback\": \"llama.cpp\""),
+        "the refusal says how to fix it"
+    );
+}
+
+#[tokio::test]
+async fn rows_a_k_quant_does_not_divide_fall_back_as_llama_quantize_does_by_default() {
+    use candle_core::quantized::{gguf_file, GgmlDType};
+    let app = spawn_app(1).await;
+    // Rows of 576 and 2880 values (SmolLM's and gpt-oss's widths) and of 27 (a conv kernel).
+    let model = app
+        .upload_ok(safetensors_f32(&[
+            ("attn.weight", vec![8, 576], values(8 * 576, 1, 0.1)),
+            ("mlp.weight", vec![4, 2880], values(4 * 2880, 2, 0.1)),
+            ("fc.weight", vec![8, 256], values(8 * 256, 3, 0.1)),
+            ("conv.weight", vec![4, 3, 3, 3], values(4 * 27, 4, 0.1)),
+        ]))
+        .await;
+    for (ty, fits, small) in [("q4_k", "q5_0", GgmlDType::Q5_0), ("q6_k", "q8_0", GgmlDType::Q8_0)] {
+        let spec = json!({"model_id": model, "steps": [{"op": "quantize", "gguf_type": ty}], "outputs": ["gguf"]});
+        let plan: Value = app.post_json("/v1/plans", &spec).await.json().await.unwrap();
+        assert_eq!(plan["refusals"], json!([]), "{plan}");
+        let scheme = |name: &str| {
+            let t = plan["tensors"].as_array().unwrap().iter().find(|t| t["name"] == name).unwrap().clone();
+            (t["actions"][0]["scheme"].as_str().unwrap().to_owned(), t["actions"][0]["note"].clone())
+        };
+        assert_eq!(scheme("fc.weight").0, ty);
+        for name in ["attn.weight", "mlp.weight"] {
+            let (label, note) = scheme(name);
+            assert_eq!(label, format!("{fits} (fallback)"), "{name}");
+            assert!(note.as_str().unwrap().contains("llama.cpp's choice"), "{note}");
+        }
+        assert_eq!(scheme("conv.weight").0, "f16 (fallback)", "rows of 27 fit no block type");
+        let (_, _, files) = run_job(&app, &spec).await;
+        let mut cursor = std::io::Cursor::new(files["model.gguf"].clone());
+        let content = gguf_file::Content::read(&mut cursor).unwrap();
+        assert_eq!(content.tensor_infos["attn.weight"].ggml_dtype, small);
+        assert_eq!(content.tensor_infos["mlp.weight"].ggml_dtype, small);
+        assert_eq!(content.tensor_infos["conv.weight"].ggml_dtype, GgmlDType::F16);
+    }
 }
 
 #[tokio::test]

@@ -223,7 +223,12 @@ pub fn apply(
             }
             Kernel::Ggml(ty) => {
                 let note;
-                (out.quant, note) = quantize(t, &Scheme::Ggml { ty: *ty, fallback: None }, b, canceled)?;
+                (out.quant, note) = quantize(
+                    t,
+                    &Scheme::Ggml { ty: *ty, fallback: crate::compress::ops::quantize::Fallback::Refuse },
+                    b,
+                    canceled,
+                )?;
                 out.notes.extend(note.map(|n| format!("step {}: {n}", a.step)));
             }
             Kernel::Auto { step } => {

@@ -263,7 +263,10 @@ mod tests {
         let Step::Quantize(q) = &spec.steps[0] else { panic!() };
         assert!(matches!(
             q.method,
-            QuantMethod::Fixed(Scheme::Ggml { ty: GgufType::Q4K, fallback: Some(GgufType::F16) })
+            QuantMethod::Fixed(Scheme::Ggml {
+                ty: GgufType::Q4K,
+                fallback: crate::compress::ops::quantize::Fallback::To(GgufType::F16)
+            })
         ));
         let Step::Quantize(q) = &spec.steps[1] else { panic!() };
         assert!(matches!(&q.method, QuantMethod::Rules(r) if r.len() == 2));

@@ -28,8 +28,39 @@ pub enum Scheme {
     /// Integer round-to-nearest (the compressed-tensors layouts).
     Int(IntParams),
     /// A GGUF block type through candle's kernels; `fallback` decides for rows the block does
-    /// not divide (None = refuse).
-    Ggml { ty: GgufType, fallback: Option<GgufType> },
+    /// not divide.
+    Ggml { ty: GgufType, fallback: Fallback },
+}
+
+/// What a GGUF type does with a tensor whose rows its block does not divide (rows of 576,
+/// 2880 or 4544 values under a 256-value k-quant; conv kernels' rows of 9 or 27).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// llama.cpp's table (the default): see [`llama_cpp_fallback`].
+    LlamaCpp,
+    /// The plan refuses the tensor, naming it.
+    Refuse,
+    /// This type instead (refused in turn if its block does not divide the rows either).
+    To(GgufType),
+}
+
+/// The type llama-quantize stores a tensor as when `ty`'s block does not divide its rows, as
+/// `tensor_type_fallback` in llama.cpp's `src/llama-quant.cpp` decides (the copy bundled with
+/// llama-cpp-python 0.3.36): Q2_K and Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0,
+/// and F16 when that does not fit either (32-value block types go to F16 at once).
+pub fn llama_cpp_fallback(ty: GgufType, shape: &[usize]) -> GgufType {
+    let first = match ty {
+        GgufType::Q2K | GgufType::Q3K => GgufType::Q4_0,
+        GgufType::Q4K => GgufType::Q5_0,
+        GgufType::Q5K => GgufType::Q5_1,
+        GgufType::Q6K => GgufType::Q8_0,
+        other => other,
+    };
+    if first.shape_refusal(shape).is_none() {
+        first
+    } else {
+        GgufType::F16
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -117,12 +148,15 @@ fn plan_scheme(cx: &mut Planner<'_>, i: usize, step: usize, pointer: &str, schem
         },
         Scheme::Ggml { ty, fallback } => match (ty.shape_refusal(&t.shape), fallback) {
             (None, _) => (Kernel::Ggml(*ty), ty.name().to_owned(), ggml_bytes(*ty, &t), None),
-            (Some(reason), None) => {
-                let detail =
-                    format!("{reason}; set `\"fallback\": \"f16\"` (or another type) or exclude it with `ignore`");
+            (Some(reason), Fallback::Refuse) => {
+                let detail = format!("{reason}; set `\"fallback\": \"llama.cpp\"` (llama-quantize's choice), `\"f16\"` or another type, or exclude it with `ignore`");
                 return cx.refuse(format!("{pointer}/gguf_type"), &t, detail);
             }
-            (Some(reason), Some(fb)) => {
+            (Some(reason), chosen) => {
+                let (fb, whose) = match chosen {
+                    Fallback::To(fb) => (*fb, ""),
+                    _ => (llama_cpp_fallback(*ty, &t.shape), ", llama.cpp's choice"),
+                };
                 if let Some(again) = fb.shape_refusal(&t.shape) {
                     return cx.refuse(
                         format!("{pointer}/fallback"),
@@ -130,12 +164,12 @@ fn plan_scheme(cx: &mut Planner<'_>, i: usize, step: usize, pointer: &str, schem
                         format!("{reason}, and the fallback: {again}"),
                     );
                 }
-                let why = format!("{reason}: fallback {}", fb.name());
-                if *fb == GgufType::F32 && t.dtype == Dtype::F32 {
+                let why = format!("{reason}: fallback {}{whose}", fb.name());
+                if fb == GgufType::F32 && t.dtype == Dtype::F32 {
                     cx.tensors[i].skipped.push(Skip { step, reason: why + " (unchanged)" });
                     return;
                 }
-                (Kernel::Ggml(*fb), format!("{} (fallback)", fb.name()), ggml_bytes(*fb, &t), Some(why))
+                (Kernel::Ggml(fb), format!("{} (fallback)", fb.name()), ggml_bytes(fb, &t), Some(why))
             }
         },
     };
@@ -277,5 +311,28 @@ impl StepOp for QuantizeStep {
             exact: alloc.exact,
             choices,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_fallback_is_llama_cpps_table() {
+        // llama.cpp src/llama-quant.cpp `tensor_type_fallback`, as bundled in llama-cpp-python 0.3.36.
+        let row_576 = [8, 576];
+        for (ty, want) in [
+            (GgufType::Q2K, GgufType::Q4_0),
+            (GgufType::Q3K, GgufType::Q4_0),
+            (GgufType::Q4K, GgufType::Q5_0),
+            (GgufType::Q5K, GgufType::Q5_1),
+            (GgufType::Q6K, GgufType::Q8_0),
+        ] {
+            assert_eq!(llama_cpp_fallback(ty, &row_576), want, "{ty}");
+            // Rows no 32-value block divides either go to F16.
+            assert_eq!(llama_cpp_fallback(ty, &[4, 3, 3, 3]), GgufType::F16, "{ty}");
+        }
+        assert_eq!(llama_cpp_fallback(GgufType::Q8_0, &[4, 27]), GgufType::F16);
     }
 }

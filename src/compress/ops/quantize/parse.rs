@@ -3,7 +3,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{QuantMethod, QuantizeStep, Scheme};
+use super::{Fallback, QuantMethod, QuantizeStep, Scheme};
 use crate::compress::quant::{Granularity, IntParams, ScaleSearch};
 use crate::compress::select::Selector;
 use crate::compress::spec::{field, from_value_at, SpecError};
@@ -103,8 +103,9 @@ fn parse_scheme(raw: RawScheme, at: &str) -> Result<Scheme, SpecError> {
         }
         let ty = parse_gguf_type(name, at, "gguf_type")?;
         let fallback = match raw.fallback.as_deref() {
-            None | Some("refuse") => None,
-            Some(f) => Some(parse_gguf_type(f, at, "fallback")?),
+            None | Some("llama.cpp") => Fallback::LlamaCpp,
+            Some("refuse") => Fallback::Refuse,
+            Some(f) => Fallback::To(parse_gguf_type(f, at, "fallback")?),
         };
         return Ok(Scheme::Ggml { ty, fallback });
     }
@@ -192,9 +193,10 @@ pub(crate) fn parse_quantize(value: &Value, at: &str) -> Result<QuantizeStep, Sp
             for (i, c) in mixed.candidates.iter().enumerate() {
                 let cat = format!("{mat}/candidates/{i}");
                 let scheme = match c {
-                    Value::String(name) => {
-                        Scheme::Ggml { ty: parse_gguf_type(name, &mat, &format!("candidates/{i}"))?, fallback: None }
-                    }
+                    Value::String(name) => Scheme::Ggml {
+                        ty: parse_gguf_type(name, &mat, &format!("candidates/{i}"))?,
+                        fallback: Fallback::Refuse,
+                    },
                     other => parse_scheme(from_value_at(other, &cat)?, &cat)?,
                 };
                 candidates.push(scheme);
