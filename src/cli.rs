@@ -275,6 +275,10 @@ fn load_graph(path: &Path) -> anyhow::Result<Graph> {
 /// Parses the spec and plans it on the model (with its graph and dataset when given).
 /// `memory_limit` is `queue.max_job_memory_bytes` (resolved): a plan predicting more is refused.
 fn prepare_job(job: &JobArgs, memory_limit: u64) -> anyhow::Result<(crate::compress::plan::Plan, String)> {
+    let name = job.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if let Some((k, n)) = crate::formats::safetensors::shard_of(&name) {
+        anyhow::bail!(crate::formats::safetensors::lone_shard_detail(&name, k, n));
+    }
     let (mut spec, work_hash, evaluate_given) = load_spec(&job.spec)?;
     let header = read_header(&job.model, u64::MAX).with_context(|| format!("reading {}", job.model.display()))?;
     let graph = job.graph.as_deref().map(load_graph).transpose()?;

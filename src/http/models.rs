@@ -106,6 +106,9 @@ async fn upload_kind(
     body: Body,
 ) -> ApiResult<Response> {
     let settings = &state.settings.storage;
+    if let Some(name) = &params.name {
+        refuse_lone_shard(name)?;
+    }
     // Held until the upload is stored or refused.
     let _permit = state.uploads.clone().try_acquire_owned().map_err(|_| ApiError {
         retry_after: Some(5),
@@ -160,7 +163,9 @@ async fn upload_kind(
         }
         (Err(e), ..) => return Err(e),
     };
-    if let Err(e) = upload::check_header_limits(&staged.header, settings.max_tensors, settings.max_tensor_name_bytes) {
+    if let Err(e) = upload::check_header_limits(&staged.header, settings.max_tensors, settings.max_tensor_name_bytes)
+        .and_then(|()| file_name.as_deref().filter(|_| params.name.is_none()).map_or(Ok(()), refuse_lone_shard))
+    {
         let _ = std::fs::remove_file(&staged.path);
         return Err(e);
     }
@@ -234,6 +239,19 @@ async fn upload_kind(
         Json(ModelView::from_record(&record, &TensorWindow::default())?),
     )
         .into_response())
+}
+
+/// A file named as one shard of several (`model-00001-of-00003.safetensors`) is refused: alone
+/// it is part of a model, and compressing it would silently compress a fraction.
+fn refuse_lone_shard(name: &str) -> ApiResult<()> {
+    match crate::formats::safetensors::shard_of(name) {
+        Some((k, n)) => Err(ApiError::unprocessable(
+            "incomplete_checkpoint",
+            crate::formats::safetensors::lone_shard_detail(name, k, n),
+        )
+        .with_pointer("/name")),
+        None => Ok(()),
+    }
 }
 
 async fn list_kind(

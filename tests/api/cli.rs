@@ -43,6 +43,27 @@ fn compress_writes_the_same_artifacts_as_a_job_and_plan_prints_the_plan() {
 }
 
 #[test]
+fn a_lone_shard_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = dir.path().join("model-00001-of-00004.safetensors");
+    std::fs::write(&shard, small_model()).unwrap();
+    let spec = dir.path().join("job.json");
+    std::fs::write(&spec, r#"{"steps": [{"op": "quantize", "bits": 8}]}"#).unwrap();
+    let out = dir.path().join("out");
+    let run = modelpress(&[
+        "compress",
+        shard.to_str().unwrap(),
+        "--spec",
+        spec.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("shard 1 of 4"), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(!out.exists());
+}
+
+#[test]
 fn a_refused_spec_exits_2_with_the_reason_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("job.json");

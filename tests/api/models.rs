@@ -399,3 +399,37 @@ async fn an_upload_trickling_below_the_minimum_rate_is_cut_off_with_408_and_leav
     assert_eq!(staging_entries(&app.data_dir()), 0);
     assert_eq!(app.get_json("/v1/models").await["items"].as_array().unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn a_lone_shard_of_a_sharded_checkpoint_is_refused_with_what_is_missing() {
+    let app = spawn_app(0).await;
+    let res = app.client.put(app.url("/v1/models?name=model-00001-of-00003.safetensors")).body(small_model());
+    let res = res.send().await.unwrap();
+    assert_eq!(res.status(), 422);
+    let p: Value = res.json().await.unwrap();
+    assert_eq!((p["code"].as_str(), p["pointer"].as_str()), (Some("incomplete_checkpoint"), Some("/name")));
+    assert!(p["detail"].as_str().unwrap().contains("shard 1 of 3"), "{p}");
+    // The same by the file name of a multipart upload: refused after streaming, nothing kept.
+    let boundary = "B0und";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"model\"; filename=\"model-00002-of-00002.safetensors\"\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(&small_model());
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let res = app
+        .client
+        .post(app.url("/v1/models"))
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 422);
+    assert!(res.json::<Value>().await.unwrap()["detail"].as_str().unwrap().contains("shard 2 of 2"));
+    assert_eq!(staging_entries(&app.data_dir()), 0);
+    assert_eq!(app.get_json("/v1/models").await["items"], json!([]));
+    // A single-shard "set" is the whole model.
+    let res = app.client.put(app.url("/v1/models?name=model-00001-of-00001.safetensors")).body(small_model());
+    assert_eq!(res.send().await.unwrap().status(), 201);
+}

@@ -186,6 +186,27 @@ fn sniff_foreign(prefix: &[u8]) -> Option<&'static str> {
 /// Structure decides first: 8 length bytes then `{`. Only when that fails are the bytes matched
 /// against formats people upload by mistake, because a valid header length can itself start
 /// with a pickle's magic (a 640-byte header is `80 02 00 ...`).
+/// `(k, n)` when `file_name` is visibly shard `k` of an `n`-shard checkpoint, as Hugging Face
+/// names them (`model-00001-of-00003.safetensors`); `None` for any other name and for `n` = 1.
+pub fn shard_of(file_name: &str) -> Option<(u32, u32)> {
+    let base = file_name.rsplit('/').next()?.strip_suffix(".safetensors")?;
+    let (head, total) = base.rsplit_once("-of-")?;
+    let (_, index) = head.rsplit_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(index) || !digits(total) {
+        return None;
+    }
+    let (k, n) = (index.parse().ok()?, total.parse().ok()?);
+    (n > 1).then_some((k, n))
+}
+
+/// The explanation for refusing a lone shard (see [`shard_of`]).
+pub fn lone_shard_detail(file_name: &str, k: u32, n: u32) -> String {
+    format!(
+        "`{file_name}` is shard {k} of {n} of a sharded checkpoint: compressed alone it would be a fraction of the model. ModelPress takes a model as one file for now: merge the {n} shards into one first (README, \"Sharded checkpoints\")"
+    )
+}
+
 pub fn check_prefix(prefix: &[u8], header_limit: u64) -> Result<Option<u64>, HeaderError> {
     if prefix.len() < 9 {
         // Four-byte magics are unambiguous: no sane header length starts with them.
@@ -373,6 +394,19 @@ pub enum ReadError {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn shards_are_recognised_by_their_hugging_face_names() {
+        use super::shard_of;
+        assert_eq!(shard_of("model-00001-of-00003.safetensors"), Some((1, 3)));
+        assert_eq!(shard_of("dir/model-00002-of-00002.safetensors"), Some((2, 2)));
+        assert_eq!(shard_of("model-00001-of-00001.safetensors"), None, "one shard is the whole model");
+        for whole in
+            ["model.safetensors", "my-model-of-doom.safetensors", "x-1-of-two.safetensors", "m-00001-of-00003.bin"]
+        {
+            assert_eq!(shard_of(whole), None, "{whole}");
+        }
+    }
+
     use super::*;
 
     fn file_bytes(header: &str, data_len: usize) -> Vec<u8> {
