@@ -252,3 +252,28 @@ async fn mse_scale_search_is_reported_next_to_plain_rounding_and_never_worse() {
         assert!(mse <= rtn + 1e-12, "{name}: mse {mse} vs rtn {rtn}");
     }
 }
+
+#[tokio::test]
+async fn a_tied_lm_head_absent_from_the_file_is_ignored_by_the_compressed_tensors_config() {
+    let app = spawn_app(1).await;
+    let config = |files: &std::collections::BTreeMap<String, Vec<u8>>| -> Value {
+        serde_json::from_slice(&files["compressed-tensors/config.json"]).unwrap()
+    };
+    let spec = |model: &str| json!({"model_id": model, "steps": [{"op": "quantize", "bits": 8}], "outputs": ["compressed-tensors"]});
+    // Tied: no lm_head in the file, so the `Linear` target must not look for its packed weight.
+    let tied = app.upload_ok(safetensors_f32(&[("layers.0.proj.weight", vec![16, 32], values(512, 1, 0.1))])).await;
+    let (_, _, files) = run_job(&app, &spec(&tied)).await;
+    let ignore = config(&files)["quantization_config"]["ignore"].clone();
+    assert!(ignore.as_array().unwrap().contains(&json!("lm_head")), "{ignore}");
+    // Untied: lm_head is quantized like the rest, so it is not ignored.
+    let untied = app
+        .upload_ok(safetensors_f32(&[
+            ("layers.0.proj.weight", vec![16, 32], values(512, 1, 0.1)),
+            ("lm_head.weight", vec![16, 32], values(512, 2, 0.1)),
+        ]))
+        .await;
+    let (_, _, files) = run_job(&app, &spec(&untied)).await;
+    let ignore = config(&files)["quantization_config"]["ignore"].clone();
+    assert!(!ignore.as_array().unwrap().contains(&json!("lm_head")), "{ignore}");
+    assert!(files.contains_key("compressed-tensors/model.safetensors"));
+}

@@ -1,6 +1,7 @@
 """Loads ModelPress outputs with the real tools (issue 10): transformers, compressed-tensors, gguf.
 
-Builds a tiny Llama with transformers (random weights, untied lm_head), compresses it with the
+Builds a tiny Llama with transformers (random weights, untied lm_head; then a tied one for the
+compressed-tensors load), compresses it with the
 `modelpress` CLI to int4 group-32 compressed-tensors, GGUF Q8_0 and dense safetensors, then:
 - transformers' `from_pretrained` loads the compressed-tensors folder (the model's own config.json
   with ModelPress's `quantization_config` merged in) with no missing or unexpected keys, and gives
@@ -34,7 +35,7 @@ def run(cmd):
     subprocess.run(cmd, check=True)
 
 
-def make_llama(folder: Path):
+def make_llama(folder: Path, tied: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -45,7 +46,7 @@ def make_llama(folder: Path):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(folder, safe_serialization=True)
@@ -132,6 +133,18 @@ def main():
         check_transformers(src, work / "ct", work)
         check_compressed_tensors(work / "ct")
         check_gguf(work / "gguf")
+
+        # A tied lm_head (absent from the file, shared with the embeddings): the single scheme
+        # targets every Linear, so the folder must list lm_head in `ignore` or the load fails.
+        tied = work / "tied"
+        tied.mkdir()
+        make_llama(tied / "llama", tied=True)
+        assert "lm_head.weight" not in load_file(tied / "llama" / "model.safetensors"), "the test model is tied"
+        spec = {"steps": [{"op": "quantize", "bits": 4, "granularity": "group", "group_size": 32}],
+                "outputs": ["safetensors", "compressed-tensors"]}
+        (tied / "ct.json").write_text(json.dumps(spec))
+        run([binary, "compress", tied / "llama" / "model.safetensors", "--spec", tied / "ct.json", "--out", tied / "ct"])
+        check_transformers(tied / "llama", tied / "ct", tied)
     print("all loader checks passed")
 
 

@@ -128,6 +128,8 @@ pub struct CompressedTensorsSink {
     /// Scheme -> module names stored packed with it.
     groups: BTreeMap<String, (IntParams, Vec<String>)>,
     ignore: BTreeSet<String>,
+    /// Whether the file holds an `lm_head` module (absent when tied to the embeddings).
+    lm_head: bool,
 }
 
 impl CompressedTensorsSink {
@@ -141,6 +143,7 @@ impl CompressedTensorsSink {
             words: Vec::new(),
             groups: BTreeMap::new(),
             ignore: BTreeSet::new(),
+            lm_head: false,
         })
     }
 
@@ -190,6 +193,7 @@ impl CompressedTensorsSink {
 
 impl Sink for CompressedTensorsSink {
     fn write(&mut self, t: &TensorInfo, data: &TensorData<'_>) -> std::io::Result<()> {
+        self.lm_head |= ct::module_of(&t.name) == "lm_head";
         if let TensorData::Values { quant: QuantRef::Int(p, q), .. } = data {
             if packs_as_linear(t) {
                 return self.write_packed(t, &p.clone(), q);
@@ -205,7 +209,14 @@ impl Sink for CompressedTensorsSink {
         let mut meta = metadata.clone();
         meta.insert("format".into(), "pt".into());
         self.writer.finish(&meta)?;
-        let config = json!({"quantization_config": ct::quantization_config(&self.groups, &self.ignore)});
+        let mut ignore = self.ignore;
+        if !self.lm_head && self.groups.len() == 1 {
+            // A single scheme targets every `Linear`: a tied `lm_head` (absent from the file,
+            // shared with the embeddings) would be matched and its packed weight looked for,
+            // which fails the load; ignoring it keeps the loader's tied weight.
+            ignore.insert("lm_head".into());
+        }
+        let config = json!({"quantization_config": ct::quantization_config(&self.groups, &ignore)});
         std::fs::write(self.dir.join("config.json"), serde_json::to_vec_pretty(&config).expect("config JSON"))?;
         let parent = self.dir.parent().expect("job dir").to_path_buf();
         Ok(vec![
