@@ -192,6 +192,7 @@ async fn rows_a_k_quant_does_not_divide_fall_back_as_llama_quantize_does_by_defa
         let spec = json!({"model_id": model, "steps": [{"op": "quantize", "gguf_type": ty}], "outputs": ["gguf"]});
         let plan: Value = app.post_json("/v1/plans", &spec).await.json().await.unwrap();
         assert_eq!(plan["refusals"], json!([]), "{plan}");
+        assert!(plan["outputs"][0]["note"].as_str().unwrap().contains("llama.cpp refuses"), "the plan is honest");
         let scheme = |name: &str| {
             let t = plan["tensors"].as_array().unwrap().iter().find(|t| t["name"] == name).unwrap().clone();
             (t["actions"][0]["scheme"].as_str().unwrap().to_owned(), t["actions"][0]["note"].clone())

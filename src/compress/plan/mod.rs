@@ -281,7 +281,14 @@ pub struct OutputPlan {
     pub format: &'static str,
     pub artifact: String,
     pub predicted_bytes: u64,
+    /// What the artifact is not, when a user would expect it to be (a GGUF that llama.cpp
+    /// cannot run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<&'static str>,
 }
+
+/// Said of every GGUF output until architecture-aware GGUF is built (issue 11).
+pub const GENERIC_GGUF_NOTE: &str = "a generic GGUF: the tensors under their own names with ModelPress metadata, readable by the gguf package and candle; it has no general.architecture, hyperparameters, tokenizer or llama.cpp tensor names, so llama.cpp refuses to run it";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PlanTotals {
@@ -417,6 +424,7 @@ pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
             format: f.as_str(),
             artifact: artifact_name(*f).to_owned(),
             predicted_bytes: predict::output_bytes(*f, header.data_start, &tensors),
+            note: (*f == OutputFormat::Gguf).then_some(GENERIC_GGUF_NOTE),
         })
         .collect();
     let max_numel = tensors.iter().map(|tp| tp.out.numel().max(header.tensors[tp.index].numel()) as u64).max();
