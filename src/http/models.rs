@@ -142,9 +142,14 @@ async fn upload_kind(
     };
     let slow = upload::TooSlow::default();
     let body = if rate.bytes_per_sec > 0 { upload::paced(body, rate, slow.clone()) } else { body };
+    // Checked as soon as the header has arrived, again on the whole file below.
+    let check = |h: &crate::formats::safetensors::Header| {
+        upload::check_header_limits(h, settings.max_tensors, settings.max_tensor_name_bytes)?;
+        dataset_inputs(kind, h)
+    };
     let received = match boundary {
-        Some(b) => upload::receive_multipart(b, body, path, max_bytes, settings.max_header_bytes).await,
-        None => upload::receive(&headers, body, path, max_bytes, settings.max_header_bytes)
+        Some(b) => upload::receive_multipart(b, body, path, max_bytes, settings.max_header_bytes, &check).await,
+        None => upload::receive(&headers, body, path, max_bytes, settings.max_header_bytes, &check)
             .await
             .map(|staged| (staged, None, None)),
     };
@@ -190,13 +195,9 @@ async fn upload_kind(
             }
         }
     };
-    if kind == ModelKind::Dataset && staged.header.get("inputs").is_none() {
+    if let Err(e) = dataset_inputs(kind, &staged.header) {
         let _ = std::fs::remove_file(&staged.path);
-        return Err(ApiError::unprocessable(
-            "invalid_dataset",
-            "a dataset must hold an `inputs` tensor (and optionally `labels`)",
-        )
-        .with_pointer("/tensors/inputs"));
+        return Err(e);
     }
     let tensors: Vec<TensorView> = staged
         .header
@@ -239,6 +240,18 @@ async fn upload_kind(
         Json(ModelView::from_record(&record, &TensorWindow::default())?),
     )
         .into_response())
+}
+
+/// A dataset must hold `inputs`.
+fn dataset_inputs(kind: ModelKind, header: &crate::formats::safetensors::Header) -> ApiResult<()> {
+    if kind == ModelKind::Dataset && header.get("inputs").is_none() {
+        return Err(ApiError::unprocessable(
+            "invalid_dataset",
+            "a dataset must hold an `inputs` tensor (and optionally `labels`)",
+        )
+        .with_pointer("/tensors/inputs"));
+    }
+    Ok(())
 }
 
 /// A file named as one shard of several (`model-00001-of-00003.safetensors`) is refused: alone

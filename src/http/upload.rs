@@ -220,17 +220,22 @@ fn writer_thread(path: &Path, mut rx: mpsc::Receiver<Bytes>, head_limit: usize) 
     Ok(Written { sha256: hex::encode(hasher.finalize()), bytes: total, head })
 }
 
-/// Streams `body` to `path`, enforcing `max_bytes` and the header cap, and validates it.
+/// A check of the parsed header run as soon as the header has arrived, before the tensor data
+/// streams in (limits, what a dataset must hold): a refusal then costs the header, not the file.
+pub type HeaderCheck<'a> = &'a (dyn Fn(&Header) -> Result<(), ApiError> + Send + Sync);
+
+/// Streams `body` to `path`, enforcing `max_bytes` and the header cap, and validates it. The
+/// header is parsed and `check`ed as soon as its last byte arrives.
 pub async fn receive(
     headers: &HeaderMap,
     body: Body,
     path: PathBuf,
     max_bytes: u64,
     header_limit: u64,
+    check: HeaderCheck<'_>,
 ) -> Result<StagedUpload, ApiError> {
-    if let Some(len) =
-        headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-    {
+    let declared = headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if let Some(len) = declared {
         if len > max_bytes {
             return Err(too_large(max_bytes));
         }
@@ -253,6 +258,8 @@ pub async fn receive(
     let mut stream = body.into_data_stream();
     let mut received = 0u64;
     let mut prefix: Vec<u8> = Vec::with_capacity(9);
+    // The header as it arrives, until it is complete and checked (then `None`).
+    let mut head: Option<Vec<u8>> = Some(Vec::new());
     let mut failure: Option<ApiError> = None;
     while let Some(chunk) = stream.next().await {
         let chunk = match chunk {
@@ -279,6 +286,16 @@ pub async fn receive(
                 break;
             }
         }
+        if let Some(h) = head.as_mut() {
+            match early_header(h, &chunk, header_limit, declared, check) {
+                Ok(true) => head = None,
+                Ok(false) => {}
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
         if tx.send(chunk).await.is_err() {
             break; // the writer stopped: its error is reported below
         }
@@ -297,6 +314,43 @@ pub async fn receive(
     Ok(StagedUpload { path, sha256: written.sha256, bytes: written.bytes, header })
 }
 
+/// Adds `chunk` to the header gathered so far; once it is whole (8 length bytes and the JSON),
+/// parses it against the declared length, if any, and runs `check`. `Ok(true)` when done.
+fn early_header(
+    head: &mut Vec<u8>,
+    chunk: &[u8],
+    header_limit: u64,
+    declared: Option<u64>,
+    check: HeaderCheck<'_>,
+) -> Result<bool, ApiError> {
+    let mut rest = chunk;
+    if head.len() < 8 {
+        let take = (8 - head.len()).min(rest.len());
+        head.extend_from_slice(&rest[..take]);
+        rest = &rest[take..];
+        if head.len() < 8 {
+            return Ok(false);
+        }
+    }
+    let len = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+    if len > header_limit {
+        return Ok(true); // the prefix check refuses it
+    }
+    let total = 8 + len as usize;
+    let take = (total - head.len()).min(rest.len());
+    head.extend_from_slice(&rest[..take]);
+    if head.len() < total {
+        return Ok(false);
+    }
+    let header = match declared {
+        Some(len) => parse_header(&head[8..], len),
+        None => crate::formats::safetensors::parse_header_unsized(&head[8..]),
+    }
+    .map_err(header_error)?;
+    check(&header)?;
+    Ok(true)
+}
+
 /// Largest `graph` part of a multipart upload.
 pub const MAX_GRAPH_BYTES: usize = 1 << 20;
 
@@ -310,6 +364,7 @@ pub async fn receive_multipart(
     path: PathBuf,
     max_bytes: u64,
     header_limit: u64,
+    check: HeaderCheck<'_>,
 ) -> Result<(StagedUpload, Option<Bytes>, Option<String>), ApiError> {
     let bad = |detail: String| ApiError::bad_request("invalid_multipart", detail);
     let mut file_name = None;
@@ -325,7 +380,7 @@ pub async fn receive_multipart(
                 Some("model") if model.is_none() => {
                     file_name = field.file_name().map(str::to_owned);
                     let body = Body::from_stream(field);
-                    model = Some(receive(&HeaderMap::new(), body, path.clone(), max_bytes, header_limit).await?);
+                    model = Some(receive(&HeaderMap::new(), body, path.clone(), max_bytes, header_limit, check).await?);
                 }
                 Some("graph") if graph.is_none() => {
                     let mut buf = Vec::new();

@@ -433,3 +433,29 @@ async fn a_lone_shard_of_a_sharded_checkpoint_is_refused_with_what_is_missing() 
     let res = app.client.put(app.url("/v1/models?name=model-00001-of-00001.safetensors")).body(small_model());
     assert_eq!(res.send().await.unwrap().status(), 201);
 }
+
+#[tokio::test]
+async fn a_header_that_breaks_a_limit_is_refused_before_the_tensor_data_arrives() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app_with(0, |s| s.storage.max_tensors = 3).await;
+    let four: Vec<(&str, Vec<usize>, Vec<f32>)> =
+        ["a", "b", "c", "d"].iter().map(|n| (*n, vec![256, 256], vec![0.5; 256 * 256])).collect();
+    let file = safetensors_f32(&four);
+    let header_len = 8 + u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    // The client sends the header and then nothing: only the header can be judged.
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let mut conn = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = format!("PUT /v1/models HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n", file.len());
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&file[..header_len]).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut answer))
+        .await
+        .expect("answered before the data came")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 422"), "{answer}");
+    assert!(answer.contains("too_many_tensors"), "{answer}");
+    drop(conn);
+    assert_eq!(staging_entries(&app.data_dir()), 0);
+}

@@ -266,8 +266,19 @@ impl<'de> Deserialize<'de> for Entries {
 
 /// Validates a complete header (`json` is the header's JSON bytes) against the file length.
 pub fn parse_header(json: &[u8], file_len: u64) -> Result<Header, HeaderError> {
+    parse_header_with(json, Some(file_len))
+}
+
+/// [`parse_header`] for a file whose length is not known yet (an upload streaming in without
+/// Content-Length): every check but those against the file's length.
+pub fn parse_header_unsized(json: &[u8]) -> Result<Header, HeaderError> {
+    parse_header_with(json, None)
+}
+
+fn parse_header_with(json: &[u8], file_len: Option<u64>) -> Result<Header, HeaderError> {
     let data_start = 8 + json.len() as u64;
-    if data_start > file_len {
+    // Without a length, the tensors' own end is the file's end.
+    if let Some(file_len) = file_len.filter(|&l| data_start > l) {
         return Err(invalid(
             None,
             format!(
@@ -345,6 +356,7 @@ pub fn parse_header(json: &[u8], file_len: u64) -> Result<Header, HeaderError> {
         }
         cursor = t.end;
     }
+    let file_len = file_len.unwrap_or(cursor);
     if cursor != file_len {
         let detail = if cursor > file_len {
             let t = tensors.iter().find(|t| t.end > file_len).expect("one tensor passes the end");
@@ -394,6 +406,19 @@ pub enum ReadError {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_header_without_a_file_length_is_checked_for_everything_else() {
+        use super::parse_header_unsized;
+        let ok = br#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F16","shape":[2],"data_offsets":[8,12]}}"#;
+        let h = parse_header_unsized(ok).unwrap();
+        assert_eq!(h.tensors.len(), 2);
+        assert_eq!(h.tensors[1].end, 8 + ok.len() as u64 + 12, "the tensors' end stands for the file's");
+        let gap = br#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
+        assert!(parse_header_unsized(gap).unwrap_err().to_string().contains("gap"));
+        let wrong = br#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#;
+        assert!(parse_header_unsized(wrong).is_err());
+    }
+
     #[test]
     fn shards_are_recognised_by_their_hugging_face_names() {
         use super::shard_of;
