@@ -106,8 +106,8 @@ async fn upload_kind(
     body: Body,
 ) -> ApiResult<Response> {
     let settings = &state.settings.storage;
-    if let Some(name) = &params.name {
-        refuse_lone_shard(name)?;
+    if let Some(name) = params.name.as_deref().filter(|_| kind == ModelKind::Model) {
+        refuse_lone_shard(name).map_err(|e| e.with_pointer("/name"))?;
     }
     // Held until the upload is stored or refused.
     let _permit = state.uploads.clone().try_acquire_owned().map_err(|_| ApiError {
@@ -148,7 +148,12 @@ async fn upload_kind(
         dataset_inputs(kind, h)
     };
     let received = match boundary {
-        Some(b) => upload::receive_multipart(b, body, path, max_bytes, settings.max_header_bytes, &check).await,
+        Some(b) => {
+            // The part's file name names the model unless `?name=` does.
+            let by_file_name = params.name.is_none() && kind == ModelKind::Model;
+            let check_name = |name: &str| if by_file_name { refuse_lone_shard(name) } else { Ok(()) };
+            upload::receive_multipart(b, body, path, max_bytes, settings.max_header_bytes, &check, &check_name).await
+        }
         None => upload::receive(&headers, body, path, max_bytes, settings.max_header_bytes, &check)
             .await
             .map(|staged| (staged, None, None)),
@@ -168,9 +173,7 @@ async fn upload_kind(
         }
         (Err(e), ..) => return Err(e),
     };
-    if let Err(e) = upload::check_header_limits(&staged.header, settings.max_tensors, settings.max_tensor_name_bytes)
-        .and_then(|()| file_name.as_deref().filter(|_| params.name.is_none()).map_or(Ok(()), refuse_lone_shard))
-    {
+    if let Err(e) = upload::check_header_limits(&staged.header, settings.max_tensors, settings.max_tensor_name_bytes) {
         let _ = std::fs::remove_file(&staged.path);
         return Err(e);
     }
@@ -261,8 +264,7 @@ fn refuse_lone_shard(name: &str) -> ApiResult<()> {
         Some((k, n)) => Err(ApiError::unprocessable(
             "incomplete_checkpoint",
             crate::formats::safetensors::lone_shard_detail(name, k, n),
-        )
-        .with_pointer("/name")),
+        )),
         None => Ok(()),
     }
 }

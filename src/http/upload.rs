@@ -333,8 +333,10 @@ fn early_header(
         }
     }
     let len = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
-    if len > header_limit {
-        return Ok(true); // the prefix check refuses it
+    if len == 0 || len > header_limit {
+        // Not a header to parse early: the prefix check and the final validation answer it
+        // (415 for 8 zero bytes, 413 for an oversized header), as they always have.
+        return Ok(true);
     }
     let total = 8 + len as usize;
     let take = (total - head.len()).min(rest.len());
@@ -365,6 +367,7 @@ pub async fn receive_multipart(
     max_bytes: u64,
     header_limit: u64,
     check: HeaderCheck<'_>,
+    check_file_name: &(dyn Fn(&str) -> Result<(), ApiError> + Send + Sync),
 ) -> Result<(StagedUpload, Option<Bytes>, Option<String>), ApiError> {
     let bad = |detail: String| ApiError::bad_request("invalid_multipart", detail);
     let mut file_name = None;
@@ -379,6 +382,10 @@ pub async fn receive_multipart(
             match field.name() {
                 Some("model") if model.is_none() => {
                     file_name = field.file_name().map(str::to_owned);
+                    // Judged before the part streams in, like the header.
+                    if let Some(name) = &file_name {
+                        check_file_name(name)?;
+                    }
                     let body = Body::from_stream(field);
                     model = Some(receive(&HeaderMap::new(), body, path.clone(), max_bytes, header_limit, check).await?);
                 }

@@ -409,7 +409,7 @@ async fn a_lone_shard_of_a_sharded_checkpoint_is_refused_with_what_is_missing() 
     let p: Value = res.json().await.unwrap();
     assert_eq!((p["code"].as_str(), p["pointer"].as_str()), (Some("incomplete_checkpoint"), Some("/name")));
     assert!(p["detail"].as_str().unwrap().contains("shard 1 of 3"), "{p}");
-    // The same by the file name of a multipart upload: refused after streaming, nothing kept.
+    // The same by the file name of a multipart upload: refused before the part streams in.
     let boundary = "B0und";
     let mut body = format!(
         "--{boundary}\r\nContent-Disposition: form-data; name=\"model\"; filename=\"model-00002-of-00002.safetensors\"\r\n\r\n"
@@ -429,8 +429,15 @@ async fn a_lone_shard_of_a_sharded_checkpoint_is_refused_with_what_is_missing() 
     assert!(res.json::<Value>().await.unwrap()["detail"].as_str().unwrap().contains("shard 2 of 2"));
     assert_eq!(staging_entries(&app.data_dir()), 0);
     assert_eq!(app.get_json("/v1/models").await["items"], json!([]));
-    // A single-shard "set" is the whole model.
-    let res = app.client.put(app.url("/v1/models?name=model-00001-of-00001.safetensors")).body(small_model());
+    // A single-shard "set" is the whole model, and names of one's own are not shards.
+    for name in ["model-00001-of-00001.safetensors", "ckpt-3-of-10.safetensors"] {
+        let res = app.client.put(app.url(&format!("/v1/models?name={name}"))).body(small_model());
+        assert_eq!(res.send().await.unwrap().status(), 201, "{name}");
+    }
+    // Part of a dataset is still a dataset.
+    let mut data = safetensors_f32(&[("inputs", vec![2, 4], vec![0.5; 8])]);
+    let res =
+        app.client.put(app.url("/v1/datasets?name=train-00001-of-00004.safetensors")).body(std::mem::take(&mut data));
     assert_eq!(res.send().await.unwrap().status(), 201);
 }
 
@@ -458,4 +465,15 @@ async fn a_header_that_breaks_a_limit_is_refused_before_the_tensor_data_arrives(
     assert!(answer.contains("too_many_tensors"), "{answer}");
     drop(conn);
     assert_eq!(staging_entries(&app.data_dir()), 0);
+    // Eight zero bytes (a header length of 0) are still "not safetensors", whatever the chunking.
+    assert_problem(app.upload(vec![0u8; 8]).await, 415, "not_safetensors").await;
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![Ok(vec![0u8; 8]), Ok(b"xyz".to_vec())];
+    let res = app
+        .client
+        .post(app.url("/v1/models"))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(res, 415, "not_safetensors").await;
 }

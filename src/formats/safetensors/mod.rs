@@ -179,25 +179,20 @@ fn sniff_foreign(prefix: &[u8]) -> Option<&'static str> {
     }
 }
 
-/// Checks the first bytes of an upload as soon as they arrive: returns the header length when
-/// they look like safetensors (`None` while fewer than 9 bytes are known), so an upload can be
-/// refused before its body is stored.
-///
-/// Structure decides first: 8 length bytes then `{`. Only when that fails are the bytes matched
-/// against formats people upload by mistake, because a valid header length can itself start
-/// with a pickle's magic (a 640-byte header is `80 02 00 ...`).
 /// `(k, n)` when `file_name` is visibly shard `k` of an `n`-shard checkpoint, as Hugging Face
 /// names them (`model-00001-of-00003.safetensors`); `None` for any other name and for `n` = 1.
 pub fn shard_of(file_name: &str) -> Option<(u32, u32)> {
     let base = file_name.rsplit('/').next()?.strip_suffix(".safetensors")?;
     let (head, total) = base.rsplit_once("-of-")?;
     let (_, index) = head.rsplit_once('-')?;
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if !digits(index) || !digits(total) {
+    // transformers writes both numbers with exactly five digits (`{:05d}`); a name like
+    // `ckpt-3-of-10.safetensors` is someone's own naming, not a shard.
+    let five_digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
+    if !five_digits(index) || !five_digits(total) {
         return None;
     }
-    let (k, n) = (index.parse().ok()?, total.parse().ok()?);
-    (n > 1).then_some((k, n))
+    let (k, n): (u32, u32) = (index.parse().ok()?, total.parse().ok()?);
+    (n > 1 && (1..=n).contains(&k)).then_some((k, n))
 }
 
 /// The explanation for refusing a lone shard (see [`shard_of`]).
@@ -207,6 +202,13 @@ pub fn lone_shard_detail(file_name: &str, k: u32, n: u32) -> String {
     )
 }
 
+/// Checks the first bytes of an upload as soon as they arrive: returns the header length when
+/// they look like safetensors (`None` while fewer than 9 bytes are known), so an upload can be
+/// refused before its body is stored.
+///
+/// Structure decides first: 8 length bytes then `{`. Only when that fails are the bytes matched
+/// against formats people upload by mistake, because a valid header length can itself start
+/// with a pickle's magic (a 640-byte header is `80 02 00 ...`).
 pub fn check_prefix(prefix: &[u8], header_limit: u64) -> Result<Option<u64>, HeaderError> {
     if prefix.len() < 9 {
         // Four-byte magics are unambiguous: no sane header length starts with them.

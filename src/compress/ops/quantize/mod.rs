@@ -146,6 +146,11 @@ fn plan_scheme(cx: &mut Planner<'_>, i: usize, step: usize, pointer: &str, schem
             }
             None => (Kernel::Int(*p), int_scheme_name(p), int_bytes(p, &t), None),
         },
+        // No type stores a scalar or a rank above 4: no fallback helps, only `ignore`.
+        Scheme::Ggml { ty, .. } if t.shape.is_empty() || t.shape.len() > 4 => {
+            let reason = ty.shape_refusal(&t.shape).unwrap_or_default();
+            return cx.refuse(format!("{pointer}/gguf_type"), &t, format!("{reason}; exclude it with `ignore`"));
+        }
         Scheme::Ggml { ty, fallback } => match (ty.shape_refusal(&t.shape), fallback) {
             (None, _) => (Kernel::Ggml(*ty), ty.name().to_owned(), ggml_bytes(*ty, &t), None),
             (Some(reason), Fallback::Refuse) => {
@@ -334,5 +339,28 @@ mod tests {
             assert_eq!(llama_cpp_fallback(ty, &[4, 3, 3, 3]), GgufType::F16, "{ty}");
         }
         assert_eq!(llama_cpp_fallback(GgufType::Q8_0, &[4, 27]), GgufType::F16);
+    }
+
+    #[test]
+    fn a_rank_no_gguf_type_holds_is_refused_at_gguf_type_whatever_the_fallback() {
+        use crate::compress::plan::{prepare, PlanInputs};
+        use crate::formats::safetensors::{Dtype, Header, TensorInfo};
+        let t = |name: &str, shape: Vec<usize>, start: u64| {
+            let n: usize = shape.iter().product();
+            TensorInfo { name: name.into(), dtype: Dtype::F32, shape, start, end: start + 4 * n as u64 }
+        };
+        let conv3d = t("patch.weight", vec![2, 3, 2, 2, 2], 8);
+        let header = Header { tensors: vec![conv3d], metadata: Default::default(), data_start: 8 };
+        for fallback in [None, Some("f16")] {
+            let mut step = serde_json::json!({"op": "quantize", "gguf_type": "q4_k"});
+            if let Some(f) = fallback {
+                step["fallback"] = f.into();
+            }
+            let spec = crate::compress::spec::parse_compress(&serde_json::json!([step]), None).unwrap();
+            let plan = prepare(spec, PlanInputs::model(header.clone()));
+            assert_eq!(plan.refusals.len(), 1, "{fallback:?}");
+            assert_eq!(plan.refusals[0].pointer, "/steps/0/gguf_type");
+            assert!(plan.refusals[0].detail.contains("rank 5") && plan.refusals[0].detail.contains("ignore"));
+        }
     }
 }
