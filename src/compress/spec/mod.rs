@@ -282,6 +282,9 @@ mod tests {
         assert_eq!(e[0].pointer, "/steps/0/rules/0/bitz");
         let e = errors(json!([{"op": "quantize", "bits": 8, "gguf_type": "q8_0"}]), None);
         assert_eq!(e[0].pointer, "/steps/0/gguf_type");
+        let mixed = json!({"target_bits": 5.0, "candidates": ["q8_0", {"gguf_type": "q4_k", "fallback": "f16"}]});
+        let e = errors(json!([{"op": "quantize", "mixed": mixed}]), None);
+        assert_eq!(e[0].pointer, "/steps/0/mixed/candidates/1/fallback", "{:?}", e[0]);
     }
 
     #[test]

@@ -197,7 +197,16 @@ pub(crate) fn parse_quantize(value: &Value, at: &str) -> Result<QuantizeStep, Sp
                         ty: parse_gguf_type(name, &mat, &format!("candidates/{i}"))?,
                         fallback: Fallback::Refuse,
                     },
-                    other => parse_scheme(from_value_at(other, &cat)?, &cat)?,
+                    other => {
+                        if other.get("fallback").is_some() {
+                            return Err(field(
+                                &cat,
+                                "fallback",
+                                "mixed-precision candidates have no fallback: a candidate that does not fit a tensor is not a choice for it",
+                            ));
+                        }
+                        parse_scheme(from_value_at(other, &cat)?, &cat)?
+                    }
                 };
                 candidates.push(scheme);
             }
