@@ -142,7 +142,7 @@ async fn upload_kind(
     };
     let slow = upload::TooSlow::default();
     let body = if rate.bytes_per_sec > 0 { upload::paced(body, rate, slow.clone()) } else { body };
-    // Checked as soon as the header has arrived, again on the whole file below.
+    // Checked as soon as the header has arrived: every stored upload has passed it.
     let check = |h: &crate::formats::safetensors::Header| {
         upload::check_header_limits(h, settings.max_tensors, settings.max_tensor_name_bytes)?;
         dataset_inputs(kind, h)
@@ -173,10 +173,6 @@ async fn upload_kind(
         }
         (Err(e), ..) => return Err(e),
     };
-    if let Err(e) = upload::check_header_limits(&staged.header, settings.max_tensors, settings.max_tensor_name_bytes) {
-        let _ = std::fs::remove_file(&staged.path);
-        return Err(e);
-    }
     // A graph sent with the model is validated against it before anything is stored.
     let graph = match graph_part {
         None => None,
@@ -198,10 +194,6 @@ async fn upload_kind(
             }
         }
     };
-    if let Err(e) = dataset_inputs(kind, &staged.header) {
-        let _ = std::fs::remove_file(&staged.path);
-        return Err(e);
-    }
     let tensors: Vec<TensorView> = staged
         .header
         .tensors

@@ -190,34 +190,21 @@ pub fn paced(body: Body, rate: MinRate, slow: TooSlow) -> Body {
 struct Written {
     sha256: String,
     bytes: u64,
-    /// The first bytes of the file, up to the end of the header (or the header cap).
-    head: Vec<u8>,
 }
 
-fn writer_thread(path: &Path, mut rx: mpsc::Receiver<Bytes>, head_limit: usize) -> std::io::Result<Written> {
+fn writer_thread(path: &Path, mut rx: mpsc::Receiver<Bytes>) -> std::io::Result<Written> {
     let file = std::fs::File::create(path)?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
     let mut hasher = Sha256::new();
-    let mut head = Vec::new();
-    let mut head_limit = head_limit;
     let mut total = 0u64;
     while let Some(chunk) = rx.blocking_recv() {
-        if head.len() >= 8 {
-            // Once the length is known, keep exactly the header (the cap still applies).
-            let len = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
-            head_limit = head_limit.min(8usize.saturating_add(len as usize));
-        }
-        if head.len() < head_limit {
-            let take = (head_limit - head.len()).min(chunk.len());
-            head.extend_from_slice(&chunk[..take]);
-        }
         hasher.update(&chunk);
         out.write_all(&chunk)?;
         total += chunk.len() as u64;
     }
     let file = out.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
-    Ok(Written { sha256: hex::encode(hasher.finalize()), bytes: total, head })
+    Ok(Written { sha256: hex::encode(hasher.finalize()), bytes: total })
 }
 
 /// A check of the parsed header run as soon as the header has arrived, before the tensor data
@@ -251,15 +238,15 @@ pub async fn receive(
     }
     let guard = StagingGuard(Some(path.clone()));
     let (tx, rx) = mpsc::channel::<Bytes>(32);
-    let head_limit = (8 + header_limit) as usize;
     let writer_path = path.clone();
-    let writer = tokio::task::spawn_blocking(move || writer_thread(&writer_path, rx, head_limit));
+    let writer = tokio::task::spawn_blocking(move || writer_thread(&writer_path, rx));
 
     let mut stream = body.into_data_stream();
     let mut received = 0u64;
     let mut prefix: Vec<u8> = Vec::with_capacity(9);
-    // The header as it arrives, until it is complete and checked (then `None`).
-    let mut head: Option<Vec<u8>> = Some(Vec::new());
+    // The header's bytes as they arrive, and once they are whole, the header parsed and checked.
+    let mut head = Vec::new();
+    let mut early: Option<Gathered> = None;
     let mut failure: Option<ApiError> = None;
     while let Some(chunk) = stream.next().await {
         let chunk = match chunk {
@@ -286,10 +273,10 @@ pub async fn receive(
                 break;
             }
         }
-        if let Some(h) = head.as_mut() {
-            match early_header(h, &chunk, header_limit, declared, check) {
-                Ok(true) => head = None,
-                Ok(false) => {}
+        if early.is_none() {
+            match early_header(&mut head, &chunk, header_limit, declared, check) {
+                Ok(Gathered::More) => {}
+                Ok(done) => early = Some(done),
                 Err(e) => {
                     failure = Some(e);
                     break;
@@ -308,41 +295,56 @@ pub async fn receive(
     let written = written.map_err(ApiError::io)?;
     metrics::counter!("modelpress_upload_bytes_total").increment(written.bytes);
 
-    let header = validate(&written.head, written.bytes, header_limit)?;
+    // Parsed once: against the declared length, which the body had; otherwise again, now that
+    // the length is known.
+    let header = match early {
+        Some(Gathered::Header(h)) if declared == Some(written.bytes) => h,
+        _ => validate(&head, written.bytes, header_limit)?,
+    };
     let mut guard = guard;
     guard.0 = None;
     Ok(StagedUpload { path, sha256: written.sha256, bytes: written.bytes, header })
 }
 
+/// Where [`early_header`] stands.
+enum Gathered {
+    /// The header is not whole yet.
+    More,
+    /// Nothing to parse early (a zero or oversized length: the prefix check and the final
+    /// validation answer those).
+    Skipped,
+    /// Parsed and checked.
+    Header(Header),
+}
+
 /// Adds `chunk` to the header gathered so far; once it is whole (8 length bytes and the JSON),
-/// parses it against the declared length, if any, and runs `check`. `Ok(true)` when done.
+/// parses it against the declared length, if any, and runs `check`.
 fn early_header(
     head: &mut Vec<u8>,
     chunk: &[u8],
     header_limit: u64,
     declared: Option<u64>,
     check: HeaderCheck<'_>,
-) -> Result<bool, ApiError> {
+) -> Result<Gathered, ApiError> {
     let mut rest = chunk;
     if head.len() < 8 {
         let take = (8 - head.len()).min(rest.len());
         head.extend_from_slice(&rest[..take]);
         rest = &rest[take..];
         if head.len() < 8 {
-            return Ok(false);
+            return Ok(Gathered::More);
         }
     }
     let len = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
     if len == 0 || len > header_limit {
-        // Not a header to parse early: the prefix check and the final validation answer it
-        // (415 for 8 zero bytes, 413 for an oversized header), as they always have.
-        return Ok(true);
+        // 415 for 8 zero bytes, 413 for an oversized header, as they always were.
+        return Ok(Gathered::Skipped);
     }
     let total = 8 + len as usize;
     let take = (total - head.len()).min(rest.len());
     head.extend_from_slice(&rest[..take]);
     if head.len() < total {
-        return Ok(false);
+        return Ok(Gathered::More);
     }
     let header = match declared {
         Some(len) => parse_header(&head[8..], len),
@@ -350,7 +352,7 @@ fn early_header(
     }
     .map_err(header_error)?;
     check(&header)?;
-    Ok(true)
+    Ok(Gathered::Header(header))
 }
 
 /// Largest `graph` part of a multipart upload.
@@ -452,7 +454,7 @@ mod tests {
         let (tx, rx) = mpsc::channel(1);
         tx.blocking_send(Bytes::from(vec![1u8; 4 << 20])).unwrap();
         drop(tx);
-        let err = writer_thread(Path::new("/dev/full"), rx, 16).err().expect("write fails");
+        let err = writer_thread(Path::new("/dev/full"), rx).err().expect("write fails");
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
         let api = ApiError::io(err);
         assert_eq!((api.status.as_u16(), api.code), (507, "insufficient_storage"));
