@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
 use super::WorkerContext;
@@ -399,21 +398,8 @@ async fn persist(ctx: &WorkerContext, files: &[engine::ArtifactFile]) -> std::io
 
 /// SHA-256 and length of a file, fsyncing it first so a persisted blob is durable.
 pub fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    file.sync_all()?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        total += n as u64;
-    }
-    Ok((hex::encode(hasher.finalize()), total))
+    std::fs::File::open(path)?.sync_all()?;
+    engine::sha256_file(path)
 }
 
 #[cfg(test)]

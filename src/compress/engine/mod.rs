@@ -111,7 +111,7 @@ impl PendingSha {
     /// Starts hashing `path`.
     pub fn start(path: &Path) -> PendingSha {
         let path = path.to_owned();
-        let thread = std::thread::spawn(move || sha256_file(&path));
+        let thread = std::thread::spawn(move || sha256_file(&path).map(|(sha, _)| sha));
         PendingSha { thread: std::sync::Mutex::new(Some(thread)), value: std::sync::OnceLock::new() }
     }
 
@@ -129,19 +129,21 @@ impl PendingSha {
     }
 }
 
-/// SHA-256 (hex) of the file at `path`, read in 1 MiB pieces.
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+/// SHA-256 (hex) and length of the file at `path`, read in 1 MiB pieces.
+pub fn sha256_file(path: &Path) -> std::io::Result<(String, u64)> {
     use sha2::Digest;
     use std::io::Read;
     let mut file = std::fs::File::open(path)?;
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
     loop {
         let n = file.read(&mut buf)?;
         if n == 0 {
-            return Ok(hex::encode(hasher.finalize()));
+            return Ok((hex::encode(hasher.finalize()), total));
         }
         hasher.update(&buf[..n]);
+        total += n as u64;
     }
 }
 
