@@ -64,6 +64,7 @@ fn run(dir: &Path, model: &Path, graph: Graph, steps: Value, inputs: &str, teach
         dataset: Some(&train_h),
         eval_dataset: Some(&test_h),
         teacher: teacher.as_ref().map(|(p, g)| Teacher { graph: g.clone(), header: read_header(p, u64::MAX).unwrap() }),
+        files: None,
     };
     let plan = prepare(spec, inputs);
     assert!(plan.refusals.is_empty(), "{:?}", plan.refusals);

@@ -13,6 +13,7 @@ use crate::compress::engine::{self, Control, Inputs};
 use crate::compress::plan::{prepare, PlanInputs};
 use crate::compress::spec::{parse_compress, parse_evaluate, work_sha256, CompressSpec};
 use crate::config::Settings;
+use crate::formats::hf::{ModelFiles, ModelFolder, Weights as HfWeights};
 use crate::formats::safetensors::read_header;
 use crate::graph::eval::EvalOptions;
 use crate::graph::Graph;
@@ -83,7 +84,9 @@ pub enum KeysCommand {
 /// A model, a spec, and optionally the model's graph and a dataset.
 #[derive(Debug, clap::Args)]
 pub struct JobArgs {
-    /// The .safetensors model.
+    /// The .safetensors model, or a Hugging Face folder (config.json, the tokenizer files, and
+    /// model.safetensors or shards with model.safetensors.index.json; the index file names the
+    /// folder too). The companion files go into the outputs (a llama.cpp GGUF, complete folders).
     pub model: PathBuf,
     /// A JSON spec with `steps`, optional `outputs` and `evaluate` (as for POST /v1/jobs, without
     /// model_id).
@@ -146,7 +149,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Openapi => print_out(&crate::http::openapi_document())?,
         Command::Plan { job } => {
             let limit = Settings::load(cli.config.as_deref())?.queue.job_memory_limit();
-            let (plan, _) = prepare_job(&job, limit)?;
+            let (plan, _) = prepare_job(&job, &Model::open(&job.model)?, limit)?;
             print_out(&serde_json::to_string_pretty(&plan)?)?;
         }
         Command::Keys { action } => {
@@ -272,15 +275,56 @@ fn load_graph(path: &Path) -> anyhow::Result<Graph> {
     })
 }
 
+/// The model a CLI job reads: one file, or a folder's weights (sharded ones are merged
+/// before the job runs) and its companion files.
+struct Model {
+    /// The safetensors file, or the folder's first shard while not merged.
+    path: PathBuf,
+    files: Option<ModelFiles>,
+    /// Shards still to merge (see [`crate::formats::hf::merge_shards`]).
+    shards: Option<Vec<(PathBuf, crate::formats::safetensors::Header)>>,
+}
+
+impl Model {
+    fn open(path: &Path) -> anyhow::Result<Model> {
+        let folder = match path.file_name().and_then(|n| n.to_str()) {
+            _ if path.is_dir() => path,
+            Some(crate::formats::hf::INDEX_FILE) => path.parent().unwrap_or(Path::new(".")),
+            _ => {
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                if let Some((k, n)) = crate::formats::safetensors::shard_of(&name) {
+                    anyhow::bail!(crate::formats::safetensors::lone_shard_detail(&name, k, n));
+                }
+                return Ok(Model { path: path.to_owned(), files: None, shards: None });
+            }
+        };
+        let f =
+            ModelFolder::open(folder, u64::MAX).with_context(|| format!("reading the folder {}", folder.display()))?;
+        Ok(match f.weights {
+            HfWeights::Single(p) => Model { path: p, files: Some(f.files), shards: None },
+            HfWeights::Sharded(shards) => {
+                Model { path: shards[0].0.clone(), files: Some(f.files), shards: Some(shards) }
+            }
+        })
+    }
+
+    fn header(&self) -> anyhow::Result<crate::formats::safetensors::Header> {
+        match &self.shards {
+            Some(shards) => Ok(crate::formats::hf::merged_header(shards)),
+            None => read_header(&self.path, u64::MAX).with_context(|| format!("reading {}", self.path.display())),
+        }
+    }
+}
+
 /// Parses the spec and plans it on the model (with its graph and dataset when given).
 /// `memory_limit` is `queue.max_job_memory_bytes` (resolved): a plan predicting more is refused.
-fn prepare_job(job: &JobArgs, memory_limit: u64) -> anyhow::Result<(crate::compress::plan::Plan, String)> {
-    let name = job.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    if let Some((k, n)) = crate::formats::safetensors::shard_of(&name) {
-        anyhow::bail!(crate::formats::safetensors::lone_shard_detail(&name, k, n));
-    }
+fn prepare_job(
+    job: &JobArgs,
+    model: &Model,
+    memory_limit: u64,
+) -> anyhow::Result<(crate::compress::plan::Plan, String)> {
     let (mut spec, work_hash, evaluate_given) = load_spec(&job.spec)?;
-    let header = read_header(&job.model, u64::MAX).with_context(|| format!("reading {}", job.model.display()))?;
+    let header = model.header()?;
     let graph = job.graph.as_deref().map(load_graph).transpose()?;
     let dataset = match &job.dataset {
         Some(p) => Some(read_header(p, u64::MAX).with_context(|| format!("reading {}", p.display()))?),
@@ -300,7 +344,8 @@ fn prepare_job(job: &JobArgs, memory_limit: u64) -> anyhow::Result<(crate::compr
         }),
         _ => None,
     };
-    let inputs = PlanInputs { header, graph, dataset: dataset.as_ref(), eval_dataset: eval.as_ref(), teacher };
+    let files = model.files.as_ref();
+    let inputs = PlanInputs { header, graph, dataset: dataset.as_ref(), eval_dataset: eval.as_ref(), teacher, files };
     let mut plan = prepare(spec, inputs);
     plan.refuse_above_memory(memory_limit);
     Ok((plan, work_hash))
@@ -321,8 +366,8 @@ impl Control for Bar {
 }
 
 fn compress(job: &JobArgs, out: &Path, memory_limit: u64) -> anyhow::Result<ExitCode> {
-    let model = job.model.as_path();
-    let (plan, work_hash) = prepare_job(job, memory_limit)?;
+    let mut model = Model::open(&job.model)?;
+    let (plan, work_hash) = prepare_job(job, &model, memory_limit)?;
     if !plan.refusals.is_empty() {
         for r in &plan.refusals {
             eprintln!("refused: {}: {}", r.pointer, r.detail);
@@ -333,6 +378,15 @@ fn compress(job: &JobArgs, out: &Path, memory_limit: u64) -> anyhow::Result<Exit
     if std::fs::read_dir(out)?.next().is_some() {
         anyhow::bail!("output directory {} is not empty", out.display());
     }
+    // A sharded folder is merged first, in the output directory, and removed at the end: the
+    // engine reads one file (the server merges at upload, once).
+    let merged_dir = out.join(".input");
+    if let Some(shards) = model.shards.take() {
+        std::fs::create_dir_all(&merged_dir)?;
+        model.path = merged_dir.join("model.safetensors");
+        crate::formats::hf::merge_shards(&shards, &model.path).context("merging the shards")?;
+    }
+    let model = model.path.as_path();
     // Hashed by a thread of its own while the job runs, never as a pass before it.
     let input_sha = engine::PendingSha::start(model);
     let spec_sha = work_hash;
@@ -354,6 +408,7 @@ fn compress(job: &JobArgs, out: &Path, memory_limit: u64) -> anyhow::Result<Exit
     };
     let result = engine::execute(&plan, &inputs, &staging, &Bar(bar.clone()));
     bar.finish_and_clear();
+    let _ = std::fs::remove_dir_all(&merged_dir);
     let output = match result {
         Ok(o) => o,
         Err(e) => {

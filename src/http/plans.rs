@@ -89,7 +89,8 @@ pub async fn spec_and_plan(state: &AppState, who: &Principal, body: &serde_json:
             })
             .transpose()?;
         let eval = eval_path.map(|p| read_header(&p, limit)).transpose()?;
-        let inputs = PlanInputs { header, graph, dataset: dataset.as_ref(), eval_dataset: eval.as_ref(), teacher };
+        let inputs =
+            PlanInputs { header, graph, dataset: dataset.as_ref(), eval_dataset: eval.as_ref(), teacher, files: None };
         let mut plan = prepare(compress, inputs);
         plan.refuse_above_memory(memory_limit);
         Ok(plan)

@@ -227,8 +227,14 @@ async fn execute_inner(
             Some((graph, path)) => (Some(plan::Teacher { graph, header: read(&path)? }), Some(path)),
             None => (None, None),
         };
-        let inputs =
-            plan::PlanInputs { header, graph, dataset: dataset.as_ref(), eval_dataset: eval.as_ref(), teacher };
+        let inputs = plan::PlanInputs {
+            header,
+            graph,
+            dataset: dataset.as_ref(),
+            eval_dataset: eval.as_ref(),
+            teacher,
+            files: None,
+        };
         let mut plan = plan::prepare(spec.compress, inputs);
         plan.refuse_above_memory(memory_limit);
         let inputs = Inputs {

@@ -25,6 +25,7 @@ use super::ops::Scheme;
 use super::plan::{EvaluationPlan, Kernel, Plan, PlannedAction, Refusal, TensorPlan};
 use super::report::{peak_rss_bytes, OutputSummary, Report, StepTiming, TensorReport, Totals};
 use super::spec::OutputFormat;
+use crate::formats::gguf::llama_cpp::{self, LlamaCppModel};
 use crate::formats::gguf::{GgufType, MetaValue, TensorInfo as GgufTensor};
 use crate::formats::safetensors::{decode_f32, encode_f32_into, Dtype, TensorInfo, TensorReader};
 use crate::graph::eval::{Dataset, EvalError, Evaluation};
@@ -267,13 +268,20 @@ fn open_sinks(
             OutputFormat::CompressedTensors => Box::new(sinks::CompressedTensorsSink::create(job.out_dir)?),
             OutputFormat::Sparse => Box::new(sinks::SparseSink::create(job.out_dir)?),
             OutputFormat::Gguf => {
-                let tensors: Vec<GgufTensor> = job
+                let llama = job.plan.llama_cpp.as_ref();
+                let mut tensors: Vec<GgufTensor> = job
                     .plan
                     .tensors
                     .iter()
                     .filter_map(|tp| {
-                        crate::compress::layout::gguf_type_for(&tp.out, final_ggml(tp, resolved))
-                            .map(|ty| GgufTensor::new(&tp.out.name, &tp.out.shape, ty))
+                        let ty = crate::compress::layout::gguf_type_for(&tp.out, final_ggml(tp, resolved))?;
+                        match llama {
+                            None => Some(GgufTensor::new(&tp.out.name, &tp.out.shape, ty)),
+                            Some(m) => m.names.get(&tp.out.name).map(|r| {
+                                let ty = LlamaCppModel::storage_type(&tp.out.shape, ty);
+                                GgufTensor::new(&r.name, &tp.out.shape, ty)
+                            }),
+                        }
                     })
                     .collect();
                 let omitted: Vec<String> = job
@@ -281,22 +289,35 @@ fn open_sinks(
                     .tensors
                     .iter()
                     .map(|tp| &tp.out)
-                    .filter(|t| !tensors.iter().any(|g| g.name == t.name))
+                    .filter(|t| {
+                        let name = llama.and_then(|m| m.names.get(&t.name)).map_or(&t.name, |r| &r.name);
+                        !tensors.iter().any(|g| &g.name == name)
+                    })
                     .map(|t| t.name.clone())
                     .collect();
                 let schemes: Vec<String> = tensors
                     .iter()
                     .map(|t| format!("{}={}", t.name, labels.get(&t.name).map_or(t.ty.name(), |s| s)))
                     .collect();
-                let meta = vec![
-                    ("general.name".to_string(), MetaValue::from("modelpress output")),
+                let mut meta = Vec::new();
+                if let Some(m) = llama {
+                    meta.extend(m.metadata.iter().cloned());
+                    let matrices = tensors.iter().filter(|t| t.shape.len() >= 2).map(|t| t.ty);
+                    meta.push(("general.file_type".to_string(), MetaValue::from(llama_cpp::file_type(matrices))));
+                    if let Some(f) = &m.rope_freqs {
+                        tensors.insert(0, GgufTensor::new(llama_cpp::ROPE_FREQS, &[f.len()], GgufType::F32));
+                    }
+                } else {
+                    meta.push(("general.name".to_string(), MetaValue::from("modelpress output")));
+                }
+                meta.extend([
                     ("modelpress.version".to_string(), MetaValue::from(env!("CARGO_PKG_VERSION"))),
                     ("modelpress.input_sha256".to_string(), MetaValue::from(job.inputs.input_sha256.now())),
                     ("modelpress.spec_sha256".to_string(), MetaValue::from(job.inputs.spec_sha256)),
                     ("modelpress.tensor_schemes".to_string(), MetaValue::from(schemes)),
                     ("modelpress.omitted_tensors".to_string(), MetaValue::from(omitted)),
-                ];
-                Box::new(sinks::GgufSink::create(job.out_dir, &tensors, &meta)?)
+                ]);
+                Box::new(sinks::GgufSink::create(job.out_dir, &tensors, &meta, llama)?)
             }
         });
     }
@@ -505,7 +526,7 @@ pub fn execute(
     // The check has buffers of its own: the main pass's go first, so the peak stays the main pass's.
     drop((b, dense));
     let outs: Vec<TensorInfo> = job.plan.tensors.iter().map(|tp| tp.out.clone()).collect();
-    let checks = verify::verify(&artifacts, &outs, &expected)?;
+    let checks = verify::verify(&artifacts, &outs, &expected, job.plan.llama_cpp.as_ref())?;
     if let Some(g) = &final_graph {
         let path = out_dir.join("graph.json");
         std::fs::write(&path, serde_json::to_vec_pretty(g).expect("graph JSON"))?;

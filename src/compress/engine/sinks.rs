@@ -13,6 +13,7 @@ use crate::compress::layout::compressed_tensors::scale_dtype;
 use crate::compress::layout::packs_as_linear;
 use crate::compress::layout::sparse_dtype;
 use crate::compress::quant::{pack_int32_into, pack_zero_points, packed_len, Granularity, IntParams, IntQuantized};
+use crate::formats::gguf::llama_cpp::{self, LlamaCppModel, Rename};
 use crate::formats::gguf::GgufType;
 use crate::formats::gguf::{GgufWriter, MetaValue, TensorInfo as GgufTensor};
 use crate::formats::safetensors::{
@@ -226,27 +227,44 @@ impl Sink for CompressedTensorsSink {
     }
 }
 
-/// GGUF through the streaming writer; the tensor list is fixed when the sink opens.
+/// GGUF through the streaming writer; the tensor list is fixed when the sink opens. For a
+/// llama.cpp GGUF, tensors are renamed, Q/K rows permuted (on the encoded rows: every block
+/// type encodes rows independently, so this equals permuting before quantizing) and 1-D
+/// tensors stored as F32.
 pub struct GgufSink {
     writer: Option<GgufWriter<std::io::BufWriter<std::fs::File>>>,
     /// The metadata written at creation; `finish` rewrites the input's hash in it.
     metadata: Vec<(String, MetaValue)>,
+    /// Planned type by the name the tensor is written under.
     types: BTreeMap<String, GgufType>,
+    renames: BTreeMap<String, Rename>,
     dir: PathBuf,
     buf: Vec<u8>,
+    permuted: Vec<u8>,
     values: Vec<f32>,
 }
 
 impl GgufSink {
-    pub fn create(dir: &Path, tensors: &[GgufTensor], metadata: &[(String, MetaValue)]) -> std::io::Result<Self> {
-        let writer = GgufWriter::create(&dir.join("model.gguf"), metadata, tensors).map_err(gguf_err)?;
+    pub fn create(
+        dir: &Path,
+        tensors: &[GgufTensor],
+        metadata: &[(String, MetaValue)],
+        llama: Option<&LlamaCppModel>,
+    ) -> std::io::Result<Self> {
+        let mut writer = GgufWriter::create(&dir.join("model.gguf"), metadata, tensors).map_err(gguf_err)?;
+        if let Some(factors) = llama.and_then(|m| m.rope_freqs.as_ref()) {
+            let bytes: Vec<u8> = factors.iter().flat_map(|f| f.to_le_bytes()).collect();
+            writer.write_tensor(llama_cpp::ROPE_FREQS, &bytes).map_err(gguf_err)?;
+        }
         let types = tensors.iter().map(|t| (t.name.clone(), t.ty)).collect();
         Ok(Self {
             writer: Some(writer),
             metadata: metadata.to_vec(),
             types,
+            renames: llama.map(|m| m.names.clone()).unwrap_or_default(),
             dir: dir.into(),
             buf: Vec::new(),
+            permuted: Vec::new(),
             values: Vec::new(),
         })
     }
@@ -254,7 +272,9 @@ impl GgufSink {
 
 impl Sink for GgufSink {
     fn write(&mut self, t: &TensorInfo, data: &TensorData<'_>) -> std::io::Result<()> {
-        let Some(&ty) = self.types.get(&t.name) else { return Ok(()) };
+        let rename = self.renames.get(&t.name);
+        let name = rename.map_or(&t.name, |r| &r.name);
+        let Some(&ty) = self.types.get(name) else { return Ok(()) };
         let w = self.writer.as_mut().expect("open writer");
         let (rows, cols) = t.matrix();
         let bytes: &[u8] = match data {
@@ -275,7 +295,16 @@ impl Sink for GgufSink {
                 &self.buf
             }
         };
-        w.write_tensor(&t.name, bytes).map_err(gguf_err)
+        let bytes = match rename.and_then(|r| r.permute_heads) {
+            Some(heads) => {
+                // A bias is one row per value.
+                let rows = if t.shape.len() == 1 { t.numel() } else { rows };
+                llama_cpp::permute_rows(bytes, rows, heads, &mut self.permuted);
+                &self.permuted
+            }
+            None => bytes,
+        };
+        w.write_tensor(name, bytes).map_err(gguf_err)
     }
 
     fn finish(mut self: Box<Self>, provenance: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>> {

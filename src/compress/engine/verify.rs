@@ -18,6 +18,7 @@ use super::{ArtifactFile, EngineError};
 use crate::compress::ggml;
 use crate::compress::layout::compressed_tensors as ct;
 use crate::compress::quant::{packed_len, unpack_int32, unpack_zero_points};
+use crate::formats::gguf::llama_cpp::{self, LlamaCppModel};
 use crate::formats::gguf::GgufType;
 use crate::formats::safetensors::{decode_f32, encode_f32_into, read_header, Dtype, Header, TensorInfo, TensorReader};
 
@@ -123,6 +124,7 @@ pub fn verify(
     artifacts: &[ArtifactFile],
     tensors: &[TensorInfo],
     expected: &HashMap<String, u64>,
+    llama: Option<&LlamaCppModel>,
 ) -> Result<Vec<OutputCheck>, EngineError> {
     let mut checks = Vec::new();
     let mut s = Scratch::default();
@@ -131,7 +133,7 @@ pub fn verify(
             ("safetensors", true) => dense(a, tensors, expected, &mut s)?,
             ("compressed-tensors", true) => compressed_tensors(a, tensors, expected, &mut s)?,
             ("sparse", true) => sparse(a, tensors, expected, &mut s)?,
-            ("gguf", _) => gguf(a, tensors, expected, &mut s)?,
+            ("gguf", _) => gguf(a, tensors, expected, llama, &mut s)?,
             _ => continue,
         };
         checks.push(check);
@@ -305,18 +307,38 @@ fn sparse(
     Ok(check)
 }
 
+/// A GGUF's tensors decoded and compared; a llama.cpp GGUF's names and Q/K permutation are
+/// undone first, and its `rope_freqs` (not a model tensor) compared with the plan's factors.
 fn gguf(
     a: &ArtifactFile,
     tensors: &[TensorInfo],
     expected: &HashMap<String, u64>,
+    llama: Option<&LlamaCppModel>,
     s: &mut Scratch,
 ) -> Result<OutputCheck, EngineError> {
     let mut file = File::open(&a.path)?;
     let content = gguf_file::Content::read(&mut file).map_err(|e| bad_file(&a.name, e))?;
-    let by_name: HashMap<&str, &TensorInfo> = tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let by_name: HashMap<&str, (&TensorInfo, Option<usize>)> = tensors
+        .iter()
+        .filter_map(|t| match llama {
+            None => Some((t.name.as_str(), (t, None))),
+            Some(m) => m.names.get(&t.name).map(|r| (r.name.as_str(), (t, r.permute_heads))),
+        })
+        .collect();
     let (mut checked, mut decoded) = (0, 0);
+    let mut unpermuted = Vec::new();
     for (name, info) in &content.tensor_infos {
-        let t =
+        if let Some(factors) = llama.and_then(|m| m.rope_freqs.as_ref()).filter(|_| name == llama_cpp::ROPE_FREQS) {
+            s.raw.resize(4 * factors.len(), 0);
+            file.read_exact_at(&mut s.raw, content.tensor_data_offset + info.offset)?;
+            let stored: Vec<f32> =
+                s.raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4"))).collect();
+            if &stored != factors {
+                return Err(mismatch(name, "rope_freqs differ from the planned factors"));
+            }
+            continue;
+        }
+        let &(t, heads) =
             by_name.get(name.as_str()).ok_or_else(|| mismatch(name, format!("{} holds an unknown tensor", a.name)))?;
         let ty = GgufType::try_from(info.ggml_dtype).map_err(|e| mismatch(name, e.to_string()))?;
         let dims: Vec<usize> = info.shape.dims().to_vec();
@@ -330,12 +352,21 @@ fn gguf(
         if t.numel() > 0 {
             ggml::dequantize(&s.raw, rows, cols, ty, &mut s.values).map_err(|e| mismatch(name, e.to_string()))?;
         }
+        if let Some(heads) = heads {
+            let rows = if t.shape.len() == 1 { t.numel() } else { rows };
+            llama_cpp::unpermute_rows(&s.values, rows, heads, &mut unpermuted);
+            std::mem::swap(&mut s.values, &mut unpermuted);
+        }
         let fp = s.values_fp(t.dtype);
-        compare(name, fp, expected, &a.name)?;
+        compare(&t.name, fp, expected, &a.name)?;
         checked += 1;
         decoded += usize::from(!matches!(ty, GgufType::F32 | GgufType::F16));
     }
-    let storable = tensors.iter().filter(|t| crate::compress::layout::gguf_type_for(t, None).is_some()).count();
+    let storable = tensors
+        .iter()
+        .filter(|t| crate::compress::layout::gguf_type_for(t, None).is_some())
+        .filter(|t| llama.is_none_or(|m| m.names.contains_key(&t.name)))
+        .count();
     if checked != storable {
         return Err(bad_file(&a.name, format!("{checked} tensors, expected {storable}")));
     }
@@ -391,11 +422,11 @@ mod tests {
     fn a_layout_that_decodes_to_other_values_fails_the_check() {
         for (format, entry) in [("compressed-tensors", "fc.weight_scale"), ("sparse", "fc.compressed")] {
             let (_dir, artifacts, tensors, expected) = job();
-            let checks = verify(&artifacts, &tensors, &expected).unwrap();
+            let checks = verify(&artifacts, &tensors, &expected, None).unwrap();
             assert_eq!(checks.iter().map(|c| c.tensors_decoded).collect::<Vec<_>>(), [0, 1, 1]);
             let a = artifacts.iter().find(|a| a.format == format && a.name.ends_with(".safetensors")).unwrap();
             corrupt(&a.path, entry);
-            match verify(&artifacts, &tensors, &expected) {
+            match verify(&artifacts, &tensors, &expected, None) {
                 Err(EngineError::Tensor { tensor, code, detail }) => {
                     assert_eq!((tensor.as_str(), code), ("fc.weight", "layout_mismatch"), "{detail}");
                     assert!(detail.contains(&a.name), "{detail}");

@@ -15,7 +15,9 @@ use super::ops::OpKind;
 use super::prune::Norm;
 use super::quant::{Granularity, IntParams};
 use super::spec::{CompressSpec, OutputFormat};
+use crate::formats::gguf::llama_cpp::LlamaCppModel;
 use crate::formats::gguf::GgufType;
+use crate::formats::hf::ModelFiles;
 use crate::formats::safetensors::{Header, TensorInfo};
 use crate::graph::eval::{plan_dataset, DatasetPlan};
 use crate::graph::{Graph, GraphSummary};
@@ -66,6 +68,9 @@ pub struct Plan {
     pub teacher: Option<GraphSummary>,
     #[serde(skip)]
     pub teacher_model: Option<Teacher>,
+    /// With a GGUF output of a model llama.cpp can run: its architecture, tokenizer and names.
+    #[serde(skip)]
+    pub llama_cpp: Option<LlamaCppModel>,
 }
 
 impl Plan {
@@ -107,12 +112,15 @@ pub struct PlanInputs<'a> {
     /// `evaluate.dataset_id` (CLI `--eval-dataset`): the evaluation runs on it instead.
     pub eval_dataset: Option<&'a Header>,
     pub teacher: Option<Teacher>,
+    /// The model's companion files (`config.json`, tokenizer): with them a GGUF output is
+    /// one llama.cpp runs, for the architectures [`crate::formats::gguf::llama_cpp`] covers.
+    pub files: Option<&'a ModelFiles>,
 }
 
 impl PlanInputs<'_> {
     /// A model alone: no graph, no dataset, no teacher.
     pub fn model(header: Header) -> PlanInputs<'static> {
-        PlanInputs { header, graph: None, dataset: None, eval_dataset: None, teacher: None }
+        PlanInputs { header, graph: None, dataset: None, eval_dataset: None, teacher: None, files: None }
     }
 }
 
@@ -284,11 +292,36 @@ pub struct OutputPlan {
     /// What the artifact is not, when a user would expect it to be (a GGUF that llama.cpp
     /// cannot run).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub note: Option<&'static str>,
+    pub note: Option<String>,
 }
 
-/// Said of every GGUF output until architecture-aware GGUF is built (issue 11).
-pub const GENERIC_GGUF_NOTE: &str = "a generic GGUF: the tensors under their own names with ModelPress metadata, readable by the gguf package and candle; it has no general.architecture, hyperparameters, tokenizer or llama.cpp tensor names, so llama.cpp refuses to run it";
+/// Said of a GGUF output for a model without a `config.json` of an architecture
+/// [`crate::formats::gguf::llama_cpp`] covers.
+pub const GENERIC_GGUF_NOTE: &str = "a generic GGUF: the tensors under their own names with ModelPress metadata, readable by the gguf package and candle; the model has no config.json of an architecture ModelPress converts for llama.cpp (Llama, Mistral, Qwen2), so it has no general.architecture, hyperparameters, tokenizer or llama.cpp tensor names, and llama.cpp refuses to run it";
+
+/// The llama.cpp form of a GGUF output, when the model's files describe an architecture
+/// that is covered; a covered architecture that cannot be converted is a refusal at the output.
+fn plan_llama_cpp(
+    spec: &CompressSpec,
+    files: Option<&ModelFiles>,
+    tensors: &[TensorPlan],
+    refusals: &mut Vec<Refusal>,
+) -> Option<LlamaCppModel> {
+    let i = spec.outputs.iter().position(|f| *f == OutputFormat::Gguf)?;
+    let shapes: Vec<(&str, &[usize])> =
+        tensors.iter().map(|tp| (tp.out.name.as_str(), tp.out.shape.as_slice())).collect();
+    match crate::formats::gguf::llama_cpp::plan(files?, &shapes) {
+        Ok(m) => m,
+        Err(detail) => {
+            refusals.push(Refusal {
+                pointer: format!("/outputs/{i}"),
+                tensor: None,
+                detail: format!("a GGUF for llama.cpp cannot be written: {detail}"),
+            });
+            None
+        }
+    }
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PlanTotals {
@@ -312,7 +345,7 @@ const BASE_MEMORY_BYTES: u64 = 64 << 20;
 /// and the header of the job's `dataset` when there are: the only way to a [`Plan`], which owns
 /// all of them and is all [`crate::compress::engine::execute`] reads.
 pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
-    let PlanInputs { header, graph, dataset, eval_dataset, teacher } = inputs;
+    let PlanInputs { header, graph, dataset, eval_dataset, teacher, files } = inputs;
     let tensors = header
         .tensors
         .iter()
@@ -390,7 +423,8 @@ pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
     };
     describe_layouts(&spec, &mut tensors);
     predict::check_output_names(&spec, &tensors, &mut refusals);
-    if let Some(i) = spec.outputs.iter().position(|f| *f == OutputFormat::Gguf) {
+    let llama_cpp = plan_llama_cpp(&spec, files, &tensors, &mut refusals);
+    if let (Some(i), None) = (spec.outputs.iter().position(|f| *f == OutputFormat::Gguf), &llama_cpp) {
         for t in tensors
             .iter()
             .map(|tp| &tp.out)
@@ -424,7 +458,10 @@ pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
             format: f.as_str(),
             artifact: artifact_name(*f).to_owned(),
             predicted_bytes: predict::output_bytes(*f, header.data_start, &tensors),
-            note: (*f == OutputFormat::Gguf).then_some(GENERIC_GGUF_NOTE),
+            note: (*f == OutputFormat::Gguf).then(|| match &llama_cpp {
+                Some(m) => m.summary.clone(),
+                None => GENERIC_GGUF_NOTE.to_owned(),
+            }),
         })
         .collect();
     let max_numel = tensors.iter().map(|tp| tp.out.numel().max(header.tensors[tp.index].numel()) as u64).max();
@@ -505,6 +542,7 @@ pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
         graph_after,
         teacher: teacher_summary,
         teacher_model: teacher,
+        llama_cpp,
     }
 }
 

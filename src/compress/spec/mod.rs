@@ -109,8 +109,14 @@ pub fn parse_compress(steps: &Value, outputs: Option<&Value>) -> Result<Compress
         raw.insert("outputs".into(), o.clone());
     }
     let raw: RawSpec = from_value_at(&Value::Object(raw), "").map_err(|e| vec![e])?;
-    if raw.steps.is_empty() {
-        errors.push(SpecError::new("/steps", "invalid_field", "at least one step is required"));
+    // No steps is a format conversion (a folder to a llama.cpp GGUF, as convert_hf_to_gguf.py
+    // does), which only makes sense with the outputs named.
+    if raw.steps.is_empty() && raw.outputs.is_none() {
+        errors.push(SpecError::new(
+            "/steps",
+            "invalid_field",
+            "at least one step is required, or name the `outputs` to convert the model to",
+        ));
     }
     if raw.steps.len() > MAX_STEPS {
         return Err(vec![SpecError::new(

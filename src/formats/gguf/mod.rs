@@ -9,6 +9,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
+pub mod llama_cpp;
 mod types;
 pub use types::{GgufType, UnknownGgufType};
 

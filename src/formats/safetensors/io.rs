@@ -184,6 +184,25 @@ impl SafetensorsWriter {
     }
 }
 
+/// `tensors` laid out back to back from offset 0: (name, dtype, shape, start, end).
+fn planned_entries(tensors: &[(String, Dtype, Vec<usize>)]) -> Vec<(String, Dtype, Vec<usize>, u64, u64)> {
+    let mut offset = 0u64;
+    tensors
+        .iter()
+        .map(|(name, dtype, shape)| {
+            let len = shape.iter().product::<usize>() as u64 * dtype.size() as u64;
+            offset += len;
+            (name.clone(), *dtype, shape.clone(), offset - len, offset)
+        })
+        .collect()
+}
+
+/// The JSON header [`PlannedSafetensorsWriter::create`] writes for `tensors` (without the
+/// 8-byte length before it).
+pub fn header_json(tensors: &[(String, Dtype, Vec<usize>)], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+    header_bytes(&planned_entries(tensors), metadata)
+}
+
 /// The header of a file holding `entries` (name, dtype, shape, start, end), padded with spaces
 /// to a multiple of 8 bytes so the data region is aligned, as the reference writer does.
 fn header_bytes(entries: &[(String, Dtype, Vec<usize>, u64, u64)], metadata: &BTreeMap<String, String>) -> Vec<u8> {
@@ -219,15 +238,7 @@ impl PlannedSafetensorsWriter {
         tensors: &[(String, Dtype, Vec<usize>)],
         metadata: &BTreeMap<String, String>,
     ) -> std::io::Result<Self> {
-        let mut offset = 0u64;
-        let entries: Vec<_> = tensors
-            .iter()
-            .map(|(name, dtype, shape)| {
-                let len = shape.iter().product::<usize>() as u64 * dtype.size() as u64;
-                offset += len;
-                (name.clone(), *dtype, shape.clone(), offset - len, offset)
-            })
-            .collect();
+        let entries = planned_entries(tensors);
         let header = header_bytes(&entries, metadata);
         let mut out = BufWriter::with_capacity(1 << 20, File::create(path)?);
         out.write_all(&(header.len() as u64).to_le_bytes())?;

@@ -1,0 +1,603 @@
+//! GGUF that llama.cpp runs: the architecture, its hyperparameters, the tokenizer and
+//! llama.cpp's tensor names, derived from a Hugging Face folder's `config.json`,
+//! `tokenizer.json` and `tokenizer_config.json` the way llama.cpp's `convert_hf_to_gguf.py`
+//! derives them (its `conversion/llama.py`, `conversion/base.py` and `gguf-py/gguf/vocab.py`).
+//!
+//! Covered: `LlamaForCausalLM` and `MistralForCausalLM` (architecture `llama`, Q/K rows permuted
+//! for llama.cpp's RoPE, llama3 RoPE scaling as a `rope_freqs` tensor) and `Qwen2ForCausalLM`
+//! (architecture `qwen2`, no permutation), with byte-level BPE tokenizers (`tokenizer.ggml.model`
+//! `gpt2`). The pre-tokenizer is recognised by its definition in `tokenizer.json` (the regex
+//! llama.cpp must reproduce) from an allow-list; the converter instead hashes the token ids of a
+//! test string, which ties it to known vocabularies. Anything else is refused with the reason.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use super::{GgufType, MetaValue};
+use crate::formats::hf::ModelFiles;
+
+/// The name of llama3 RoPE scaling's factor tensor.
+pub const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// What makes a GGUF runnable by llama.cpp, planned before any tensor is written.
+#[derive(Debug, Clone)]
+pub struct LlamaCppModel {
+    /// `llama` or `qwen2`.
+    pub arch: &'static str,
+    /// Every key but `general.file_type` (which depends on the tensors' final types).
+    pub metadata: Vec<(String, MetaValue)>,
+    /// Input tensor name -> its GGUF name and, for Q/K of `llama`, the head count of the row
+    /// permutation ([`permute_rows`]).
+    pub names: BTreeMap<String, Rename>,
+    /// Input tensors llama.cpp does not read (`rotary_emb.inv_freq`): left out of the GGUF.
+    pub skipped: Vec<String>,
+    /// llama3 RoPE scaling: the `rope_freqs.weight` factors (F32, `head_dim / 2` values).
+    pub rope_freqs: Option<Vec<f32>>,
+    /// One line for the plan: architecture, tokenizer, pre-tokenizer.
+    pub summary: String,
+}
+
+/// A tensor's GGUF name and its Q/K permutation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rename {
+    pub name: String,
+    pub permute_heads: Option<usize>,
+}
+
+impl LlamaCppModel {
+    /// The GGUF type a tensor is stored as: 1-D tensors always F32 (llama.cpp's kernels
+    /// expect it; the converter does the same), others `planned`.
+    pub fn storage_type(shape: &[usize], planned: GgufType) -> GgufType {
+        if shape.len() <= 1 {
+            GgufType::F32
+        } else {
+            planned
+        }
+    }
+}
+
+/// `general.file_type` (llama.cpp's `llama_ftype`) for a file whose 2-D weights have `types`:
+/// the most common one decides, as llama-quantize labels its mixes.
+pub fn file_type(types: impl IntoIterator<Item = GgufType>) -> u32 {
+    let mut counts: BTreeMap<u32, usize> = BTreeMap::new();
+    for ty in types {
+        let ftype = match ty {
+            GgufType::F32 => 0,
+            GgufType::F16 => 1,
+            GgufType::Q4_0 => 2,
+            GgufType::Q4_1 => 3,
+            GgufType::Q8_0 => 7,
+            GgufType::Q5_0 => 8,
+            GgufType::Q5_1 => 9,
+            GgufType::Q2K => 10,
+            GgufType::Q3K => 12,
+            GgufType::Q4K => 15,
+            GgufType::Q5K => 17,
+            GgufType::Q6K => 18,
+        };
+        *counts.entry(ftype).or_default() += 1;
+    }
+    counts.into_iter().max_by_key(|&(ft, n)| (n, ft)).map_or(0, |(ft, _)| ft)
+}
+
+/// Reorders the rows of a Q or K projection (or its bias) as `convert_hf_to_gguf.py`'s
+/// `LlamaModel.permute` does: per head, rows `[2, head_dim/2]` become `[head_dim/2, 2]`, so
+/// llama.cpp's interleaved RoPE computes what transformers' `rotate_half` does. Works on any
+/// encoding whose rows are independent (every GGUF block type): `bytes` is `rows` equal rows.
+pub fn permute_rows(bytes: &[u8], rows: usize, heads: usize, out: &mut Vec<u8>) {
+    let row = bytes.len() / rows;
+    let half = rows / heads / 2;
+    out.clear();
+    out.reserve(bytes.len());
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * 2 * half + j * half + i;
+                out.extend_from_slice(&bytes[src * row..(src + 1) * row]);
+            }
+        }
+    }
+}
+
+/// The inverse of [`permute_rows`] on f32 values (`rows` rows of `values.len() / rows`).
+pub fn unpermute_rows(values: &[f32], rows: usize, heads: usize, out: &mut Vec<f32>) {
+    let row = values.len() / rows;
+    let half = rows / heads / 2;
+    out.clear();
+    out.resize(values.len(), 0.0);
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let (dst, src) = (h * 2 * half + j * half + i, h * 2 * half + i * 2 + j);
+                out[dst * row..(dst + 1) * row].copy_from_slice(&values[src * row..(src + 1) * row]);
+            }
+        }
+    }
+}
+
+/// Plans a llama.cpp GGUF for a model with `files` whose output tensors are `tensors`
+/// (name, row-major shape). `Ok(None)`: no `config.json`, or an architecture this does not
+/// cover (the generic GGUF is written). `Err`: a covered architecture that cannot be converted
+/// (missing tokenizer, unknown pre-tokenizer, a tensor without a llama.cpp name, shapes that
+/// disagree with `config.json`), with the reason.
+pub fn plan(files: &ModelFiles, tensors: &[(&str, &[usize])]) -> Result<Option<LlamaCppModel>, String> {
+    let Some(config) = files.json("config.json").map_err(|e| e.to_string())? else { return Ok(None) };
+    let hf_arch = config["architectures"].get(0).and_then(Value::as_str).unwrap_or("");
+    let (arch, permute) = match hf_arch {
+        "LlamaForCausalLM" | "MistralForCausalLM" => ("llama", true),
+        "Qwen2ForCausalLM" => ("qwen2", false),
+        _ => return Ok(None),
+    };
+    let h = Hparams::read(&config, hf_arch)?;
+    let mut names = BTreeMap::new();
+    let mut skipped = Vec::new();
+    let mut blocks = vec![[false; 9]; h.layers];
+    for &(name, shape) in tensors {
+        if name.ends_with("rotary_emb.inv_freq") {
+            skipped.push(name.to_owned());
+            continue;
+        }
+        let (gguf, expect, heads) = map_name(name, &h, permute, &mut blocks)
+            .ok_or_else(|| format!("tensor `{name}` has no llama.cpp name in architecture `{arch}` ({hf_arch})"))?;
+        if let Some(expect) = expect {
+            if shape != expect.as_slice() {
+                return Err(format!(
+                    "tensor `{name}` has shape {shape:?} where config.json ({}) gives {expect:?}; a step changed the model's shape, so config.json no longer describes it",
+                    h.describe()
+                ));
+            }
+        }
+        names.insert(name.to_owned(), Rename { name: gguf, permute_heads: heads });
+    }
+    const PARTS: [&str; 9] = [
+        "input_layernorm",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "post_attention_layernorm",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ];
+    for (b, seen) in blocks.iter().enumerate() {
+        if let Some(k) = seen.iter().position(|s| !s) {
+            return Err(format!(
+                "layer {b} has no `model.layers.{b}.{}.weight`, which llama.cpp needs ({} layers in config.json)",
+                PARTS[k], h.layers
+            ));
+        }
+    }
+    if !names.contains_key("model.embed_tokens.weight") {
+        return Err("the model has no `model.embed_tokens.weight`, which llama.cpp needs".into());
+    }
+    let tok = tokenizer(files, h.vocab)?;
+    let mut metadata: Vec<(String, MetaValue)> = vec![
+        ("general.architecture".into(), arch.into()),
+        ("general.name".into(), config["_name_or_path"].as_str().unwrap_or("modelpress output").into()),
+        ("general.quantization_version".into(), 2u32.into()),
+    ];
+    let key = |k: &str| format!("{arch}.{k}");
+    metadata.push((key("block_count"), (h.layers as u32).into()));
+    metadata.push((key("context_length"), (h.context as u32).into()));
+    metadata.push((key("embedding_length"), (h.hidden as u32).into()));
+    metadata.push((key("feed_forward_length"), (h.ff as u32).into()));
+    metadata.push((key("attention.head_count"), (h.heads as u32).into()));
+    metadata.push((key("attention.head_count_kv"), (h.kv_heads as u32).into()));
+    metadata.push((key("rope.freq_base"), (h.rope_theta as f32).into()));
+    metadata.push((key("attention.layer_norm_rms_epsilon"), (h.rms_eps as f32).into()));
+    if config["head_dim"].is_u64() {
+        metadata.push((key("attention.key_length"), (h.head_dim as u32).into()));
+        metadata.push((key("attention.value_length"), (h.head_dim as u32).into()));
+    }
+    if arch == "llama" {
+        metadata.push((key("vocab_size"), (h.vocab as u32).into()));
+        metadata.push((key("rope.dimension_count"), (h.head_dim as u32).into()));
+    }
+    let rope_freqs = rope_scaling(&config, &h, arch, &mut metadata)?;
+    let summary = format!(
+        "a llama.cpp GGUF: architecture `{arch}` ({hf_arch}, {} layers), tokenizer `gpt2` with pre-tokenizer `{}`, {} tokens{}",
+        h.layers,
+        tok.pre,
+        tok.tokens.len(),
+        if permute { ", Q/K rows permuted for llama.cpp's RoPE" } else { "" }
+    );
+    tok.write(&mut metadata);
+    Ok(Some(LlamaCppModel { arch, metadata, names, skipped, rope_freqs, summary }))
+}
+
+/// The hyperparameters llama.cpp needs, from `config.json`.
+struct Hparams {
+    layers: usize,
+    hidden: usize,
+    ff: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    vocab: usize,
+    context: usize,
+    rope_theta: f64,
+    rms_eps: f64,
+}
+
+impl Hparams {
+    fn read(c: &Value, hf_arch: &str) -> Result<Hparams, String> {
+        let int = |k: &str| {
+            c[k].as_u64()
+                .filter(|&v| v > 0)
+                .map(|v| v as usize)
+                .ok_or_else(|| format!("config.json ({hf_arch}) has no positive integer `{k}`"))
+        };
+        let (hidden, heads) = (int("hidden_size")?, int("num_attention_heads")?);
+        let head_dim = c["head_dim"].as_u64().map_or(hidden / heads, |v| v as usize);
+        let rope_theta =
+            c["rope_theta"].as_f64().or_else(|| c["rope_parameters"]["rope_theta"].as_f64()).unwrap_or(10000.0);
+        Ok(Hparams {
+            layers: int("num_hidden_layers")?,
+            hidden,
+            ff: int("intermediate_size")?,
+            heads,
+            kv_heads: c["num_key_value_heads"].as_u64().map_or(heads, |v| v as usize),
+            head_dim,
+            vocab: int("vocab_size")?,
+            context: c["max_position_embeddings"].as_u64().unwrap_or(2048) as usize,
+            rope_theta,
+            rms_eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-6),
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "hidden_size {}, intermediate_size {}, {} heads of {}, {} key-value heads, vocab_size {}",
+            self.hidden, self.ff, self.heads, self.head_dim, self.kv_heads, self.vocab
+        )
+    }
+}
+
+/// The GGUF name of a Hugging Face Llama/Qwen2 tensor, the shape `config.json` implies, and
+/// the Q/K permutation's head count; marks the block parts seen.
+#[allow(clippy::type_complexity)]
+fn map_name(
+    name: &str,
+    h: &Hparams,
+    permute: bool,
+    blocks: &mut [[bool; 9]],
+) -> Option<(String, Option<Vec<usize>>, Option<usize>)> {
+    let (q, kv) = (h.heads * h.head_dim, h.kv_heads * h.head_dim);
+    match name {
+        "model.embed_tokens.weight" => return Some(("token_embd.weight".into(), Some(vec![h.vocab, h.hidden]), None)),
+        "model.norm.weight" => return Some(("output_norm.weight".into(), Some(vec![h.hidden]), None)),
+        "lm_head.weight" => return Some(("output.weight".into(), Some(vec![h.vocab, h.hidden]), None)),
+        _ => {}
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (b, part) = rest.split_once('.')?;
+    let b: usize = b.parse().ok().filter(|&b| b < blocks.len())?;
+    let (part, suffix) = part.rsplit_once('.')?;
+    let bias = match suffix {
+        "weight" => false,
+        "bias" => true,
+        _ => return None,
+    };
+    let (k, gguf, rows, cols, heads) = match part {
+        "input_layernorm" => (0, "attn_norm", h.hidden, 0, None),
+        "self_attn.q_proj" => (1, "attn_q", q, h.hidden, permute.then_some(h.heads)),
+        "self_attn.k_proj" => (2, "attn_k", kv, h.hidden, permute.then_some(h.kv_heads)),
+        "self_attn.v_proj" => (3, "attn_v", kv, h.hidden, None),
+        "self_attn.o_proj" => (4, "attn_output", h.hidden, q, None),
+        "post_attention_layernorm" => (5, "ffn_norm", h.hidden, 0, None),
+        "mlp.gate_proj" => (6, "ffn_gate", h.ff, h.hidden, None),
+        "mlp.up_proj" => (7, "ffn_up", h.ff, h.hidden, None),
+        "mlp.down_proj" => (8, "ffn_down", h.hidden, h.ff, None),
+        _ => return None,
+    };
+    let shape = if cols == 0 || bias { vec![rows] } else { vec![rows, cols] };
+    if !bias {
+        blocks[b][k] = true;
+    }
+    Some((format!("blk.{b}.{gguf}.{suffix}"), Some(shape), heads))
+}
+
+/// RoPE scaling keys (linear, yarn) or the llama3 `rope_freqs` factors, as the converter
+/// writes them; unknown scaling types are refused (llama.cpp would run the model wrongly).
+fn rope_scaling(
+    c: &Value,
+    h: &Hparams,
+    arch: &str,
+    metadata: &mut Vec<(String, MetaValue)>,
+) -> Result<Option<Vec<f32>>, String> {
+    let params = if c["rope_scaling"].is_object() { &c["rope_scaling"] } else { &c["rope_parameters"] };
+    let kind = params["rope_type"].as_str().or_else(|| params["type"].as_str()).unwrap_or("default");
+    let factor = params["factor"].as_f64();
+    match (kind, factor) {
+        ("default", _) => Ok(None),
+        ("linear", Some(f)) => {
+            metadata.push((format!("{arch}.rope.scaling.type"), "linear".into()));
+            metadata.push((format!("{arch}.rope.scaling.factor"), (f as f32).into()));
+            Ok(None)
+        }
+        ("yarn", Some(f)) => {
+            let orig = params["original_max_position_embeddings"]
+                .as_u64()
+                .ok_or("config.json: yarn RoPE scaling without `original_max_position_embeddings`")?;
+            metadata.push((format!("{arch}.rope.scaling.type"), "yarn".into()));
+            metadata.push((format!("{arch}.rope.scaling.factor"), (f as f32).into()));
+            metadata.push((format!("{arch}.rope.scaling.original_context_length"), (orig as u32).into()));
+            Ok(None)
+        }
+        ("llama3", _) if arch == "llama" => {
+            let get = |k: &str, d: f64| params[k].as_f64().unwrap_or(d);
+            let (factor, low, high) = (get("factor", 8.0), get("low_freq_factor", 1.0), get("high_freq_factor", 4.0));
+            let old = get("original_max_position_embeddings", 8192.0);
+            let (low_wavelen, high_wavelen) = (old / low, old / high);
+            let dim = h.head_dim;
+            // float32 as the converter computes them (torch.arange(...) / dim in float32).
+            let freqs = (0..dim).step_by(2).map(|i| {
+                let base = h.rope_theta as f32;
+                1.0f32 / base.powf(i as f32 / dim as f32)
+            });
+            let factors = freqs
+                .map(|freq| {
+                    let wavelen = 2.0 * std::f64::consts::PI / freq as f64;
+                    if wavelen < high_wavelen {
+                        1.0
+                    } else if wavelen > low_wavelen {
+                        factor as f32
+                    } else {
+                        let smooth = (old / wavelen - low) / (high - low);
+                        (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+                    }
+                })
+                .collect();
+            Ok(Some(factors))
+        }
+        (other, _) => Err(format!(
+            "config.json asks for RoPE scaling `{other}`, which ModelPress does not write for llama.cpp (default, linear, yarn and llama3 are covered)"
+        )),
+    }
+}
+
+/// The tokenizer keys of a byte-level BPE tokenizer.
+struct Tokenizer {
+    pre: &'static str,
+    tokens: Vec<String>,
+    types: Vec<i32>,
+    merges: Vec<String>,
+    special: Vec<(&'static str, u32)>,
+    add: Vec<(&'static str, bool)>,
+    chat_template: Option<String>,
+}
+
+/// llama.cpp's `llama_token_type`.
+const NORMAL: i32 = 1;
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+const UNUSED: i32 = 5;
+
+/// Pre-tokenizer definitions of `tokenizer.json` -> llama.cpp's `tokenizer.ggml.pre`. Each
+/// regex is the one llama.cpp's `llama-vocab.cpp` reproduces for that name.
+fn pre_tokenizer(pre: &Value) -> Option<&'static str> {
+    const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    let byte_level = |v: &Value, regex: bool| {
+        v["type"] == "ByteLevel" && v["use_regex"].as_bool().unwrap_or(true) == regex && v["add_prefix_space"] != true
+    };
+    let split =
+        |v: &Value, pattern: &str| v["type"] == "Split" && v["pattern"]["Regex"] == pattern && v["invert"] != true;
+    if byte_level(pre, true) {
+        return Some("gpt-2");
+    }
+    let parts = pre["pretokenizers"].as_array().filter(|_| pre["type"] == "Sequence")?;
+    match parts.as_slice() {
+        [d, b] if d["type"] == "Digits" && d["individual_digits"] == true && byte_level(b, true) => Some("smollm"),
+        [s, b] if split(s, LLAMA3) && byte_level(b, false) => Some("llama-bpe"),
+        [s, b] if split(s, QWEN2) && byte_level(b, false) => Some("qwen2"),
+        _ => None,
+    }
+}
+
+fn tokenizer(files: &ModelFiles, vocab_size: usize) -> Result<Tokenizer, String> {
+    let json = files.json("tokenizer.json").map_err(|e| e.to_string())?.ok_or_else(|| {
+        if files.path("tokenizer.model").is_some() {
+            "the model has only a SentencePiece tokenizer.model; ModelPress writes llama.cpp GGUF from tokenizer.json (byte-level BPE) for now".to_string()
+        } else {
+            "the model has no tokenizer.json, which a llama.cpp GGUF needs: upload the folder with its tokenizer files".to_string()
+        }
+    })?;
+    let config = files.json("tokenizer_config.json").map_err(|e| e.to_string())?.unwrap_or(Value::Null);
+    let model = &json["model"];
+    if model["type"] != "BPE" || model["byte_fallback"] == true || json["pre_tokenizer"]["type"] == "Metaspace" {
+        return Err(format!(
+            "tokenizer.json holds a {} tokenizer{}; ModelPress writes llama.cpp GGUF for byte-level BPE tokenizers (gpt2) for now",
+            model["type"].as_str().unwrap_or("unknown"),
+            if model["byte_fallback"] == true { " with byte fallback (SentencePiece style)" } else { "" }
+        ));
+    }
+    let pre = pre_tokenizer(&json["pre_tokenizer"]).ok_or_else(|| {
+        format!(
+            "tokenizer.json's pre-tokenizer {} is not one llama.cpp is known to reproduce (covered: gpt-2, smollm, llama-bpe, qwen2); its output would tokenize differently",
+            serde_json::to_string(&json["pre_tokenizer"]).unwrap_or_default().chars().take(300).collect::<String>()
+        )
+    })?;
+    let mut by_id: BTreeMap<usize, (String, i32)> = BTreeMap::new();
+    for (token, id) in model["vocab"].as_object().ok_or("tokenizer.json has no model.vocab")? {
+        let id = id.as_u64().ok_or_else(|| format!("tokenizer.json: token {token:?} has no integer id"))? as usize;
+        by_id.insert(id, (token.clone(), NORMAL));
+    }
+    let added = json["added_tokens"].as_array().cloned().unwrap_or_default();
+    for a in &added {
+        let (Some(id), Some(content)) = (a["id"].as_u64(), a["content"].as_str()) else { continue };
+        let ty = if a["special"] == true || looks_special(content) { CONTROL } else { USER_DEFINED };
+        let content = if ty == USER_DEFINED { content.replace('\u{2581}', " ") } else { content.to_owned() };
+        by_id.insert(id as usize, (content, ty));
+    }
+    if let Some((&max, _)) = by_id.last_key_value() {
+        if max >= vocab_size {
+            return Err(format!("tokenizer.json has token id {max}, beyond config.json's vocab_size {vocab_size}"));
+        }
+    }
+    let (mut tokens, mut types) = (Vec::with_capacity(vocab_size), Vec::with_capacity(vocab_size));
+    for i in 0..vocab_size {
+        match by_id.remove(&i) {
+            Some((t, ty)) => {
+                tokens.push(t);
+                types.push(ty);
+            }
+            None => {
+                tokens.push(format!("[PAD{i}]"));
+                types.push(UNUSED);
+            }
+        }
+    }
+    let merges = match model["merges"].as_array().map(Vec::as_slice) {
+        Some(m) if m.first().is_some_and(Value::is_array) => m
+            .iter()
+            .map(|pair| {
+                let part = |k: usize| pair[k].as_str().unwrap_or("").replace(' ', "\u{0120}");
+                format!("{} {}", part(0), part(1))
+            })
+            .collect(),
+        Some(m) => m.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
+        None => return Err("tokenizer.json has no model.merges, which a BPE tokenizer needs".into()),
+    };
+    // Special tokens: tokenizer_config.json's names resolved through added_tokens, then
+    // config.json's ids (gguf-py's SpecialVocab order; the first found wins).
+    let mut special = Vec::new();
+    for (typ, key) in [
+        ("bos", "bos_token_id"),
+        ("eos", "eos_token_id"),
+        ("unk", "unknown_token_id"),
+        ("sep", "seperator_token_id"),
+        ("pad", "padding_token_id"),
+        ("mask", "mask_token_id"),
+    ] {
+        let entry = &config[format!("{typ}_token")];
+        let content = entry.as_str().or_else(|| entry["content"].as_str());
+        let id = content.and_then(|c| added.iter().find(|a| a["content"] == c)).and_then(|a| a["id"].as_u64());
+        let id =
+            id.or_else(|| files.json("config.json").ok().flatten().and_then(|c| c[format!("{typ}_token_id")].as_u64()));
+        if let Some(id) = id.filter(|&id| (id as usize) < vocab_size) {
+            special.push((key, id as u32));
+        }
+    }
+    let mut add = Vec::new();
+    let post = &json["post_processor"];
+    let processors = post["processors"].as_array().cloned().unwrap_or_else(|| vec![post.clone()]);
+    for p in &processors {
+        if p["type"] == "TemplateProcessing" {
+            let single = p["single"].as_array().cloned().unwrap_or_default();
+            let bos = special.iter().find(|(k, _)| *k == "bos_token_id").map(|&(_, id)| id);
+            let first = single.first().and_then(|s| s["SpecialToken"]["id"].as_str());
+            let first_id = first.and_then(|c| added.iter().find(|a| a["content"] == c)).and_then(|a| a["id"].as_u64());
+            if single.len() > 1 {
+                add.push(("add_bos_token", first_id.is_some() && first_id.map(|v| v as u32) == bos));
+            }
+        } else if p["type"] == "ByteLevel" && !add.iter().any(|(k, _)| *k == "add_bos_token") {
+            add.push(("add_bos_token", false));
+            add.push(("add_eos_token", false));
+        }
+    }
+    for (key, typ) in [("add_bos_token", "add_bos_token"), ("add_eos_token", "add_eos_token")] {
+        if let Some(v) = config[typ].as_bool() {
+            if !add.iter().any(|(k, _)| *k == key) {
+                add.push((key, v));
+            }
+        }
+    }
+    let chat_template = match config["chat_template"].as_str() {
+        Some(t) => Some(t.to_owned()),
+        None => match files.path("chat_template.jinja") {
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| format!("reading chat_template.jinja: {e}"))?),
+            None => None,
+        },
+    };
+    Ok(Tokenizer { pre, tokens, types, merges, special, add, chat_template })
+}
+
+/// gguf-py's `does_token_look_special`.
+fn looks_special(t: &str) -> bool {
+    matches!(t, "<pad>" | "<mask>" | "<2mass>" | "[@BOS@]")
+        || (t.starts_with("<|") && t.ends_with("|>"))
+        || (t.starts_with("<\u{ff5c}") && t.ends_with("\u{ff5c}>"))
+        || (t.starts_with("<unused") && t.ends_with('>'))
+}
+
+impl Tokenizer {
+    fn write(self, m: &mut Vec<(String, MetaValue)>) {
+        m.push(("tokenizer.ggml.model".into(), "gpt2".into()));
+        m.push(("tokenizer.ggml.pre".into(), self.pre.into()));
+        m.push(("tokenizer.ggml.tokens".into(), MetaValue::StringArray(self.tokens)));
+        m.push(("tokenizer.ggml.token_type".into(), MetaValue::I32Array(self.types)));
+        m.push(("tokenizer.ggml.merges".into(), MetaValue::StringArray(self.merges)));
+        for (key, id) in self.special {
+            m.push((format!("tokenizer.ggml.{key}"), id.into()));
+        }
+        for (key, v) in self.add {
+            m.push((format!("tokenizer.ggml.{key}"), v.into()));
+        }
+        if let Some(t) = self.chat_template {
+            m.push(("tokenizer.chat_template".into(), t.into()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The permutation is the converter's reshape-swapaxes-reshape, checked directly: for
+    /// heads of head_dim 4, rows [0 1 2 3] of each head become [0 2 1 3].
+    #[test]
+    fn permutation_matches_the_converter_and_inverts() {
+        let (rows, heads) = (8, 2);
+        let bytes: Vec<u8> = (0..rows as u8).flat_map(|r| [r, r]).collect();
+        let mut out = Vec::new();
+        permute_rows(&bytes, rows, heads, &mut out);
+        let order: Vec<u8> = out.chunks(2).map(|c| c[0]).collect();
+        assert_eq!(order, [0, 2, 1, 3, 4, 6, 5, 7]);
+        // numpy: w.reshape(heads, 2, hd/2, cols).swapaxes(1, 2).reshape(w.shape), written out.
+        let (hd, cols) = (rows / heads, 2);
+        let w: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
+        let mut expected = vec![0f32; w.len()];
+        for h in 0..heads {
+            for a in 0..2 {
+                for b in 0..hd / 2 {
+                    for c in 0..cols {
+                        // swapped[h][b][a][c] = w[h][a][b][c]
+                        expected[((h * (hd / 2) + b) * 2 + a) * cols + c] = w[((h * 2 + a) * (hd / 2) + b) * cols + c];
+                    }
+                }
+            }
+        }
+        let raw: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        permute_rows(&raw, rows, heads, &mut out);
+        let got: Vec<f32> = out.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(got, expected);
+        let mut back = Vec::new();
+        unpermute_rows(&got, rows, heads, &mut back);
+        assert_eq!(back, w);
+    }
+
+    #[test]
+    fn pre_tokenizers_are_recognised_by_definition() {
+        let gpt2 = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+        assert_eq!(pre_tokenizer(&gpt2), Some("gpt-2"));
+        let smollm = serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, gpt2]});
+        assert_eq!(pre_tokenizer(&smollm), Some("smollm"));
+        let llama3 = serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]});
+        assert_eq!(pre_tokenizer(&llama3), Some("llama-bpe"));
+        let unknown = serde_json::json!({"type": "Whitespace"});
+        assert_eq!(pre_tokenizer(&unknown), None);
+    }
+
+    #[test]
+    fn file_type_follows_the_most_common_matrix_type() {
+        assert_eq!(file_type([GgufType::Q8_0, GgufType::Q8_0, GgufType::F32]), 7);
+        assert_eq!(file_type([GgufType::Q4K, GgufType::Q4K, GgufType::Q6K]), 15);
+        assert_eq!(file_type([]), 0);
+    }
+}

@@ -1,0 +1,186 @@
+"""Checks ModelPress's llama.cpp GGUF against llama.cpp's own converter (issue 11).
+
+Builds a tiny Llama-family checkpoint folder as transformers saves it (random weights, a
+byte-level BPE tokenizer trained here, sharded into several safetensors files with an index),
+runs `modelpress compress FOLDER` to GGUF (F32 and Q8_0), and checks with the `gguf` package:
+- the metadata llama.cpp reads (architecture, hyperparameters, tokenizer, special tokens) equals
+  what `convert_hf_to_gguf.py` writes for the same folder, key by key;
+- every tensor has llama.cpp's name, shape and type, and its bytes equal the converter's
+  (F32) or `llama-quantize`'s (Q8_0) bytes: Q/K permutation included.
+With LLAMA_CPP_BIN set (a folder with `llama-perplexity`), llama.cpp runs both files on the same
+text and must report the same perplexity.
+
+Usage: python tests/python/check_llama_cpp.py path/to/modelpress LLAMA_CPP_SOURCE
+  LLAMA_CPP_SOURCE: llama.cpp's source tree (convert_hf_to_gguf.py and gguf-py), as bundled in
+  the llama-cpp-python source distribution. Without it, only ModelPress's file is checked.
+Needs: torch, transformers, tokenizers, gguf, numpy.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. A model is a folder, not only a file. "
+    "Quantization makes weights smaller; pruning removes them; distillation teaches a student. "
+    "llama.cpp runs GGUF files on phones, laptops and servers, 1234567890 times a day. "
+) * 40
+
+# Keys that name the producing tool or file rather than the model.
+TOOL_KEYS = re.compile(r"^(general\.(name|basename|size_label|type|file_type|quantization_version|finetune|version)|modelpress\..*)$")
+
+
+def run(cmd, **kw):
+    print("+", " ".join(map(str, cmd)), flush=True)
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def make_folder(folder: Path):
+    """A tiny Llama with GQA, untied lm_head, a gpt2-style BPE tokenizer, in three shards."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([TEXT] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="<|endoftext|>"
+    )
+    fast.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    fast.save_pretrained(folder)
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    # Weights of a trained model are not i.i.d. per row; scale rows so a wrong permutation shows.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(torch.linspace(0.5, 1.5, p.shape[0]).unsqueeze(1))
+    model.save_pretrained(folder, max_shard_size="60KB")
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (folder / "model.safetensors.index.json").exists(), "the test folder is sharded"
+    return fast
+
+
+def reference(folder: Path, source: Path, out: Path, outtype: str):
+    """convert_hf_to_gguf.py on the folder. Its pre-tokenizer check hashes token ids of known
+    vocabularies, and this tokenizer is trained here: tell it the pre-tokenizer is gpt-2's, which
+    is what tokenizer.json says (ModelPress reads that definition)."""
+    env = dict(os.environ, PYTHONPATH=str(source / "gguf-py"), NO_LOCAL_GGUF="")
+    code = (
+        "import sys, runpy\n"
+        f"sys.path.insert(0, {str(source)!r})\n"
+        "import conversion.base as b\n"
+        "b.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2'\n"
+        f"sys.argv = ['convert_hf_to_gguf.py', {str(folder)!r}, '--outfile', {str(out)!r}, '--outtype', {outtype!r}]\n"
+        f"runpy.run_path({str(source / 'convert_hf_to_gguf.py')!r}, run_name='__main__')\n"
+    )
+    run([sys.executable, "-c", code], env=env)
+
+
+def fields(path: Path):
+    from gguf import GGUFReader
+
+    r = GGUFReader(path)
+    meta = {}
+    for k, f in r.fields.items():
+        if k.startswith("GGUF.") or TOOL_KEYS.match(k):
+            continue
+        meta[k] = f.contents()
+    tensors = {t.name: (t.tensor_type.name, [int(d) for d in t.shape], np.array(t.data).tobytes()) for t in r.tensors}
+    return meta, tensors
+
+
+def compare(ours: Path, theirs: Path, what: str):
+    m1, t1 = fields(ours)
+    m2, t2 = fields(theirs)
+    diffs = []
+    for k in sorted(set(m1) | set(m2)):
+        a, b = m1.get(k), m2.get(k)
+        if isinstance(a, float) or isinstance(b, float):
+            same = a is not None and b is not None and abs(a - b) <= 1e-6 * max(1.0, abs(b))
+        else:
+            same = a == b
+        if not same:
+            diffs.append(f"`{k}`: ModelPress {str(a)[:200]!r}, converter {str(b)[:200]!r}")
+    assert not diffs, f"{what}: metadata differs:\n" + "\n".join(diffs)
+    assert set(t1) == set(t2), f"{what}: tensor names differ: {sorted(set(t1) ^ set(t2))}"
+    for name in sorted(t1):
+        assert t1[name][:2] == t2[name][:2], f"{what}: {name}: {t1[name][:2]} vs {t2[name][:2]}"
+        assert t1[name][2] == t2[name][2], f"{what}: {name} ({t1[name][0]}): bytes differ"
+    print(f"{what}: {len(m1)} metadata keys and {len(t1)} tensors identical to llama.cpp's converter")
+
+
+def perplexity(binary: Path, model: Path, text: Path) -> float:
+    out = run([binary, "-m", model, "-f", text, "-c", "64", "-b", "64", "-t", "2"], capture_output=True, text=True)
+    found = re.findall(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
+    assert found, out.stderr[-2000:]
+    return float(found[-1])
+
+
+def main():
+    binary = Path(sys.argv[1]).resolve()
+    source = Path(sys.argv[2]).resolve() if len(sys.argv) > 2 else None
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        folder = work / "tiny-llama"
+        make_folder(folder)
+        outs = {}
+        for name, steps in [("f32", []), ("q8_0", [{"op": "quantize", "gguf_type": "q8_0",
+                                             "targets": ["*_proj.weight", "model.embed_tokens.weight", "lm_head.weight"]}])]:
+            (work / f"{name}.json").write_text(json.dumps({"steps": steps, "outputs": ["gguf"]}))
+            run([binary, "compress", folder, "--spec", work / f"{name}.json", "--out", work / name])
+            outs[name] = work / name / "model.gguf"
+        m, t = fields(outs["q8_0"])
+        assert m["general.architecture"] == "llama" and "blk.0.attn_q.weight" in t, sorted(m)
+        assert t["blk.0.attn_q.weight"][0] == "Q8_0" and t["blk.0.attn_norm.weight"][0] == "F32"
+        print(f"gguf: ModelPress's file has architecture llama, {len(t)} tensors under llama.cpp's names")
+        if source is None:
+            return
+        ref = work / "ref-f32.gguf"
+        reference(folder, source, ref, "f32")
+        compare(outs["f32"], ref, "F32")
+        quantize = os.environ.get("LLAMA_CPP_BIN")
+        if quantize:
+            bin_dir = Path(quantize)
+            ref_q8 = work / "ref-q8_0.gguf"
+            run([bin_dir / "llama-quantize", ref, ref_q8, "Q8_0", "2"], capture_output=True)
+            compare(outs["q8_0"], ref_q8, "Q8_0")
+            text = work / "text.txt"
+            text.write_text(TEXT)
+            for name in ("f32", "q8_0"):
+                ours = perplexity(bin_dir / "llama-perplexity", outs[name], text)
+                theirs = perplexity(bin_dir / "llama-perplexity", ref if name == "f32" else ref_q8, text)
+                print(f"llama-perplexity {name}: ModelPress {ours:.4f}, converter {theirs:.4f}")
+                assert ours == theirs, (ours, theirs)
+    print("llama.cpp checks passed")
+
+
+if __name__ == "__main__":
+    main()
