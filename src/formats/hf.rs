@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use super::safetensors::{read_header, shard_of, Dtype, Header, PlannedSafetensorsWriter, TensorReader};
+use super::safetensors::{read_header, shard_of, Dtype, Header, PlannedSafetensorsWriter, TensorInfo, TensorReader};
 
 /// The index transformers writes beside sharded weights.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -248,19 +248,42 @@ pub fn check_index(
 
 /// The shards' tensors in `safetensors.save_file`'s order (dtype alignment descending, then
 /// name), each with the shard it is read from.
-fn save_file_order(shards: &[(PathBuf, Header)]) -> Vec<(usize, &super::safetensors::TensorInfo)> {
-    let mut all: Vec<(usize, &super::safetensors::TensorInfo)> =
+fn save_file_order(shards: &[(PathBuf, Header)]) -> Vec<(usize, &TensorInfo)> {
+    let mut all: Vec<(usize, &TensorInfo)> =
         shards.iter().enumerate().flat_map(|(i, (_, h))| h.tensors.iter().map(move |t| (i, t))).collect();
     all.sort_by(|(_, a), (_, b)| save_order(a.dtype).cmp(&save_order(b.dtype)).reverse().then(a.name.cmp(&b.name)));
     all
 }
 
+/// The JSON header (padded) `safetensors.save_file` writes for `tensors` laid out in order:
+/// the `safetensors` crate's own serialization, so the merged file is byte for byte the one
+/// file transformers would have saved.
+fn save_file_header(tensors: &[(usize, &TensorInfo)], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+    let mut offset = 0usize;
+    let infos = tensors
+        .iter()
+        .map(|(_, t)| {
+            let start = offset;
+            offset += t.bytes() as usize;
+            let info = safetensors::tensor::TensorInfo {
+                dtype: save_order(t.dtype),
+                shape: t.shape.clone(),
+                data_offsets: (start, offset),
+            };
+            (t.name.clone(), info)
+        })
+        .collect();
+    let meta = (!metadata.is_empty()).then(|| metadata.clone().into_iter().collect());
+    let m = safetensors::tensor::Metadata::new(meta, infos).expect("offsets laid out back to back");
+    let mut json = serde_json::to_vec(&m).expect("header JSON");
+    json.resize(json.len().next_multiple_of(8), b' ');
+    json
+}
+
 /// The header [`merge_shards`] writes, without writing anything (plans read only headers).
 pub fn merged_header(shards: &[(PathBuf, Header)]) -> Header {
     let metadata = shards.first().map(|(_, h)| h.metadata.clone()).unwrap_or_default();
-    let declared: Vec<_> =
-        save_file_order(shards).iter().map(|(_, t)| (t.name.clone(), t.dtype, t.shape.clone())).collect();
-    let json = super::safetensors::header_json(&declared, &metadata);
+    let json = save_file_header(&save_file_order(shards), &metadata);
     super::safetensors::parse_header_unsized(&json).expect("a header built from valid shards parses")
 }
 
@@ -270,7 +293,8 @@ pub fn merge_shards(shards: &[(PathBuf, Header)], out: &Path) -> std::io::Result
     let all = save_file_order(shards);
     let declared: Vec<_> = all.iter().map(|(_, t)| (t.name.clone(), t.dtype, t.shape.clone())).collect();
     let metadata = shards.first().map(|(_, h)| h.metadata.clone()).unwrap_or_default();
-    let mut writer = PlannedSafetensorsWriter::create(out, &declared, &metadata)?;
+    let header = save_file_header(&all, &metadata);
+    let mut writer = PlannedSafetensorsWriter::create_with_header(out, &declared, header)?;
     let mut readers = shards.iter().map(|(p, _)| TensorReader::open(p)).collect::<std::io::Result<Vec<_>>>()?;
     for (i, t) in all {
         let raw = readers[i].read_raw(t)?;

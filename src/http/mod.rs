@@ -5,6 +5,7 @@ pub mod download;
 pub mod error;
 pub mod events;
 pub mod extract;
+pub mod folder_upload;
 pub mod graphs;
 pub mod jobs;
 pub mod models;

@@ -11,8 +11,8 @@ use utoipa::{IntoParams, ToSchema};
 use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
 use super::extract::Query;
-use super::{page_limit, parse_id, upload, AppState, Page, TensorWindow};
-use crate::storage::catalog::{DeleteOutcome, ModelKind, ModelRecord, ModelSummary, NewModel};
+use super::{folder_upload, page_limit, parse_id, upload, AppState, Page, TensorWindow};
+use crate::storage::catalog::{DeleteOutcome, ModelFile, ModelKind, ModelRecord, ModelSummary, NewModel};
 use crate::storage::rfc3339;
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -44,6 +44,13 @@ pub struct ModelView {
     /// Pass as `tensors_offset` for the next window of the table; absent at its end.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tensors_next_offset: Option<usize>,
+    /// A folder's companion files (config.json, tokenizer), on `GET /v1/models/{id}` and the
+    /// upload's answer; absent for a model uploaded as one file.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<ModelFile>,
+    /// Files of an uploaded folder that were not kept (README.md, subfolders, other formats).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ignored_files: Vec<String>,
 }
 
 impl ModelView {
@@ -77,6 +84,8 @@ impl ModelView {
             has_graph: m.has_graph,
             tensors: None,
             tensors_next_offset: None,
+            files: Vec::new(),
+            ignored_files: Vec::new(),
         }
     }
 }
@@ -147,7 +156,40 @@ async fn upload_kind(
         upload::check_header_limits(h, settings.max_tensors, settings.max_tensor_name_bytes)?;
         dataset_inputs(kind, h)
     };
+    let is_tar = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/x-tar") || ct.starts_with("application/tar"));
+    if is_tar && kind == ModelKind::Dataset {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_content_type",
+            "a dataset is one safetensors file: send it as the body (curl -T data.safetensors URL)",
+        ));
+    }
+    let mut folder_files = Vec::new();
+    let mut ignored = Vec::new();
+    // A folder's staging directory, removed when the handler returns (its files persisted or not).
+    let mut staging_dir = None;
     let received = match boundary {
+        None if is_tar => {
+            let dir = state.blobs.staging_path("folder");
+            let too_large = || {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "upload_too_large",
+                    format!("the upload exceeds the limit of {max_bytes} bytes (storage.max_upload_bytes or what the quota leaves)"),
+                )
+            };
+            folder_upload::receive_tar(body, dir, max_bytes, settings.max_header_bytes, &check, too_large).await.map(
+                |f| {
+                    folder_files = f.files;
+                    ignored = f.ignored;
+                    staging_dir = Some(f.dir);
+                    (f.weights, None, None)
+                },
+            )
+        }
         Some(b) => {
             // The part's file name names the model unless `?name=` does.
             let by_file_name = params.name.is_none() && kind == ModelKind::Model;
@@ -211,6 +253,11 @@ async fn upload_kind(
         let _ = std::fs::remove_file(&staged.path);
         return Err(ApiError::io(e));
     }
+    let mut files = Vec::with_capacity(folder_files.len());
+    for f in folder_files {
+        state.blobs.persist(&f.path, &f.sha256).await.map_err(ApiError::io)?;
+        files.push(ModelFile { name: f.name, sha256: f.sha256, bytes: f.bytes as i64 });
+    }
     let record = state
         .catalog
         .insert_model(NewModel {
@@ -225,6 +272,7 @@ async fn upload_kind(
             graph,
             owner: owner.name.clone(),
             tensor_count: tensors.len() as i64,
+            files: files.clone(),
         })
         .await?;
     tracing::info!(id = %record.id, kind = kind.as_str(), bytes = record.bytes, "stored upload");
@@ -232,7 +280,7 @@ async fn upload_kind(
     Ok((
         StatusCode::CREATED,
         [(header::LOCATION, location)],
-        Json(ModelView::from_record(&record, &TensorWindow::default())?),
+        Json(ModelView { files, ignored_files: ignored, ..ModelView::from_record(&record, &TensorWindow::default())? }),
     )
         .into_response())
 }
@@ -307,8 +355,8 @@ async fn delete_kind(state: &AppState, who: &Principal, kind: ModelKind, id: &st
             "in_use",
             format!("{} `{id}` is used by {n} queued or running job(s); cancel them or wait", kind.as_str()),
         )),
-        DeleteOutcome::Deleted { orphan_blob } => {
-            if let Some(sha) = orphan_blob {
+        DeleteOutcome::Deleted { orphan_blobs } => {
+            for sha in orphan_blobs {
                 if let Err(e) = state.blobs.delete(&sha).await {
                     tracing::warn!(error = %e, sha256 = %sha, "row deleted but blob file remains; removed at next start");
                 }
@@ -354,7 +402,9 @@ pub async fn get_model(
     Path(id): Path<String>,
     Query(window): Query<TensorWindow>,
 ) -> ApiResult<Json<ModelView>> {
-    Ok(Json(ModelView::from_record(&get_kind(&s, &who, ModelKind::Model, &id).await?, &window)?))
+    let record = get_kind(&s, &who, ModelKind::Model, &id).await?;
+    let files = s.catalog.model_files(&record.id).await?;
+    Ok(Json(ModelView { files, ..ModelView::from_record(&record, &window)? }))
 }
 
 /// Download the model file (supports `Range` and `If-None-Match`).

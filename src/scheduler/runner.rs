@@ -14,7 +14,7 @@ use crate::compress::plan;
 use crate::domain::job::{JobFailure, JobRecord, Progress};
 use crate::domain::spec::JobSpec;
 use crate::formats::safetensors::read_header;
-use crate::storage::catalog::{ModelKind, NewModel};
+use crate::storage::catalog::{ModelFile, ModelKind, NewModel};
 use crate::storage::queue::{NewArtifact, Outcome, QueueError};
 
 /// Why a running job's cancel flag was raised.
@@ -186,6 +186,10 @@ async fn execute_inner(
         Ok(p) => p,
         Err(e) => return Outcome::Retry(failure("storage_error", e.to_string())),
     };
+    let files = match crate::storage::model_files(&ctx.catalog, ctx.blobs.as_ref(), &model.id).await {
+        Ok(f) => f,
+        Err(e) => return Outcome::Retry(failure("storage_error", e.to_string())),
+    };
     let register = spec.register;
     let job_name = format!("{} (job {})", model.name.as_deref().unwrap_or(&model.id), job.id);
     let graph = match model.graph.as_deref().map(crate::graph::Graph::from_stored).transpose() {
@@ -233,7 +237,7 @@ async fn execute_inner(
             dataset: dataset.as_ref(),
             eval_dataset: eval.as_ref(),
             teacher,
-            files: None,
+            files: Some(&files),
         };
         let mut plan = plan::prepare(spec.compress, inputs);
         plan.refuse_above_memory(memory_limit);
@@ -387,6 +391,12 @@ async fn registration(
         graph,
         owner: owner.to_owned(),
         tensor_count: header.tensors.len() as i64,
+        // The dense output's folder files (config.json, tokenizer) travel with it.
+        files: artifacts
+            .iter()
+            .filter(|a| crate::formats::hf::is_companion(&a.name))
+            .map(|a| ModelFile { name: a.name.clone(), sha256: a.sha256.clone(), bytes: a.bytes })
+            .collect(),
     }))
 }
 

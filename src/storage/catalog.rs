@@ -98,13 +98,23 @@ pub struct NewModel {
     pub owner: String,
     /// Entries of `tensors`.
     pub tensor_count: i64,
+    /// The folder's companion files (config.json, tokenizer), each a persisted blob.
+    pub files: Vec<ModelFile>,
+}
+
+/// A file a model folder brought besides its weights.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize, utoipa::ToSchema)]
+pub struct ModelFile {
+    pub name: String,
+    pub sha256: String,
+    pub bytes: i64,
 }
 
 #[derive(Debug)]
 pub enum DeleteOutcome {
-    /// Deleted; `orphan_blob` names a blob no row uses any more, for the caller to remove.
+    /// Deleted; `orphan_blobs` names blobs no row uses any more, for the caller to remove.
     Deleted {
-        orphan_blob: Option<String>,
+        orphan_blobs: Vec<String>,
     },
     InUse(i64),
     NotFound,
@@ -147,7 +157,7 @@ impl Catalog {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-        let rec = sqlx::query_as(
+        let rec: ModelRecord = sqlx::query_as(
             "insert into models (id, kind, name, sha256, bytes, tensors, parameters, source_job, created_at, graph, owner,
                                  tensor_count)
              values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) returning *",
@@ -166,8 +176,31 @@ impl Catalog {
         .bind(m.tensor_count)
         .fetch_one(&mut *tx)
         .await?;
+        for f in &m.files {
+            sqlx::query("insert or ignore into blobs (sha256, bytes, created_at) values (?, ?, ?)")
+                .bind(&f.sha256)
+                .bind(f.bytes)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("insert into model_files (model_id, name, sha256, bytes) values (?, ?, ?, ?)")
+                .bind(&rec.id)
+                .bind(&f.name)
+                .bind(&f.sha256)
+                .bind(f.bytes)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(rec)
+    }
+
+    /// A model's companion files, by name.
+    pub async fn model_files(&self, model_id: &str) -> Result<Vec<ModelFile>, sqlx::Error> {
+        sqlx::query_as("select name, sha256, bytes from model_files where model_id = ? order by name")
+            .bind(model_id)
+            .fetch_all(&self.pool)
+            .await
     }
 
     pub async fn get_model(&self, kind: ModelKind, id: &str) -> Result<Option<ModelRecord>, sqlx::Error> {
@@ -215,15 +248,31 @@ impl Catalog {
         if active > 0 {
             return Ok(DeleteOutcome::InUse(active));
         }
-        let sha: Option<String> = sqlx::query_scalar("delete from models where id = ? and kind = ? returning sha256")
+        let exists: Option<String> = sqlx::query_scalar("select id from models where id = ? and kind = ?")
             .bind(id)
             .bind(kind.as_str())
             .fetch_optional(&mut *tx)
             .await?;
-        let Some(sha) = sha else { return Ok(DeleteOutcome::NotFound) };
-        let orphan = delete_blob_row_if_unused(&mut tx, &sha).await?;
+        if exists.is_none() {
+            return Ok(DeleteOutcome::NotFound);
+        }
+        let mut shas: Vec<String> = sqlx::query_scalar("delete from model_files where model_id = ? returning sha256")
+            .bind(id)
+            .fetch_all(&mut *tx)
+            .await?;
+        let sha: String =
+            sqlx::query_scalar("delete from models where id = ? returning sha256").bind(id).fetch_one(&mut *tx).await?;
+        shas.push(sha);
+        shas.sort();
+        shas.dedup();
+        let mut orphan_blobs = Vec::new();
+        for sha in shas {
+            if delete_blob_row_if_unused(&mut tx, &sha).await? {
+                orphan_blobs.push(sha);
+            }
+        }
         tx.commit().await?;
-        Ok(DeleteOutcome::Deleted { orphan_blob: orphan.then_some(sha) })
+        Ok(DeleteOutcome::Deleted { orphan_blobs })
     }
 
     /// Attaches (`Some`) or removes (`None`) a model's architecture graph, unless a queued or
@@ -265,7 +314,8 @@ impl Catalog {
     pub async fn remove_orphan_blobs(&self) -> Result<Vec<String>, sqlx::Error> {
         sqlx::query_scalar(
             "delete from blobs where sha256 not in (select sha256 from models)
-               and sha256 not in (select sha256 from artifacts) returning sha256",
+               and sha256 not in (select sha256 from artifacts)
+               and sha256 not in (select sha256 from model_files) returning sha256",
         )
         .fetch_all(&self.pool)
         .await
@@ -341,6 +391,8 @@ impl Catalog {
     pub async fn stored_bytes(&self, owner: &str) -> Result<u64, sqlx::Error> {
         let n: i64 = sqlx::query_scalar(
             "select (select coalesce(sum(bytes), 0) from models where owner = ?1)
+                  + (select coalesce(sum(f.bytes), 0) from model_files f join models m on m.id = f.model_id
+                     where m.owner = ?1)
                   + (select coalesce(sum(a.bytes), 0) from artifacts a join jobs j on j.id = a.job_id
                      where j.owner = ?1)",
         )
@@ -371,7 +423,8 @@ async fn delete_blob_row_if_unused(
     let deleted = sqlx::query(
         "delete from blobs where sha256 = ?1
            and not exists (select 1 from models where sha256 = ?1)
-           and not exists (select 1 from artifacts where sha256 = ?1)",
+           and not exists (select 1 from artifacts where sha256 = ?1)
+           and not exists (select 1 from model_files where sha256 = ?1)",
     )
     .bind(sha)
     .execute(&mut **tx)

@@ -85,3 +85,17 @@ pub fn rfc3339(ms: i64) -> String {
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
+
+/// A model's companion files (config.json, tokenizer) at local paths; empty for a model
+/// uploaded as one file.
+pub async fn model_files(
+    catalog: &catalog::Catalog,
+    blobs: &dyn blobs::BlobStore,
+    model_id: &str,
+) -> std::io::Result<crate::formats::hf::ModelFiles> {
+    let mut files = crate::formats::hf::ModelFiles::default();
+    for f in catalog.model_files(model_id).await.map_err(std::io::Error::other)? {
+        files.files.insert(f.name, blobs.local_path(&f.sha256).await?);
+    }
+    Ok(files)
+}

@@ -5,6 +5,7 @@ mod cli;
 mod crash;
 mod disk;
 mod faults;
+mod folders;
 mod fuzz;
 mod golden;
 mod graphs;

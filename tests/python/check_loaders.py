@@ -3,9 +3,9 @@
 Builds a tiny Llama with transformers (random weights, untied lm_head; then a tied one for the
 compressed-tensors load), compresses it with the
 `modelpress` CLI to int4 group-32 compressed-tensors, GGUF Q8_0 and dense safetensors, then:
-- transformers' `from_pretrained` loads the compressed-tensors folder (the model's own config.json
-  with ModelPress's `quantization_config` merged in) with no missing or unexpected keys, and gives
-  the logits of the dense output loaded into the same architecture;
+- transformers' `from_pretrained` loads the compressed-tensors folder as written (the model's own
+  config.json with ModelPress's `quantization_config` merged in) with no missing or unexpected
+  keys, and gives the logits of the dense output folder;
 - the compressed-tensors package decompresses the packed weights to exactly the dense values;
 - the gguf package reads the GGUF and its Q8_0 tensors dequantize to the dense values.
 
@@ -53,24 +53,19 @@ def make_llama(folder: Path, tied: bool = False):
     return model
 
 
-def check_transformers(src: Path, out: Path, work: Path):
+def check_transformers(out: Path):
+    """The output folders load as they are: ModelPress wrote the model's config.json (with
+    `quantization_config` merged in for compressed-tensors) next to the weights."""
     from transformers import AutoModelForCausalLM
 
-    folder = work / "ct_folder"
-    shutil.copytree(out / "compressed-tensors", folder)
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = json.loads((folder / "config.json").read_text())["quantization_config"]
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-
+    folder = out / "compressed-tensors"
+    config = json.loads((folder / "config.json").read_text())
+    assert config.get("model_type") == "llama" and "quantization_config" in config, sorted(config)
     model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     assert not problems, f"compressed-tensors folder loads with problems: {problems}"
 
-    dense_folder = work / "dense_folder"
-    dense_folder.mkdir()
-    shutil.copy(src / "config.json", dense_folder / "config.json")
-    shutil.copy(out / "model.safetensors", dense_folder / "model.safetensors")
-    dense, dinfo = AutoModelForCausalLM.from_pretrained(dense_folder, output_loading_info=True)
+    dense, dinfo = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(dinfo[k] for k in ("missing_keys", "unexpected_keys")), dinfo
 
     ids = torch.arange(0, 32).reshape(2, 16)
@@ -122,7 +117,8 @@ def main():
         work = Path(tmp)
         src = work / "llama"
         make_llama(src)
-        model = src / "model.safetensors"
+        # The folder, as a user has it: config.json beside the weights.
+        model = src
         for name, spec in [
             ("ct", {"steps": [{"op": "quantize", "bits": 4, "granularity": "group", "group_size": 32}],
                     "outputs": ["safetensors", "compressed-tensors"]}),
@@ -130,7 +126,7 @@ def main():
         ]:
             (work / f"{name}.json").write_text(json.dumps(spec))
             run([binary, "compress", model, "--spec", work / f"{name}.json", "--out", work / name])
-        check_transformers(src, work / "ct", work)
+        check_transformers(work / "ct")
         check_compressed_tensors(work / "ct")
         check_gguf(work / "gguf")
 
@@ -143,8 +139,8 @@ def main():
         spec = {"steps": [{"op": "quantize", "bits": 4, "granularity": "group", "group_size": 32}],
                 "outputs": ["safetensors", "compressed-tensors"]}
         (tied / "ct.json").write_text(json.dumps(spec))
-        run([binary, "compress", tied / "llama" / "model.safetensors", "--spec", tied / "ct.json", "--out", tied / "ct"])
-        check_transformers(tied / "llama", tied / "ct", tied)
+        run([binary, "compress", tied / "llama", "--spec", tied / "ct.json", "--out", tied / "ct"])
+        check_transformers(tied / "ct")
     print("all loader checks passed")
 
 

@@ -248,6 +248,13 @@ fn final_ggml(tp: &TensorPlan, resolved: &Resolved) -> Option<GgufType> {
     }
 }
 
+/// The companion files the folder outputs carry; `config.json` only while no structural step
+/// changed the model's shapes.
+fn folder_files(job: &Job<'_>) -> sinks::FolderFiles {
+    let config_holds = job.plan.structure.is_empty() && job.plan.dropped.is_empty();
+    sinks::FolderFiles { files: job.plan.files.clone(), config_holds }
+}
+
 fn open_sinks(
     job: &Job<'_>,
     resolved: &Resolved,
@@ -263,9 +270,11 @@ fn open_sinks(
                     .iter()
                     .map(|tp| (tp.out.name.clone(), tp.out.dtype, tp.out.shape.clone()))
                     .collect();
-                Box::new(sinks::DenseSink::create(job.out_dir, &tensors, &provenance(job))?)
+                Box::new(sinks::DenseSink::create(job.out_dir, &tensors, &provenance(job), folder_files(job))?)
             }
-            OutputFormat::CompressedTensors => Box::new(sinks::CompressedTensorsSink::create(job.out_dir)?),
+            OutputFormat::CompressedTensors => {
+                Box::new(sinks::CompressedTensorsSink::create(job.out_dir, folder_files(job))?)
+            }
             OutputFormat::Sparse => Box::new(sinks::SparseSink::create(job.out_dir)?),
             OutputFormat::Gguf => {
                 let llama = job.plan.llama_cpp.as_ref();

@@ -16,6 +16,7 @@ use crate::compress::quant::{pack_int32_into, pack_zero_points, packed_len, Gran
 use crate::formats::gguf::llama_cpp::{self, LlamaCppModel, Rename};
 use crate::formats::gguf::GgufType;
 use crate::formats::gguf::{GgufWriter, MetaValue, TensorInfo as GgufTensor};
+use crate::formats::hf::ModelFiles;
 use crate::formats::safetensors::{
     decode_f32, encode_f32, Dtype, PlannedSafetensorsWriter, SafetensorsWriter, TensorInfo,
 };
@@ -87,11 +88,61 @@ fn artifact(dir: &Path, name: &str, format: &str) -> ArtifactFile {
     ArtifactFile { name: name.into(), format: format.into(), path: dir.join(name) }
 }
 
+/// The model folder's files an output folder carries (see [`FolderFiles::write`]).
+#[derive(Clone, Default)]
+pub struct FolderFiles {
+    pub files: ModelFiles,
+    /// Whether the input's `config.json` still describes the output (no structural step changed
+    /// a shape or removed a tensor); when not, it is left out and the tokenizer files still go.
+    pub config_holds: bool,
+}
+
+impl FolderFiles {
+    /// Writes the companions into `dir` (artifacts named `prefix` + file name, of `format`):
+    /// `config.json` with `quantization_config` merged in when given (its `architectures`,
+    /// `model_type`, `torch_dtype` kept), the other files copied. Without a model config,
+    /// `quantization_config` alone makes the `config.json`.
+    fn write(
+        &self,
+        dir: &Path,
+        prefix: &str,
+        format: &str,
+        quantization_config: Option<serde_json::Value>,
+    ) -> std::io::Result<Vec<ArtifactFile>> {
+        let parent = dir.ancestors().nth(prefix.matches('/').count()).expect("job dir").to_path_buf();
+        let mut out = Vec::new();
+        let model_config = match (self.config_holds, self.files.json("config.json")) {
+            (true, Ok(c)) => c,
+            (false, _) => None,
+            (true, Err(e)) => return Err(std::io::Error::other(e.to_string())),
+        };
+        let config = match (model_config, quantization_config) {
+            (Some(mut c), Some(q)) if c.is_object() => {
+                c["quantization_config"] = q;
+                Some(c)
+            }
+            (Some(c), None) => Some(c),
+            (_, Some(q)) => Some(json!({ "quantization_config": q })),
+            (None, None) => None,
+        };
+        if let Some(c) = config {
+            std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&c).expect("config JSON"))?;
+            out.push(artifact(&parent, &format!("{prefix}config.json"), format));
+        }
+        for (name, path) in self.files.files.iter().filter(|(n, _)| n.as_str() != "config.json") {
+            std::fs::copy(path, dir.join(name))?;
+            out.push(artifact(&parent, &format!("{prefix}{name}"), format));
+        }
+        Ok(out)
+    }
+}
+
 /// Dense safetensors: same names, shapes and dtypes; changed tensors hold their final values.
 /// Every size is known before the first tensor, so the header goes first and data is written once.
 pub struct DenseSink {
     writer: PlannedSafetensorsWriter,
     dir: PathBuf,
+    folder: FolderFiles,
 }
 
 impl DenseSink {
@@ -99,9 +150,10 @@ impl DenseSink {
         dir: &Path,
         tensors: &[(String, Dtype, Vec<usize>)],
         metadata: &BTreeMap<String, String>,
+        folder: FolderFiles,
     ) -> std::io::Result<Self> {
         let writer = PlannedSafetensorsWriter::create(&dir.join("model.safetensors"), tensors, metadata)?;
-        Ok(Self { writer, dir: dir.into() })
+        Ok(Self { writer, dir: dir.into(), folder })
     }
 }
 
@@ -113,7 +165,9 @@ impl Sink for DenseSink {
     fn finish(self: Box<Self>, metadata: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>> {
         // The header written at creation may hold a placeholder for the input's hash.
         self.writer.finish_with_metadata(metadata)?;
-        Ok(vec![artifact(&self.dir, "model.safetensors", "safetensors")])
+        let mut out = vec![artifact(&self.dir, "model.safetensors", "safetensors")];
+        out.extend(self.folder.write(&self.dir, "", "safetensors", None)?);
+        Ok(out)
     }
 }
 
@@ -131,10 +185,11 @@ pub struct CompressedTensorsSink {
     ignore: BTreeSet<String>,
     /// Whether the file holds an `lm_head` module (absent when tied to the embeddings).
     lm_head: bool,
+    folder: FolderFiles,
 }
 
 impl CompressedTensorsSink {
-    pub fn create(dir: &Path) -> std::io::Result<Self> {
+    pub fn create(dir: &Path, folder: FolderFiles) -> std::io::Result<Self> {
         let dir = dir.join("compressed-tensors");
         std::fs::create_dir_all(&dir)?;
         Ok(Self {
@@ -145,6 +200,7 @@ impl CompressedTensorsSink {
             groups: BTreeMap::new(),
             ignore: BTreeSet::new(),
             lm_head: false,
+            folder,
         })
     }
 
@@ -217,13 +273,11 @@ impl Sink for CompressedTensorsSink {
             // which fails the load; ignoring it keeps the loader's tied weight.
             ignore.insert("lm_head".into());
         }
-        let config = json!({"quantization_config": ct::quantization_config(&self.groups, &ignore)});
-        std::fs::write(self.dir.join("config.json"), serde_json::to_vec_pretty(&config).expect("config JSON"))?;
+        let q = ct::quantization_config(&self.groups, &ignore);
         let parent = self.dir.parent().expect("job dir").to_path_buf();
-        Ok(vec![
-            artifact(&parent, "compressed-tensors/model.safetensors", "compressed-tensors"),
-            artifact(&parent, "compressed-tensors/config.json", "compressed-tensors"),
-        ])
+        let mut out = vec![artifact(&parent, "compressed-tensors/model.safetensors", "compressed-tensors")];
+        out.extend(self.folder.write(&self.dir, "compressed-tensors/", "compressed-tensors", Some(q))?);
+        Ok(out)
     }
 }
 

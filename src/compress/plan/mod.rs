@@ -15,7 +15,7 @@ use super::ops::OpKind;
 use super::prune::Norm;
 use super::quant::{Granularity, IntParams};
 use super::spec::{CompressSpec, OutputFormat};
-use crate::formats::gguf::llama_cpp::LlamaCppModel;
+use crate::formats::gguf::llama_cpp::{Conversion, LlamaCppModel};
 use crate::formats::gguf::GgufType;
 use crate::formats::hf::ModelFiles;
 use crate::formats::safetensors::{Header, TensorInfo};
@@ -71,6 +71,9 @@ pub struct Plan {
     /// With a GGUF output of a model llama.cpp can run: its architecture, tokenizer and names.
     #[serde(skip)]
     pub llama_cpp: Option<LlamaCppModel>,
+    /// The model folder's companion files, copied into the folder outputs.
+    #[serde(skip)]
+    pub files: ModelFiles,
 }
 
 impl Plan {
@@ -297,21 +300,27 @@ pub struct OutputPlan {
 
 /// Said of a GGUF output for a model without a `config.json` of an architecture
 /// [`crate::formats::gguf::llama_cpp`] covers.
-pub const GENERIC_GGUF_NOTE: &str = "a generic GGUF: the tensors under their own names with ModelPress metadata, readable by the gguf package and candle; the model has no config.json of an architecture ModelPress converts for llama.cpp (Llama, Mistral, Qwen2), so it has no general.architecture, hyperparameters, tokenizer or llama.cpp tensor names, and llama.cpp refuses to run it";
+pub const GENERIC_GGUF_NOTE: &str = "a generic GGUF: the tensors under their own names with ModelPress metadata, readable by the gguf package and candle, without general.architecture, hyperparameters, tokenizer or llama.cpp tensor names, so llama.cpp refuses to run it";
 
 /// The llama.cpp form of a GGUF output, when the model's files describe an architecture
-/// that is covered; a covered architecture that cannot be converted is a refusal at the output.
+/// that is covered (else the generic GGUF and why); a covered architecture that cannot be
+/// converted is a refusal at the output.
 fn plan_llama_cpp(
     spec: &CompressSpec,
     files: Option<&ModelFiles>,
     tensors: &[TensorPlan],
     refusals: &mut Vec<Refusal>,
-) -> Option<LlamaCppModel> {
+) -> Option<Conversion> {
     let i = spec.outputs.iter().position(|f| *f == OutputFormat::Gguf)?;
     let shapes: Vec<(&str, &[usize])> =
         tensors.iter().map(|tp| (tp.out.name.as_str(), tp.out.shape.as_slice())).collect();
-    match crate::formats::gguf::llama_cpp::plan(files?, &shapes) {
-        Ok(m) => m,
+    let Some(files) = files else {
+        return Some(Conversion::Generic(
+            "the model was given as one file, without its config.json and tokenizer".into(),
+        ));
+    };
+    match crate::formats::gguf::llama_cpp::plan(files, &shapes) {
+        Ok(c) => Some(c),
         Err(detail) => {
             refusals.push(Refusal {
                 pointer: format!("/outputs/{i}"),
@@ -423,7 +432,12 @@ pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
     };
     describe_layouts(&spec, &mut tensors);
     predict::check_output_names(&spec, &tensors, &mut refusals);
-    let llama_cpp = plan_llama_cpp(&spec, files, &tensors, &mut refusals);
+    let conversion = plan_llama_cpp(&spec, files, &tensors, &mut refusals);
+    let (llama_cpp, generic_reason) = match conversion {
+        Some(Conversion::Runnable(m)) => (Some(m), None),
+        Some(Conversion::Generic(why)) => (None, Some(why)),
+        None => (None, None),
+    };
     if let (Some(i), None) = (spec.outputs.iter().position(|f| *f == OutputFormat::Gguf), &llama_cpp) {
         for t in tensors
             .iter()
@@ -458,9 +472,10 @@ pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
             format: f.as_str(),
             artifact: artifact_name(*f).to_owned(),
             predicted_bytes: predict::output_bytes(*f, header.data_start, &tensors),
-            note: (*f == OutputFormat::Gguf).then(|| match &llama_cpp {
-                Some(m) => m.summary.clone(),
-                None => GENERIC_GGUF_NOTE.to_owned(),
+            note: (*f == OutputFormat::Gguf).then(|| match (&llama_cpp, &generic_reason) {
+                (Some(m), _) => m.summary.clone(),
+                (None, Some(why)) => format!("{GENERIC_GGUF_NOTE}: {why}"),
+                (None, None) => GENERIC_GGUF_NOTE.to_owned(),
             }),
         })
         .collect();
@@ -543,6 +558,7 @@ pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
         teacher: teacher_summary,
         teacher_model: teacher,
         llama_cpp,
+        files: files.cloned().unwrap_or_default(),
     }
 }
 

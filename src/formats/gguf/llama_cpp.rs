@@ -116,19 +116,39 @@ pub fn unpermute_rows(values: &[f32], rows: usize, heads: usize, out: &mut Vec<f
     }
 }
 
+/// What a GGUF output of a model will be.
+#[derive(Debug)]
+pub enum Conversion {
+    /// One llama.cpp runs.
+    Runnable(LlamaCppModel),
+    /// The generic GGUF (tensors under their own names), and why it is not one llama.cpp runs.
+    Generic(String),
+}
+
 /// Plans a llama.cpp GGUF for a model with `files` whose output tensors are `tensors`
-/// (name, row-major shape). `Ok(None)`: no `config.json`, or an architecture this does not
-/// cover (the generic GGUF is written). `Err`: a covered architecture that cannot be converted
-/// (missing tokenizer, unknown pre-tokenizer, a tensor without a llama.cpp name, shapes that
-/// disagree with `config.json`), with the reason.
-pub fn plan(files: &ModelFiles, tensors: &[(&str, &[usize])]) -> Result<Option<LlamaCppModel>, String> {
-    let Some(config) = files.json("config.json").map_err(|e| e.to_string())? else { return Ok(None) };
+/// (name, row-major shape). Generic: no `config.json`, an architecture this does not cover, or
+/// no tokenizer at all. `Err`: a covered architecture that cannot be converted (a tokenizer
+/// llama.cpp would not reproduce, a tensor without a llama.cpp name, shapes that disagree with
+/// `config.json`), with the reason.
+pub fn plan(files: &ModelFiles, tensors: &[(&str, &[usize])]) -> Result<Conversion, String> {
+    let Some(config) = files.json("config.json").map_err(|e| e.to_string())? else {
+        return Ok(Conversion::Generic("the model has no config.json (upload the model's folder)".into()));
+    };
     let hf_arch = config["architectures"].get(0).and_then(Value::as_str).unwrap_or("");
     let (arch, permute) = match hf_arch {
         "LlamaForCausalLM" | "MistralForCausalLM" => ("llama", true),
         "Qwen2ForCausalLM" => ("qwen2", false),
-        _ => return Ok(None),
+        _ => {
+            return Ok(Conversion::Generic(format!(
+                "config.json names architecture `{hf_arch}`; ModelPress writes llama.cpp GGUF for LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM"
+            )))
+        }
     };
+    if files.path("tokenizer.json").is_none() && files.path("tokenizer.model").is_none() {
+        return Ok(Conversion::Generic(
+            "the model has no tokenizer (tokenizer.json), which llama.cpp needs: upload the folder with its tokenizer files".into(),
+        ));
+    }
     let h = Hparams::read(&config, hf_arch)?;
     let mut names = BTreeMap::new();
     let mut skipped = Vec::new();
@@ -204,7 +224,7 @@ pub fn plan(files: &ModelFiles, tensors: &[(&str, &[usize])]) -> Result<Option<L
         if permute { ", Q/K rows permuted for llama.cpp's RoPE" } else { "" }
     );
     tok.write(&mut metadata);
-    Ok(Some(LlamaCppModel { arch, metadata, names, skipped, rope_freqs, summary }))
+    Ok(Conversion::Runnable(LlamaCppModel { arch, metadata, names, skipped, rope_freqs, summary }))
 }
 
 /// The hyperparameters llama.cpp needs, from `config.json`.
@@ -398,13 +418,9 @@ fn pre_tokenizer(pre: &Value) -> Option<&'static str> {
 }
 
 fn tokenizer(files: &ModelFiles, vocab_size: usize) -> Result<Tokenizer, String> {
-    let json = files.json("tokenizer.json").map_err(|e| e.to_string())?.ok_or_else(|| {
-        if files.path("tokenizer.model").is_some() {
-            "the model has only a SentencePiece tokenizer.model; ModelPress writes llama.cpp GGUF from tokenizer.json (byte-level BPE) for now".to_string()
-        } else {
-            "the model has no tokenizer.json, which a llama.cpp GGUF needs: upload the folder with its tokenizer files".to_string()
-        }
-    })?;
+    let json = files.json("tokenizer.json").map_err(|e| e.to_string())?.ok_or(
+        "the model has only a SentencePiece tokenizer.model; ModelPress writes llama.cpp GGUF from tokenizer.json (byte-level BPE) for now",
+    )?;
     let config = files.json("tokenizer_config.json").map_err(|e| e.to_string())?.unwrap_or(Value::Null);
     let model = &json["model"];
     if model["type"] != "BPE" || model["byte_fallback"] == true || json["pre_tokenizer"]["type"] == "Metaspace" {

@@ -197,12 +197,6 @@ fn planned_entries(tensors: &[(String, Dtype, Vec<usize>)]) -> Vec<(String, Dtyp
         .collect()
 }
 
-/// The JSON header [`PlannedSafetensorsWriter::create`] writes for `tensors` (without the
-/// 8-byte length before it).
-pub fn header_json(tensors: &[(String, Dtype, Vec<usize>)], metadata: &BTreeMap<String, String>) -> Vec<u8> {
-    header_bytes(&planned_entries(tensors), metadata)
-}
-
 /// The header of a file holding `entries` (name, dtype, shape, start, end), padded with spaces
 /// to a multiple of 8 bytes so the data region is aligned, as the reference writer does.
 fn header_bytes(entries: &[(String, Dtype, Vec<usize>, u64, u64)], metadata: &BTreeMap<String, String>) -> Vec<u8> {
@@ -238,8 +232,18 @@ impl PlannedSafetensorsWriter {
         tensors: &[(String, Dtype, Vec<usize>)],
         metadata: &BTreeMap<String, String>,
     ) -> std::io::Result<Self> {
+        let header = header_bytes(&planned_entries(tensors), metadata);
+        Self::create_with_header(path, tensors, header)
+    }
+
+    /// Like [`Self::create`] with the JSON header given (padded, for the same layout of
+    /// `tensors`): a caller that must reproduce another writer's bytes.
+    pub fn create_with_header(
+        path: &Path,
+        tensors: &[(String, Dtype, Vec<usize>)],
+        header: Vec<u8>,
+    ) -> std::io::Result<Self> {
         let entries = planned_entries(tensors);
-        let header = header_bytes(&entries, metadata);
         let mut out = BufWriter::with_capacity(1 << 20, File::create(path)?);
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(&header)?;

@@ -15,8 +15,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use io::{
-    decode_f32, encode_f32, encode_f32_into, header_json, start_writeback, PlannedSafetensorsWriter, SafetensorsWriter,
-    TensorReader,
+    decode_f32, encode_f32, encode_f32_into, start_writeback, PlannedSafetensorsWriter, SafetensorsWriter, TensorReader,
 };
 
 /// Element types the format defines; anything else in a header is refused. Variants are
@@ -199,7 +198,7 @@ pub fn shard_of(file_name: &str) -> Option<(u32, u32)> {
 /// The explanation for refusing a lone shard (see [`shard_of`]).
 pub fn lone_shard_detail(file_name: &str, k: u32, n: u32) -> String {
     format!(
-        "`{file_name}` is shard {k} of {n} of a sharded checkpoint: compressed alone it would be a fraction of the model. ModelPress takes a model as one file for now: merge the {n} shards into one first (README, \"Sharded checkpoints\")"
+        "`{file_name}` is shard {k} of {n} of a sharded checkpoint: compressed alone it would be a fraction of the model. Send the whole folder with its model.safetensors.index.json (over HTTP as a tar body: tar -cf - -C DIR . | curl -T - -H 'Content-Type: application/x-tar' URL; in the CLI, the folder's path)"
     )
 }
 

@@ -1,0 +1,261 @@
+//! A Hugging Face model folder uploaded as one streamed tar body
+//! (`tar -cf - -C dir . | curl -T - -H 'Content-Type: application/x-tar' URL`).
+//!
+//! The archive is read as it arrives (the `tar` crate over tokio-util's `SyncIoBridge`, on a
+//! blocking thread): top-level regular files that are weights, the index or companions are
+//! written to a staging directory while hashed; everything else (README.md, subfolders such as
+//! `original/`, links) is skipped without being stored. Then the folder is checked as
+//! [`crate::formats::hf::ModelFolder`] does (index against shards, lone shards) and sharded
+//! weights are merged into one file. Memory: the reader's buffers and, when merging, the
+//! largest tensor. Every failure removes the staging directory.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Component, Path, PathBuf};
+
+use axum::body::Body;
+use futures_util::TryStreamExt;
+use sha2::{Digest, Sha256};
+
+use super::error::ApiError;
+use super::upload::{header_error, HeaderCheck, StagedUpload};
+use crate::formats::hf::{
+    is_companion, merge_shards, FolderError, ModelFolder, Weights, INDEX_FILE, MAX_COMPANION_BYTES,
+};
+use crate::formats::safetensors::read_header;
+
+/// A companion file in staging, hashed.
+pub struct StagedFile {
+    pub name: String,
+    pub path: PathBuf,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// A received folder: its weights as one file, its companions, and what was skipped.
+pub struct StagedFolder {
+    pub weights: StagedUpload,
+    pub files: Vec<StagedFile>,
+    pub ignored: Vec<String>,
+    /// The staging directory; removed on drop.
+    pub dir: DirGuard,
+}
+
+/// Removes a staging directory when dropped.
+pub struct DirGuard(PathBuf);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One file of the archive as extracted: where, its hash and size.
+struct Extracted {
+    sha256: String,
+    bytes: u64,
+}
+
+/// Why reading the archive stopped.
+enum TarError {
+    TooLarge,
+    Io(std::io::Error),
+    Api(ApiError),
+}
+
+/// Counts the bytes read and fails past `limit`.
+struct Limited<R> {
+    inner: R,
+    read: u64,
+    limit: u64,
+    over: bool,
+}
+
+impl<R: Read> Read for Limited<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        if self.read > self.limit {
+            self.over = true;
+            return Err(std::io::Error::other("the archive exceeds the upload limit"));
+        }
+        Ok(n)
+    }
+}
+
+/// The name of a top-level file (`./config.json` or `config.json`); `None` for anything in a
+/// subfolder or with `..`.
+fn top_level(path: &Path) -> Option<String> {
+    let parts: Vec<Component> = path.components().filter(|c| !matches!(c, Component::CurDir)).collect();
+    match parts.as_slice() {
+        [Component::Normal(n)] => n.to_str().map(str::to_owned),
+        _ => None,
+    }
+}
+
+fn wanted(name: &str) -> bool {
+    is_companion(name) || name == INDEX_FILE || (name.ends_with(".safetensors") && !name.starts_with('.'))
+}
+
+fn extract(reader: impl Read, dir: &Path, limit: u64) -> Result<(BTreeMap<String, Extracted>, Vec<String>), TarError> {
+    let mut counted = Limited { inner: reader, read: 0, limit, over: false };
+    let result = (|| {
+        let mut archive = tar::Archive::new(&mut counted);
+        let mut kept = BTreeMap::new();
+        let mut ignored = Vec::new();
+        for entry in archive.entries().map_err(TarError::Io)? {
+            let mut entry = entry.map_err(TarError::Io)?;
+            let path = entry.path().map_err(TarError::Io)?.into_owned();
+            if entry.header().entry_type().is_dir() {
+                continue;
+            }
+            let name = top_level(&path).filter(|n| wanted(n) && entry.header().entry_type().is_file());
+            let Some(name) = name else {
+                ignored.push(path.display().to_string());
+                continue; // the archive reader skips the entry's data
+            };
+            let size = entry.size();
+            if is_companion(&name) && size > MAX_COMPANION_BYTES {
+                return Err(TarError::Api(
+                    ApiError::unprocessable("file_too_large", FolderError::TooLarge(name.clone(), size).to_string())
+                        .with_pointer(format!("/files/{name}")),
+                ));
+            }
+            if kept.contains_key(&name) {
+                return Err(TarError::Api(ApiError::unprocessable(
+                    "invalid_model_folder",
+                    format!("the archive holds `{name}` twice"),
+                )));
+            }
+            let mut out = std::io::BufWriter::with_capacity(
+                1 << 20,
+                std::fs::File::create(dir.join(&name)).map_err(TarError::Io)?,
+            );
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut bytes = 0u64;
+            loop {
+                let n = entry.read(&mut buf).map_err(TarError::Io)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n]).map_err(TarError::Io)?;
+                bytes += n as u64;
+            }
+            let file = out.into_inner().map_err(|e| TarError::Io(e.into_error()))?;
+            file.sync_all().map_err(TarError::Io)?;
+            kept.insert(name, Extracted { sha256: hex::encode(hasher.finalize()), bytes });
+        }
+        Ok((kept, ignored))
+    })();
+    match result {
+        Err(_) if counted.over => Err(TarError::TooLarge),
+        other => other,
+    }
+}
+
+fn folder_error(e: FolderError) -> ApiError {
+    let code = match &e {
+        FolderError::LoneShard(_) | FolderError::MissingShard(_) | FolderError::MissingTensor { .. } => {
+            "incomplete_checkpoint"
+        }
+        FolderError::Io(..) => return ApiError::io(std::io::Error::other(e.to_string())),
+        _ => "invalid_model_folder",
+    };
+    ApiError::unprocessable(code, e.to_string())
+}
+
+/// Receives a tar body into `dir` (created; removed on every failure), at most `max_bytes` of
+/// archive. The weights' header is checked with `header_limit` and `check`.
+pub async fn receive_tar(
+    body: Body,
+    dir: PathBuf,
+    max_bytes: u64,
+    header_limit: u64,
+    check: HeaderCheck<'_>,
+    too_large: impl Fn() -> ApiError,
+) -> Result<StagedFolder, ApiError> {
+    tokio::fs::create_dir_all(&dir).await.map_err(ApiError::io)?;
+    let guard = DirGuard(dir.clone());
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
+    let work = dir.clone();
+    let extracted = tokio::task::spawn_blocking(move || {
+        let result = extract(reader, &work, max_bytes)?;
+        let folder = ModelFolder::open(&work, header_limit).map_err(|e| TarError::Api(folder_error(e)))?;
+        Ok::<_, TarError>((result, folder))
+    })
+    .await
+    .expect("tar reader thread");
+    let ((kept, mut ignored), folder) = match extracted {
+        Ok(r) => r,
+        Err(TarError::TooLarge) => return Err(too_large()),
+        Err(TarError::Api(e)) => return Err(e),
+        Err(TarError::Io(e)) if e.kind() == std::io::ErrorKind::StorageFull => return Err(ApiError::io(e)),
+        Err(TarError::Io(e)) => {
+            return Err(ApiError::bad_request(
+                "invalid_tar",
+                format!("the body is not a complete tar archive of a model folder: {e}"),
+            ))
+        }
+    };
+    ignored.extend(folder.ignored.iter().cloned());
+    let (path, sha256, bytes) = match &folder.weights {
+        Weights::Single(p) => {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let e = &kept[name];
+            (p.clone(), e.sha256.clone(), e.bytes)
+        }
+        Weights::Sharded(shards) => {
+            let merged = dir.join(".merged.safetensors");
+            let shards: Vec<_> = shards.iter().map(|(p, h)| (p.clone(), h.clone())).collect();
+            let target = merged.clone();
+            let (sha, bytes) = tokio::task::spawn_blocking(move || {
+                merge_shards(&shards, &target)?;
+                crate::compress::engine::sha256_file(&target)
+            })
+            .await
+            .expect("merge thread")
+            .map_err(ApiError::io)?;
+            (merged, sha, bytes)
+        }
+    };
+    let header = read_header(&path, header_limit).map_err(|e| match e {
+        crate::formats::safetensors::ReadError::Header(h) => header_error(h),
+        crate::formats::safetensors::ReadError::Io(e) => ApiError::io(e),
+    })?;
+    check(&header)?;
+    let files = folder
+        .files
+        .files
+        .iter()
+        .map(|(name, p)| StagedFile {
+            name: name.clone(),
+            path: p.clone(),
+            sha256: kept[name].sha256.clone(),
+            bytes: kept[name].bytes,
+        })
+        .collect();
+    Ok(StagedFolder { weights: StagedUpload { path, sha256, bytes, header }, files, ignored, dir: guard })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_top_level_names_are_taken() {
+        assert_eq!(top_level(Path::new("./config.json")).as_deref(), Some("config.json"));
+        assert_eq!(top_level(Path::new("config.json")).as_deref(), Some("config.json"));
+        assert_eq!(top_level(Path::new("original/consolidated.safetensors")), None);
+        assert_eq!(top_level(Path::new("../config.json")), None);
+        assert_eq!(top_level(Path::new("/etc/passwd")), None);
+    }
+
+    #[test]
+    fn what_a_folder_keeps() {
+        assert!(wanted("model-00001-of-00002.safetensors") && wanted(INDEX_FILE) && wanted("tokenizer.json"));
+        assert!(!wanted("README.md") && !wanted(".hidden.safetensors") && !wanted("pytorch_model.bin"));
+    }
+}

@@ -1,0 +1,251 @@
+//! Hugging Face model folders over HTTP (issue 11): a tiny Llama made here (random weights,
+//! the small byte-level BPE tokenizer of `tests/fixtures/tiny_bpe`), sent as a streamed tar
+//! body, sharded; its GGUF is llama.cpp's kind, checked by candle's `quantized_llama` against
+//! candle's dense Llama on the same weights.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+const HIDDEN: usize = 64;
+const FF: usize = 128;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HEAD_DIM: usize = HIDDEN / HEADS;
+const LAYERS: usize = 2;
+const VOCAB: usize = 320;
+
+/// Logits of two implementations on the same F32 weights: the same math in another order.
+const LOGITS_ATOL: f32 = 1e-4;
+
+fn config() -> Value {
+    json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+        "intermediate_size": FF, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+        "num_hidden_layers": LAYERS, "vocab_size": VOCAB, "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": false,
+        "bos_token_id": 0, "eos_token_id": 2, "torch_dtype": "float32"
+    })
+}
+
+/// The tensors of the tiny Llama: name -> (shape, values).
+fn weights() -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let mut t = BTreeMap::new();
+    let mut seed = 1;
+    let mut add = |name: String, shape: Vec<usize>, scale: f32| {
+        let n = shape.iter().product();
+        seed += 1;
+        t.insert(name, (shape, values(n, seed, scale)));
+    };
+    let _ = &mut add;
+    add("model.embed_tokens.weight".into(), vec![VOCAB, HIDDEN], 1.0);
+    add("lm_head.weight".into(), vec![VOCAB, HIDDEN], 0.2);
+    for l in 0..LAYERS {
+        let p = format!("model.layers.{l}");
+        add(format!("{p}.self_attn.q_proj.weight"), vec![HEADS * HEAD_DIM, HIDDEN], 0.3);
+        add(format!("{p}.self_attn.k_proj.weight"), vec![KV_HEADS * HEAD_DIM, HIDDEN], 0.3);
+        add(format!("{p}.self_attn.v_proj.weight"), vec![KV_HEADS * HEAD_DIM, HIDDEN], 0.2);
+        add(format!("{p}.self_attn.o_proj.weight"), vec![HIDDEN, HEADS * HEAD_DIM], 0.2);
+        add(format!("{p}.mlp.gate_proj.weight"), vec![FF, HIDDEN], 0.2);
+        add(format!("{p}.mlp.up_proj.weight"), vec![FF, HIDDEN], 0.2);
+        add(format!("{p}.mlp.down_proj.weight"), vec![HIDDEN, FF], 0.2);
+    }
+    for l in 0..LAYERS {
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            let n = format!("model.layers.{l}.{norm}.weight");
+            t.insert(n, (vec![HIDDEN], (0..HIDDEN).map(|i| 1.0 + 0.01 * i as f32).collect()));
+        }
+    }
+    t.insert("model.norm.weight".into(), (vec![HIDDEN], vec![1.0; HIDDEN]));
+    t
+}
+
+fn file_of(tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, names: &[&String]) -> Vec<u8> {
+    let list: Vec<(&str, Vec<usize>, Vec<f32>)> =
+        names.iter().map(|n| (n.as_str(), tensors[*n].0.clone(), tensors[*n].1.clone())).collect();
+    safetensors_f32(&list)
+}
+
+/// The folder as `save_pretrained` writes it: three shards and their index, config, tokenizer,
+/// and files a folder has that are not kept.
+fn write_folder(dir: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let tensors = weights();
+    let names: Vec<&String> = tensors.keys().collect();
+    let mut map = serde_json::Map::new();
+    for (k, chunk) in names.chunks(names.len().div_ceil(3)).enumerate() {
+        let shard = format!("model-{:05}-of-00003.safetensors", k + 1);
+        std::fs::write(dir.join(&shard), file_of(&tensors, chunk)).unwrap();
+        for n in chunk {
+            map.insert((*n).clone(), json!(shard));
+        }
+    }
+    let index = json!({"metadata": {"total_size": 0}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::write(dir.join("config.json"), config().to_string()).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(Path::new("tests/fixtures/tiny_bpe").join(f), dir.join(f)).unwrap();
+    }
+    std::fs::write(dir.join("README.md"), "# tiny llama\n").unwrap();
+    std::fs::create_dir(dir.join("original")).unwrap();
+    std::fs::write(dir.join("original/params.json"), "{}").unwrap();
+    tensors
+}
+
+fn tar_of(dir: &Path) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_dir_all(".", dir).unwrap();
+    b.into_inner().unwrap()
+}
+
+async fn upload_tar(app: &TestApp, body: Vec<u8>) -> reqwest::Response {
+    app.client
+        .put(app.url("/v1/models?name=tiny-llama"))
+        .header("content-type", "application/x-tar")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// q/k rows as llama.cpp stores them: per head, [2, d/2] rows become [d/2, 2].
+fn permuted(values: &[f32], rows: usize, heads: usize) -> Vec<f32> {
+    let cols = values.len() / rows;
+    let half = rows / heads / 2;
+    let mut out = Vec::with_capacity(values.len());
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * 2 * half + j * half + i;
+                out.extend_from_slice(&values[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_sharded_folder_uploads_as_tar_and_gives_a_gguf_llama_cpp_reads() {
+    let app = spawn_app(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tensors = write_folder(dir.path());
+    let res = upload_tar(&app, tar_of(dir.path())).await;
+    assert_eq!(res.status(), 201);
+    let model: Value = res.json().await.unwrap();
+    let files: Vec<&str> = model["files"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+    assert_eq!(files, ["config.json", "tokenizer.json", "tokenizer_config.json"], "{model}");
+    let ignored = model["ignored_files"].to_string();
+    assert!(ignored.contains("README.md") && ignored.contains("original/params.json"), "{model}");
+    assert_eq!(model["tensor_count"], tensors.len());
+
+    // The same model as one file (the order safetensors writes) is the same blob: shards merge
+    // into exactly that file.
+    let all: Vec<&String> = tensors.keys().collect();
+    let single = app.upload_ok(file_of(&tensors, &all)).await;
+    assert_eq!(app.get_json(&format!("/v1/models/{single}")).await["sha256"], model["sha256"]);
+    assert_eq!(app.get_json(&format!("/v1/models/{}", model["id"].as_str().unwrap())).await["files"], model["files"]);
+
+    // The plan says what the GGUF is.
+    let id = model["id"].as_str().unwrap();
+    let spec = json!({"model_id": id, "steps": [], "outputs": ["gguf", "safetensors"]});
+    let plan = app.post_json("/v1/plans", &spec).await.json::<Value>().await.unwrap();
+    let note = plan["outputs"][0]["note"].as_str().unwrap();
+    assert!(note.contains("llama.cpp GGUF: architecture `llama`") && note.contains("pre-tokenizer `gpt-2`"), "{plan}");
+    let (_, _, out) = run_job(&app, &spec).await;
+
+    let gguf = &out["model.gguf"];
+    let got = read_gguf(gguf);
+    assert_eq!(got.len(), tensors.len());
+    // Names, and the Q/K permutation computed here directly.
+    let q = &tensors["model.layers.1.self_attn.q_proj.weight"].1;
+    assert_eq!(got["blk.1.attn_q.weight"].1, permuted(q, HEADS * HEAD_DIM, HEADS));
+    let k = &tensors["model.layers.0.self_attn.k_proj.weight"].1;
+    assert_eq!(got["blk.0.attn_k.weight"].1, permuted(k, KV_HEADS * HEAD_DIM, KV_HEADS));
+    assert_eq!(got["blk.0.attn_v.weight"].1, tensors["model.layers.0.self_attn.v_proj.weight"].1);
+    assert_eq!(got["output.weight"].1, tensors["lm_head.weight"].1);
+    let content = candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(gguf)).unwrap();
+    let meta = |k: &str| content.metadata.get(k).unwrap_or_else(|| panic!("no {k}"));
+    assert_eq!(meta("general.architecture").to_string().unwrap(), "llama");
+    assert_eq!(meta("llama.attention.head_count_kv").to_u32().unwrap(), KV_HEADS as u32);
+    assert_eq!(meta("tokenizer.ggml.model").to_string().unwrap(), "gpt2");
+    assert_eq!(meta("tokenizer.ggml.tokens").to_vec().unwrap().len(), VOCAB);
+
+    // candle's quantized_llama (llama.cpp's layout and RoPE) on the GGUF gives the logits of
+    // candle's Llama on the dense weights and config.json: names, permutation and
+    // hyperparameters all line up.
+    let device = candle_core::Device::Cpu;
+    let tokens = candle_core::Tensor::new(&[[1u32, 17, 200, 5, 64, 99, 3, 250, 12, 7]], &device).unwrap();
+    let mut quantized = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+        content,
+        &mut std::io::Cursor::new(gguf),
+        &device,
+    )
+    .unwrap();
+    let from_gguf = quantized.forward(&tokens, 0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let cfg: candle_transformers::models::llama::LlamaConfig = serde_json::from_value(config()).unwrap();
+    let cfg = cfg.into_config(false);
+    let vb = candle_nn::VarBuilder::from_buffered_safetensors(
+        out["model.safetensors"].clone(),
+        candle_core::DType::F32,
+        &device,
+    )
+    .unwrap();
+    let dense = candle_transformers::models::llama::Llama::load(vb, &cfg).unwrap();
+    let mut cache =
+        candle_transformers::models::llama::Cache::new(false, candle_core::DType::F32, &cfg, &device).unwrap();
+    let from_dense = dense.forward(&tokens, 0, &mut cache).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let diff = from_gguf.iter().zip(&from_dense).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(diff <= LOGITS_ATOL, "max |logit difference| {diff}");
+    let spread = from_dense.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(spread > 0.1, "the logits say something ({spread})");
+
+    // The dense output folder carries the model's files: config.json as it was, the tokenizer.
+    assert_eq!(serde_json::from_slice::<Value>(&out["config.json"]).unwrap(), config());
+    assert!(out.contains_key("tokenizer.json") && out.contains_key("tokenizer_config.json"));
+}
+
+#[tokio::test]
+async fn a_folder_missing_a_shard_or_sent_as_one_shard_is_refused_with_what_is_missing() {
+    let app = spawn_app(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_folder(dir.path());
+    std::fs::remove_file(dir.path().join("model-00002-of-00003.safetensors")).unwrap();
+    let res = upload_tar(&app, tar_of(dir.path())).await;
+    assert_eq!(res.status(), 422);
+    let p: Value = res.json().await.unwrap();
+    assert_eq!(p["code"], "incomplete_checkpoint", "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("model-00002-of-00003.safetensors"), "{p}");
+
+    std::fs::remove_file(dir.path().join("model.safetensors.index.json")).unwrap();
+    std::fs::remove_file(dir.path().join("model-00003-of-00003.safetensors")).unwrap();
+    let res = upload_tar(&app, tar_of(dir.path())).await;
+    assert_eq!(res.status(), 422);
+    let p: Value = res.json().await.unwrap();
+    assert!(p["detail"].as_str().unwrap().contains("model-00002-of-00003.safetensors, model-00003-of-00003"), "{p}");
+
+    // Not a tar at all.
+    let res = upload_tar(&app, small_model()).await;
+    assert_eq!(res.status(), 400);
+    assert_eq!(res.json::<Value>().await.unwrap()["code"], "invalid_tar");
+    assert_eq!(staging_entries(&app.data_dir()), 0);
+    assert_eq!(app.get_json("/v1/models").await["items"].as_array().unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn an_unknown_pre_tokenizer_is_refused_at_the_gguf_output() {
+    let app = spawn_app(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_folder(dir.path());
+    let path = dir.path().join("tokenizer.json");
+    let mut tok: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    tok["pre_tokenizer"] = json!({"type": "Whitespace"});
+    std::fs::write(&path, tok.to_string()).unwrap();
+    let res = upload_tar(&app, tar_of(dir.path())).await;
+    let id = res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let res = app.create_job(&json!({"model_id": id, "steps": [], "outputs": ["gguf"]})).await;
+    assert_eq!(res.status(), 422);
+    let p = res.json::<Value>().await.unwrap().to_string();
+    assert!(p.contains("/outputs/0") && p.contains("pre-tokenizer") && p.contains("Whitespace"), "{p}");
+}
