@@ -91,9 +91,13 @@ fn main() {
         let ours = best_of(REPEATS, || {
             one.install(|| quantize(&model[0].1, ROWS, COLS, ty, &mut out).unwrap());
         });
-        // Release-build check that the hand-written kernels still give candle's exact bytes.
-        let reference = QTensor::quantize(&t, ty.ggml_dtype()).unwrap();
-        assert!(*reference.data().unwrap() == out[..], "{ty} bytes differ from candle's");
+        // Release-build check that the hand-written Q8_0/Q4_0 kernels still give candle's exact
+        // bytes. Q4_K/Q5_K/Q6_K run llama.cpp's current reference (a search candle's older
+        // `from_float` does not do), so their bytes and their cost differ by design.
+        if matches!(ty, GgufType::Q8_0 | GgufType::Q4_0) {
+            let reference = QTensor::quantize(&t, ty.ggml_dtype()).unwrap();
+            assert!(*reference.data().unwrap() == out[..], "{ty} bytes differ from candle's");
+        }
         report(&format!("1 thread: candle {ty}"), theirs, ROWS * COLS * 4);
         report(&format!("1 thread: ours   {ty}"), ours, ROWS * COLS * 4);
     }

@@ -201,6 +201,22 @@ async fn a_sharded_folder_uploads_as_tar_and_gives_a_gguf_llama_cpp_reads() {
     let spread = from_dense.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     assert!(spread > 0.1, "the logits say something ({spread})");
 
+    // llama-quantize's Q4_K_M mix: by role and layer, then llama.cpp's fallback for rows of 64
+    // (Q4_K -> Q5_0, Q6_K -> Q8_0; an output whose rows no k-quant divides is Q8_0).
+    let spec = json!({"model_id": id, "steps": [{"op": "quantize", "gguf_mix": "Q4_K_M"}], "outputs": ["gguf"]});
+    let (_, _, mixed) = run_job(&app, &spec).await;
+    let content =
+        candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(&mixed["model.gguf"])).unwrap();
+    let ty = |n: &str| format!("{:?}", content.tensor_infos[n].ggml_dtype);
+    assert_eq!(ty("blk.0.attn_q.weight"), "Q5_0");
+    assert_eq!(ty("blk.0.attn_v.weight"), "Q5_0");
+    assert_eq!(ty("blk.1.attn_v.weight"), "Q8_0", "the last layer gets more bits");
+    assert_eq!(ty("blk.1.ffn_down.weight"), "Q8_0");
+    assert_eq!(ty("output.weight"), "Q8_0");
+    assert_eq!(ty("token_embd.weight"), "Q5_0");
+    assert_eq!(ty("blk.0.attn_norm.weight"), "F32");
+    assert_eq!(content.metadata["general.file_type"].to_u32().unwrap(), 15);
+
     // The dense output folder carries the model's files: config.json as it was, the tokenizer.
     assert_eq!(serde_json::from_slice::<Value>(&out["config.json"]).unwrap(), config());
     assert!(out.contains_key("tokenizer.json") && out.contains_key("tokenizer_config.json"));

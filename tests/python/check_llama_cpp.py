@@ -6,7 +6,7 @@ runs `modelpress compress FOLDER` to GGUF (F32 and Q8_0), and checks with the `g
 - the metadata llama.cpp reads (architecture, hyperparameters, tokenizer, special tokens) equals
   what `convert_hf_to_gguf.py` writes for the same folder, key by key;
 - every tensor has llama.cpp's name, shape and type, and its bytes equal the converter's
-  (F32) or `llama-quantize`'s (Q8_0) bytes: Q/K permutation included.
+  (F32) or `llama-quantize`'s (the Q8_0 and Q4_K_M mixes) bytes: Q/K permutation included.
 With LLAMA_CPP_BIN set (a folder with `llama-perplexity`), llama.cpp runs both files on the same
 text and must report the same perplexity.
 
@@ -66,9 +66,10 @@ def make_folder(folder: Path):
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=tok.get_vocab_size(),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        # Rows of 256 and 512 values: every k-quant block fits, so Q4_K_M is k-quants throughout.
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
@@ -152,14 +153,15 @@ def main():
         folder = work / "tiny-llama"
         make_folder(folder)
         outs = {}
-        for name, steps in [("f32", []), ("q8_0", [{"op": "quantize", "gguf_type": "q8_0",
-                                             "targets": ["*_proj.weight", "model.embed_tokens.weight", "lm_head.weight"]}])]:
+        for name, steps in [("f32", []), ("q8_0", [{"op": "quantize", "gguf_mix": "Q8_0"}]),
+                            ("q4_k_m", [{"op": "quantize", "gguf_mix": "Q4_K_M"}])]:
             (work / f"{name}.json").write_text(json.dumps({"steps": steps, "outputs": ["gguf"]}))
             run([binary, "compress", folder, "--spec", work / f"{name}.json", "--out", work / name])
             outs[name] = work / name / "model.gguf"
-        m, t = fields(outs["q8_0"])
+        m, t = fields(outs["q4_k_m"])
         assert m["general.architecture"] == "llama" and "blk.0.attn_q.weight" in t, sorted(m)
-        assert t["blk.0.attn_q.weight"][0] == "Q8_0" and t["blk.0.attn_norm.weight"][0] == "F32"
+        assert t["blk.0.attn_q.weight"][0] == "Q4_K" and t["output.weight"][0] == "Q6_K", t["output.weight"][:2]
+        assert t["blk.0.attn_norm.weight"][0] == "F32"
         print(f"gguf: ModelPress's file has architecture llama, {len(t)} tensors under llama.cpp's names")
         if source is None:
             return
@@ -169,15 +171,16 @@ def main():
         quantize = os.environ.get("LLAMA_CPP_BIN")
         if quantize:
             bin_dir = Path(quantize)
-            ref_q8 = work / "ref-q8_0.gguf"
-            run([bin_dir / "llama-quantize", ref, ref_q8, "Q8_0", "2"], capture_output=True)
-            compare(outs["q8_0"], ref_q8, "Q8_0")
             text = work / "text.txt"
             text.write_text(TEXT)
-            for name in ("f32", "q8_0"):
+            for name, mix in (("q8_0", "Q8_0"), ("q4_k_m", "Q4_K_M")):
+                theirs = work / f"ref-{name}.gguf"
+                run([bin_dir / "llama-quantize", ref, theirs, mix, "2"], capture_output=True)
+                compare(outs[name], theirs, mix)
+            for name in ("f32", "q8_0", "q4_k_m"):
                 ours = perplexity(bin_dir / "llama-perplexity", outs[name], text)
-                theirs = perplexity(bin_dir / "llama-perplexity", ref if name == "f32" else ref_q8, text)
-                print(f"llama-perplexity {name}: ModelPress {ours:.4f}, converter {theirs:.4f}")
+                theirs = perplexity(bin_dir / "llama-perplexity", ref if name == "f32" else work / f"ref-{name}.gguf", text)
+                print(f"llama-perplexity {name}: ModelPress {ours:.4f}, converter + llama-quantize {theirs:.4f}")
                 assert ours == theirs, (ours, theirs)
     print("llama.cpp checks passed")
 

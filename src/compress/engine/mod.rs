@@ -312,7 +312,16 @@ fn open_sinks(
                 if let Some(m) = llama {
                     meta.extend(m.metadata.iter().cloned());
                     let matrices = tensors.iter().filter(|t| t.shape.len() >= 2).map(|t| t.ty);
-                    meta.push(("general.file_type".to_string(), MetaValue::from(llama_cpp::file_type(matrices))));
+                    // A named mix is its own file type (Q4_K_S and Q4_K_M share their common type).
+                    let mix = job.plan.spec.steps.iter().rev().find_map(|s| match s {
+                        super::ops::Step::Quantize(q) => match q.method {
+                            super::ops::quantize::QuantMethod::Mix(m) => Some(m.file_type()),
+                            _ => None,
+                        },
+                        _ => None,
+                    });
+                    let file_type = mix.unwrap_or_else(|| llama_cpp::file_type(matrices));
+                    meta.push(("general.file_type".to_string(), MetaValue::from(file_type)));
                     if let Some(f) = &m.rope_freqs {
                         tensors.insert(0, GgufTensor::new(llama_cpp::ROPE_FREQS, &[f.len()], GgufType::F32));
                     }

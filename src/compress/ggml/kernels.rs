@@ -94,7 +94,7 @@ pub(super) fn quantize_chunk(ty: GgufType, xs: &[f32], ys: &mut [u8]) {
         GgufType::Q3K => quantize_with::<BlockQ3K>(xs, ys),
         GgufType::Q4K => super::fast_k::quantize_q4k(xs, ys),
         GgufType::Q5K => super::fast_k::quantize_q5k(xs, ys),
-        GgufType::Q6K => quantize_with::<BlockQ6K>(xs, ys),
+        GgufType::Q6K => super::fast_k::quantize_q6k(xs, ys),
     }
 }
 

@@ -16,6 +16,9 @@ use crate::formats::gguf::GgufType;
 use crate::formats::safetensors::{Dtype, TensorInfo};
 pub use parse::DEFAULT_GROUP_SIZE;
 
+mod mix;
+pub use mix::GgufMix;
+
 #[derive(Debug, Clone)]
 pub struct QuantizeStep {
     pub select: Selector,
@@ -72,6 +75,8 @@ pub enum QuantMethod {
     /// Per-tensor choice among candidates minimising total error with average bits per weight
     /// (over the targeted tensors) <= `target_bits`, from errors measured on the weights.
     Auto { target_bits: f64, candidates: Vec<Scheme> },
+    /// llama-quantize's per-tensor choices for a named mix (`gguf_mix`), by role and layer.
+    Mix(GgufMix),
 }
 
 /// Scheme label used in plans and reports, e.g. `int4/group128/asym`.
@@ -191,7 +196,7 @@ impl StepOp for QuantizeStep {
 
     fn scope(&self) -> Scope {
         match self.method {
-            QuantMethod::Fixed(_) | QuantMethod::Rules(_) => Scope::Tensor,
+            QuantMethod::Fixed(_) | QuantMethod::Rules(_) | QuantMethod::Mix(_) => Scope::Tensor,
             QuantMethod::Auto { .. } => Scope::CrossTensor,
         }
     }
@@ -203,6 +208,12 @@ impl StepOp for QuantizeStep {
     fn plan_tensor(&self, cx: &mut Planner<'_>, step: usize, i: usize) {
         let pointer = format!("/steps/{step}");
         match &self.method {
+            // Planned in `plan_finish`, once the layer count is known.
+            QuantMethod::Mix(_) if cx.tensors[i].out.shape.len() < 2 => {
+                let reason = "not a matrix: llama.cpp keeps 1-D tensors in F32".into();
+                cx.tensors[i].skipped.push(Skip { step, reason });
+            }
+            QuantMethod::Mix(_) => {}
             QuantMethod::Fixed(s) => plan_scheme(cx, i, step, &pointer, s),
             QuantMethod::Rules(rules) => {
                 let name = cx.tensors[i].out.name.clone();
@@ -230,6 +241,28 @@ impl StepOp for QuantizeStep {
                     kernel: Kernel::Auto { step },
                 });
             }
+        }
+    }
+
+    /// A named mix: each selected matrix gets llama-quantize's type for its role and layer,
+    /// with llama.cpp's shape fallback.
+    fn plan_finish(&self, cx: &mut Planner<'_>, step: usize) {
+        let QuantMethod::Mix(mix) = self.method else { return };
+        let layers = cx
+            .tensors
+            .iter()
+            .filter_map(|tp| tp.out.name.strip_prefix("model.layers.")?.split('.').next()?.parse::<usize>().ok())
+            .max()
+            .map_or(0, |l| l + 1);
+        let tied = !cx.tensors.iter().any(|tp| tp.out.name == "lm_head.weight");
+        let pointer = format!("/steps/{step}/gguf_mix");
+        for i in 0..cx.tensors.len() {
+            let t = &cx.tensors[i].out;
+            if t.shape.len() < 2 || self.select.decide(t).is_err() {
+                continue;
+            }
+            let ty = mix.type_for(&t.name, t.shape[t.shape.len() - 1], layers, tied);
+            plan_scheme(cx, i, step, &pointer, &Scheme::Ggml { ty, fallback: Fallback::LlamaCpp });
         }
     }
 

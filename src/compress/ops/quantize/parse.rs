@@ -3,7 +3,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{Fallback, QuantMethod, QuantizeStep, Scheme};
+use super::{Fallback, GgufMix, QuantMethod, QuantizeStep, Scheme};
 use crate::compress::quant::{Granularity, IntParams, ScaleSearch};
 use crate::compress::select::Selector;
 use crate::compress::spec::{field, from_value_at, SpecError};
@@ -57,6 +57,7 @@ struct RawQuantize {
     fallback: Option<String>,
     rules: Option<Vec<RawRule>>,
     mixed: Option<RawMixed>,
+    gguf_mix: Option<String>,
     targets: Option<Vec<String>>,
     ignore: Option<Vec<String>>,
 }
@@ -143,6 +144,17 @@ fn parse_scheme(raw: RawScheme, at: &str) -> Result<Scheme, SpecError> {
 
 pub(crate) fn parse_quantize(value: &Value, at: &str) -> Result<QuantizeStep, SpecError> {
     let raw: RawQuantize = from_value_at(value, at)?;
+    if let Some(name) = &raw.gguf_mix {
+        // llama-quantize quantizes every matrix, the embeddings included.
+        let all = ["*.weight".to_owned()];
+        let select = Selector::parse(Some(raw.targets.as_deref().unwrap_or(&all)), raw.ignore.as_deref(), at)?;
+        let others = [raw.bits.is_some(), raw.gguf_type.is_some(), raw.rules.is_some(), raw.mixed.is_some()];
+        if others.iter().any(|&b| b) || raw.granularity.is_some() || raw.fallback.is_some() {
+            return Err(field(at, "gguf_mix", "`gguf_mix` decides every tensor's type: give it without `bits`, `gguf_type`, `rules`, `mixed` or `fallback`"));
+        }
+        let mix = name.parse::<GgufMix>().map_err(|e| field(at, "gguf_mix", e))?;
+        return Ok(QuantizeStep { select, method: QuantMethod::Mix(mix) });
+    }
     let select = Selector::parse(raw.targets.as_deref(), raw.ignore.as_deref(), at)?;
     let scheme = RawScheme {
         bits: raw.bits,
