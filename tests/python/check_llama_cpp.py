@@ -7,8 +7,9 @@ runs `modelpress compress FOLDER` to GGUF (F32 and Q8_0), and checks with the `g
   what `convert_hf_to_gguf.py` writes for the same folder, key by key;
 - every tensor has llama.cpp's name, shape and type, and its bytes equal the converter's
   (F32) or `llama-quantize`'s (the Q8_0 and Q4_K_M mixes) bytes: Q/K permutation included.
-With LLAMA_CPP_BIN set (a folder with `llama-perplexity`), llama.cpp runs both files on the same
-text and must report the same perplexity.
+With LLAMA_CPP_BIN set (a folder with llama.cpp's built `llama-quantize` and `llama-perplexity`),
+the Q8_0 and Q4_K_M files are also compared with llama-quantize's, and llama.cpp runs each pair on
+the same text and must report the same perplexity.
 
 Usage: python tests/python/check_llama_cpp.py path/to/modelpress LLAMA_CPP_SOURCE
   LLAMA_CPP_SOURCE: llama.cpp's source tree (convert_hf_to_gguf.py and gguf-py), as bundled in
@@ -168,6 +169,10 @@ def main():
         ref = work / "ref-f32.gguf"
         reference(folder, source, ref, "f32")
         compare(outs["f32"], ref, "F32")
+        # The converter quantizes to Q8_0 itself (gguf-py's numpy port of ggml's kernel).
+        ref_q8 = work / "ref-q8_0-converter.gguf"
+        reference(folder, source, ref_q8, "q8_0")
+        compare(outs["q8_0"], ref_q8, "Q8_0 (converter --outtype q8_0)")
         quantize = os.environ.get("LLAMA_CPP_BIN")
         if quantize:
             bin_dir = Path(quantize)
