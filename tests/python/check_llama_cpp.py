@@ -42,31 +42,56 @@ def run(cmd, **kw):
     return subprocess.run(cmd, check=True, **kw)
 
 
-def make_folder(folder: Path):
-    """A tiny Llama with GQA, untied lm_head, a gpt2-style BPE tokenizer, in three shards."""
+def make_folder(folder: Path, sentencepiece: bool = False):
+    """A tiny Llama with GQA, untied lm_head, in several shards, with a gpt2-style BPE tokenizer
+    or (sentencepiece=True) a SentencePiece tokenizer.model as Llama 2 and Mistral ship."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([TEXT] * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="<|endoftext|>"
-    )
-    fast.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    fast.save_pretrained(folder)
+    if sentencepiece:
+        import shutil
+
+        import sentencepiece as spm
+        from transformers import LlamaTokenizer
+
+        folder.mkdir(parents=True)
+        text = folder.parent / "spm-text.txt"
+        text.write_text(TEXT.replace(". ", ".\n"))
+        spm.SentencePieceTrainer.train(
+            input=str(text), model_prefix=str(folder.parent / "spm"), vocab_size=360, model_type="bpe",
+            byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        )
+        fast = LlamaTokenizer(vocab_file=str(folder.parent / "spm.model"))
+        fast.save_pretrained(folder)
+        # transformers 5 writes only tokenizer.json; Llama 2 and Mistral folders also carry the
+        # SentencePiece model, which llama.cpp's converter reads first.
+        shutil.copy(folder.parent / "spm.model", folder / "tokenizer.model")
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config["add_bos_token"] = True
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        vocab_size = 360
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=320,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        tok.train_from_iterator([TEXT] * 4, trainer=trainer)
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="<|endoftext|>"
+        )
+        fast.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        fast.save_pretrained(folder)
+        vocab_size = tok.get_vocab_size()
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=tok.get_vocab_size(),
+        vocab_size=vocab_size,
         # Rows of 256 and 512 values: every k-quant block fits, so Q4_K_M is k-quants throughout.
         hidden_size=256,
         intermediate_size=512,
@@ -140,10 +165,14 @@ def compare(ours: Path, theirs: Path, what: str):
 
 
 def perplexity(binary: Path, model: Path, text: Path) -> float:
-    out = run([binary, "-m", model, "-f", text, "-c", "64", "-b", "64", "-t", "2"], capture_output=True, text=True)
-    found = re.findall(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
-    assert found, out.stderr[-2000:]
-    return float(found[-1])
+    # llama.cpp logs from a background thread and now and then exits before the last line is
+    # out: run again rather than fail on a lost log line.
+    for _ in range(3):
+        out = run([binary, "-m", model, "-f", text, "-c", "64", "-b", "64", "-t", "2"], capture_output=True, text=True)
+        found = re.findall(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
+        if found:
+            return float(found[-1])
+    raise AssertionError(out.stderr[-2000:])
 
 
 def main():
@@ -187,6 +216,21 @@ def main():
                 theirs = perplexity(bin_dir / "llama-perplexity", ref if name == "f32" else work / f"ref-{name}.gguf", text)
                 print(f"llama-perplexity {name}: ModelPress {ours:.4f}, converter + llama-quantize {theirs:.4f}")
                 assert ours == theirs, (ours, theirs)
+        # A SentencePiece tokenizer (Llama 2, Mistral): tokenizer.ggml.model `llama` with scores.
+        spm_folder = work / "spm" / "tiny-llama"
+        make_folder(spm_folder, sentencepiece=True)
+        for name, steps in [("f32", []), ("q8_0", [{"op": "quantize", "gguf_mix": "Q8_0"}])]:
+            (work / f"spm-{name}.json").write_text(json.dumps({"steps": steps, "outputs": ["gguf"]}))
+            out = work / "spm" / name
+            run([binary, "compress", spm_folder, "--spec", work / f"spm-{name}.json", "--out", out])
+            theirs = work / "spm" / f"ref-{name}.gguf"
+            reference(spm_folder, source, theirs, name)
+            compare(out / "model.gguf", theirs, f"SentencePiece {name}")
+            if quantize and name == "q8_0":
+                ours = perplexity(bin_dir / "llama-perplexity", out / "model.gguf", text)
+                ref = perplexity(bin_dir / "llama-perplexity", theirs, text)
+                print(f"llama-perplexity SentencePiece q8_0: ModelPress {ours:.4f}, converter {ref:.4f}")
+                assert ours == ref, (ours, ref)
     print("llama.cpp checks passed")
 
 

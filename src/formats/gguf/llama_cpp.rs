@@ -192,7 +192,7 @@ pub fn plan(files: &ModelFiles, tensors: &[(&str, &[usize])]) -> Result<Conversi
     if !names.contains_key("model.embed_tokens.weight") {
         return Err("the model has no `model.embed_tokens.weight`, which llama.cpp needs".into());
     }
-    let tok = tokenizer(files, h.vocab)?;
+    let tok = tokenizer(files, h.vocab, arch == "llama")?;
     let mut metadata: Vec<(String, MetaValue)> = vec![
         ("general.architecture".into(), arch.into()),
         ("general.name".into(), config["_name_or_path"].as_str().unwrap_or("modelpress output").into()),
@@ -217,8 +217,9 @@ pub fn plan(files: &ModelFiles, tensors: &[(&str, &[usize])]) -> Result<Conversi
     }
     let rope_freqs = rope_scaling(&config, &h, arch, &mut metadata)?;
     let summary = format!(
-        "a llama.cpp GGUF: architecture `{arch}` ({hf_arch}, {} layers), tokenizer `gpt2` with pre-tokenizer `{}`, {} tokens{}",
+        "a llama.cpp GGUF: architecture `{arch}` ({hf_arch}, {} layers), tokenizer `{}` with pre-tokenizer `{}`, {} tokens{}",
         h.layers,
+        tok.model,
         tok.pre,
         tok.tokens.len(),
         if permute { ", Q/K rows permuted for llama.cpp's RoPE" } else { "" }
@@ -378,22 +379,28 @@ fn rope_scaling(
     }
 }
 
-/// The tokenizer keys of a byte-level BPE tokenizer.
+/// The tokenizer keys: byte-level BPE (`gpt2`) or SentencePiece (`llama`).
 struct Tokenizer {
+    model: &'static str,
     pre: &'static str,
     tokens: Vec<String>,
+    /// SentencePiece scores (`llama` only).
+    scores: Option<Vec<f32>>,
     types: Vec<i32>,
     merges: Vec<String>,
     special: Vec<(&'static str, u32)>,
     add: Vec<(&'static str, bool)>,
+    add_space_prefix: Option<bool>,
     chat_template: Option<String>,
 }
 
 /// llama.cpp's `llama_token_type`.
 const NORMAL: i32 = 1;
+const UNKNOWN: i32 = 2;
 const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
 const UNUSED: i32 = 5;
+const BYTE: i32 = 6;
 
 /// Pre-tokenizer definitions of `tokenizer.json` -> llama.cpp's `tokenizer.ggml.pre`. Each
 /// regex is the one llama.cpp's `llama-vocab.cpp` reproduces for that name.
@@ -417,15 +424,95 @@ fn pre_tokenizer(pre: &Value) -> Option<&'static str> {
     }
 }
 
-fn tokenizer(files: &ModelFiles, vocab_size: usize) -> Result<Tokenizer, String> {
-    let json = files.json("tokenizer.json").map_err(|e| e.to_string())?.ok_or(
-        "the model has only a SentencePiece tokenizer.model; ModelPress writes llama.cpp GGUF from tokenizer.json (byte-level BPE) for now",
-    )?;
+/// The tokenizer as the converter reads it: SentencePiece from `tokenizer.model` when the folder
+/// has one (its `_set_vocab_sentencepiece`, tried first), else byte-level BPE from
+/// `tokenizer.json` (`_set_vocab_gpt2`); then gguf-py's `SpecialVocab` for special ids, the
+/// add-BOS/EOS flags and the chat template. `space_prefix`: whether `add_prefix_space` of
+/// `tokenizer_config.json` is written (the converter's Llama class does, Qwen2's does not).
+fn tokenizer(files: &ModelFiles, vocab_size: usize, space_prefix: bool) -> Result<Tokenizer, String> {
+    let json = files.json("tokenizer.json").map_err(|e| e.to_string())?;
     let config = files.json("tokenizer_config.json").map_err(|e| e.to_string())?.unwrap_or(Value::Null);
+    let added = json.as_ref().and_then(|j| j["added_tokens"].as_array().cloned()).unwrap_or_default();
+    let (model, pre, tokens, scores, types, merges) = match files.path("tokenizer.model") {
+        Some(path) => {
+            let bytes = std::fs::read(path).map_err(|e| format!("reading tokenizer.model: {e}"))?;
+            let (tokens, scores, types) = sentencepiece_vocab(&bytes, &config, files, vocab_size)?;
+            ("llama", "default", tokens, Some(scores), types, Vec::new())
+        }
+        None => {
+            let json = json.as_ref().ok_or("the model has no tokenizer.json")?;
+            let (pre, tokens, types, merges) = bpe_vocab(json, &added, vocab_size)?;
+            ("gpt2", pre, tokens, None, types, merges)
+        }
+    };
+    let n_vocab = tokens.len();
+    // Special tokens: tokenizer_config.json's names resolved through added_tokens, then
+    // config.json's ids (gguf-py's SpecialVocab order; the first found wins).
+    let model_config = files.json("config.json").ok().flatten().unwrap_or(Value::Null);
+    let mut special = Vec::new();
+    for (typ, key) in [
+        ("bos", "bos_token_id"),
+        ("eos", "eos_token_id"),
+        ("unk", "unknown_token_id"),
+        ("sep", "seperator_token_id"),
+        ("pad", "padding_token_id"),
+        ("mask", "mask_token_id"),
+    ] {
+        let entry = &config[format!("{typ}_token")];
+        let content = entry.as_str().or_else(|| entry["content"].as_str());
+        let id = content.and_then(|c| added.iter().find(|a| a["content"] == c)).and_then(|a| a["id"].as_u64());
+        let id = id.or_else(|| model_config[format!("{typ}_token_id")].as_u64());
+        if let Some(id) = id.filter(|&id| (id as usize) < n_vocab) {
+            special.push((key, id as u32));
+        }
+    }
+    let mut add = Vec::new();
+    let post = json.as_ref().map_or(Value::Null, |j| j["post_processor"].clone());
+    let processors = post["processors"].as_array().cloned().unwrap_or_else(|| vec![post.clone()]);
+    for p in &processors {
+        if p["type"] == "TemplateProcessing" {
+            let single = p["single"].as_array().cloned().unwrap_or_default();
+            let bos = special.iter().find(|(k, _)| *k == "bos_token_id").map(|&(_, id)| id);
+            let first = single.first().and_then(|s| s["SpecialToken"]["id"].as_str());
+            let first_id = first.and_then(|c| added.iter().find(|a| a["content"] == c)).and_then(|a| a["id"].as_u64());
+            if single.len() > 1 && first.is_some() {
+                add.push(("add_bos_token", first_id.is_some() && first_id.map(|v| v as u32) == bos));
+            }
+        } else if p["type"] == "ByteLevel" && !add.iter().any(|(k, _)| *k == "add_bos_token") {
+            add.push(("add_bos_token", false));
+            add.push(("add_eos_token", false));
+        }
+    }
+    for (key, typ) in [("add_bos_token", "add_bos_token"), ("add_eos_token", "add_eos_token")] {
+        if let Some(v) = config[typ].as_bool() {
+            if !add.iter().any(|(k, _)| *k == key) {
+                add.push((key, v));
+            }
+        }
+    }
+    let chat_template = match config["chat_template"].as_str() {
+        Some(t) => Some(t.to_owned()),
+        None => match files.path("chat_template.jinja") {
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| format!("reading chat_template.jinja: {e}"))?),
+            None => None,
+        },
+    };
+    let add_space_prefix = config["add_prefix_space"].as_bool().filter(|_| space_prefix);
+    Ok(Tokenizer { model, pre, tokens, scores, types, merges, special, add, add_space_prefix, chat_template })
+}
+
+/// Tokens, types and merges of a byte-level BPE `tokenizer.json` (the converter's
+/// `get_vocab_base`), padded to `vocab_size` with `[PAD{i}]` (unused).
+#[allow(clippy::type_complexity)]
+fn bpe_vocab(
+    json: &Value,
+    added: &[Value],
+    vocab_size: usize,
+) -> Result<(&'static str, Vec<String>, Vec<i32>, Vec<String>), String> {
     let model = &json["model"];
     if model["type"] != "BPE" || model["byte_fallback"] == true || json["pre_tokenizer"]["type"] == "Metaspace" {
         return Err(format!(
-            "tokenizer.json holds a {} tokenizer{}; ModelPress writes llama.cpp GGUF for byte-level BPE tokenizers (gpt2) for now",
+            "tokenizer.json holds a {} tokenizer{} and the folder has no tokenizer.model; ModelPress writes llama.cpp GGUF for byte-level BPE tokenizer.json and SentencePiece tokenizer.model",
             model["type"].as_str().unwrap_or("unknown"),
             if model["byte_fallback"] == true { " with byte fallback (SentencePiece style)" } else { "" }
         ));
@@ -441,8 +528,7 @@ fn tokenizer(files: &ModelFiles, vocab_size: usize) -> Result<Tokenizer, String>
         let id = id.as_u64().ok_or_else(|| format!("tokenizer.json: token {token:?} has no integer id"))? as usize;
         by_id.insert(id, (token.clone(), NORMAL));
     }
-    let added = json["added_tokens"].as_array().cloned().unwrap_or_default();
-    for a in &added {
+    for a in added {
         let (Some(id), Some(content)) = (a["id"].as_u64(), a["content"].as_str()) else { continue };
         let ty = if a["special"] == true || looks_special(content) { CONTROL } else { USER_DEFINED };
         let content = if ty == USER_DEFINED { content.replace('\u{2581}', " ") } else { content.to_owned() };
@@ -477,58 +563,134 @@ fn tokenizer(files: &ModelFiles, vocab_size: usize) -> Result<Tokenizer, String>
         Some(m) => m.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
         None => return Err("tokenizer.json has no model.merges, which a BPE tokenizer needs".into()),
     };
-    // Special tokens: tokenizer_config.json's names resolved through added_tokens, then
-    // config.json's ids (gguf-py's SpecialVocab order; the first found wins).
-    let mut special = Vec::new();
-    for (typ, key) in [
-        ("bos", "bos_token_id"),
-        ("eos", "eos_token_id"),
-        ("unk", "unknown_token_id"),
-        ("sep", "seperator_token_id"),
-        ("pad", "padding_token_id"),
-        ("mask", "mask_token_id"),
-    ] {
-        let entry = &config[format!("{typ}_token")];
-        let content = entry.as_str().or_else(|| entry["content"].as_str());
-        let id = content.and_then(|c| added.iter().find(|a| a["content"] == c)).and_then(|a| a["id"].as_u64());
-        let id =
-            id.or_else(|| files.json("config.json").ok().flatten().and_then(|c| c[format!("{typ}_token_id")].as_u64()));
-        if let Some(id) = id.filter(|&id| (id as usize) < vocab_size) {
-            special.push((key, id as u32));
-        }
+    Ok((pre, tokens, types, merges))
+}
+
+/// Tokens, scores and types of a SentencePiece `tokenizer.model`, as the converter's
+/// `_create_vocab_sentencepiece` builds them: `vocab_size` entries (unfilled ones `[PAD{i}]`,
+/// score -10000, unused), the model's pieces with their scores and types (user-defined pieces
+/// count as normal, as `SentencePieceProcessor` reports them), then `added_tokens.json` and
+/// `tokenizer_config.json`'s `added_tokens_decoder` (score -1000; control when special).
+#[allow(clippy::type_complexity)]
+fn sentencepiece_vocab(
+    bytes: &[u8],
+    config: &Value,
+    files: &ModelFiles,
+    vocab_size: usize,
+) -> Result<(Vec<String>, Vec<f32>, Vec<i32>), String> {
+    let pieces =
+        sentencepiece_pieces(bytes).map_err(|e| format!("tokenizer.model is not a SentencePiece model: {e}"))?;
+    let mut tokens: Vec<String> = (0..vocab_size).map(|i| format!("[PAD{i}]")).collect();
+    let mut scores = vec![-10000.0f32; vocab_size];
+    let mut types = vec![UNUSED; vocab_size];
+    for (id, (piece, score, ty)) in pieces.into_iter().enumerate().take(vocab_size) {
+        tokens[id] = piece;
+        scores[id] = score;
+        types[id] = match ty {
+            2 => UNKNOWN,
+            3 => CONTROL,
+            5 => UNUSED,
+            6 => BYTE,
+            _ => NORMAL,
+        };
     }
-    let mut add = Vec::new();
-    let post = &json["post_processor"];
-    let processors = post["processors"].as_array().cloned().unwrap_or_else(|| vec![post.clone()]);
-    for p in &processors {
-        if p["type"] == "TemplateProcessing" {
-            let single = p["single"].as_array().cloned().unwrap_or_default();
-            let bos = special.iter().find(|(k, _)| *k == "bos_token_id").map(|&(_, id)| id);
-            let first = single.first().and_then(|s| s["SpecialToken"]["id"].as_str());
-            let first_id = first.and_then(|c| added.iter().find(|a| a["content"] == c)).and_then(|a| a["id"].as_u64());
-            if single.len() > 1 {
-                add.push(("add_bos_token", first_id.is_some() && first_id.map(|v| v as u32) == bos));
-            }
-        } else if p["type"] == "ByteLevel" && !add.iter().any(|(k, _)| *k == "add_bos_token") {
-            add.push(("add_bos_token", false));
-            add.push(("add_eos_token", false));
-        }
-    }
-    for (key, typ) in [("add_bos_token", "add_bos_token"), ("add_eos_token", "add_eos_token")] {
-        if let Some(v) = config[typ].as_bool() {
-            if !add.iter().any(|(k, _)| *k == key) {
-                add.push((key, v));
+    if let Some(added) = files.json("added_tokens.json").map_err(|e| e.to_string())? {
+        for (token, id) in added.as_object().into_iter().flatten() {
+            if let Some(id) = id.as_u64().map(|v| v as usize).filter(|&id| id < vocab_size) {
+                tokens[id] = token.clone();
+                scores[id] = -1000.0;
+                types[id] = USER_DEFINED;
             }
         }
     }
-    let chat_template = match config["chat_template"].as_str() {
-        Some(t) => Some(t.to_owned()),
-        None => match files.path("chat_template.jinja") {
-            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| format!("reading chat_template.jinja: {e}"))?),
-            None => None,
-        },
-    };
-    Ok(Tokenizer { pre, tokens, types, merges, special, add, chat_template })
+    let mut decoder: Vec<(usize, &Value)> = config["added_tokens_decoder"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k.parse::<usize>().ok()?, v)))
+        .filter(|&(id, _)| id < vocab_size)
+        .collect();
+    // Python dicts keep the file's order; serde_json's map sorts keys as strings.
+    decoder.sort_by_key(|&(id, _)| id);
+    for (id, data) in decoder {
+        let Some(content) = data["content"].as_str() else { continue };
+        if data["special"] == true || looks_special(content) {
+            types[id] = CONTROL;
+            tokens[id] = content.to_owned();
+        } else {
+            types[id] = USER_DEFINED;
+            tokens[id] = content.replace('\u{2581}', " ");
+        }
+        scores[id] = -1000.0;
+    }
+    Ok((tokens, scores, types))
+}
+
+/// The pieces of a SentencePiece `ModelProto` (protobuf: field 1, repeated `SentencePiece`
+/// {piece = 1: string, score = 2: float, type = 3: enum, NORMAL = 1 by default}); other
+/// fields skipped.
+fn sentencepiece_pieces(bytes: &[u8]) -> Result<Vec<(String, f32, i32)>, String> {
+    struct Reader<'a>(&'a [u8]);
+    impl<'a> Reader<'a> {
+        fn varint(&mut self) -> Result<u64, String> {
+            let mut v = 0u64;
+            for shift in (0..64).step_by(7) {
+                let (&b, rest) = self.0.split_first().ok_or("truncated varint")?;
+                self.0 = rest;
+                v |= u64::from(b & 0x7f) << shift;
+                if b & 0x80 == 0 {
+                    return Ok(v);
+                }
+            }
+            Err("varint longer than 10 bytes".into())
+        }
+        fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+            if n > self.0.len() {
+                return Err(format!("a field of {n} bytes runs past the end"));
+            }
+            let (head, rest) = self.0.split_at(n);
+            self.0 = rest;
+            Ok(head)
+        }
+        /// (field number, wire type, payload for length-delimited and fixed fields).
+        fn field(&mut self) -> Result<(u64, u64, &'a [u8], u64), String> {
+            let key = self.varint()?;
+            let (field, wire) = (key >> 3, key & 7);
+            match wire {
+                0 => Ok((field, wire, &[], self.varint()?)),
+                1 => Ok((field, wire, self.take(8)?, 0)),
+                2 => {
+                    let n = usize::try_from(self.varint()?).map_err(|_| "length overflows")?;
+                    Ok((field, wire, self.take(n)?, 0))
+                }
+                5 => Ok((field, wire, self.take(4)?, 0)),
+                other => Err(format!("wire type {other} of field {field}")),
+            }
+        }
+    }
+    let mut pieces = Vec::new();
+    let mut model = Reader(bytes);
+    while !model.0.is_empty() {
+        let (field, wire, payload, _) = model.field()?;
+        if field != 1 || wire != 2 {
+            continue;
+        }
+        let (mut piece, mut score, mut ty) = (String::new(), 0f32, 1i32);
+        let mut r = Reader(payload);
+        while !r.0.is_empty() {
+            match r.field()? {
+                (1, 2, p, _) => piece = String::from_utf8(p.to_vec()).map_err(|_| "a piece is not UTF-8")?,
+                (2, 5, p, _) => score = f32::from_le_bytes(p.try_into().expect("4 bytes")),
+                (3, 0, _, v) => ty = v as i32,
+                _ => {}
+            }
+        }
+        pieces.push((piece, score, ty));
+    }
+    if pieces.is_empty() {
+        return Err("no pieces".into());
+    }
+    Ok(pieces)
 }
 
 /// gguf-py's `does_token_look_special`.
@@ -541,11 +703,19 @@ fn looks_special(t: &str) -> bool {
 
 impl Tokenizer {
     fn write(self, m: &mut Vec<(String, MetaValue)>) {
-        m.push(("tokenizer.ggml.model".into(), "gpt2".into()));
+        if let Some(v) = self.add_space_prefix {
+            m.push(("tokenizer.ggml.add_space_prefix".into(), v.into()));
+        }
+        m.push(("tokenizer.ggml.model".into(), self.model.into()));
         m.push(("tokenizer.ggml.pre".into(), self.pre.into()));
         m.push(("tokenizer.ggml.tokens".into(), MetaValue::StringArray(self.tokens)));
+        if let Some(scores) = self.scores {
+            m.push(("tokenizer.ggml.scores".into(), MetaValue::F32Array(scores)));
+        }
         m.push(("tokenizer.ggml.token_type".into(), MetaValue::I32Array(self.types)));
-        m.push(("tokenizer.ggml.merges".into(), MetaValue::StringArray(self.merges)));
+        if !self.merges.is_empty() {
+            m.push(("tokenizer.ggml.merges".into(), MetaValue::StringArray(self.merges)));
+        }
         for (key, id) in self.special {
             m.push((format!("tokenizer.ggml.{key}"), id.into()));
         }
@@ -608,6 +778,32 @@ mod tests {
         assert_eq!(pre_tokenizer(&llama3), Some("llama-bpe"));
         let unknown = serde_json::json!({"type": "Whitespace"});
         assert_eq!(pre_tokenizer(&unknown), None);
+    }
+
+    /// A SentencePiece model written by hand in protobuf: pieces with scores and types, and a
+    /// trainer-spec field (2) that is skipped.
+    #[test]
+    fn sentencepiece_pieces_are_read_from_the_protobuf() {
+        fn piece(text: &str, score: f32, ty: Option<u8>) -> Vec<u8> {
+            let mut p = vec![0x0a, text.len() as u8];
+            p.extend_from_slice(text.as_bytes());
+            p.push(0x15);
+            p.extend_from_slice(&score.to_le_bytes());
+            if let Some(t) = ty {
+                p.extend_from_slice(&[0x18, t]);
+            }
+            let mut out = vec![0x0a, p.len() as u8];
+            out.extend(p);
+            out
+        }
+        let mut model = piece("<unk>", 0.0, Some(2));
+        model.extend(piece("\u{2581}a", -1.5, None));
+        model.extend([0x12, 0x02, 0x08, 0x01]);
+        model.extend(piece("<0x41>", 0.0, Some(6)));
+        let pieces = sentencepiece_pieces(&model).unwrap();
+        assert_eq!(pieces, vec![("<unk>".into(), 0.0, 2), ("\u{2581}a".into(), -1.5, 1), ("<0x41>".into(), 0.0, 6)]);
+        assert!(sentencepiece_pieces(&[0x0a, 0x40, 0x00]).unwrap_err().contains("runs past the end"));
+        assert!(sentencepiece_pieces(b"{\"not\": \"protobuf\"}").is_err());
     }
 
     #[test]
