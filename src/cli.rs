@@ -289,7 +289,10 @@ impl Model {
     fn open(path: &Path) -> anyhow::Result<Model> {
         let folder = match path.file_name().and_then(|n| n.to_str()) {
             _ if path.is_dir() => path,
-            Some(crate::formats::hf::INDEX_FILE) => path.parent().unwrap_or(Path::new(".")),
+            // `model.safetensors.index.json` given inside its folder has the empty parent.
+            Some(crate::formats::hf::INDEX_FILE) => {
+                path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+            }
             _ => {
                 let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 if let Some((k, n)) = crate::formats::safetensors::shard_of(&name) {
@@ -384,7 +387,10 @@ fn compress(job: &JobArgs, out: &Path, memory_limit: u64) -> anyhow::Result<Exit
     if let Some(shards) = model.shards.take() {
         std::fs::create_dir_all(&merged_dir)?;
         model.path = merged_dir.join("model.safetensors");
-        crate::formats::hf::merge_shards(&shards, &model.path).context("merging the shards")?;
+        if let Err(e) = crate::formats::hf::merge_shards(&shards, &model.path, &|| false) {
+            let _ = std::fs::remove_dir_all(&merged_dir);
+            return Err(anyhow::Error::new(e).context("merging the shards"));
+        }
     }
     let model = model.path.as_path();
     // Hashed by a thread of its own while the job runs, never as a pass before it.

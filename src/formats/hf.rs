@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use super::safetensors::{read_header, shard_of, Dtype, Header, PlannedSafetensorsWriter, TensorInfo, TensorReader};
+use super::safetensors::{read_header, shard_of, Dtype, Header, TensorInfo};
 
 /// The index transformers writes beside sharded weights.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -35,9 +35,12 @@ pub const COMPANIONS: &[&str] = &[
     "chat_template.json",
 ];
 
-/// Largest companion file accepted (bytes). The largest tokenizer.json of common models
-/// (Gemma's 256k vocabulary) is about 34 MB.
+/// Largest companion file (and index) accepted (bytes). The largest tokenizer.json of common
+/// models (Gemma's 256k vocabulary) is about 34 MB.
 pub const MAX_COMPANION_BYTES: u64 = 128 << 20;
+
+/// Most shards one model may have; the largest public checkpoints have a few hundred.
+pub const MAX_SHARDS: usize = 4096;
 
 /// Whether `name` is kept with a model ([`COMPANIONS`]).
 pub fn is_companion(name: &str) -> bool {
@@ -135,6 +138,12 @@ impl ModelFolder {
                 if bytes > MAX_COMPANION_BYTES {
                     return Err(FolderError::TooLarge(name, bytes));
                 }
+                // A JSON file that does not parse would fail every job that reads it later.
+                if name.ends_with(".json") {
+                    let text = std::fs::read(dir.join(&name)).map_err(|e| FolderError::Io(name.clone(), e))?;
+                    serde_json::from_slice::<serde::de::IgnoredAny>(&text)
+                        .map_err(|e| FolderError::BadJson(name.clone(), e.to_string()))?;
+                }
                 files.files.insert(name.clone(), dir.join(&name));
             } else if name.ends_with(".safetensors") {
                 safetensors.push(name);
@@ -143,6 +152,10 @@ impl ModelFolder {
             }
         }
         let weights = if dir.join(INDEX_FILE).is_file() {
+            let len = std::fs::metadata(dir.join(INDEX_FILE)).map_err(|e| FolderError::Io(INDEX_FILE.into(), e))?.len();
+            if len > MAX_COMPANION_BYTES {
+                return Err(FolderError::TooLarge(INDEX_FILE.into(), len));
+            }
             let index = std::fs::read(dir.join(INDEX_FILE)).map_err(|e| FolderError::Io(INDEX_FILE.into(), e))?;
             let shards = check_index(&index, |shard| {
                 let path = dir.join(shard);
@@ -153,6 +166,9 @@ impl ModelFolder {
                     read_header(&path, header_limit).map_err(|e| FolderError::BadShard(shard.into(), e.to_string()))?;
                 Ok((path, header))
             })?;
+            // Safetensors files the index does not name are not part of the model.
+            ignored
+                .extend(safetensors.iter().filter(|n| !shards.iter().any(|(p, _)| p.ends_with(n.as_str()))).cloned());
             Weights::Sharded(shards)
         } else {
             match safetensors.as_slice() {
@@ -198,16 +214,16 @@ pub fn check_index(
     if index.weight_map.is_empty() {
         return Err(FolderError::BadIndex("`weight_map` is empty".into()));
     }
-    let mut order: Vec<&str> = Vec::new();
+    let mut order: BTreeSet<&str> = BTreeSet::new();
     for shard in index.weight_map.values() {
         if shard.contains('/') || shard.contains('\\') || !shard.ends_with(".safetensors") {
             return Err(FolderError::BadIndex(format!("`{shard}` is not a safetensors file of the folder")));
         }
-        if !order.contains(&shard.as_str()) {
-            order.push(shard);
+        order.insert(shard);
+        if order.len() > MAX_SHARDS {
+            return Err(FolderError::BadIndex(format!("it names more than {MAX_SHARDS} shards")));
         }
     }
-    order.sort_unstable();
     let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
     let mut shards = Vec::with_capacity(order.len());
     for shard in order {
@@ -288,20 +304,42 @@ pub fn merged_header(shards: &[(PathBuf, Header)]) -> Header {
 }
 
 /// Writes the shards' tensors into one safetensors file at `out` (see [`merged_header`]), with
-/// the first shard's `__metadata__`. Memory: the largest tensor. Returns the file's size.
-pub fn merge_shards(shards: &[(PathBuf, Header)], out: &Path) -> std::io::Result<u64> {
+/// the first shard's `__metadata__`. Tensors are copied in chunks of 8 MiB (memory stays
+/// bounded whatever a tensor's size), each shard opened while it is read; `stop` is asked
+/// between chunks (a client gone, a shutdown) and ends the merge with `Interrupted`. Returns the
+/// file's size.
+pub fn merge_shards(shards: &[(PathBuf, Header)], out: &Path, stop: &dyn Fn() -> bool) -> std::io::Result<u64> {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    const CHUNK: usize = 8 << 20;
     let all = save_file_order(shards);
-    let declared: Vec<_> = all.iter().map(|(_, t)| (t.name.clone(), t.dtype, t.shape.clone())).collect();
     let metadata = shards.first().map(|(_, h)| h.metadata.clone()).unwrap_or_default();
     let header = save_file_header(&all, &metadata);
-    let mut writer = PlannedSafetensorsWriter::create_with_header(out, &declared, header)?;
-    let mut readers = shards.iter().map(|(p, _)| TensorReader::open(p)).collect::<std::io::Result<Vec<_>>>()?;
+    let mut file = std::io::BufWriter::with_capacity(CHUNK, std::fs::File::create(out)?);
+    file.write_all(&(header.len() as u64).to_le_bytes())?;
+    file.write_all(&header)?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut open: Option<(usize, std::fs::File)> = None;
     for (i, t) in all {
-        let raw = readers[i].read_raw(t)?;
-        writer.write(&t.name, raw)?;
+        let source = match open.take() {
+            Some((j, f)) if j == i => f,
+            _ => std::fs::File::open(&shards[i].0)?,
+        };
+        let (mut at, end) = (t.start, t.end);
+        while at < end {
+            if stop() {
+                return Err(std::io::Error::new(std::io::ErrorKind::Interrupted, "the merge was stopped"));
+            }
+            let n = ((end - at) as usize).min(CHUNK);
+            source.read_exact_at(&mut buf[..n], at)?;
+            file.write_all(&buf[..n])?;
+            at += n as u64;
+        }
+        open = Some((i, source));
     }
-    writer.finish()?;
-    Ok(std::fs::metadata(out)?.len())
+    let file = file.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok(file.metadata()?.len())
 }
 
 /// The rank `safetensors`' own `Dtype` gives a dtype: `save_file` sorts by it, descending.
@@ -317,7 +355,7 @@ pub fn tensor_names(shards: &[(PathBuf, Header)]) -> BTreeSet<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::formats::safetensors::SafetensorsWriter;
+    use crate::formats::safetensors::{SafetensorsWriter, TensorReader};
 
     fn write(path: &Path, tensors: &[(&str, Dtype, Vec<usize>)]) {
         let mut w = SafetensorsWriter::create(path).unwrap();
@@ -352,7 +390,7 @@ mod tests {
         assert!(folder.files.path("config.json").is_some());
         let Weights::Sharded(shards) = &folder.weights else { panic!("sharded") };
         let out = dir.path().join("merged.st");
-        merge_shards(shards, &out).unwrap();
+        merge_shards(shards, &out, &|| false).unwrap();
         let h = read_header(&out, 1 << 20).unwrap();
         let planned = merged_header(shards);
         assert_eq!((planned.tensors.clone(), planned.data_start), (h.tensors.clone(), h.data_start));

@@ -12,6 +12,8 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use axum::body::Body;
 use futures_util::TryStreamExt;
@@ -59,25 +61,50 @@ struct Extracted {
 /// Why reading the archive stopped.
 enum TarError {
     TooLarge,
-    Io(std::io::Error),
+    /// The archive itself: truncated, not a tar, extension headers over the limit.
+    Archive(std::io::Error),
+    /// Writing the staged files (a full disk, too many open files): the server's side.
+    Disk(std::io::Error),
     Api(ApiError),
 }
 
-/// Counts the bytes read and fails past `limit`.
-struct Limited<R> {
-    inner: R,
-    read: u64,
-    limit: u64,
-    over: bool,
+/// Most entries an archive may hold (files, folders, links, extension headers).
+const MAX_ENTRIES: usize = 100_000;
+/// Names of skipped entries listed in the answer; the rest are counted.
+const MAX_LISTED: usize = 200;
+/// Bytes the archive reader may consume between two entries beyond the previous entry's data:
+/// headers, GNU long names and PAX records, which the `tar` crate holds in memory.
+const EXTENSION_BUDGET: u64 = 1 << 20;
+
+/// The state [`Limited`] shares with the extraction loop.
+#[derive(Default)]
+struct Budget {
+    read: std::cell::Cell<u64>,
+    since_entry: std::cell::Cell<u64>,
+    allowed: std::cell::Cell<u64>,
 }
 
-impl<R: Read> Read for Limited<R> {
+/// Counts the bytes read and fails past `limit` in all, or past what the current entry allows
+/// (its data plus [`EXTENSION_BUDGET`]) before the next one is handed out.
+struct Limited<'b, R> {
+    inner: R,
+    limit: u64,
+    budget: &'b Budget,
+}
+
+impl<R: Read> Read for Limited<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.read += n as u64;
-        if self.read > self.limit {
-            self.over = true;
-            return Err(std::io::Error::other("the archive exceeds the upload limit"));
+        let b = self.budget;
+        b.read.set(b.read.get() + n as u64);
+        b.since_entry.set(b.since_entry.get() + n as u64);
+        if b.read.get() > self.limit {
+            return Err(std::io::Error::other("over the upload limit"));
+        }
+        if b.since_entry.get() > b.allowed.get() {
+            return Err(std::io::Error::other(format!(
+                "tar extension headers (long names, PAX records) over {EXTENSION_BUDGET} bytes"
+            )));
         }
         Ok(n)
     }
@@ -97,62 +124,87 @@ fn wanted(name: &str) -> bool {
     is_companion(name) || name == INDEX_FILE || (name.ends_with(".safetensors") && !name.starts_with('.'))
 }
 
-fn extract(reader: impl Read, dir: &Path, limit: u64) -> Result<(BTreeMap<String, Extracted>, Vec<String>), TarError> {
-    let mut counted = Limited { inner: reader, read: 0, limit, over: false };
-    let result = (|| {
-        let mut archive = tar::Archive::new(&mut counted);
-        let mut kept = BTreeMap::new();
-        let mut ignored = Vec::new();
-        for entry in archive.entries().map_err(TarError::Io)? {
-            let mut entry = entry.map_err(TarError::Io)?;
-            let path = entry.path().map_err(TarError::Io)?.into_owned();
-            if entry.header().entry_type().is_dir() {
-                continue;
-            }
-            let name = top_level(&path).filter(|n| wanted(n) && entry.header().entry_type().is_file());
-            let Some(name) = name else {
-                ignored.push(path.display().to_string());
-                continue; // the archive reader skips the entry's data
-            };
-            let size = entry.size();
-            if is_companion(&name) && size > MAX_COMPANION_BYTES {
-                return Err(TarError::Api(
-                    ApiError::unprocessable("file_too_large", FolderError::TooLarge(name.clone(), size).to_string())
-                        .with_pointer(format!("/files/{name}")),
-                ));
-            }
-            if kept.contains_key(&name) {
-                return Err(TarError::Api(ApiError::unprocessable(
-                    "invalid_model_folder",
-                    format!("the archive holds `{name}` twice"),
-                )));
-            }
-            let mut out = std::io::BufWriter::with_capacity(
-                1 << 20,
-                std::fs::File::create(dir.join(&name)).map_err(TarError::Io)?,
-            );
-            let mut hasher = Sha256::new();
-            let mut buf = vec![0u8; 1 << 20];
-            let mut bytes = 0u64;
-            loop {
-                let n = entry.read(&mut buf).map_err(TarError::Io)?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                out.write_all(&buf[..n]).map_err(TarError::Io)?;
-                bytes += n as u64;
-            }
-            let file = out.into_inner().map_err(|e| TarError::Io(e.into_error()))?;
-            file.sync_all().map_err(TarError::Io)?;
-            kept.insert(name, Extracted { sha256: hex::encode(hasher.finalize()), bytes });
+/// What the archive held: kept files by name, and the skipped names (at most [`MAX_LISTED`],
+/// then a count).
+type Extraction = (BTreeMap<String, Extracted>, Vec<String>);
+
+fn extract(reader: impl Read, dir: &Path, limit: u64, gone: &AtomicBool) -> Result<Extraction, TarError> {
+    let budget = Budget::default();
+    budget.allowed.set(EXTENSION_BUDGET);
+    let counted = Limited { inner: reader, limit, budget: &budget };
+    let archive_error = |e: std::io::Error| {
+        if budget.read.get() > limit {
+            TarError::TooLarge
+        } else {
+            TarError::Archive(e)
         }
-        Ok((kept, ignored))
-    })();
-    match result {
-        Err(_) if counted.over => Err(TarError::TooLarge),
-        other => other,
+    };
+    let mut archive = tar::Archive::new(counted);
+    let mut kept = BTreeMap::new();
+    let (mut ignored, mut more) = (Vec::new(), 0usize);
+    for (count, entry) in archive.entries().map_err(archive_error)?.enumerate() {
+        let mut entry = entry.map_err(archive_error)?;
+        if count >= MAX_ENTRIES {
+            return Err(TarError::Api(ApiError::unprocessable(
+                "invalid_model_folder",
+                format!("the archive holds more than {MAX_ENTRIES} entries; a model folder has a few dozen"),
+            )));
+        }
+        if gone.load(Ordering::Relaxed) {
+            return Err(TarError::Archive(std::io::Error::other("the client went away")));
+        }
+        // This entry's data (read by us or skipped by the reader) plus the next headers.
+        let size = entry.size();
+        budget.since_entry.set(0);
+        budget.allowed.set(size.div_ceil(512) * 512 + EXTENSION_BUDGET);
+        let kind = entry.header().entry_type();
+        if kind.is_dir() || kind.is_pax_global_extensions() {
+            continue;
+        }
+        let path = entry.path().map_err(archive_error)?.into_owned();
+        let name = top_level(&path).filter(|n| wanted(n) && kind.is_file());
+        let Some(name) = name else {
+            if ignored.len() < MAX_LISTED {
+                ignored.push(path.display().to_string());
+            } else {
+                more += 1;
+            }
+            continue; // the archive reader skips the entry's data
+        };
+        if is_companion(&name) && size > MAX_COMPANION_BYTES {
+            return Err(TarError::Api(
+                ApiError::unprocessable("file_too_large", FolderError::TooLarge(name.clone(), size).to_string())
+                    .with_pointer(format!("/files/{name}")),
+            ));
+        }
+        if kept.contains_key(&name) {
+            return Err(TarError::Api(ApiError::unprocessable(
+                "invalid_model_folder",
+                format!("the archive holds `{name}` twice"),
+            )));
+        }
+        let file = std::fs::File::create(dir.join(&name)).map_err(TarError::Disk)?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut bytes = 0u64;
+        loop {
+            let n = entry.read(&mut buf).map_err(archive_error)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(TarError::Disk)?;
+            bytes += n as u64;
+        }
+        let file = out.into_inner().map_err(|e| TarError::Disk(e.into_error()))?;
+        file.sync_all().map_err(TarError::Disk)?;
+        kept.insert(name, Extracted { sha256: hex::encode(hasher.finalize()), bytes });
     }
+    if more > 0 {
+        ignored.push(format!("... and {more} more"));
+    }
+    Ok((kept, ignored))
 }
 
 fn folder_error(e: FolderError) -> ApiError {
@@ -166,23 +218,40 @@ fn folder_error(e: FolderError) -> ApiError {
     ApiError::unprocessable(code, e.to_string())
 }
 
+/// Set when the request's future is dropped (the client went away, the server stops), so the
+/// blocking extraction and merge stop too instead of writing on for nobody.
+struct Gone(Arc<AtomicBool>);
+
+impl Drop for Gone {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Receives a tar body into `dir` (created; removed on every failure), at most `max_bytes` of
-/// archive. The weights' header is checked with `header_limit` and `check`.
+/// archive (`declared`: the request's Content-Length, refused at once when over). The weights'
+/// header is checked with `header_limit` and `check`.
 pub async fn receive_tar(
     body: Body,
+    declared: Option<u64>,
     dir: PathBuf,
     max_bytes: u64,
     header_limit: u64,
     check: HeaderCheck<'_>,
     too_large: impl Fn() -> ApiError,
 ) -> Result<StagedFolder, ApiError> {
+    if declared.is_some_and(|len| len > max_bytes) {
+        return Err(too_large());
+    }
     tokio::fs::create_dir_all(&dir).await.map_err(ApiError::io)?;
     let guard = DirGuard(dir.clone());
+    let gone = Gone(Arc::new(AtomicBool::new(false)));
     let stream = body.into_data_stream().map_err(std::io::Error::other);
     let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
     let work = dir.clone();
+    let flag = gone.0.clone();
     let extracted = tokio::task::spawn_blocking(move || {
-        let result = extract(reader, &work, max_bytes)?;
+        let result = extract(reader, &work, max_bytes, &flag)?;
         let folder = ModelFolder::open(&work, header_limit).map_err(|e| TarError::Api(folder_error(e)))?;
         Ok::<_, TarError>((result, folder))
     })
@@ -192,8 +261,8 @@ pub async fn receive_tar(
         Ok(r) => r,
         Err(TarError::TooLarge) => return Err(too_large()),
         Err(TarError::Api(e)) => return Err(e),
-        Err(TarError::Io(e)) if e.kind() == std::io::ErrorKind::StorageFull => return Err(ApiError::io(e)),
-        Err(TarError::Io(e)) => {
+        Err(TarError::Disk(e)) => return Err(ApiError::io(e)),
+        Err(TarError::Archive(e)) => {
             return Err(ApiError::bad_request(
                 "invalid_tar",
                 format!("the body is not a complete tar archive of a model folder: {e}"),
@@ -204,15 +273,16 @@ pub async fn receive_tar(
     let (path, sha256, bytes) = match &folder.weights {
         Weights::Single(p) => {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            let e = &kept[name];
+            let e = kept.get(name).ok_or_else(|| ApiError::internal(anyhow::anyhow!("{name} was not extracted")))?;
             (p.clone(), e.sha256.clone(), e.bytes)
         }
         Weights::Sharded(shards) => {
             let merged = dir.join(".merged.safetensors");
             let shards: Vec<_> = shards.iter().map(|(p, h)| (p.clone(), h.clone())).collect();
             let target = merged.clone();
+            let flag = gone.0.clone();
             let (sha, bytes) = tokio::task::spawn_blocking(move || {
-                merge_shards(&shards, &target)?;
+                merge_shards(&shards, &target, &|| flag.load(Ordering::Relaxed))?;
                 crate::compress::engine::sha256_file(&target)
             })
             .await

@@ -181,14 +181,15 @@ async fn upload_kind(
                     format!("the upload exceeds the limit of {max_bytes} bytes (storage.max_upload_bytes or what the quota leaves)"),
                 )
             };
-            folder_upload::receive_tar(body, dir, max_bytes, settings.max_header_bytes, &check, too_large).await.map(
-                |f| {
+            let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            folder_upload::receive_tar(body, declared, dir, max_bytes, settings.max_header_bytes, &check, too_large)
+                .await
+                .map(|f| {
                     folder_files = f.files;
                     ignored = f.ignored;
                     staging_dir = Some(f.dir);
                     (f.weights, None, None)
-                },
-            )
+                })
         }
         Some(b) => {
             // The part's file name names the model unless `?name=` does.

@@ -281,6 +281,16 @@ impl JobQueue for SqliteQueue {
             .bind(m.tensor_count)
             .execute(&mut *tx)
             .await?;
+            // The folder files it carries are artifacts of this job: their blob rows exist.
+            for f in &m.files {
+                sqlx::query("insert into model_files (model_id, name, sha256, bytes) values (?, ?, ?, ?)")
+                    .bind(&model_id)
+                    .bind(&f.name)
+                    .bind(&f.sha256)
+                    .bind(f.bytes)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             registered = Some(model_id);
         }
         if let Outcome::Succeeded(artifacts, _) = &outcome {

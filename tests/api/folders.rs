@@ -265,3 +265,61 @@ async fn an_unknown_pre_tokenizer_is_refused_at_the_gguf_output() {
     let p = res.json::<Value>().await.unwrap().to_string();
     assert!(p.contains("/outputs/0") && p.contains("pre-tokenizer") && p.contains("Whitespace"), "{p}");
 }
+
+#[tokio::test]
+async fn a_llama3_style_post_processor_sets_add_bos_once_and_registered_models_keep_their_files() {
+    let app = spawn_app(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_folder(dir.path());
+    // Llama 3's shape: ByteLevel, then a template that puts BOS first.
+    let path = dir.path().join("tokenizer.json");
+    let mut tok: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    tok["post_processor"] = json!({"type": "Sequence", "processors": [
+        {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+        {"type": "TemplateProcessing",
+         "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+         "pair": [], "special_tokens": {}}]});
+    std::fs::write(&path, tok.to_string()).unwrap();
+    let id =
+        upload_tar(&app, tar_of(dir.path())).await.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let spec = json!({"model_id": id, "steps": [], "outputs": ["gguf", "safetensors"], "register": true});
+    let (job, _, out) = run_job(&app, &spec).await;
+    let content =
+        candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(&out["model.gguf"])).unwrap();
+    let add_bos = content.metadata.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok());
+    assert_eq!(add_bos, Some(true));
+    assert_eq!(content.metadata.get("tokenizer.ggml.add_eos_token").and_then(|v| v.to_bool().ok()), Some(false));
+
+    // The registered model carries the folder's files, so its next GGUF is llama.cpp's kind too.
+    let registered = job["registered_model_id"].as_str().unwrap();
+    let model = app.get_json(&format!("/v1/models/{registered}")).await;
+    let files: Vec<&str> = model["files"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+    assert_eq!(files, ["config.json", "tokenizer.json", "tokenizer_config.json"], "{model}");
+    let plan = app.post_json("/v1/plans", &json!({"model_id": registered, "steps": [], "outputs": ["gguf"]})).await;
+    let plan: Value = plan.json().await.unwrap();
+    assert!(plan["outputs"][0]["note"].as_str().unwrap().starts_with("a llama.cpp GGUF"), "{plan}");
+}
+
+#[tokio::test]
+async fn a_folder_with_broken_json_or_an_impossible_config_is_refused_not_run() {
+    let app = spawn_app(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_folder(dir.path());
+    std::fs::write(dir.path().join("config.json"), "{\"architectures\": [").unwrap();
+    let res = upload_tar(&app, tar_of(dir.path())).await;
+    assert_eq!(res.status(), 422);
+    let p: Value = res.json().await.unwrap();
+    assert!(p["detail"].as_str().unwrap().contains("`config.json` is not valid JSON"), "{p}");
+    assert_eq!(staging_entries(&app.data_dir()), 0);
+
+    // A layer count no allocation could hold: the plan refuses it, the server lives on.
+    let mut config = config();
+    config["num_hidden_layers"] = json!(1_000_000_000_000u64);
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let id =
+        upload_tar(&app, tar_of(dir.path())).await.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let res = app.create_job(&json!({"model_id": id, "steps": [], "outputs": ["gguf"]})).await;
+    assert_eq!(res.status(), 422);
+    assert!(res.text().await.unwrap().contains("1000000000000 layers"));
+    assert_eq!(app.get("/healthz").await.status(), 200);
+}

@@ -150,6 +150,14 @@ pub fn plan(files: &ModelFiles, tensors: &[(&str, &[usize])]) -> Result<Conversi
         ));
     }
     let h = Hparams::read(&config, hf_arch)?;
+    // Every layer has nine tensors: a count above what the file holds is not this model (and
+    // must not size anything).
+    if h.layers > tensors.len() {
+        return Err(format!("config.json says {} layers but the model has {} tensors in all", h.layers, tensors.len()));
+    }
+    if permute && h.head_dim % 2 != 0 {
+        return Err(format!("head_dim {} is odd; llama.cpp's RoPE layout needs it even", h.head_dim));
+    }
     let mut names = BTreeMap::new();
     let mut skipped = Vec::new();
     let mut blocks = vec![[false; 9]; h.layers];
@@ -252,6 +260,18 @@ impl Hparams {
         };
         let (hidden, heads) = (int("hidden_size")?, int("num_attention_heads")?);
         let head_dim = c["head_dim"].as_u64().map_or(hidden / heads, |v| v as usize);
+        let kv_heads = match c["num_key_value_heads"].as_u64() {
+            None => heads,
+            Some(k) if k > 0 && heads % k as usize == 0 => k as usize,
+            Some(k) => {
+                return Err(format!(
+                    "config.json ({hf_arch}): num_key_value_heads {k} does not divide num_attention_heads {heads}"
+                ))
+            }
+        };
+        if head_dim == 0 {
+            return Err(format!("config.json ({hf_arch}): head_dim is 0"));
+        }
         let rope_theta =
             c["rope_theta"].as_f64().or_else(|| c["rope_parameters"]["rope_theta"].as_f64()).unwrap_or(10000.0);
         Ok(Hparams {
@@ -259,7 +279,7 @@ impl Hparams {
             hidden,
             ff: int("intermediate_size")?,
             heads,
-            kv_heads: c["num_key_value_heads"].as_u64().map_or(heads, |v| v as usize),
+            kv_heads,
             head_dim,
             vocab: int("vocab_size")?,
             context: c["max_position_embeddings"].as_u64().unwrap_or(2048) as usize,
@@ -294,7 +314,9 @@ fn map_name(
     }
     let rest = name.strip_prefix("model.layers.")?;
     let (b, part) = rest.split_once('.')?;
-    let b: usize = b.parse().ok().filter(|&b| b < blocks.len())?;
+    // `model.layers.01.` is not layer 1: only the canonical spelling maps.
+    let spelled = b;
+    let b: usize = b.parse().ok().filter(|&n: &usize| n < blocks.len() && n.to_string() == spelled)?;
     let (part, suffix) = part.rsplit_once('.')?;
     let bias = match suffix {
         "weight" => false,
@@ -354,20 +376,21 @@ fn rope_scaling(
             let (low_wavelen, high_wavelen) = (old / low, old / high);
             let dim = h.head_dim;
             // float32 as the converter computes them (torch.arange(...) / dim in float32).
-            let freqs = (0..dim).step_by(2).map(|i| {
-                let base = h.rope_theta as f32;
-                1.0f32 / base.powf(i as f32 / dim as f32)
-            });
-            let factors = freqs
-                .map(|freq| {
-                    let wavelen = 2.0 * std::f64::consts::PI / freq as f64;
-                    if wavelen < high_wavelen {
+            // As the converter computes them: torch float32 throughout (freqs, wavelen, smooth),
+            // compared with Python floats.
+            let (base, factor32) = (h.rope_theta as f32, factor as f32);
+            let factors = (0..dim)
+                .step_by(2)
+                .map(|i| {
+                    let freq = 1.0f32 / base.powf(i as f32 / dim as f32);
+                    let wavelen = 2.0f32 * std::f32::consts::PI / freq;
+                    if (wavelen as f64) < high_wavelen {
                         1.0
-                    } else if wavelen > low_wavelen {
-                        factor as f32
+                    } else if (wavelen as f64) > low_wavelen {
+                        factor32
                     } else {
-                        let smooth = (old / wavelen - low) / (high - low);
-                        (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+                        let smooth = (old as f32 / wavelen - low as f32) / (high as f32 - low as f32);
+                        1.0 / ((1.0 - smooth) / factor32 + smooth)
                     }
                 })
                 .collect();
@@ -466,30 +489,42 @@ fn tokenizer(files: &ModelFiles, vocab_size: usize, space_prefix: bool) -> Resul
             special.push((key, id as u32));
         }
     }
-    let mut add = Vec::new();
+    // add_bos/add_eos as gguf-py's SpecialVocab decides them: a ByteLevel post-processor sets
+    // both to false unless already set, a TemplateProcessing's first/last special token sets them
+    // (overriding), and tokenizer_config.json's add_bos_token/add_eos_token fill what is unset.
+    let content_of = |typ: &str| {
+        let e = &config[format!("{typ}_token")];
+        e.as_str().or_else(|| e["content"].as_str()).map(str::to_owned)
+    };
+    let (bos_content, eos_content, cls_content) = (content_of("bos"), content_of("eos"), content_of("cls"));
+    let mut add: BTreeMap<&'static str, bool> = BTreeMap::new();
     let post = json.as_ref().map_or(Value::Null, |j| j["post_processor"].clone());
     let processors = post["processors"].as_array().cloned().unwrap_or_else(|| vec![post.clone()]);
     for p in &processors {
-        if p["type"] == "TemplateProcessing" {
+        if p["type"] == "ByteLevel" {
+            add.entry("add_bos_token").or_insert(false);
+            add.entry("add_eos_token").or_insert(false);
+        } else if p["type"] == "TemplateProcessing" {
             let single = p["single"].as_array().cloned().unwrap_or_default();
-            let bos = special.iter().find(|(k, _)| *k == "bos_token_id").map(|&(_, id)| id);
-            let first = single.first().and_then(|s| s["SpecialToken"]["id"].as_str());
-            let first_id = first.and_then(|c| added.iter().find(|a| a["content"] == c)).and_then(|a| a["id"].as_u64());
-            if single.len() > 1 && first.is_some() {
-                add.push(("add_bos_token", first_id.is_some() && first_id.map(|v| v as u32) == bos));
-            }
-        } else if p["type"] == "ByteLevel" && !add.iter().any(|(k, _)| *k == "add_bos_token") {
-            add.push(("add_bos_token", false));
-            add.push(("add_eos_token", false));
-        }
-    }
-    for (key, typ) in [("add_bos_token", "add_bos_token"), ("add_eos_token", "add_eos_token")] {
-        if let Some(v) = config[typ].as_bool() {
-            if !add.iter().any(|(k, _)| *k == key) {
-                add.push((key, v));
+            if single.len() > 1 {
+                if let Some(first) = single[0]["SpecialToken"]["id"].as_str() {
+                    let bos = bos_content.as_deref().is_some_and(|b| b == first)
+                        || cls_content.as_deref().is_some_and(|c| c == first)
+                        || config.is_null();
+                    add.insert("add_bos_token", bos);
+                }
+                if let Some(last) = single[single.len() - 1]["SpecialToken"]["id"].as_str() {
+                    add.insert("add_eos_token", eos_content.as_deref().is_none_or(|e| e == last));
+                }
             }
         }
     }
+    for key in ["add_bos_token", "add_eos_token"] {
+        if let Some(v) = config[key].as_bool() {
+            add.entry(key).or_insert(v);
+        }
+    }
+    let add: Vec<(&'static str, bool)> = add.into_iter().collect();
     let chat_template = match config["chat_template"].as_str() {
         Some(t) => Some(t.to_owned()),
         None => match files.path("chat_template.jinja") {

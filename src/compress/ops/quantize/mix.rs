@@ -84,8 +84,10 @@ impl GgufMix {
 
     /// The type of tensor `name` (Hugging Face Llama naming) with `cols` values per row, in a
     /// model of `layers` blocks; `tied` when there is no `lm_head` (the embeddings serve as the
-    /// output, and get the output's type). Shape fallbacks are applied after, as llama.cpp does.
-    pub fn type_for(self, name: &str, cols: usize, layers: usize, tied: bool) -> GgufType {
+    /// output, and get the output's type); `seventy_b` when llama.cpp classes the model as 70B
+    /// (80 layers with grouped-query attention, or Qwen2 with 80 layers), whose `attn_v` it
+    /// raises from Q3_K/Q4_K to Q5_K. Shape fallbacks are applied after, as llama.cpp does.
+    pub fn type_for(self, name: &str, cols: usize, layers: usize, tied: bool, seventy_b: bool) -> GgufType {
         let base = self.base();
         let layer = name
             .strip_prefix("model.layers.")
@@ -104,10 +106,14 @@ impl GgufMix {
         }
         let more_bits = use_more_bits(layer, layers);
         if name.ends_with(".self_attn.v_proj.weight") {
-            return match self {
+            let ty = match self {
                 Self::Q4KM | Self::Q5KM if more_bits => GgufType::Q6K,
                 Self::Q4KS if layer < 4 => GgufType::Q5K,
                 _ => base,
+            };
+            return match ty {
+                GgufType::Q3K | GgufType::Q4K if seventy_b => GgufType::Q5K,
+                other => other,
             };
         }
         if name.ends_with(".mlp.down_proj.weight") {
@@ -149,21 +155,26 @@ mod tests {
     fn q4_k_m_follows_llama_quantize() {
         let q6: Vec<usize> = (0..32)
             .filter(|&l| {
-                GgufMix::Q4KM.type_for(&format!("model.layers.{l}.mlp.down_proj.weight"), 11008, 32, false)
+                GgufMix::Q4KM.type_for(&format!("model.layers.{l}.mlp.down_proj.weight"), 11008, 32, false, false)
                     == GgufType::Q6K
             })
             .collect();
         assert_eq!(q6, [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]);
-        let t = |n: &str| GgufMix::Q4KM.type_for(n, 4096, 32, false);
+        let t = |n: &str| GgufMix::Q4KM.type_for(n, 4096, 32, false, false);
         assert_eq!(t("model.layers.5.self_attn.v_proj.weight"), GgufType::Q4K);
         assert_eq!(t("model.layers.6.self_attn.v_proj.weight"), GgufType::Q6K);
         assert_eq!(t("model.layers.6.self_attn.q_proj.weight"), GgufType::Q4K);
         assert_eq!(t("lm_head.weight"), GgufType::Q6K);
         assert_eq!(t("model.embed_tokens.weight"), GgufType::Q4K);
         // Tied embeddings take the output's type; Q8_0 keeps Q8_0 for the output.
-        assert_eq!(GgufMix::Q4KM.type_for("model.embed_tokens.weight", 4096, 32, true), GgufType::Q6K);
-        assert_eq!(GgufMix::Q8_0.type_for("lm_head.weight", 4096, 32, false), GgufType::Q8_0);
-        assert_eq!(GgufMix::Q4_0.type_for("lm_head.weight", 4096, 32, false), GgufType::Q6K);
+        assert_eq!(GgufMix::Q4KM.type_for("model.embed_tokens.weight", 4096, 32, true, false), GgufType::Q6K);
+        assert_eq!(GgufMix::Q8_0.type_for("lm_head.weight", 4096, 32, false, false), GgufType::Q8_0);
+        assert_eq!(GgufMix::Q4_0.type_for("lm_head.weight", 4096, 32, false, false), GgufType::Q6K);
+        // Llama 2/3 70B: attn_v of the Q4_K layers goes to Q5_K, the Q6_K layers stay.
+        let v70 = |l: usize| {
+            GgufMix::Q4KM.type_for(&format!("model.layers.{l}.self_attn.v_proj.weight"), 8192, 80, false, true)
+        };
+        assert_eq!((v70(0), v70(11)), (GgufType::Q6K, GgufType::Q5K));
         assert_eq!("q4_k_m".parse::<GgufMix>(), Ok(GgufMix::Q4KM));
         assert!("Q3_K_M".parse::<GgufMix>().unwrap_err().contains("Q4_K_M"));
     }

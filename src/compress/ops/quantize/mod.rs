@@ -255,13 +255,19 @@ impl StepOp for QuantizeStep {
             .max()
             .map_or(0, |l| l + 1);
         let tied = !cx.tensors.iter().any(|tp| tp.out.name == "lm_head.weight");
+        // llama.cpp's 70B class: 80 layers and grouped-query attention (Llama 2/3 70B: K has
+        // fewer rows than Q), or Qwen2 (whose attention has biases) with 80 layers.
+        let rows = |n: &str| cx.tensors.iter().find(|tp| tp.out.name == n).and_then(|tp| tp.out.shape.first().copied());
+        let gqa = rows("model.layers.0.self_attn.q_proj.weight") != rows("model.layers.0.self_attn.k_proj.weight");
+        let qwen2 = cx.tensors.iter().any(|tp| tp.out.name.ends_with(".self_attn.q_proj.bias"));
+        let seventy_b = layers == 80 && (gqa || qwen2);
         let pointer = format!("/steps/{step}/gguf_mix");
         for i in 0..cx.tensors.len() {
             let t = &cx.tensors[i].out;
             if t.shape.len() < 2 || self.select.decide(t).is_err() {
                 continue;
             }
-            let ty = mix.type_for(&t.name, t.shape[t.shape.len() - 1], layers, tied);
+            let ty = mix.type_for(&t.name, t.shape[t.shape.len() - 1], layers, tied, seventy_b);
             plan_scheme(cx, i, step, &pointer, &Scheme::Ggml { ty, fallback: Fallback::LlamaCpp });
         }
     }
