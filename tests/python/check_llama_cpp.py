@@ -42,9 +42,11 @@ def run(cmd, **kw):
     return subprocess.run(cmd, check=True, **kw)
 
 
-def make_folder(folder: Path, sentencepiece: bool = False):
+def make_folder(folder: Path, sentencepiece: bool = False, arch: str = "llama"):
     """A tiny Llama with GQA, untied lm_head, in several shards, with a gpt2-style BPE tokenizer
-    or (sentencepiece=True) a SentencePiece tokenizer.model as Llama 2 and Mistral ship."""
+    or (sentencepiece=True) a SentencePiece tokenizer.model as Llama 2 and Mistral ship.
+    arch "llama3": Llama 3.1's RoPE scaling (a rope_freqs tensor); "qwen2": a Qwen2 with q/k/v
+    biases and tied embeddings."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -90,7 +92,7 @@ def make_folder(folder: Path, sentencepiece: bool = False):
         vocab_size = tok.get_vocab_size()
 
     torch.manual_seed(0)
-    config = LlamaConfig(
+    common = dict(
         vocab_size=vocab_size,
         # Rows of 256 and 512 values: every k-quant block fits, so Q4_K_M is k-quants throughout.
         hidden_size=256,
@@ -99,11 +101,22 @@ def make_folder(folder: Path, sentencepiece: bool = False):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
     )
-    model = LlamaForCausalLM(config).eval()
+    if arch == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        config = Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1000000.0)
+        model = Qwen2ForCausalLM(config).eval()
+    else:
+        rope = {}
+        if arch == "llama3":
+            rope = dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                        rope_theta=500000.0)
+        config = LlamaConfig(**common, tie_word_embeddings=False, **rope)
+        model = LlamaForCausalLM(config).eval()
     # Weights of a trained model are not i.i.d. per row; scale rows so a wrong permutation shows.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -230,6 +243,21 @@ def main():
                 ours = perplexity(bin_dir / "llama-perplexity", out / "model.gguf", text)
                 ref = perplexity(bin_dir / "llama-perplexity", theirs, text)
                 print(f"llama-perplexity SentencePiece q8_0: ModelPress {ours:.4f}, converter {ref:.4f}")
+                assert ours == ref, (ours, ref)
+        # Llama 3.1's RoPE scaling (rope_freqs) and Qwen2 (biases, no permutation, tied output).
+        for arch in ("llama3", "qwen2"):
+            folder = work / arch / "model"
+            make_folder(folder, arch=arch)
+            spec = work / f"{arch}.json"
+            spec.write_text(json.dumps({"steps": [{"op": "quantize", "gguf_mix": "Q8_0"}], "outputs": ["gguf"]}))
+            run([binary, "compress", folder, "--spec", spec, "--out", work / arch / "out"])
+            theirs = work / arch / "ref-q8_0.gguf"
+            reference(folder, source, theirs, "q8_0")
+            compare(work / arch / "out" / "model.gguf", theirs, f"{arch} Q8_0")
+            if quantize:
+                ours = perplexity(bin_dir / "llama-perplexity", work / arch / "out" / "model.gguf", text)
+                ref = perplexity(bin_dir / "llama-perplexity", theirs, text)
+                print(f"llama-perplexity {arch} q8_0: ModelPress {ours:.4f}, converter {ref:.4f}")
                 assert ours == ref, (ours, ref)
     print("llama.cpp checks passed")
 
