@@ -57,6 +57,8 @@ if [ -z "${BIN:-}" ]; then
   BIN=target/release/modelpress
 fi
 BIN=$(realpath "$BIN")
+REV=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+git diff --quiet HEAD -- 2>/dev/null || REV="$REV + uncommitted changes"
 free_kb=$(df -Pk /var/tmp | awk 'NR == 2 {print $4}')
 [ "$free_kb" -gt $((8 * 1024 * 1024)) ] || die "needs about 8 GB free under /var/tmp (has $((free_kb / 1024)) MiB)"
 
@@ -139,11 +141,17 @@ runpy.run_path("$LLAMA_CPP_SRC/convert_hf_to_gguf.py", run_name="__main__")
 PY
 CONVERT=(env PYTHONPATH="$LLAMA_CPP_SRC/gguf-py" NO_LOCAL_GGUF=1 "$PYTHON" "$WORK/convert.py")
 
-# measure ROUND PATH TARGET STEP CMD...: one command's wall milliseconds and peak RSS (KiB),
-# appended to results.tsv; on failure, the command and the end of its output.
+# CPU time (centiseconds) all processes of the machine spent, from /proc/stat (user, nice, system,
+# irq, softirq): minus the measured command's own CPU time, what other processes took meanwhile.
+HZ=$(getconf CLK_TCK)
+busy_cs() { awk -v hz="$HZ" '/^cpu / {printf "%d\n", ($2 + $3 + $4 + $7 + $8) * 100 / hz}' /proc/stat; }
+# measure ROUND PATH TARGET STEP CMD...: one command's wall milliseconds, peak RSS (KiB) and the
+# CPU centiseconds other processes used meanwhile, appended to results.tsv; on failure, the
+# command and the end of its output.
 measure() {
-  local round=$1 path=$2 target=$3 step=$4 start end rss
+  local round=$1 path=$2 target=$3 step=$4 start end rss busy0 busy1 own others
   shift 4
+  busy0=$(busy_cs)
   start=$(date +%s%N)
   if ! "$TIME" -v -o "$WORK/time.txt" "$@" >"$WORK/last.log" 2>&1; then
     echo "FAILED: $*" >&2
@@ -152,10 +160,15 @@ measure() {
     exit 1
   fi
   end=$(date +%s%N)
+  busy1=$(busy_cs)
   rss=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$WORK/time.txt")
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$path" "$target" "$step" $(((end - start) / 1000000)) "$rss" >>"$WORK/results.tsv"
-  printf '  round %s %-10s %-6s %-8s %5d.%02d s %6d MiB\n' "$round" "$path" "$target" "$step" \
-    $(((end - start) / 1000000000)) $(((end - start) / 10000000 % 100)) $((rss / 1024))
+  own=$(awk -F': ' '/(User|System) time \(seconds\)/ {s += $2} END {printf "%d\n", s * 100}' "$WORK/time.txt")
+  others=$((busy1 - busy0 - own))
+  [ "$others" -ge 0 ] || others=0
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$path" "$target" "$step" $(((end - start) / 1000000)) "$rss" "$others" >>"$WORK/results.tsv"
+  printf '  round %s %-10s %-6s %-8s %5d.%02d s %6d MiB   (own CPU %d.%02d s, others %d.%02d s)\n' "$round" "$path" "$target" "$step" \
+    $(((end - start) / 1000000000)) $(((end - start) / 10000000 % 100)) $((rss / 1024)) \
+    $((own / 100)) $((own % 100)) $((others / 100)) $((others % 100))
 }
 modelpress_path() {
   rm -rf "$WORK/mp-$2"
@@ -248,6 +261,7 @@ PPL_TT=$(perplexity "$WORK/tt-Q4_K_M.gguf")
 echo "  ModelPress $PPL_MP, two-tool (f16) $PPL_TT"
 
 echo
+echo "modelpress: $BIN (source tree at $REV when the script started)"
 "$PYTHON" - "$WORK" "$ROUNDS" "$F16_BYTES" "$PPL_MP" "$PPL_TT" "$THREADS" "${TARGETS[@]}" <<'PY'
 import statistics, sys
 from collections import defaultdict
@@ -256,10 +270,12 @@ from pathlib import Path
 work, rounds, f16_bytes, ppl_mp, ppl_tt, threads = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:7]
 targets = sys.argv[7:]
 runs = defaultdict(lambda: defaultdict(dict))  # (path, target) -> round -> step -> (s, MiB)
+others = []  # CPU seconds other processes used during each counted step
 for line in (work / "results.tsv").read_text().splitlines():
-    r, path, target, step, ms, kb = line.split("\t")
+    r, path, target, step, ms, kb, cs = line.split("\t")
     if int(r) > 0:
         runs[(path, target)][int(r)][step] = (int(ms) / 1000, int(kb) / 1024)
+        others.append(int(cs) / 100)
 model_mib = sum(p.stat().st_size for p in (work / "model").glob("*.safetensors")) / 2**20
 nbytes = {("modelpress", t): (work / f"mp-{t}" / "model.gguf").stat().st_size for t in targets}
 nbytes |= {("two-tool", t): (work / f"tt-{t}.gguf").stat().st_size for t in targets}
@@ -294,6 +310,9 @@ changed, largest = (work / "f16_changed.txt").read_text().split()
 print("  note: through the f16 intermediate llama.cpp quantizes f16-rounded weights, ModelPress the bf16 weights")
 print(f"  directly; bf16 -> f16 changed {changed} weights (all |x| <= {largest}: f16 subnormals lose bits), so")
 print("  byte identity is expected only through the exact f32 intermediate (bf16 -> f32).")
+quiet = max(others) < 1.0
+print(f"other processes' CPU during the counted steps: {sum(others):.1f} s in all, at most {max(others):.1f} s in one step"
+      + ("" if quiet else "  <- the machine was not quiet; the times above are skewed (see the per-step lines)"))
 print(f"llama-perplexity Q4_K_M (random weights, PPL near the vocab size; the point is agreement):")
 print(f"  modelpress {ppl_mp}, two-tool (f16 intermediate) {ppl_tt}, relative difference "
       f"{(float(ppl_tt) - float(ppl_mp)) / float(ppl_mp):+.2e}")

@@ -147,7 +147,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(healthcheck(&settings));
         }
         Command::Openapi => print_out(&crate::http::openapi_document())?,
-        Command::Plan { job } => {
+        Command::Plan { mut job } => {
+            let _text = wrap_text_datasets(&mut job)?;
             let limit = Settings::load(cli.config.as_deref())?.queue.job_memory_limit();
             let (plan, _) = prepare_job(&job, &Model::open(&job.model)?, limit)?;
             print_out(&serde_json::to_string_pretty(&plan)?)?;
@@ -156,7 +157,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let settings = Settings::load(cli.config.as_deref())?;
             return runtime()?.block_on(keys(&settings, action));
         }
-        Command::Compress { job, out } => {
+        Command::Compress { mut job, out } => {
+            let _text = wrap_text_datasets(&mut job)?;
             let limit = Settings::load(cli.config.as_deref())?.queue.job_memory_limit();
             return compress(&job, &out, limit);
         }
@@ -352,6 +354,39 @@ fn prepare_job(
     let mut plan = prepare(spec, inputs);
     plan.refuse_above_memory(memory_limit);
     Ok((plan, work_hash))
+}
+
+/// Temporary files removed when dropped.
+struct TempFiles(Vec<PathBuf>);
+
+impl Drop for TempFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A `.txt` dataset (a language model's evaluation text) becomes what the server stores for a
+/// text/plain upload: a safetensors file with one U8 tensor `text`, in the temp directory.
+fn wrap_text_datasets(job: &mut JobArgs) -> anyhow::Result<TempFiles> {
+    let mut made = TempFiles(Vec::new());
+    for slot in [&mut job.dataset, &mut job.eval_dataset] {
+        let Some(path) = slot.as_ref().filter(|p| p.extension().is_some_and(|e| e == "txt")) else { continue };
+        let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        if let Err(e) = std::str::from_utf8(&text) {
+            anyhow::bail!("{}: not UTF-8 at byte {}", path.display(), e.valid_up_to());
+        }
+        let n = text.len();
+        let wrapped =
+            std::env::temp_dir().join(format!("modelpress-text-{}-{}.safetensors", std::process::id(), made.0.len()));
+        let mut w = crate::formats::safetensors::SafetensorsWriter::create(&wrapped)?;
+        w.write("text", crate::formats::safetensors::Dtype::U8, &[n], &text)?;
+        w.finish(&Default::default())?;
+        made.0.push(wrapped.clone());
+        *slot = Some(wrapped);
+    }
+    Ok(made)
 }
 
 /// A progress bar on a terminal; indicatif draws nothing when stderr is not one.

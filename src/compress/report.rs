@@ -23,6 +23,9 @@ pub struct Report {
     /// With `evaluate`: the original and the compressed model run on the dataset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evaluation: Option<crate::graph::eval::Evaluation>,
+    /// With `evaluate` on a language model: perplexity before and after, KL, top-1 agreement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_evaluation: Option<crate::compress::engine::text_eval::TextEvaluation>,
     pub duration_ms: f64,
     /// Peak resident memory of the process while the job ran (VmHWM), when the OS reports it.
     pub peak_rss_bytes: Option<u64>,

@@ -73,6 +73,23 @@ fn evaluation_table(e: &crate::graph::eval::Evaluation) -> String {
     )
 }
 
+/// A language model's perplexity before and after, on the evaluation text.
+fn text_evaluation_table(e: &crate::compress::engine::text_eval::TextEvaluation) -> String {
+    format!(
+        "<h2>Evaluation on {} tokens of text ({} predictions, chunks of {})</h2><table><tr><th></th><th>perplexity</th></tr>\
+         <tr><td>original</td><td>{:.4}</td></tr><tr><td>compressed (<code>{}</code>)</td><td>{:.4}</td></tr></table>\
+         <p>Top-1 agreement with the original {:.2}%, mean KL(original &#8741; compressed) {:.3e} nats.</p>",
+        e.tokens,
+        e.predictions,
+        e.context,
+        e.perplexity_before,
+        esc(&e.artifact),
+        e.perplexity_after,
+        100.0 * e.top1_agreement,
+        e.kl_mean
+    )
+}
+
 /// The training loss (red, scaled to its maximum), the training accuracy (green) and the
 /// validation accuracy (blue, 0 to 1) per epoch of a distillation, as an inline SVG line chart.
 fn training_chart(t: &crate::graph::train::TrainingRecord) -> String {
@@ -176,6 +193,9 @@ th{background:#f4f4f4}.note{color:#a60;text-align:left}.sum{font-size:16px}</sty
     html.push_str("</ul>");
     if let Some(e) = &r.evaluation {
         html.push_str(&evaluation_table(e));
+    }
+    if let Some(e) = &r.text_evaluation {
+        html.push_str(&text_evaluation_table(e));
     }
     if !r.structure.is_empty() {
         html.push_str(&structure_list(&r.structure));

@@ -80,7 +80,7 @@ pub fn parse_job_spec(body: &Value) -> Result<JobSpec, Vec<SpecError>> {
         return Err(vec![SpecError::new(
             "/dataset_id",
             "invalid_field",
-            "`evaluate` needs a dataset: give `dataset_id` (upload one with POST /v1/datasets)",
+            "`evaluate` needs a dataset: give `dataset_id` (upload one with POST /v1/datasets: safetensors with `inputs`, or text/plain for a language model)",
         )]);
     }
     let canonical = canonical_json(body);

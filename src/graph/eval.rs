@@ -34,6 +34,16 @@ pub struct EvalOptions {
     /// Evaluate on the first `limit` samples only.
     #[serde(default)]
     pub limit: Option<usize>,
+    /// Language models (a folder with config.json and tokenizer.json, no graph): the dataset
+    /// tensor holding UTF-8 text (U8; default `text`).
+    #[serde(default)]
+    pub text: Option<String>,
+    /// Language models: the token budget (default 256).
+    #[serde(default)]
+    pub tokens: Option<usize>,
+    /// Language models: tokens per chunk (default 128).
+    #[serde(default)]
+    pub context: Option<usize>,
 }
 
 fn default_inputs() -> String {
@@ -46,7 +56,15 @@ fn default_batch() -> usize {
 
 impl Default for EvalOptions {
     fn default() -> Self {
-        EvalOptions { inputs: default_inputs(), labels: None, batch_size: DEFAULT_BATCH_SIZE, limit: None }
+        EvalOptions {
+            inputs: default_inputs(),
+            labels: None,
+            batch_size: DEFAULT_BATCH_SIZE,
+            limit: None,
+            text: None,
+            tokens: None,
+            context: None,
+        }
     }
 }
 

@@ -160,6 +160,11 @@ async fn upload_kind(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("application/x-tar") || ct.starts_with("application/tar"));
+    let is_text = kind == ModelKind::Dataset
+        && headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("text/plain"));
     if is_tar && kind == ModelKind::Dataset {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -172,6 +177,9 @@ async fn upload_kind(
     // A folder's staging directory, removed when the handler returns (its files persisted or not).
     let mut staging_dir = None;
     let received = match boundary {
+        None if is_text => {
+            upload::receive_text(&headers, body, path, max_bytes).await.map(|staged| (staged, None, None))
+        }
         None if is_tar => {
             let dir = state.blobs.staging_path("folder");
             let too_large = || {

@@ -306,6 +306,83 @@ pub async fn receive(
     Ok(StagedUpload { path, sha256: written.sha256, bytes: written.bytes, header })
 }
 
+/// Bytes reserved for the header of a text dataset: `{"text":{"dtype":"U8","shape":[N],...}}`
+/// with N of up to 20 digits fits, padded with spaces.
+const TEXT_HEADER: usize = 128;
+
+/// A plain-text body stored as a dataset: a safetensors file with one U8 tensor `text` (the
+/// bytes as sent, checked to be UTF-8), which language-model evaluation tokenizes with the
+/// model's own tokenizer. Streamed to `path` (at most `max_bytes`), the header written last
+/// into the space reserved for it, then the file hashed.
+pub async fn receive_text(
+    headers: &HeaderMap,
+    body: Body,
+    path: PathBuf,
+    max_bytes: u64,
+) -> Result<StagedUpload, ApiError> {
+    let declared = headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max_bytes) {
+        return Err(too_large(max_bytes));
+    }
+    let guard = StagingGuard(Some(path.clone()));
+    let mut file = tokio::fs::File::create(&path).await.map_err(ApiError::io)?;
+    use tokio::io::AsyncWriteExt;
+    file.write_all(&[0u8; 8 + TEXT_HEADER]).await.map_err(ApiError::io)?;
+    let mut stream = body.into_data_stream();
+    let (mut received, mut carry) = (0u64, Vec::new());
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::bad_request("upload_interrupted", format!("the upload stopped before its end: {e}"))
+        })?;
+        received += chunk.len() as u64;
+        if received > max_bytes {
+            return Err(too_large(max_bytes));
+        }
+        // UTF-8 across chunk boundaries: an incomplete sequence at the end waits for the next.
+        carry.extend_from_slice(&chunk);
+        let valid = match std::str::from_utf8(&carry) {
+            Ok(_) => carry.len(),
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            Err(e) => {
+                let at = received - (carry.len() - e.valid_up_to()) as u64;
+                return Err(ApiError::unprocessable(
+                    "invalid_text",
+                    format!("a text dataset must be UTF-8; byte {at} is not"),
+                ));
+            }
+        };
+        file.write_all(&carry[..valid]).await.map_err(ApiError::io)?;
+        carry.drain(..valid);
+    }
+    if !carry.is_empty() {
+        return Err(ApiError::unprocessable(
+            "invalid_text",
+            "a text dataset must be UTF-8; it ends inside a character",
+        ));
+    }
+    if received == 0 {
+        return Err(ApiError::unprocessable("invalid_text", "the text is empty"));
+    }
+    let mut json =
+        format!(r#"{{"text":{{"dtype":"U8","shape":[{received}],"data_offsets":[0,{received}]}}}}"#).into_bytes();
+    json.resize(TEXT_HEADER, b' ');
+    use tokio::io::AsyncSeekExt;
+    file.seek(std::io::SeekFrom::Start(0)).await.map_err(ApiError::io)?;
+    file.write_all(&(TEXT_HEADER as u64).to_le_bytes()).await.map_err(ApiError::io)?;
+    file.write_all(&json).await.map_err(ApiError::io)?;
+    file.sync_all().await.map_err(ApiError::io)?;
+    drop(file);
+    let hashed = path.clone();
+    let (sha256, bytes) = tokio::task::spawn_blocking(move || crate::compress::engine::sha256_file(&hashed))
+        .await
+        .expect("hash thread")
+        .map_err(ApiError::io)?;
+    let header = parse_header(&json, bytes).map_err(header_error)?;
+    let mut guard = guard;
+    guard.0 = None;
+    Ok(StagedUpload { path, sha256, bytes, header })
+}
+
 /// Where [`early_header`] stands.
 enum Gathered {
     /// The header is not whole yet.

@@ -323,3 +323,60 @@ async fn a_folder_with_broken_json_or_an_impossible_config_is_refused_not_run() 
     assert!(res.text().await.unwrap().contains("1000000000000 layers"));
     assert_eq!(app.get("/healthz").await.status(), 200);
 }
+
+#[tokio::test]
+async fn a_language_model_is_evaluated_on_text_through_the_gguf_it_downloads() {
+    let app = spawn_app(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_folder(dir.path());
+    let id =
+        upload_tar(&app, tar_of(dir.path())).await.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let text = "The quick brown fox jumps over the lazy dog. A model is a folder, not only a file. ".repeat(8);
+    let res = app
+        .client
+        .post(app.url("/v1/datasets?name=corpus.txt"))
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(text.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let data: Value = res.json().await.unwrap();
+    assert_eq!(data["tensors"][0]["name"], "text");
+    assert_eq!(data["tensors"][0]["shape"][0], text.len());
+    let data = data["id"].as_str().unwrap();
+
+    let mut kl = Vec::new();
+    for mix in ["Q8_0", "Q4_0"] {
+        let spec = json!({"model_id": id, "dataset_id": data, "evaluate": {"tokens": 96, "context": 48},
+                          "steps": [{"op": "quantize", "gguf_mix": mix}], "outputs": ["gguf"]});
+        let plan = app.post_json("/v1/plans", &spec).await.json::<Value>().await.unwrap();
+        assert_eq!(plan["text_evaluation"]["artifact"], "model.gguf", "{plan}");
+        let (_, report, _) = run_job(&app, &spec).await;
+        let e = &report["text_evaluation"];
+        assert_eq!(e["artifact"], "model.gguf");
+        assert_eq!(e["tokens"], 96);
+        assert_eq!(e["predictions"], 94, "two chunks of 48 predict 47 next tokens each");
+        let (before, after) = (e["perplexity_before"].as_f64().unwrap(), e["perplexity_after"].as_f64().unwrap());
+        // Random weights: perplexity is about the vocabulary size, and quantization moves it little.
+        assert!(before > 50.0 && (after / before - 1.0).abs() < 0.2, "{e}");
+        assert!(e["top1_agreement"].as_f64().unwrap() > 0.5, "{e}");
+        kl.push(e["kl_mean"].as_f64().unwrap());
+    }
+    assert!(kl[0] > 0.0 && kl[0] < kl[1], "Q8_0 is closer to the original than Q4_0: {kl:?}");
+
+    // Not UTF-8, or no text in the dataset: refused with the reason.
+    let res = app
+        .client
+        .post(app.url("/v1/datasets"))
+        .header("content-type", "text/plain")
+        .body(vec![0xffu8, 0xfe])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 422);
+    let res = app.create_job(&json!({"model_id": id, "evaluate": true, "steps": [], "outputs": ["gguf"]})).await;
+    assert_eq!(res.status(), 422);
+    let body = res.text().await.unwrap();
+    assert!(body.contains("dataset"), "{body}");
+}

@@ -11,6 +11,7 @@ pub(crate) mod kernels;
 mod passes;
 mod rewrite;
 mod sinks;
+pub mod text_eval;
 mod verify;
 
 use std::collections::BTreeMap;
@@ -564,6 +565,23 @@ pub fn execute(
         _ => None,
     };
     drop(after);
+    let text_evaluation = match &job.plan.text_evaluation {
+        None => None,
+        Some(t) => {
+            let dataset = if t.separate_dataset { job.inputs.eval_dataset_path } else { job.inputs.dataset_path };
+            let dataset = dataset.ok_or_else(|| EngineError::Job {
+                code: "evaluation_failed",
+                detail: "the evaluation's dataset file was not given".into(),
+            })?;
+            let artifact = artifacts.iter().find(|a| a.name == t.artifact).ok_or_else(|| EngineError::Job {
+                code: "evaluation_failed",
+                detail: format!("no `{}` was written", t.artifact),
+            })?;
+            tracker.check("text evaluation: loading the models")?;
+            let files = &job.plan.files;
+            Some(text_eval::run(t, files, job.inputs.model_path, &artifact.path, dataset, &mut tracker)?)
+        }
+    };
     let outputs = artifacts
         .iter()
         .map(|a| {
@@ -586,6 +604,7 @@ pub fn execute(
         checks,
         structure,
         evaluation,
+        text_evaluation,
         duration_ms: started.elapsed().as_secs_f64() * 1e3,
         peak_rss_bytes: peak_rss_bytes(),
     };
@@ -616,6 +635,7 @@ fn evaluate(
         labels: e.labels.clone(),
         batch_size: e.batch_size,
         limit: Some(e.samples),
+        ..Default::default()
     };
     let ctl = tracker.ctl;
     let mut tick = |done: usize, total: usize| {

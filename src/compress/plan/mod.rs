@@ -15,6 +15,7 @@ use super::ops::OpKind;
 use super::prune::Norm;
 use super::quant::{Granularity, IntParams};
 use super::spec::{CompressSpec, OutputFormat};
+use crate::compress::engine::text_eval::{self, TextEvalPlan};
 use crate::formats::gguf::llama_cpp::{Conversion, LlamaCppModel};
 use crate::formats::gguf::GgufType;
 use crate::formats::hf::ModelFiles;
@@ -74,6 +75,10 @@ pub struct Plan {
     /// The model folder's companion files, copied into the folder outputs.
     #[serde(skip)]
     pub files: ModelFiles,
+    /// With `evaluate` on a language model (a folder of a covered architecture, no graph): the
+    /// original and the compressed artifact run on the dataset's text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text_evaluation: Option<TextEvalPlan>,
 }
 
 impl Plan {
@@ -302,6 +307,44 @@ pub struct OutputPlan {
 /// [`crate::formats::gguf::llama_cpp`] covers.
 pub const GENERIC_GGUF_NOTE: &str = "a generic GGUF: the tensors under their own names with ModelPress metadata, readable by the gguf package and candle, without general.architecture, hyperparameters, tokenizer or llama.cpp tensor names, so llama.cpp refuses to run it";
 
+/// The text evaluation of a language model on dataset `d`: its text tensor, the budget, and the
+/// artifact that stands for the compressed model (the llama.cpp GGUF when written, else the
+/// dense safetensors).
+fn plan_text_evaluation(
+    spec: &CompressSpec,
+    d: &Header,
+    separate_dataset: bool,
+    runnable_gguf: bool,
+    reshaped: bool,
+) -> Result<TextEvalPlan, String> {
+    let options = spec.evaluate.clone().unwrap_or_default();
+    let name = options.text.clone().unwrap_or_else(|| "text".into());
+    let t = d.get(&name).ok_or_else(|| {
+        format!("the dataset has no `{name}` tensor: upload the text as text/plain to /v1/datasets (it becomes a U8 `text` tensor), or name the tensor in `evaluate.text`")
+    })?;
+    if t.dtype != crate::formats::safetensors::Dtype::U8 || t.shape.len() != 1 {
+        return Err(format!("`{name}` must be a 1-D U8 tensor of UTF-8 text, got {} {:?}", t.dtype.as_str(), t.shape));
+    }
+    if reshaped {
+        return Err("a structural step changed the model's shapes, so its config.json no longer describes the output; evaluate in a job of its own on the registered model".into());
+    }
+    let artifact = if runnable_gguf && spec.outputs.contains(&OutputFormat::Gguf) {
+        "model.gguf"
+    } else if spec.outputs.contains(&OutputFormat::Safetensors) {
+        "model.safetensors"
+    } else {
+        return Err("evaluating a language model runs a `gguf` (llama.cpp's kind) or `safetensors` output: add one to `outputs`".into());
+    };
+    Ok(TextEvalPlan {
+        text: name,
+        text_bytes: t.bytes(),
+        tokens: options.tokens.unwrap_or(text_eval::DEFAULT_TOKENS),
+        context: options.context.unwrap_or(text_eval::DEFAULT_CONTEXT),
+        artifact: artifact.into(),
+        separate_dataset,
+    })
+}
+
 /// The llama.cpp form of a GGUF output, when the model's files describe an architecture
 /// that is covered (else the generic GGUF and why); a covered architecture that cannot be
 /// converted is a refusal at the output.
@@ -354,7 +397,7 @@ const BASE_MEMORY_BYTES: u64 = 64 << 20;
 /// and the header of the job's `dataset` when there are: the only way to a [`Plan`], which owns
 /// all of them and is all [`crate::compress::engine::execute`] reads.
 pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
-    let PlanInputs { header, graph, dataset, eval_dataset, teacher, files } = inputs;
+    let PlanInputs { header, graph, dataset: dataset_header, eval_dataset, teacher, files } = inputs;
     let tensors = header
         .tensors
         .iter()
@@ -390,8 +433,17 @@ pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
             None
         }
     });
-    let (dataset, evaluation) =
-        plan_evaluation(&spec, graph.as_ref(), graph_summary.as_ref(), (dataset, eval_dataset), &mut refusals);
+    // A language model (a folder llama.cpp's converter covers, no graph) is evaluated on text by
+    // its own tokenizer, not through a graph: planned once the outputs are known.
+    let text_mode = spec.evaluate.is_some() && graph.is_none() && files.is_some_and(text_eval::covers);
+    let graph_spec = if text_mode { CompressSpec { evaluate: None, ..spec.clone() } } else { spec.clone() };
+    let (dataset, evaluation) = plan_evaluation(
+        &graph_spec,
+        graph.as_ref(),
+        graph_summary.as_ref(),
+        (dataset_header, eval_dataset),
+        &mut refusals,
+    );
     let teacher_summary = teacher.as_ref().and_then(|t| check_teacher(&spec, t, graph_summary.as_ref(), &mut refusals));
     for (i, step) in spec.steps.iter().enumerate() {
         let names_student = matches!(step, super::ops::Step::Distill(d) if d.student_model_id.is_some());
@@ -433,6 +485,27 @@ pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
     describe_layouts(&spec, &mut tensors);
     predict::check_output_names(&spec, &tensors, &mut refusals);
     let conversion = plan_llama_cpp(&spec, files, &tensors, &mut refusals);
+    let text_evaluation = match (text_mode, eval_dataset.map(|d| (d, true)).or(dataset_header.map(|d| (d, false)))) {
+        (false, _) => None,
+        (true, None) => {
+            refusals.push(Refusal {
+                pointer: "/evaluate".into(),
+                tensor: None,
+                detail: "evaluating a language model needs a text dataset: give `dataset_id` or `evaluate.dataset_id` (a text/plain upload to /v1/datasets; CLI: --dataset FILE.txt)".into(),
+            });
+            None
+        }
+        (true, Some((d, separate))) => {
+            let runnable = matches!(&conversion, Some(Conversion::Runnable(_)));
+            match plan_text_evaluation(&spec, d, separate, runnable, !structure.is_empty() || !dropped.is_empty()) {
+                Ok(p) => Some(p),
+                Err(detail) => {
+                    refusals.push(Refusal { pointer: "/evaluate".into(), tensor: None, detail });
+                    None
+                }
+            }
+        }
+    };
     let (llama_cpp, generic_reason) = match conversion {
         Some(Conversion::Runnable(m)) => (Some(m), None),
         Some(Conversion::Generic(why)) => (None, Some(why)),
@@ -544,7 +617,10 @@ pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
         peak_memory_bytes: BASE_MEMORY_BYTES
             + max_numel.unwrap_or(0) * BYTES_PER_ELEMENT_IN_FLIGHT
             + eval_bytes
-            + structural_bytes,
+            + structural_bytes
+            // A text evaluation holds the original in f32 (the file read whole, then its tensors)
+            // and the compressed model: about three f32 copies of the parameters.
+            + text_evaluation.as_ref().map_or(0, |_| 3 * model_bytes),
         prepasses,
         spec,
         header,
@@ -559,6 +635,7 @@ pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
         teacher_model: teacher,
         llama_cpp,
         files: files.cloned().unwrap_or_default(),
+        text_evaluation,
     }
 }
 

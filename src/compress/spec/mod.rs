@@ -171,6 +171,13 @@ pub fn parse_evaluate(value: &Value) -> Result<Option<EvalOptions>, SpecError> {
     if options.limit == Some(0) {
         return Err(field("/evaluate", "limit", "limit must be at least 1"));
     }
+    use crate::compress::engine::text_eval::{MAX_CONTEXT, MAX_TOKENS};
+    if let Some(t) = options.tokens.filter(|&t| !(2..=MAX_TOKENS).contains(&t)) {
+        return Err(field("/evaluate", "tokens", format!("tokens must be between 2 and {MAX_TOKENS}, got {t}")));
+    }
+    if let Some(c) = options.context.filter(|&c| !(2..=MAX_CONTEXT).contains(&c)) {
+        return Err(field("/evaluate", "context", format!("context must be between 2 and {MAX_CONTEXT}, got {c}")));
+    }
     Ok(Some(options))
 }
 

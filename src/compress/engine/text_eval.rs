@@ -1,0 +1,252 @@
+//! Language-model evaluation: the original model and the compressed artifact run on the same
+//! text, token by token, with candle-transformers (its `llama` on safetensors weights, its
+//! `quantized_llama` on a GGUF: the file the user downloads, as llama.cpp reads it). The text is
+//! tokenized with the model's own `tokenizer.json` through the `tokenizers` crate.
+//!
+//! Measured over every predicted position of `context`-token chunks of the first `tokens`
+//! tokens: perplexity of each model on the text (exp of the mean negative log-likelihood of the
+//! next token), the mean KL divergence KL(original || compressed) of the next-token distributions
+//! (nats), and top-1 agreement (both models' most likely next token equal). candle-transformers'
+//! models return the last position's logits only, so each chunk runs one token at a time with a
+//! KV cache: cost is `tokens` forward steps per model, which the token budget bounds.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::{EngineError, Tracker};
+use crate::formats::hf::ModelFiles;
+
+/// Default and largest token budget, and default and largest chunk length.
+pub const DEFAULT_TOKENS: usize = 256;
+pub const MAX_TOKENS: usize = 65_536;
+pub const DEFAULT_CONTEXT: usize = 128;
+pub const MAX_CONTEXT: usize = 4096;
+
+/// What a text evaluation will do, decided by the plan.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TextEvalPlan {
+    /// The dataset tensor holding the UTF-8 text (U8, 1-D).
+    pub text: String,
+    /// Bytes of text in it.
+    pub text_bytes: u64,
+    /// Token budget (the text's first tokens).
+    pub tokens: usize,
+    /// Tokens per chunk (each chunk starts with an empty cache).
+    pub context: usize,
+    /// The artifact evaluated as the compressed model: `model.gguf` (llama.cpp's layout) or
+    /// `model.safetensors`.
+    pub artifact: String,
+    /// Whether the evaluation reads `evaluate.dataset_id` rather than the job's dataset.
+    pub separate_dataset: bool,
+}
+
+/// The result, in the report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TextEvaluation {
+    pub artifact: String,
+    pub tokens: usize,
+    pub context: usize,
+    /// Next-token predictions compared.
+    pub predictions: usize,
+    pub perplexity_before: f64,
+    pub perplexity_after: f64,
+    /// Mean KL(original || compressed) over the predictions, in nats.
+    pub kl_mean: f64,
+    pub top1_agreement: f64,
+    pub milliseconds: f64,
+}
+
+/// The architectures evaluated (candle-transformers' `llama` and `quantized_llama`).
+pub fn covers(files: &ModelFiles) -> bool {
+    let Ok(Some(config)) = files.json("config.json") else { return false };
+    matches!(config["architectures"][0].as_str(), Some("LlamaForCausalLM" | "MistralForCausalLM"))
+}
+
+/// config.json as candle-transformers' `LlamaConfig` reads it: transformers 5 writes RoPE's
+/// parameters under `rope_parameters`, which candle reads from `rope_theta` and `rope_scaling`.
+fn candle_config(files: &ModelFiles) -> Result<candle_transformers::models::llama::Config, String> {
+    let mut c = files.json("config.json").map_err(|e| e.to_string())?.ok_or("the model has no config.json")?;
+    let params = c["rope_parameters"].clone();
+    if c["rope_theta"].is_null() {
+        if let Some(theta) = params["rope_theta"].as_f64() {
+            c["rope_theta"] = theta.into();
+        }
+    }
+    if c["rope_scaling"].is_null() && params["rope_type"] == "llama3" {
+        c["rope_scaling"] = params;
+    }
+    let cfg: candle_transformers::models::llama::LlamaConfig =
+        serde_json::from_value(c).map_err(|e| format!("config.json: {e}"))?;
+    Ok(cfg.into_config(false))
+}
+
+/// One of the two models, fed a token at a time.
+enum Runner {
+    Dense(Box<candle_transformers::models::llama::Llama>, candle_transformers::models::llama::Config),
+    Gguf(Box<candle_transformers::models::quantized_llama::ModelWeights>),
+}
+
+impl Runner {
+    fn dense(path: &Path, files: &ModelFiles) -> Result<Runner, String> {
+        let config = candle_config(files)?;
+        let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let vb = candle_nn::VarBuilder::from_buffered_safetensors(bytes, DType::F32, &Device::Cpu)
+            .map_err(|e| e.to_string())?;
+        let model = candle_transformers::models::llama::Llama::load(vb, &config).map_err(|e| e.to_string())?;
+        Ok(Runner::Dense(Box::new(model), config))
+    }
+
+    fn gguf(path: &Path) -> Result<Runner, String> {
+        let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file).map_err(|e| e.to_string())?;
+        let model =
+            candle_transformers::models::quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu)
+                .map_err(|e| e.to_string())?;
+        Ok(Runner::Gguf(Box::new(model)))
+    }
+
+    /// Log-probabilities of the next token after each of `ids` (a fresh context).
+    fn chunk(
+        &mut self,
+        ids: &[u32],
+        mut each: impl FnMut(usize, Vec<f64>) -> Result<(), EngineError>,
+    ) -> Result<(), EngineError> {
+        let err = |e: candle_core::Error| EngineError::Job { code: "evaluation_failed", detail: e.to_string() };
+        let mut cache = match self {
+            Runner::Dense(_, config) => Some(
+                candle_transformers::models::llama::Cache::new(true, DType::F32, config, &Device::Cpu).map_err(err)?,
+            ),
+            Runner::Gguf(m) => {
+                m.clear_kv_cache();
+                None
+            }
+        };
+        for (p, &id) in ids.iter().enumerate() {
+            let x = Tensor::new(&[[id]], &Device::Cpu).map_err(err)?;
+            let logits = match (&mut *self, cache.as_mut()) {
+                (Runner::Dense(m, _), Some(c)) => m.forward(&x, p, c),
+                (Runner::Gguf(m), _) => m.forward(&x, p),
+                (Runner::Dense(..), None) => unreachable!("a dense model has its cache"),
+            }
+            .map_err(err)?;
+            let logits: Vec<f32> = logits.flatten_all().and_then(|t| t.to_vec1()).map_err(err)?;
+            each(p, log_softmax(&logits))?;
+        }
+        Ok(())
+    }
+}
+
+/// log(softmax(x)) in f64.
+fn log_softmax(x: &[f32]) -> Vec<f64> {
+    let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+    let sum: f64 = x.iter().map(|&v| (v as f64 - max).exp()).sum();
+    let log_sum = sum.ln() + max;
+    x.iter().map(|&v| v as f64 - log_sum).collect()
+}
+
+fn argmax(x: &[f64]) -> usize {
+    x.iter().enumerate().fold((0, f64::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0
+}
+
+/// Runs the evaluation: `model` is the original safetensors file, `artifact` the compressed one
+/// the plan names, `dataset` the file holding the text tensor.
+pub(super) fn run(
+    plan: &TextEvalPlan,
+    files: &ModelFiles,
+    model: &Path,
+    artifact: &Path,
+    dataset: &Path,
+    tracker: &mut Tracker<'_>,
+) -> Result<TextEvaluation, EngineError> {
+    let started = std::time::Instant::now();
+    let job_err = |detail: String| EngineError::Job { code: "evaluation_failed", detail };
+    let header = crate::formats::safetensors::read_header(dataset, u64::MAX).map_err(|e| job_err(e.to_string()))?;
+    let info = header.get(&plan.text).ok_or_else(|| job_err(format!("the dataset has no `{}`", plan.text)))?;
+    let mut reader = crate::formats::safetensors::TensorReader::open(dataset)?;
+    let text = String::from_utf8_lossy(reader.read_raw(info)?).into_owned();
+    let tokenizer_path =
+        files.path("tokenizer.json").ok_or_else(|| job_err("the model has no tokenizer.json".into()))?;
+    let tokenizer =
+        tokenizers::Tokenizer::from_file(tokenizer_path).map_err(|e| job_err(format!("tokenizer.json: {e}")))?;
+    let encoding = tokenizer.encode(text, false).map_err(|e| job_err(format!("tokenizing the text: {e}")))?;
+    let ids: Vec<u32> = encoding.get_ids().iter().copied().take(plan.tokens).collect();
+    if ids.len() < 2 {
+        return Err(job_err(format!("the text is {} token(s); at least 2 are needed", ids.len())));
+    }
+    let mut original = Runner::dense(model, files).map_err(job_err)?;
+    let mut compressed =
+        if plan.artifact == "model.gguf" { Runner::gguf(artifact) } else { Runner::dense(artifact, files) }
+            .map_err(job_err)?;
+    let chunks: Vec<&[u32]> = ids.chunks(plan.context).filter(|c| c.len() >= 2).collect();
+    let total_steps = chunks.iter().map(|c| c.len()).sum::<usize>() * 2;
+    let (mut nll_before, mut nll_after, mut kl, mut agree, mut n) = (0f64, 0f64, 0f64, 0usize, 0usize);
+    let mut done = 0usize;
+    for (k, chunk) in chunks.iter().enumerate() {
+        let mut before: Vec<Vec<f64>> = Vec::with_capacity(chunk.len());
+        let mut step = |what: &str, p: usize, tracker: &mut Tracker<'_>| -> Result<(), EngineError> {
+            done += 1;
+            if p.is_multiple_of(16) {
+                if tracker.ctl.canceled() {
+                    return Err(EngineError::Canceled);
+                }
+                let message = format!("text evaluation ({what}): chunk {} of {}", k + 1, chunks.len());
+                tracker.ctl.progress(done as f64 / total_steps as f64, "evaluate", &message);
+            }
+            Ok(())
+        };
+        original.chunk(chunk, |p, lp| {
+            step("original", p, tracker)?;
+            before.push(lp);
+            Ok(())
+        })?;
+        compressed.chunk(chunk, |p, lp| {
+            step("compressed", p, tracker)?;
+            if let Some(&next) = chunk.get(p + 1) {
+                let b = &before[p];
+                nll_before -= b[next as usize];
+                nll_after -= lp[next as usize];
+                kl += b.iter().zip(&lp).map(|(&pb, &pa)| pb.exp() * (pb - pa)).sum::<f64>();
+                agree += usize::from(argmax(b) == argmax(&lp));
+                n += 1;
+            }
+            Ok(())
+        })?;
+    }
+    let n_f = n.max(1) as f64;
+    let result = TextEvaluation {
+        artifact: plan.artifact.clone(),
+        tokens: ids.len(),
+        context: plan.context,
+        predictions: n,
+        perplexity_before: (nll_before / n_f).exp(),
+        perplexity_after: (nll_after / n_f).exp(),
+        kl_mean: kl / n_f,
+        top1_agreement: agree as f64 / n_f,
+        milliseconds: started.elapsed().as_secs_f64() * 1e3,
+    };
+    for v in [result.perplexity_before, result.perplexity_after, result.kl_mean] {
+        if !v.is_finite() {
+            return Err(job_err(format!(
+                "the evaluation produced a non-finite value ({v}); the model's logits overflow"
+            )));
+        }
+    }
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_softmax_sums_to_one_and_keeps_the_argmax() {
+        let lp = log_softmax(&[1.0, 3.0, -2.0, 3.5]);
+        let total: f64 = lp.iter().map(|v| v.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-12);
+        assert_eq!(argmax(&lp), 3);
+        // Large logits do not overflow.
+        assert!(log_softmax(&[1e30, 0.0]).iter().all(|v| v.is_finite() || *v == f64::NEG_INFINITY));
+    }
+}
