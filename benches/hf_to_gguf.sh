@@ -10,7 +10,7 @@
 # byte-level BPE tokenizer of tests/fixtures/tiny_bpe (320 tokens; both tools pad the vocabulary
 # to 32000). About 1 GB; written once and reused by every round.
 #
-# Figures: wall seconds and peak RSS (`/usr/bin/time -v`, "Maximum resident set size") per path
+# Figures: wall seconds, CPU seconds (user + system) and peak RSS (`/usr/bin/time -v`, "Maximum resident set size") per path
 # and target. The two-tool path is timed as the sum of its two steps and its peak RSS is the
 # larger of the two steps' peaks (the steps run one after the other). One warm-up of each path,
 # then ROUNDS rounds alternating the paths (the order flips every round); medians over the
@@ -145,9 +145,9 @@ CONVERT=(env PYTHONPATH="$LLAMA_CPP_SRC/gguf-py" NO_LOCAL_GGUF=1 "$PYTHON" "$WOR
 # irq, softirq): minus the measured command's own CPU time, what other processes took meanwhile.
 HZ=$(getconf CLK_TCK)
 busy_cs() { awk -v hz="$HZ" '/^cpu / {printf "%d\n", ($2 + $3 + $4 + $7 + $8) * 100 / hz}' /proc/stat; }
-# measure ROUND PATH TARGET STEP CMD...: one command's wall milliseconds, peak RSS (KiB) and the
-# CPU centiseconds other processes used meanwhile, appended to results.tsv; on failure, the
-# command and the end of its output.
+# measure ROUND PATH TARGET STEP CMD...: one command's wall milliseconds, peak RSS (KiB), the
+# CPU centiseconds other processes used meanwhile and its own CPU centiseconds (user + system),
+# appended to results.tsv; on failure, the command and the end of its output.
 measure() {
   local round=$1 path=$2 target=$3 step=$4 start end rss busy0 busy1 own others
   shift 4
@@ -165,7 +165,7 @@ measure() {
   own=$(awk -F': ' '/(User|System) time \(seconds\)/ {s += $2} END {printf "%d\n", s * 100}' "$WORK/time.txt")
   others=$((busy1 - busy0 - own))
   [ "$others" -ge 0 ] || others=0
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$path" "$target" "$step" $(((end - start) / 1000000)) "$rss" "$others" >>"$WORK/results.tsv"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$path" "$target" "$step" $(((end - start) / 1000000)) "$rss" "$others" "$own" >>"$WORK/results.tsv"
   printf '  round %s %-10s %-6s %-8s %5d.%02d s %6d MiB   (own CPU %d.%02d s, others %d.%02d s)\n' "$round" "$path" "$target" "$step" \
     $(((end - start) / 1000000000)) $(((end - start) / 10000000 % 100)) $((rss / 1024)) \
     $((own / 100)) $((own % 100)) $((others / 100)) $((others % 100))
@@ -269,12 +269,12 @@ from pathlib import Path
 
 work, rounds, f16_bytes, ppl_mp, ppl_tt, threads = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:7]
 targets = sys.argv[7:]
-runs = defaultdict(lambda: defaultdict(dict))  # (path, target) -> round -> step -> (s, MiB)
+runs = defaultdict(lambda: defaultdict(dict))  # (path, target) -> round -> step -> (wall s, MiB, CPU s)
 others = []  # CPU seconds other processes used during each counted step
 for line in (work / "results.tsv").read_text().splitlines():
-    r, path, target, step, ms, kb, cs = line.split("\t")
+    r, path, target, step, ms, kb, cs, own = line.split("\t")
     if int(r) > 0:
-        runs[(path, target)][int(r)][step] = (int(ms) / 1000, int(kb) / 1024)
+        runs[(path, target)][int(r)][step] = (int(ms) / 1000, int(kb) / 1024, int(own) / 100)
         others.append(int(cs) / 100)
 model_mib = sum(p.stat().st_size for p in (work / "model").glob("*.safetensors")) / 2**20
 nbytes = {("modelpress", t): (work / f"mp-{t}" / "model.gguf").stat().st_size for t in targets}
@@ -284,25 +284,27 @@ names = {"modelpress": "modelpress compress", "two-tool": "convert f16 + llama-q
 
 def figures(key):
     per = runs[key].values()
-    wall = [sum(s for s, _ in steps.values()) for steps in per]
-    rss = [max(m for _, m in steps.values()) for steps in per]
+    wall = [sum(v[0] for v in steps.values()) for steps in per]
+    rss = [max(v[1] for v in steps.values()) for steps in per]
+    cpu = [sum(v[2] for v in steps.values()) for steps in per]
     parts = {step: statistics.median(steps[step][0] for steps in per) for step in next(iter(per))}
-    return statistics.median(wall), min(wall), max(wall), statistics.median(rss), parts
+    return statistics.median(wall), min(wall), max(wall), statistics.median(rss), parts, statistics.median(cpu)
 
 print(f"HF folder ({model_mib:.0f} MiB bf16, 8-layer Llama 2048/5632, vocab 32000) -> GGUF, "
       f"{threads} threads, median of {rounds} alternating rounds after a warm-up")
-print(f"{'path':30s} | {'target':6s} | {'wall s (median)':>15s} | {'min-max s':>13s} | {'peak RSS MiB':>12s} | {'output MiB':>10s} | steps (median s)")
+print(f"{'path':30s} | {'target':6s} | {'wall s (median)':>15s} | {'min-max s':>13s} | {'CPU s':>6s} | {'peak RSS MiB':>12s} | {'output MiB':>10s} | steps (median wall s)")
 fig = {}
 for t in targets:
     for path in ("modelpress", "two-tool"):
-        w, lo, hi, rss, parts = fig[(path, t)] = figures((path, t))
+        w, lo, hi, rss, parts, cpu = fig[(path, t)] = figures((path, t))
         steps = ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
-        print(f"{names[path]:30s} | {t:6s} | {w:15.2f} | {lo:6.2f}-{hi:6.2f} | {rss:12.0f} | {size[(path, t)]:10.1f} | {steps}")
+        print(f"{names[path]:30s} | {t:6s} | {w:15.2f} | {lo:6.2f}-{hi:6.2f} | {cpu:6.2f} | {rss:12.0f} | {size[(path, t)]:10.1f} | {steps}")
+print("(CPU s: user + system seconds of the path's processes, median; less sensitive than wall time to other load)")
 print(f"(the two-tool path also writes a {f16_bytes / 2**20:.0f} MiB f16 intermediate GGUF; its peak RSS is the larger of its two steps')")
 print("ratios two-tool / modelpress:")
 for t in targets:
     mp, tt = fig[("modelpress", t)], fig[("two-tool", t)]
-    print(f"  {t:6s}: time {tt[0] / mp[0]:.2f}x, peak RSS {tt[3] / mp[3]:.2f}x, output bytes two-tool - modelpress {nbytes[('two-tool', t)] - nbytes[('modelpress', t)]:+d}")
+    print(f"  {t:6s}: time {tt[0] / mp[0]:.2f}x, CPU {tt[5] / mp[5]:.2f}x, peak RSS {tt[3] / mp[3]:.2f}x, output bytes two-tool - modelpress {nbytes[('two-tool', t)] - nbytes[('modelpress', t)]:+d}")
 print("byte comparison (gguf package: tensor names, types, shapes, bytes; general.* and modelpress.* metadata ignored):")
 for line in (work / "compare.txt").read_text().splitlines():
     print("  " + line)
@@ -312,7 +314,7 @@ print(f"  directly; bf16 -> f16 changed {changed} weights (all |x| <= {largest}:
 print("  byte identity is expected only through the exact f32 intermediate (bf16 -> f32).")
 quiet = max(others) < 1.0
 print(f"other processes' CPU during the counted steps: {sum(others):.1f} s in all, at most {max(others):.1f} s in one step"
-      + ("" if quiet else "  <- the machine was not quiet; the times above are skewed (see the per-step lines)"))
+      + ("" if quiet else "  <- the machine was not quiet: wall times are skewed, CPU s less so (see the per-step lines)"))
 print(f"llama-perplexity Q4_K_M (random weights, PPL near the vocab size; the point is agreement):")
 print(f"  modelpress {ppl_mp}, two-tool (f16 intermediate) {ppl_tt}, relative difference "
       f"{(float(ppl_tt) - float(ppl_mp)) / float(ppl_mp):+.2e}")

@@ -380,10 +380,14 @@ fn wrap_text_datasets(job: &mut JobArgs) -> anyhow::Result<TempFiles> {
         let n = text.len();
         let wrapped =
             std::env::temp_dir().join(format!("modelpress-text-{}-{}.safetensors", std::process::id(), made.0.len()));
-        let mut w = crate::formats::safetensors::SafetensorsWriter::create(&wrapped)?;
-        w.write("text", crate::formats::safetensors::Dtype::U8, &[n], &text)?;
-        w.finish(&Default::default())?;
+        // A new file only (never through a link someone left at that name), removed on any error.
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(&wrapped)?;
         made.0.push(wrapped.clone());
+        let mut header = format!(r#"{{"text":{{"dtype":"U8","shape":[{n}],"data_offsets":[0,{n}]}}}}"#).into_bytes();
+        header.resize(header.len().next_multiple_of(8), b' ');
+        file.write_all(&(header.len() as u64).to_le_bytes())?;
+        file.write_all(&header)?;
+        file.write_all(&text)?;
         *slot = Some(wrapped);
     }
     Ok(made)

@@ -156,7 +156,7 @@ fn extract(reader: impl Read, dir: &Path, limit: u64, gone: &AtomicBool) -> Resu
         // This entry's data (read by us or skipped by the reader) plus the next headers.
         let size = entry.size();
         budget.since_entry.set(0);
-        budget.allowed.set(size.div_ceil(512) * 512 + EXTENSION_BUDGET);
+        budget.allowed.set(size.div_ceil(512).saturating_mul(512).saturating_add(EXTENSION_BUDGET));
         let kind = entry.header().entry_type();
         if kind.is_dir() || kind.is_pax_global_extensions() {
             continue;

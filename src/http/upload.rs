@@ -370,6 +370,8 @@ pub async fn receive_text(
     file.seek(std::io::SeekFrom::Start(0)).await.map_err(ApiError::io)?;
     file.write_all(&(TEXT_HEADER as u64).to_le_bytes()).await.map_err(ApiError::io)?;
     file.write_all(&json).await.map_err(ApiError::io)?;
+    // tokio's File finishes a pending write in the background: flush surfaces its error.
+    file.flush().await.map_err(ApiError::io)?;
     file.sync_all().await.map_err(ApiError::io)?;
     drop(file);
     let hashed = path.clone();

@@ -90,6 +90,17 @@ def make_folder(folder: Path, sentencepiece: bool = False, arch: str = "llama"):
         fast.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         fast.save_pretrained(folder)
         vocab_size = tok.get_vocab_size()
+        if arch == "template":
+            # A template that starts with BOS and ends with a special token other than the
+            # configured EOS (gguf-py then makes it the EOS and the configured one EOT).
+            t = json.loads((folder / "tokenizer.json").read_text())
+            t["post_processor"] = {"type": "Sequence", "processors": [
+                {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+                {"type": "TemplateProcessing",
+                 "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                            {"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}],
+                 "pair": [], "special_tokens": {}}]}
+            (folder / "tokenizer.json").write_text(json.dumps(t))
 
     torch.manual_seed(0)
     common = dict(
@@ -244,8 +255,9 @@ def main():
                 ref = perplexity(bin_dir / "llama-perplexity", theirs, text)
                 print(f"llama-perplexity SentencePiece q8_0: ModelPress {ours:.4f}, converter {ref:.4f}")
                 assert ours == ref, (ours, ref)
-        # Llama 3.1's RoPE scaling (rope_freqs) and Qwen2 (biases, no permutation, tied output).
-        for arch in ("llama3", "qwen2"):
+        # Llama 3.1's RoPE scaling (rope_freqs), Qwen2 (biases, no permutation, tied output), and a
+        # post-processor template that renames the EOS (gguf-py's SpecialVocab rules).
+        for arch in ("llama3", "qwen2", "template"):
             folder = work / arch / "model"
             make_folder(folder, arch=arch)
             spec = work / f"{arch}.json"

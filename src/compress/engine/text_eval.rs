@@ -8,7 +8,9 @@
 //! next token), the mean KL divergence KL(original || compressed) of the next-token distributions
 //! (nats), and top-1 agreement (both models' most likely next token equal). candle-transformers'
 //! models return the last position's logits only, so each chunk runs one token at a time with a
-//! KV cache: cost is `tokens` forward steps per model, which the token budget bounds.
+//! KV cache: cost is `tokens` forward steps per model, which the token budget bounds. Chunks
+//! start without a BOS token (the text's own tokens), so perplexities compare the two models
+//! with each other, not with llama-perplexity's figures, which put BOS first.
 
 use std::path::Path;
 
@@ -64,6 +66,36 @@ pub fn covers(files: &ModelFiles) -> bool {
     matches!(config["architectures"][0].as_str(), Some("LlamaForCausalLM" | "MistralForCausalLM"))
 }
 
+/// What the plan checks before a text evaluation is accepted, so a job never fails at its end
+/// on what candle-transformers' Llama cannot run: a tokenizer.json to tokenize with, a
+/// config.json it reads (RoPE scaling: none or llama3), `head_dim` = hidden / heads (it derives
+/// it), and chunks within `max_position_embeddings`. Returns whether llama3 RoPE scaling is used
+/// (candle's `quantized_llama` ignores a GGUF's `rope_freqs`, so such a model is evaluated
+/// through its safetensors output).
+pub fn check(files: &ModelFiles, context: usize) -> Result<bool, String> {
+    if files.path("tokenizer.json").is_none() {
+        return Err(
+            "evaluating a language model tokenizes with the model's tokenizer.json, which the folder does not have"
+                .into(),
+        );
+    }
+    let raw = files.json("config.json").map_err(|e| e.to_string())?.ok_or("the model has no config.json")?;
+    let config = candle_config(files).map_err(|e| format!("candle-transformers' Llama cannot read {e}"))?;
+    let (hidden, heads) = (raw["hidden_size"].as_u64().unwrap_or(0), raw["num_attention_heads"].as_u64().unwrap_or(1));
+    if let Some(head_dim) = raw["head_dim"].as_u64().filter(|&d| heads == 0 || d != hidden / heads) {
+        return Err(format!(
+            "config.json sets head_dim {head_dim} apart from hidden_size / num_attention_heads, which candle-transformers' Llama does not support"
+        ));
+    }
+    if context > config.max_position_embeddings {
+        return Err(format!(
+            "evaluate.context {context} is beyond the model's max_position_embeddings {}",
+            config.max_position_embeddings
+        ));
+    }
+    Ok(config.rope_scaling.is_some())
+}
+
 /// config.json as candle-transformers' `LlamaConfig` reads it: transformers 5 writes RoPE's
 /// parameters under `rope_parameters`, which candle reads from `rope_theta` and `rope_scaling`.
 fn candle_config(files: &ModelFiles) -> Result<candle_transformers::models::llama::Config, String> {
@@ -82,9 +114,15 @@ fn candle_config(files: &ModelFiles) -> Result<candle_transformers::models::llam
     Ok(cfg.into_config(false))
 }
 
-/// One of the two models, fed a token at a time.
+/// One of the two models, fed a token at a time (two exist per evaluation: their size does not
+/// matter).
+#[allow(clippy::large_enum_variant)]
 enum Runner {
-    Dense(Box<candle_transformers::models::llama::Llama>, candle_transformers::models::llama::Config),
+    Dense(
+        Box<candle_transformers::models::llama::Llama>,
+        candle_transformers::models::llama::Config,
+        Option<candle_transformers::models::llama::Cache>,
+    ),
     Gguf(Box<candle_transformers::models::quantized_llama::ModelWeights>),
 }
 
@@ -95,7 +133,7 @@ impl Runner {
         let vb = candle_nn::VarBuilder::from_buffered_safetensors(bytes, DType::F32, &Device::Cpu)
             .map_err(|e| e.to_string())?;
         let model = candle_transformers::models::llama::Llama::load(vb, &config).map_err(|e| e.to_string())?;
-        Ok(Runner::Dense(Box::new(model), config))
+        Ok(Runner::Dense(Box::new(model), config, None))
     }
 
     fn gguf(path: &Path) -> Result<Runner, String> {
@@ -107,35 +145,36 @@ impl Runner {
         Ok(Runner::Gguf(Box::new(model)))
     }
 
-    /// Log-probabilities of the next token after each of `ids` (a fresh context).
-    fn chunk(
-        &mut self,
-        ids: &[u32],
-        mut each: impl FnMut(usize, Vec<f64>) -> Result<(), EngineError>,
-    ) -> Result<(), EngineError> {
-        let err = |e: candle_core::Error| EngineError::Job { code: "evaluation_failed", detail: e.to_string() };
-        let mut cache = match self {
-            Runner::Dense(_, config) => Some(
-                candle_transformers::models::llama::Cache::new(true, DType::F32, config, &Device::Cpu).map_err(err)?,
-            ),
-            Runner::Gguf(m) => {
-                m.clear_kv_cache();
-                None
+    /// Starts a fresh context (an empty KV cache).
+    fn reset(&mut self) -> Result<(), EngineError> {
+        match self {
+            Runner::Dense(_, config, cache) => {
+                *cache = Some(
+                    candle_transformers::models::llama::Cache::new(true, DType::F32, config, &Device::Cpu)
+                        .map_err(eval_err)?,
+                );
             }
-        };
-        for (p, &id) in ids.iter().enumerate() {
-            let x = Tensor::new(&[[id]], &Device::Cpu).map_err(err)?;
-            let logits = match (&mut *self, cache.as_mut()) {
-                (Runner::Dense(m, _), Some(c)) => m.forward(&x, p, c),
-                (Runner::Gguf(m), _) => m.forward(&x, p),
-                (Runner::Dense(..), None) => unreachable!("a dense model has its cache"),
-            }
-            .map_err(err)?;
-            let logits: Vec<f32> = logits.flatten_all().and_then(|t| t.to_vec1()).map_err(err)?;
-            each(p, log_softmax(&logits))?;
+            Runner::Gguf(m) => m.clear_kv_cache(),
         }
         Ok(())
     }
+
+    /// Feeds token `id` at position `p` of the context; the next token's log-probabilities.
+    fn step(&mut self, id: u32, p: usize) -> Result<Vec<f64>, EngineError> {
+        let x = Tensor::new(&[[id]], &Device::Cpu).map_err(eval_err)?;
+        let logits = match self {
+            Runner::Dense(m, _, Some(cache)) => m.forward(&x, p, cache),
+            Runner::Dense(_, _, None) => unreachable!("reset before the first step"),
+            Runner::Gguf(m) => m.forward(&x, p),
+        }
+        .map_err(eval_err)?;
+        let logits: Vec<f32> = logits.flatten_all().and_then(|t| t.to_vec1()).map_err(eval_err)?;
+        Ok(log_softmax(&logits))
+    }
+}
+
+fn eval_err(e: candle_core::Error) -> EngineError {
+    EngineError::Job { code: "evaluation_failed", detail: e.to_string() }
 }
 
 /// log(softmax(x)) in f64.
@@ -164,55 +203,60 @@ pub(super) fn run(
     let job_err = |detail: String| EngineError::Job { code: "evaluation_failed", detail };
     let header = crate::formats::safetensors::read_header(dataset, u64::MAX).map_err(|e| job_err(e.to_string()))?;
     let info = header.get(&plan.text).ok_or_else(|| job_err(format!("the dataset has no `{}`", plan.text)))?;
-    let mut reader = crate::formats::safetensors::TensorReader::open(dataset)?;
-    let text = String::from_utf8_lossy(reader.read_raw(info)?).into_owned();
+    // Only the text's beginning is tokenized: generously more bytes than `tokens` tokens take
+    // (a token is a few bytes), so a multi-GB corpus costs neither memory nor time.
+    let prefix = info.bytes().min(plan.tokens as u64 * 64 + 4096);
+    let mut raw = vec![0u8; prefix as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(dataset)?, &mut raw, info.start)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    drop(raw);
     let tokenizer_path =
         files.path("tokenizer.json").ok_or_else(|| job_err("the model has no tokenizer.json".into()))?;
     let tokenizer =
         tokenizers::Tokenizer::from_file(tokenizer_path).map_err(|e| job_err(format!("tokenizer.json: {e}")))?;
     let encoding = tokenizer.encode(text, false).map_err(|e| job_err(format!("tokenizing the text: {e}")))?;
     let ids: Vec<u32> = encoding.get_ids().iter().copied().take(plan.tokens).collect();
+    drop(encoding);
     if ids.len() < 2 {
         return Err(job_err(format!("the text is {} token(s); at least 2 are needed", ids.len())));
     }
+    if tracker.ctl.canceled() {
+        return Err(EngineError::Canceled);
+    }
     let mut original = Runner::dense(model, files).map_err(job_err)?;
+    if tracker.ctl.canceled() {
+        return Err(EngineError::Canceled);
+    }
     let mut compressed =
         if plan.artifact == "model.gguf" { Runner::gguf(artifact) } else { Runner::dense(artifact, files) }
             .map_err(job_err)?;
+    // Both models step through each chunk together, so only one pair of distributions is alive;
+    // the chunk's last token predicts nothing and is not fed.
     let chunks: Vec<&[u32]> = ids.chunks(plan.context).filter(|c| c.len() >= 2).collect();
-    let total_steps = chunks.iter().map(|c| c.len()).sum::<usize>() * 2;
+    let total: usize = chunks.iter().map(|c| c.len() - 1).sum();
     let (mut nll_before, mut nll_after, mut kl, mut agree, mut n) = (0f64, 0f64, 0f64, 0usize, 0usize);
-    let mut done = 0usize;
     for (k, chunk) in chunks.iter().enumerate() {
-        let mut before: Vec<Vec<f64>> = Vec::with_capacity(chunk.len());
-        let mut step = |what: &str, p: usize, tracker: &mut Tracker<'_>| -> Result<(), EngineError> {
-            done += 1;
+        original.reset()?;
+        compressed.reset()?;
+        for p in 0..chunk.len() - 1 {
+            if tracker.ctl.canceled() {
+                return Err(EngineError::Canceled);
+            }
             if p.is_multiple_of(16) {
-                if tracker.ctl.canceled() {
-                    return Err(EngineError::Canceled);
-                }
-                let message = format!("text evaluation ({what}): chunk {} of {}", k + 1, chunks.len());
-                tracker.ctl.progress(done as f64 / total_steps as f64, "evaluate", &message);
+                let message = format!("text evaluation: chunk {} of {}", k + 1, chunks.len());
+                tracker.ctl.progress(n as f64 / total as f64, "evaluate", &message);
             }
-            Ok(())
-        };
-        original.chunk(chunk, |p, lp| {
-            step("original", p, tracker)?;
-            before.push(lp);
-            Ok(())
-        })?;
-        compressed.chunk(chunk, |p, lp| {
-            step("compressed", p, tracker)?;
-            if let Some(&next) = chunk.get(p + 1) {
-                let b = &before[p];
-                nll_before -= b[next as usize];
-                nll_after -= lp[next as usize];
-                kl += b.iter().zip(&lp).map(|(&pb, &pa)| pb.exp() * (pb - pa)).sum::<f64>();
-                agree += usize::from(argmax(b) == argmax(&lp));
-                n += 1;
+            let (b, a) = (original.step(chunk[p], p)?, compressed.step(chunk[p], p)?);
+            let next = chunk[p + 1] as usize;
+            if next >= b.len() || next >= a.len() {
+                return Err(job_err(format!("token id {next} is outside the model's vocabulary of {}", b.len())));
             }
-            Ok(())
-        })?;
+            nll_before -= b[next];
+            nll_after -= a[next];
+            kl += b.iter().zip(&a).map(|(&pb, &pa)| pb.exp() * (pb - pa)).sum::<f64>();
+            agree += usize::from(argmax(&b) == argmax(&a));
+            n += 1;
+        }
     }
     let n_f = n.max(1) as f64;
     let result = TextEvaluation {

@@ -312,6 +312,7 @@ pub const GENERIC_GGUF_NOTE: &str = "a generic GGUF: the tensors under their own
 /// dense safetensors).
 fn plan_text_evaluation(
     spec: &CompressSpec,
+    files: &ModelFiles,
     d: &Header,
     separate_dataset: bool,
     runnable_gguf: bool,
@@ -328,18 +329,25 @@ fn plan_text_evaluation(
     if reshaped {
         return Err("a structural step changed the model's shapes, so its config.json no longer describes the output; evaluate in a job of its own on the registered model".into());
     }
-    let artifact = if runnable_gguf && spec.outputs.contains(&OutputFormat::Gguf) {
+    let context = options.context.unwrap_or(text_eval::DEFAULT_CONTEXT);
+    let llama3_rope = text_eval::check(files, context)?;
+    let artifact = if runnable_gguf && !llama3_rope && spec.outputs.contains(&OutputFormat::Gguf) {
         "model.gguf"
     } else if spec.outputs.contains(&OutputFormat::Safetensors) {
         "model.safetensors"
     } else {
-        return Err("evaluating a language model runs a `gguf` (llama.cpp's kind) or `safetensors` output: add one to `outputs`".into());
+        return Err(if llama3_rope {
+            "the model uses llama3 RoPE scaling, which candle's GGUF reader does not apply: add a `safetensors` output for the evaluation to run".into()
+        } else {
+            "evaluating a language model runs a `gguf` (llama.cpp's kind) or `safetensors` output: add one to `outputs`"
+                .into()
+        });
     };
     Ok(TextEvalPlan {
         text: name,
         text_bytes: t.bytes(),
         tokens: options.tokens.unwrap_or(text_eval::DEFAULT_TOKENS),
-        context: options.context.unwrap_or(text_eval::DEFAULT_CONTEXT),
+        context,
         artifact: artifact.into(),
         separate_dataset,
     })
@@ -497,7 +505,15 @@ pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
         }
         (true, Some((d, separate))) => {
             let runnable = matches!(&conversion, Some(Conversion::Runnable(_)));
-            match plan_text_evaluation(&spec, d, separate, runnable, !structure.is_empty() || !dropped.is_empty()) {
+            let files = files.expect("text mode needs the model's files");
+            match plan_text_evaluation(
+                &spec,
+                files,
+                d,
+                separate,
+                runnable,
+                !structure.is_empty() || !dropped.is_empty(),
+            ) {
                 Ok(p) => Some(p),
                 Err(detail) => {
                     refusals.push(Refusal { pointer: "/evaluate".into(), tensor: None, detail });

@@ -469,59 +469,96 @@ fn tokenizer(files: &ModelFiles, vocab_size: usize, space_prefix: bool) -> Resul
         }
     };
     let n_vocab = tokens.len();
-    // Special tokens: tokenizer_config.json's names resolved through added_tokens, then
-    // config.json's ids (gguf-py's SpecialVocab order; the first found wins).
-    let model_config = files.json("config.json").ok().flatten().unwrap_or(Value::Null);
-    let mut special = Vec::new();
-    for (typ, key) in [
+    // gguf-py's SpecialVocab, step by step: the post-processor decides add_bos/add_eos and may
+    // name the bos/eos tokens (a template's first and last special tokens), then
+    // tokenizer_config.json's names resolve to ids through added_tokens, then config.json's ids
+    // fill the rest (the first found wins).
+    let mut tc = config.clone();
+    let has_tc = tc.as_object().is_some_and(|m| !m.is_empty());
+    let truthy = |v: &Value| !(v.is_null() || v == "" || v == false);
+    if has_tc && !truthy(&tc["bos_token"]) && truthy(&tc["cls_token"]) {
+        tc["bos_token"] = tc["cls_token"].clone();
+    }
+    if has_tc && !truthy(&tc["eos_token"]) && truthy(&tc["sep_token"]) {
+        tc["eos_token"] = tc["sep_token"].clone();
+    }
+    let mut add: BTreeMap<&'static str, bool> = BTreeMap::new();
+    let mut special_types: Vec<(&'static str, &'static str)> = vec![
         ("bos", "bos_token_id"),
         ("eos", "eos_token_id"),
         ("unk", "unknown_token_id"),
         ("sep", "seperator_token_id"),
         ("pad", "padding_token_id"),
         ("mask", "mask_token_id"),
-    ] {
-        let entry = &config[format!("{typ}_token")];
-        let content = entry.as_str().or_else(|| entry["content"].as_str());
-        let id = content.and_then(|c| added.iter().find(|a| a["content"] == c)).and_then(|a| a["id"].as_u64());
-        let id = id.or_else(|| model_config[format!("{typ}_token_id")].as_u64());
-        if let Some(id) = id.filter(|&id| (id as usize) < n_vocab) {
-            special.push((key, id as u32));
-        }
-    }
-    // add_bos/add_eos as gguf-py's SpecialVocab decides them: a ByteLevel post-processor sets
-    // both to false unless already set, a TemplateProcessing's first/last special token sets them
-    // (overriding), and tokenizer_config.json's add_bos_token/add_eos_token fill what is unset.
-    let content_of = |typ: &str| {
-        let e = &config[format!("{typ}_token")];
-        e.as_str().or_else(|| e["content"].as_str()).map(str::to_owned)
-    };
-    let (bos_content, eos_content, cls_content) = (content_of("bos"), content_of("eos"), content_of("cls"));
-    let mut add: BTreeMap<&'static str, bool> = BTreeMap::new();
+    ];
     let post = json.as_ref().map_or(Value::Null, |j| j["post_processor"].clone());
     let processors = post["processors"].as_array().cloned().unwrap_or_else(|| vec![post.clone()]);
     for p in &processors {
-        if p["type"] == "ByteLevel" {
-            add.entry("add_bos_token").or_insert(false);
-            add.entry("add_eos_token").or_insert(false);
-        } else if p["type"] == "TemplateProcessing" {
-            let single = p["single"].as_array().cloned().unwrap_or_default();
-            if single.len() > 1 {
-                if let Some(first) = single[0]["SpecialToken"]["id"].as_str() {
-                    let bos = bos_content.as_deref().is_some_and(|b| b == first)
-                        || cls_content.as_deref().is_some_and(|c| c == first)
-                        || config.is_null();
-                    add.insert("add_bos_token", bos);
+        match p["type"].as_str() {
+            Some("ByteLevel") => {
+                add.entry("add_bos_token").or_insert(false);
+                add.entry("add_eos_token").or_insert(false);
+            }
+            Some("RobertaProcessing") => {
+                add.insert("add_bos_token", true);
+                add.insert("add_eos_token", true);
+                add.insert("add_sep_token", true);
+            }
+            Some("TemplateProcessing") => {
+                let single = p["single"].as_array().cloned().unwrap_or_default();
+                if single.len() < 2 {
+                    continue;
                 }
-                if let Some(last) = single[single.len() - 1]["SpecialToken"]["id"].as_str() {
-                    add.insert("add_eos_token", eos_content.as_deref().is_none_or(|e| e == last));
+                if let Some(first) = single[0]["SpecialToken"]["id"].as_str().filter(|f| !f.is_empty()) {
+                    let first_v = Value::from(first);
+                    if !has_tc {
+                        tc["bos_token"] = first_v.clone();
+                    } else if first_v != tc["bos_token"] && first_v != tc["cls_token"] {
+                        if !truthy(&tc["bos_token"]) {
+                            tc["bos_token"] = first_v.clone();
+                        }
+                        if !truthy(&tc["cls_token"]) {
+                            tc["cls_token"] = first_v.clone();
+                        }
+                    }
+                    add.insert("add_bos_token", first_v == tc["bos_token"] || first_v == tc["cls_token"]);
+                }
+                if let Some(last) = single[single.len() - 1]["SpecialToken"]["id"].as_str().filter(|l| !l.is_empty()) {
+                    let last_v = Value::from(last);
+                    if has_tc && last_v != tc["eos_token"] {
+                        // The template's last token is the eos; the configured one becomes eot.
+                        special_types.push(("eot", "eot_token_id"));
+                        tc["eot_token"] = tc["eos_token"].clone();
+                    }
+                    tc["eos_token"] = last_v;
+                    add.insert("add_eos_token", true);
                 }
             }
+            _ => {}
         }
     }
-    for key in ["add_bos_token", "add_eos_token"] {
-        if let Some(v) = config[key].as_bool() {
-            add.entry(key).or_insert(v);
+    let model_config = files.json("config.json").ok().flatten().unwrap_or(Value::Null);
+    let mut special = Vec::new();
+    for (typ, key) in special_types {
+        let from_tc = if has_tc {
+            if let Some(v) = tc[format!("add_{typ}_token")].as_bool() {
+                if let Some(k) = ["add_bos_token", "add_eos_token", "add_sep_token"]
+                    .into_iter()
+                    .find(|k| *k == format!("add_{typ}_token"))
+                {
+                    add.entry(k).or_insert(v);
+                }
+            }
+            let entry = &tc[format!("{typ}_token")];
+            let content = entry.as_str().or_else(|| entry["content"].as_str());
+            content.and_then(|c| added.iter().find(|a| a["content"] == c)).and_then(|a| a["id"].as_u64())
+        } else {
+            None
+        };
+        let id =
+            from_tc.filter(|&id| (id as usize) < n_vocab).or_else(|| model_config[format!("{typ}_token_id")].as_u64());
+        if let Some(id) = id.filter(|&id| (id as usize) < n_vocab) {
+            special.push((key, id as u32));
         }
     }
     let add: Vec<(&'static str, bool)> = add.into_iter().collect();
