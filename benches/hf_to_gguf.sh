@@ -10,9 +10,11 @@
 # byte-level BPE tokenizer of tests/fixtures/tiny_bpe (320 tokens; both tools pad the vocabulary
 # to 32000). About 1 GB; written once and reused by every round.
 #
-# Figures: wall seconds, CPU seconds (user + system) and peak RSS (`/usr/bin/time -v`, "Maximum resident set size") per path
-# and target. The two-tool path is timed as the sum of its two steps and its peak RSS is the
-# larger of the two steps' peaks (the steps run one after the other). One warm-up of each path,
+# Figures: wall seconds, CPU seconds (user + system) and peak RSS (`/usr/bin/time -v`, "Maximum
+# resident set size") per path and target. The two-tool path is timed as the sum of its two steps
+# and its peak RSS is the larger of the two steps' peaks (the steps run one after the other).
+# Each step also reports the user CPU other processes used meanwhile (/proc/stat): when it is not
+# near zero, the machine was shared and the wall times are skewed. One warm-up of each path,
 # then ROUNDS rounds alternating the paths (the order flips every round); medians over the
 # rounds, ratios two-tool / ModelPress. Also: output sizes, a tensor-by-tensor comparison with
 # the `gguf` package (names, types, shapes, bytes; other metadata than general.* and modelpress.*
@@ -35,7 +37,8 @@
 #   PYTHON=/work/main/target/loaders-venv/bin/python                     (torch, transformers, gguf, numpy)
 #   BIN: a built modelpress; without it, `cargo build --release --locked --bin modelpress`.
 # Needs: GNU time at /usr/bin/time, the Rust toolchain (unless BIN), about 8 GB free under
-# /var/tmp (the work dir, removed on exit), about 6 GB of RAM, 20-40 minutes on 2 cores.
+# /var/tmp (the work dir, removed on exit), about 3 GB of RAM; about 6 minutes on 2 quiet cores
+# with ROUNDS=3, plus the build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 START_ALL=$(date +%s)
@@ -141,15 +144,16 @@ runpy.run_path("$LLAMA_CPP_SRC/convert_hf_to_gguf.py", run_name="__main__")
 PY
 CONVERT=(env PYTHONPATH="$LLAMA_CPP_SRC/gguf-py" NO_LOCAL_GGUF=1 "$PYTHON" "$WORK/convert.py")
 
-# CPU time (centiseconds) all processes of the machine spent, from /proc/stat (user, nice, system,
-# irq, softirq): minus the measured command's own CPU time, what other processes took meanwhile.
+# User-mode CPU time (centiseconds) of the whole machine, from /proc/stat (user, nice): minus the
+# measured command's own user time, what other processes took meanwhile. Kernel time is left out:
+# it holds the asynchronous writeback of the files the commands write, which is no contention.
 HZ=$(getconf CLK_TCK)
-busy_cs() { awk -v hz="$HZ" '/^cpu / {printf "%d\n", ($2 + $3 + $4 + $7 + $8) * 100 / hz}' /proc/stat; }
+busy_cs() { awk -v hz="$HZ" '/^cpu / {printf "%d\n", ($2 + $3) * 100 / hz}' /proc/stat; }
 # measure ROUND PATH TARGET STEP CMD...: one command's wall milliseconds, peak RSS (KiB), the
-# CPU centiseconds other processes used meanwhile and its own CPU centiseconds (user + system),
+# user CPU centiseconds other processes used meanwhile and its own CPU centiseconds (user + system),
 # appended to results.tsv; on failure, the command and the end of its output.
 measure() {
-  local round=$1 path=$2 target=$3 step=$4 start end rss busy0 busy1 own others
+  local round=$1 path=$2 target=$3 step=$4 start end rss busy0 busy1 own own_user others
   shift 4
   busy0=$(busy_cs)
   start=$(date +%s%N)
@@ -163,10 +167,11 @@ measure() {
   busy1=$(busy_cs)
   rss=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$WORK/time.txt")
   own=$(awk -F': ' '/(User|System) time \(seconds\)/ {s += $2} END {printf "%d\n", s * 100}' "$WORK/time.txt")
-  others=$((busy1 - busy0 - own))
+  own_user=$(awk -F': ' '/User time \(seconds\)/ {printf "%d\n", $2 * 100}' "$WORK/time.txt")
+  others=$((busy1 - busy0 - own_user))
   [ "$others" -ge 0 ] || others=0
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$path" "$target" "$step" $(((end - start) / 1000000)) "$rss" "$others" "$own" >>"$WORK/results.tsv"
-  printf '  round %s %-10s %-6s %-8s %5d.%02d s %6d MiB   (own CPU %d.%02d s, others %d.%02d s)\n' "$round" "$path" "$target" "$step" \
+  printf '  round %s %-10s %-6s %-8s %5d.%02d s %6d MiB   (own CPU %d.%02d s, others (user) %d.%02d s)\n' "$round" "$path" "$target" "$step" \
     $(((end - start) / 1000000000)) $(((end - start) / 10000000 % 100)) $((rss / 1024)) \
     $((own / 100)) $((own % 100)) $((others / 100)) $((others % 100))
 }
@@ -270,7 +275,7 @@ from pathlib import Path
 work, rounds, f16_bytes, ppl_mp, ppl_tt, threads = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:7]
 targets = sys.argv[7:]
 runs = defaultdict(lambda: defaultdict(dict))  # (path, target) -> round -> step -> (wall s, MiB, CPU s)
-others = []  # CPU seconds other processes used during each counted step
+others = []  # user CPU seconds other processes used during each counted step
 for line in (work / "results.tsv").read_text().splitlines():
     r, path, target, step, ms, kb, cs, own = line.split("\t")
     if int(r) > 0:
@@ -313,7 +318,7 @@ print("  note: through the f16 intermediate llama.cpp quantizes f16-rounded weig
 print(f"  directly; bf16 -> f16 changed {changed} weights (all |x| <= {largest}: f16 subnormals lose bits), so")
 print("  byte identity is expected only through the exact f32 intermediate (bf16 -> f32).")
 quiet = max(others) < 1.0
-print(f"other processes' CPU during the counted steps: {sum(others):.1f} s in all, at most {max(others):.1f} s in one step"
+print(f"other processes' user CPU during the counted steps: {sum(others):.1f} s in all, at most {max(others):.1f} s in one step"
       + ("" if quiet else "  <- the machine was not quiet: wall times are skewed, CPU s less so (see the per-step lines)"))
 print(f"llama-perplexity Q4_K_M (random weights, PPL near the vocab size; the point is agreement):")
 print(f"  modelpress {ppl_mp}, two-tool (f16 intermediate) {ppl_tt}, relative difference "

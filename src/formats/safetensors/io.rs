@@ -44,8 +44,18 @@ impl TensorReader {
             }
             return Ok(());
         }
-        let raw = self.read_raw(t)?;
-        decode_f32(raw, t.dtype, out);
+        // Other dtypes are read and converted a slice at a time, so no second buffer the size of
+        // the whole tensor is held (a bf16 embedding of a 128k vocabulary is 1 GB).
+        const CHUNK_VALUES: usize = 1 << 20;
+        let size = t.dtype.size();
+        self.raw.resize((CHUNK_VALUES * size).min(n * size), 0);
+        // A whole tensor read raw before (an unchanged one) leaves a large buffer: give it back.
+        self.raw.shrink_to(CHUNK_VALUES * size);
+        for (k, slice) in out.chunks_mut(CHUNK_VALUES).enumerate() {
+            let bytes = &mut self.raw[..slice.len() * size];
+            self.file.read_exact_at(bytes, t.start + (k * CHUNK_VALUES * size) as u64)?;
+            decode_f32(bytes, t.dtype, slice);
+        }
         Ok(())
     }
 }
