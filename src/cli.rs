@@ -95,8 +95,9 @@ pub struct JobArgs {
     /// The model's architecture graph (JSON), as for PUT /v1/models/{id}/graph.
     #[arg(long)]
     pub graph: Option<PathBuf>,
-    /// A dataset (.safetensors with `inputs`, optional `labels`). With --graph and no `evaluate`
-    /// in the spec, the model is evaluated before and after with the defaults.
+    /// A dataset (.safetensors with `inputs`, optional `labels`), or a .txt file of UTF-8 text
+    /// for a language model's `evaluate`. With --graph and no `evaluate` in the spec, the model
+    /// is evaluated before and after with the defaults.
     #[arg(long)]
     pub dataset: Option<PathBuf>,
     /// A dataset the evaluation runs on instead of --dataset (a test split: --dataset then
