@@ -378,9 +378,15 @@ async fn delete_kind(state: &AppState, who: &Principal, kind: ModelKind, id: &st
 /// Upload a model: the raw safetensors file as the body. `PUT` is accepted too, because
 /// `curl -T model.safetensors URL` (the streaming upload) sends PUT. With its architecture graph:
 /// `multipart/form-data` with a `model` part (streamed) and a `graph` part (JSON), validated
-/// together before anything is stored (`curl -F model=@m.safetensors -F graph=@g.json URL`).
+/// together before anything is stored (`curl -F model=@m.safetensors -F graph=@g.json URL`). A
+/// Hugging Face folder: `application/x-tar` (`tar -cf - -C DIR . | curl -T - -H
+/// 'Content-Type: application/x-tar' URL`), sharded weights merged, config and tokenizer kept.
 #[utoipa::path(post, path = "/v1/models", tag = "models", params(UploadParams),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    request_body(content(
+        (Vec<u8> = "application/octet-stream"),
+        (Vec<u8> = "application/x-tar"),
+        ("multipart/form-data")
+    )),
     responses((status = 201, body = ModelView), (status = 413, body = super::error::Problem),
               (status = 415, body = super::error::Problem), (status = 422, body = super::error::Problem)))]
 pub async fn upload_model(
@@ -437,9 +443,10 @@ pub async fn delete_model(
     delete_kind(&s, &who, ModelKind::Model, &id).await
 }
 
-/// Upload a dataset: safetensors with `inputs` and optional `labels` (POST or PUT).
+/// Upload a dataset: safetensors with `inputs` and optional `labels` (POST or PUT), or UTF-8
+/// text as `text/plain` (stored as one U8 tensor `text`) for evaluating a language model.
 #[utoipa::path(post, path = "/v1/datasets", tag = "datasets", params(UploadParams),
-    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    request_body(content((Vec<u8> = "application/octet-stream"), (String = "text/plain"))),
     responses((status = 201, body = ModelView), (status = 422, body = super::error::Problem)))]
 pub async fn upload_dataset(
     State(s): State<AppState>,
