@@ -384,8 +384,7 @@ fn wrap_text_datasets(job: &mut JobArgs) -> anyhow::Result<TempFiles> {
         // A new file only (never through a link someone left at that name), removed on any error.
         let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(&wrapped)?;
         made.0.push(wrapped.clone());
-        let mut header = format!(r#"{{"text":{{"dtype":"U8","shape":[{n}],"data_offsets":[0,{n}]}}}}"#).into_bytes();
-        header.resize(header.len().next_multiple_of(8), b' ');
+        let header = crate::formats::safetensors::text_dataset_header(n as u64);
         file.write_all(&(header.len() as u64).to_le_bytes())?;
         file.write_all(&header)?;
         file.write_all(&text)?;

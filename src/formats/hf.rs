@@ -347,11 +347,6 @@ fn save_order(d: Dtype) -> safetensors::Dtype {
     serde_json::from_value(serde_json::Value::from(d.as_str())).unwrap_or(safetensors::Dtype::BOOL)
 }
 
-/// Names of every tensor in `shards`, for messages.
-pub fn tensor_names(shards: &[(PathBuf, Header)]) -> BTreeSet<&str> {
-    shards.iter().flat_map(|(_, h)| h.tensors.iter().map(|t| t.name.as_str())).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

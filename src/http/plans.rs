@@ -8,10 +8,9 @@ use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
 use super::extract::{JsonBody, Query};
 use super::{AppState, TensorWindow};
-use crate::compress::plan::{prepare, Plan, PlanInputs, Teacher};
+use crate::compress::plan::{prepare_from_files, Plan, PlanFiles};
 use crate::compress::spec::SpecError;
 use crate::domain::spec::{parse_job_spec, JobSpec};
-use crate::formats::safetensors::read_header;
 use crate::storage::catalog::ModelKind;
 
 /// The file of the dataset `id`, if given; an unknown id is a 422 at `pointer`.
@@ -82,30 +81,21 @@ pub async fn spec_and_plan(state: &AppState, who: &Principal, body: &serde_json:
     let limit = state.settings.storage.max_header_bytes;
     let compress = spec.compress.clone();
     let memory_limit = state.settings.queue.job_memory_limit();
-    let plan = tokio::task::spawn_blocking(move || -> anyhow::Result<Plan> {
-        let header = read_header(&path, limit)?;
-        let dataset = dataset_path.map(|p| read_header(&p, limit)).transpose()?;
-        let teacher = teacher
-            .map(|(graph, path)| -> anyhow::Result<Teacher> {
-                Ok(Teacher { graph, header: read_header(&path, limit)? })
-            })
-            .transpose()?;
-        let eval = eval_path.map(|p| read_header(&p, limit)).transpose()?;
-        let inputs = PlanInputs {
-            header,
+    let plan = tokio::task::spawn_blocking(move || {
+        let teacher_path = teacher.as_ref().map(|(_, path)| path.clone());
+        let f = PlanFiles {
+            model: &path,
             graph,
-            dataset: dataset.as_ref(),
-            eval_dataset: eval.as_ref(),
-            teacher,
+            dataset: dataset_path.as_deref(),
+            eval_dataset: eval_path.as_deref(),
+            teacher: teacher.map(|(graph, _)| graph).zip(teacher_path.as_deref()),
             files: Some(&files),
         };
-        let mut plan = prepare(compress, inputs);
-        plan.refuse_above_memory(memory_limit);
-        Ok(plan)
+        prepare_from_files(compress, f, limit, memory_limit)
     })
     .await
     .map_err(|e| ApiError::internal(anyhow::anyhow!("the plan task stopped: {e}")))?
-    .map_err(ApiError::internal)?;
+    .map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
     Ok((spec, plan))
 }
 

@@ -306,10 +306,6 @@ pub async fn receive(
     Ok(StagedUpload { path, sha256: written.sha256, bytes: written.bytes, header })
 }
 
-/// Bytes reserved for the header of a text dataset: `{"text":{"dtype":"U8","shape":[N],...}}`
-/// with N of up to 20 digits fits, padded with spaces.
-const TEXT_HEADER: usize = 128;
-
 /// A plain-text body stored as a dataset: a safetensors file with one U8 tensor `text` (the
 /// bytes as sent, checked to be UTF-8), which language-model evaluation tokenizes with the
 /// model's own tokenizer. Streamed to `path` (at most `max_bytes`), the header written last
@@ -327,7 +323,7 @@ pub async fn receive_text(
     let guard = StagingGuard(Some(path.clone()));
     let mut file = tokio::fs::File::create(&path).await.map_err(ApiError::io)?;
     use tokio::io::AsyncWriteExt;
-    file.write_all(&[0u8; 8 + TEXT_HEADER]).await.map_err(ApiError::io)?;
+    file.write_all(&[0u8; 8 + crate::formats::safetensors::TEXT_HEADER_BYTES]).await.map_err(ApiError::io)?;
     let mut stream = body.into_data_stream();
     let (mut received, mut carry) = (0u64, Vec::new());
     while let Some(chunk) = stream.next().await {
@@ -363,12 +359,12 @@ pub async fn receive_text(
     if received == 0 {
         return Err(ApiError::unprocessable("invalid_text", "the text is empty"));
     }
-    let mut json =
-        format!(r#"{{"text":{{"dtype":"U8","shape":[{received}],"data_offsets":[0,{received}]}}}}"#).into_bytes();
-    json.resize(TEXT_HEADER, b' ');
+    let json = crate::formats::safetensors::text_dataset_header(received);
     use tokio::io::AsyncSeekExt;
     file.seek(std::io::SeekFrom::Start(0)).await.map_err(ApiError::io)?;
-    file.write_all(&(TEXT_HEADER as u64).to_le_bytes()).await.map_err(ApiError::io)?;
+    file.write_all(&(crate::formats::safetensors::TEXT_HEADER_BYTES as u64).to_le_bytes())
+        .await
+        .map_err(ApiError::io)?;
     file.write_all(&json).await.map_err(ApiError::io)?;
     // tokio's File finishes a pending write in the background: flush surfaces its error.
     file.flush().await.map_err(ApiError::io)?;

@@ -220,27 +220,17 @@ async fn execute_inner(
     let span = tracing::Span::current();
     let result = super::priority::run_job_thread(ctx.nice, move || {
         let _entered = span.enter();
-        let header = read_header(&model_path, header_limit)
-            .map_err(|e| EngineError::Io(std::io::Error::other(e.to_string())))?;
-        let read = |p: &std::path::Path| {
-            read_header(p, header_limit).map_err(|e| EngineError::Io(std::io::Error::other(e.to_string())))
-        };
-        let dataset = dataset_path.as_deref().map(read).transpose()?;
-        let eval = eval_path.as_deref().map(read).transpose()?;
-        let (teacher, teacher_path) = match teacher {
-            Some((graph, path)) => (Some(plan::Teacher { graph, header: read(&path)? }), Some(path)),
-            None => (None, None),
-        };
-        let inputs = plan::PlanInputs {
-            header,
+        let teacher_path = teacher.as_ref().map(|(_, path)| path.clone());
+        let f = plan::PlanFiles {
+            model: &model_path,
             graph,
-            dataset: dataset.as_ref(),
-            eval_dataset: eval.as_ref(),
-            teacher,
+            dataset: dataset_path.as_deref(),
+            eval_dataset: eval_path.as_deref(),
+            teacher: teacher.map(|(graph, _)| graph).zip(teacher_path.as_deref()),
             files: Some(&files),
         };
-        let mut plan = plan::prepare(spec.compress, inputs);
-        plan.refuse_above_memory(memory_limit);
+        let plan = plan::prepare_from_files(spec.compress, f, header_limit, memory_limit)
+            .map_err(|e| EngineError::Io(std::io::Error::other(e.to_string())))?;
         let inputs = Inputs {
             teacher_path: teacher_path.as_deref(),
             model_path: &model_path,

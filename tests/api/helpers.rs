@@ -79,6 +79,17 @@ impl TestApp {
         res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
     }
 
+    /// POSTs `chunks` as a streamed body to `path` (no Content-Length: chunked transfer).
+    pub async fn post_chunks(&self, path: &str, chunks: Vec<Vec<u8>>) -> reqwest::Response {
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> = chunks.into_iter().map(Ok).collect();
+        self.client
+            .post(self.url(path))
+            .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.client.get(self.url(path)).send().await.expect("request")
     }

@@ -109,14 +109,7 @@ async fn every_bad_upload_gets_its_status_and_leaves_nothing_behind() {
     let too_big = safetensors_f32(&[("w.weight", vec![512, 1024], vec![0.0; 512 * 1024])]);
     assert_problem(app.upload(too_big.clone()).await, 413, "upload_too_large").await;
     // Without Content-Length (chunked), the limit trips mid-stream.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = too_big.chunks(64 * 1024).map(|c| Ok(c.to_vec())).collect();
-    let res = app
-        .client
-        .post(app.url("/v1/models"))
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
-        .send()
-        .await
-        .unwrap();
+    let res = app.post_chunks("/v1/models", too_big.chunks(64 * 1024).map(<[u8]>::to_vec).collect()).await;
     assert_problem(res, 413, "upload_too_large").await;
 
     let dup = br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
@@ -467,13 +460,6 @@ async fn a_header_that_breaks_a_limit_is_refused_before_the_tensor_data_arrives(
     assert_eq!(staging_entries(&app.data_dir()), 0);
     // Eight zero bytes (a header length of 0) are still "not safetensors", whatever the chunking.
     assert_problem(app.upload(vec![0u8; 8]).await, 415, "not_safetensors").await;
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![Ok(vec![0u8; 8]), Ok(b"xyz".to_vec())];
-    let res = app
-        .client
-        .post(app.url("/v1/models"))
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
-        .send()
-        .await
-        .unwrap();
+    let res = app.post_chunks("/v1/models", vec![vec![0u8; 8], b"xyz".to_vec()]).await;
     assert_problem(res, 415, "not_safetensors").await;
 }

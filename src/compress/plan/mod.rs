@@ -132,6 +132,48 @@ impl PlanInputs<'_> {
     }
 }
 
+/// The files a plan is made from on the server (blobs on the local disk): headers are read with
+/// `storage.max_header_bytes`.
+pub struct PlanFiles<'a> {
+    pub model: &'a std::path::Path,
+    pub graph: Option<Graph>,
+    pub dataset: Option<&'a std::path::Path>,
+    pub eval_dataset: Option<&'a std::path::Path>,
+    /// A separate distillation teacher: its graph and file.
+    pub teacher: Option<(Graph, &'a std::path::Path)>,
+    pub files: Option<&'a ModelFiles>,
+}
+
+/// Reads the headers `f` names and [`prepare`]s the plan, refused above `memory_limit` bytes
+/// ([`Plan::refuse_above_memory`]): what `POST /v1/plans`, job submission and the worker share.
+pub fn prepare_from_files(
+    spec: CompressSpec,
+    f: PlanFiles<'_>,
+    header_limit: u64,
+    memory_limit: u64,
+) -> Result<Plan, crate::formats::safetensors::ReadError> {
+    use crate::formats::safetensors::read_header;
+    let read = |p: &std::path::Path| read_header(p, header_limit);
+    let header = read(f.model)?;
+    let dataset = f.dataset.map(read).transpose()?;
+    let eval_dataset = f.eval_dataset.map(read).transpose()?;
+    let teacher = match f.teacher {
+        Some((graph, path)) => Some(Teacher { graph, header: read(path)? }),
+        None => None,
+    };
+    let inputs = PlanInputs {
+        header,
+        graph: f.graph,
+        dataset: dataset.as_ref(),
+        eval_dataset: eval_dataset.as_ref(),
+        teacher,
+        files: f.files,
+    };
+    let mut plan = prepare(spec, inputs);
+    plan.refuse_above_memory(memory_limit);
+    Ok(plan)
+}
+
 /// A distillation teacher that is another model than the one the job compresses.
 #[derive(Debug, Clone)]
 pub struct Teacher {

@@ -179,6 +179,20 @@ fn sniff_foreign(prefix: &[u8]) -> Option<&'static str> {
     }
 }
 
+/// Length of a text dataset's JSON header: `{"text":{"dtype":"U8","shape":[N],...}}` with N of up
+/// to 20 digits fits, padded with spaces (a multiple of 8, so the data stays aligned).
+pub const TEXT_HEADER_BYTES: usize = 128;
+
+/// The JSON header of a text dataset of `n` bytes (one U8 tensor `text`, the UTF-8 text a
+/// language model is evaluated on), [`TEXT_HEADER_BYTES`] long: the server and the CLI store the
+/// same text as the same file.
+pub fn text_dataset_header(n: u64) -> Vec<u8> {
+    let mut json = format!(r#"{{"text":{{"dtype":"U8","shape":[{n}],"data_offsets":[0,{n}]}}}}"#).into_bytes();
+    debug_assert!(json.len() <= TEXT_HEADER_BYTES);
+    json.resize(TEXT_HEADER_BYTES, b' ');
+    json
+}
+
 /// `(k, n)` when `file_name` is visibly shard `k` of an `n`-shard checkpoint, as Hugging Face
 /// names them (`model-00001-of-00003.safetensors`); `None` for any other name and for `n` = 1.
 pub fn shard_of(file_name: &str) -> Option<(u32, u32)> {
