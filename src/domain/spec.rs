@@ -5,7 +5,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::compress::spec::{
-    canonical_json, from_value_at, parse_compress, parse_evaluate, work_sha256, CompressSpec, SpecError,
+    canonical_json, from_value_at, parse_compress, parse_evaluate, parse_shard_size, work_sha256, CompressSpec,
+    SpecError,
 };
 
 /// Version of the job spec format this server accepts and stores with every job. Raise it when a
@@ -37,6 +38,7 @@ struct Envelope {
     steps: Value,
     outputs: Option<Value>,
     evaluate: Option<Value>,
+    max_shard_size: Option<Value>,
     #[serde(default)]
     register: bool,
 }
@@ -54,6 +56,9 @@ pub fn parse_job_spec(body: &Value) -> Result<JobSpec, Vec<SpecError>> {
     }
     let env: Envelope = from_value_at(body, "").map_err(|e| vec![e])?;
     let mut compress = parse_compress(&env.steps, env.outputs.as_ref())?;
+    if let Some(m) = &env.max_shard_size {
+        compress.max_shard_bytes = parse_shard_size(m).map_err(|e| vec![e])?;
+    }
     let mut eval_dataset_id = None;
     if let Some(e) = &env.evaluate {
         let mut e = e.clone();
@@ -92,7 +97,7 @@ pub fn parse_job_spec(body: &Value) -> Result<JobSpec, Vec<SpecError>> {
         compress,
         canonical,
         sha256,
-        work_sha256: work_sha256(&env.steps, env.outputs.as_ref()),
+        work_sha256: work_sha256(&env.steps, env.outputs.as_ref(), env.max_shard_size.as_ref()),
         register: env.register,
     })
 }
@@ -134,7 +139,7 @@ mod tests {
         let (a, b) = (parse_job_spec(&a).unwrap(), parse_job_spec(&b).unwrap());
         assert_ne!(a.sha256, b.sha256);
         assert_eq!(a.work_sha256, b.work_sha256);
-        assert_eq!(a.work_sha256, work_sha256(&json!([{"bits": 8, "op": "quantize"}]), None));
+        assert_eq!(a.work_sha256, work_sha256(&json!([{"bits": 8, "op": "quantize"}]), None, None));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use super::safetensors::{read_header, shard_of, Dtype, Header, TensorInfo};
 
 /// The index transformers writes beside sharded weights.
-pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub use super::safetensors::sharded::INDEX_FILE;
 
 /// Files kept with a model and copied into its output folders: the configuration and the
 /// tokenizer in every form transformers and llama.cpp's converter read.

@@ -256,7 +256,7 @@ async fn execute_inner(
         Ok(Ok(output)) => {
             *gate = Some(ctx.catalog.blob_gate().await);
             match persist(ctx, &output.artifacts).await {
-                Ok(artifacts) => match registration(ctx, &job_name, &job.owner, register, &artifacts).await {
+                Ok(artifacts) => match registration(ctx, &job_name, &job.owner, register, &artifacts, &out_dir).await {
                     Ok(r) => Outcome::Succeeded(artifacts, r),
                     Err(e) => io_outcome(&e),
                 },
@@ -351,15 +351,16 @@ async fn registration(
     owner: &str,
     register: bool,
     artifacts: &[NewArtifact],
+    out_dir: &Path,
 ) -> std::io::Result<Option<NewModel>> {
     if !register {
         return Ok(None);
     }
-    let model = artifacts
-        .iter()
-        .find(|a| a.name == "model.safetensors")
-        .ok_or_else(|| std::io::Error::other("registering needs the `safetensors` output"))?;
-    let path = ctx.blobs.local_path(&model.sha256).await?;
+    let (sha256, bytes) = match artifacts.iter().find(|a| a.name == "model.safetensors") {
+        Some(m) => (m.sha256.clone(), m.bytes),
+        None => merge_for_registration(ctx, out_dir, artifacts).await?,
+    };
+    let path = ctx.blobs.local_path(&sha256).await?;
     let header = read_header(&path, u64::MAX).map_err(|e| std::io::Error::other(e.to_string()))?;
     let tensors: Vec<serde_json::Value> = header
         .tensors
@@ -373,8 +374,8 @@ async fn registration(
     Ok(Some(NewModel {
         kind: ModelKind::Model,
         name: Some(name.to_owned()),
-        sha256: model.sha256.clone(),
-        bytes: model.bytes,
+        sha256,
+        bytes,
         tensors: serde_json::to_string(&tensors).expect("tensor table JSON"),
         parameters: header.parameter_count() as i64,
         source_job: None,
@@ -388,6 +389,46 @@ async fn registration(
             .map(|a| ModelFile { name: a.name.clone(), sha256: a.sha256.clone(), bytes: a.bytes })
             .collect(),
     }))
+}
+
+/// A sharded dense output merged into the one file a model is stored as (shards in the order
+/// `safetensors.save_file` writes, as for an uploaded folder), stored as a blob: (sha256, bytes).
+async fn merge_for_registration(
+    ctx: &WorkerContext,
+    out_dir: &Path,
+    artifacts: &[NewArtifact],
+) -> std::io::Result<(String, i64)> {
+    use crate::formats::safetensors::sharded::INDEX_FILE;
+    let index = artifacts
+        .iter()
+        .find(|a| a.name == INDEX_FILE)
+        .ok_or_else(|| std::io::Error::other("registering needs the `safetensors` output"))?;
+    let text = tokio::fs::read(ctx.blobs.local_path(&index.sha256).await?).await?;
+    let names = crate::formats::safetensors::sharded::index_files(&text).map_err(std::io::Error::other)?;
+    let mut shards = Vec::with_capacity(names.len());
+    for n in &names {
+        let a = artifacts
+            .iter()
+            .find(|a| &a.name == n)
+            .ok_or_else(|| std::io::Error::other(format!("the dense output has no shard `{n}`")))?;
+        shards.push(ctx.blobs.local_path(&a.sha256).await?);
+    }
+    let merged = out_dir.join("registered.safetensors");
+    let out = merged.clone();
+    let (sha, bytes) = tokio::task::spawn_blocking(move || {
+        let mut with_headers = Vec::with_capacity(shards.len());
+        for p in shards {
+            let header = read_header(&p, u64::MAX).map_err(std::io::Error::other)?;
+            with_headers.push((p, header));
+        }
+        crate::formats::hf::merge_shards(&with_headers, &out, &|| false)?;
+        hash_file(&out)
+    })
+    .await
+    .expect("merge task")?;
+    ctx.blobs.persist(&merged, &sha).await?;
+    ctx.catalog.ensure_blob(&sha, bytes as i64).await.map_err(std::io::Error::other)?;
+    Ok((sha, bytes as i64))
 }
 
 async fn persist(ctx: &WorkerContext, files: &[engine::ArtifactFile]) -> std::io::Result<Vec<NewArtifact>> {

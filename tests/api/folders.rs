@@ -380,3 +380,92 @@ async fn a_language_model_is_evaluated_on_text_through_the_gguf_it_downloads() {
     let body = res.text().await.unwrap();
     assert!(body.contains("dataset"), "{body}");
 }
+
+/// Every tensor of the safetensors files `names` among `out`, as name -> (dtype, shape, bytes).
+fn raw_tensors<'a>(
+    out: &BTreeMap<String, Vec<u8>>,
+    names: impl Iterator<Item = &'a String>,
+) -> BTreeMap<String, (String, Vec<usize>, Vec<u8>)> {
+    let mut all = BTreeMap::new();
+    for n in names {
+        let st = safetensors::SafeTensors::deserialize(&out[n]).unwrap();
+        for (t, v) in st.tensors() {
+            let old = all.insert(t.clone(), (format!("{:?}", v.dtype()), v.shape().to_vec(), v.data().to_vec()));
+            assert!(old.is_none(), "`{t}` is in two files");
+        }
+    }
+    all
+}
+
+#[tokio::test]
+async fn outputs_over_max_shard_size_are_sharded_as_transformers_shards_them() {
+    let app = spawn_app(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let weights = write_folder(dir.path());
+    let id =
+        upload_tar(&app, tar_of(dir.path())).await.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(8);
+    let res = app.client.post(app.url("/v1/datasets")).header("content-type", "text/plain").body(text).send().await;
+    let data = res.unwrap().json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let steps = json!([{"op": "quantize", "bits": 8, "granularity": "channel", "symmetric": true}]);
+    let outputs = json!(["safetensors", "compressed-tensors"]);
+
+    // A bad size names its field.
+    let bad = json!({"model_id": id, "steps": steps, "outputs": outputs, "max_shard_size": "5 parsecs"});
+    let res = app.create_job(&bad).await;
+    assert_eq!(res.status(), 422);
+    let p: Value = res.json().await.unwrap();
+    assert_eq!(p["errors"][0]["pointer"], "/max_shard_size", "{p}");
+
+    let spec = json!({"model_id": id, "dataset_id": data, "steps": steps, "outputs": outputs,
+                      "max_shard_size": "100KB", "register": true, "evaluate": {"tokens": 32, "context": 16}});
+    let plan: Value = app.post_json("/v1/plans", &spec).await.json().await.unwrap();
+    assert_eq!(plan["outputs"][0]["artifact"], "model.safetensors.index.json", "{plan}");
+    assert_eq!(plan["text_evaluation"]["artifact"], "model.safetensors.index.json", "{plan}");
+    let shards = plan["outputs"][0]["shards"].as_u64().unwrap() as usize;
+    assert!(shards >= 4, "{plan}");
+    let (job, report, out) = run_job(&app, &spec).await;
+    assert!(report["text_evaluation"]["perplexity_after"].as_f64().unwrap() > 1.0, "{report}");
+
+    // Shards named and mapped as transformers writes them, each within the limit unless one
+    // tensor alone is larger, together holding every tensor once, byte for byte what the
+    // unsharded job writes.
+    let index: Value = serde_json::from_slice(&out["model.safetensors.index.json"]).unwrap();
+    let names: Vec<String> = (1..=shards).map(|k| format!("model-{k:05}-of-{shards:05}.safetensors")).collect();
+    let mut total = 0;
+    for n in &names {
+        let st = safetensors::SafeTensors::deserialize(&out[n]).unwrap();
+        let size: usize = st.tensors().iter().map(|(_, v)| v.data().len()).sum();
+        assert!(size <= 100_000 || st.len() == 1, "{n}: {size} bytes");
+        assert!(st.names().iter().all(|t| index["weight_map"][*t] == n.as_str()), "{n}");
+        total += size;
+    }
+    assert_eq!(index["metadata"]["total_size"], total);
+    assert!(!out.contains_key("model.safetensors"));
+    let sharded = raw_tensors(&out, names.iter());
+    assert_eq!(sharded.keys().collect::<Vec<_>>(), weights.keys().collect::<Vec<_>>());
+    let whole = json!({"model_id": id, "steps": steps, "outputs": outputs});
+    let (_, _, single) = run_job(&app, &whole).await;
+    assert_eq!(sharded, raw_tensors(&single, [String::from("model.safetensors")].iter()));
+
+    // compressed-tensors: its own index beside its config; the same packed tensors.
+    let ct_index: Value = serde_json::from_slice(&out["compressed-tensors/model.safetensors.index.json"]).unwrap();
+    let ct_files: std::collections::BTreeSet<String> = ct_index["weight_map"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| format!("compressed-tensors/{}", v.as_str().unwrap()))
+        .collect();
+    assert!(ct_files.len() > 1 && out.contains_key("compressed-tensors/config.json"));
+    assert_eq!(
+        raw_tensors(&out, ct_files.iter()),
+        raw_tensors(&single, [String::from("compressed-tensors/model.safetensors")].iter())
+    );
+
+    // Registering stores the shards as the one file a model is.
+    let registered = job["registered_model_id"].as_str().unwrap();
+    let model = app.get_json(&format!("/v1/models/{registered}")).await;
+    assert_eq!(model["tensors"].as_array().unwrap().len(), weights.len(), "{model}");
+    let file = app.download(&format!("/v1/models/{registered}/file")).await;
+    assert_eq!(raw_tensors(&[("m".to_string(), file)].into(), [String::from("m")].iter()), sharded);
+}

@@ -35,7 +35,7 @@ def run(cmd):
     subprocess.run(cmd, check=True)
 
 
-def make_llama(folder: Path, tied: bool = False):
+def make_llama(folder: Path, tied: bool = False, max_shard_size="5GB"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -49,7 +49,7 @@ def make_llama(folder: Path, tied: bool = False):
         tie_word_embeddings=tied,
     )
     model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size)
     return model
 
 
@@ -141,6 +141,22 @@ def main():
         (tied / "ct.json").write_text(json.dumps(spec))
         run([binary, "compress", tied / "llama", "--spec", tied / "ct.json", "--out", tied / "ct"])
         check_transformers(tied / "ct")
+
+        # Sharded in and out: a checkpoint saved by transformers in shards, compressed into shards
+        # of at most 40 KB with their index; both folders load with from_pretrained as written.
+        sharded = work / "sharded"
+        sharded.mkdir()
+        make_llama(sharded / "llama", max_shard_size="50KB")
+        assert (sharded / "llama" / "model.safetensors.index.json").exists(), "the test model is sharded"
+        spec = {"steps": [{"op": "quantize", "bits": 4, "granularity": "group", "group_size": 32}],
+                "outputs": ["safetensors", "compressed-tensors"], "max_shard_size": "40KB"}
+        (sharded / "ct.json").write_text(json.dumps(spec))
+        run([binary, "compress", sharded / "llama", "--spec", sharded / "ct.json", "--out", sharded / "ct"])
+        for folder in (sharded / "ct", sharded / "ct" / "compressed-tensors"):
+            index = json.loads((folder / "model.safetensors.index.json").read_text())
+            assert len(set(index["weight_map"].values())) > 1, index
+            assert not (folder / "model.safetensors").exists()
+        check_transformers(sharded / "ct")
     print("all loader checks passed")
 
 

@@ -271,11 +271,19 @@ fn open_sinks(
                     .iter()
                     .map(|tp| (tp.out.name.clone(), tp.out.dtype, tp.out.shape.clone()))
                     .collect();
-                Box::new(sinks::DenseSink::create(job.out_dir, &tensors, &provenance(job), folder_files(job))?)
+                Box::new(sinks::DenseSink::create(
+                    job.out_dir,
+                    &tensors,
+                    &provenance(job),
+                    folder_files(job),
+                    job.plan.spec.max_shard_bytes,
+                )?)
             }
-            OutputFormat::CompressedTensors => {
-                Box::new(sinks::CompressedTensorsSink::create(job.out_dir, folder_files(job))?)
-            }
+            OutputFormat::CompressedTensors => Box::new(sinks::CompressedTensorsSink::create(
+                job.out_dir,
+                folder_files(job),
+                job.plan.spec.max_shard_bytes,
+            )?),
             OutputFormat::Sparse => Box::new(sinks::SparseSink::create(job.out_dir)?),
             OutputFormat::Gguf => {
                 let llama = job.plan.llama_cpp.as_ref();

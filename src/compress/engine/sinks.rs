@@ -17,9 +17,8 @@ use crate::formats::gguf::llama_cpp::{self, LlamaCppModel, Rename};
 use crate::formats::gguf::GgufType;
 use crate::formats::gguf::{GgufWriter, MetaValue, TensorInfo as GgufTensor};
 use crate::formats::hf::ModelFiles;
-use crate::formats::safetensors::{
-    decode_f32, encode_f32, Dtype, PlannedSafetensorsWriter, SafetensorsWriter, TensorInfo,
-};
+use crate::formats::safetensors::sharded::{DeferredShards, PlannedShards};
+use crate::formats::safetensors::{decode_f32, encode_f32, Dtype, SafetensorsWriter, TensorInfo};
 use crate::formats::sparse::SparseEncoder;
 
 /// What a sink receives for one tensor.
@@ -138,9 +137,10 @@ impl FolderFiles {
 }
 
 /// Dense safetensors: same names, shapes and dtypes; changed tensors hold their final values.
-/// Every size is known before the first tensor, so the header goes first and data is written once.
+/// Every size is known before the first tensor, so each shard's header goes first and data is
+/// written once; above `max_shard_bytes` the output is sharded as transformers shards it.
 pub struct DenseSink {
-    writer: PlannedSafetensorsWriter,
+    writer: PlannedShards,
     dir: PathBuf,
     folder: FolderFiles,
 }
@@ -151,8 +151,9 @@ impl DenseSink {
         tensors: &[(String, Dtype, Vec<usize>)],
         metadata: &BTreeMap<String, String>,
         folder: FolderFiles,
+        max_shard_bytes: u64,
     ) -> std::io::Result<Self> {
-        let writer = PlannedSafetensorsWriter::create(&dir.join("model.safetensors"), tensors, metadata)?;
+        let writer = PlannedShards::create(dir, tensors, metadata, max_shard_bytes)?;
         Ok(Self { writer, dir: dir.into(), folder })
     }
 }
@@ -163,9 +164,9 @@ impl Sink for DenseSink {
     }
 
     fn finish(self: Box<Self>, metadata: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>> {
-        // The header written at creation may hold a placeholder for the input's hash.
-        self.writer.finish_with_metadata(metadata)?;
-        let mut out = vec![artifact(&self.dir, "model.safetensors", "safetensors")];
+        // The headers written at creation may hold a placeholder for the input's hash.
+        let files = self.writer.finish_with_metadata(metadata)?;
+        let mut out: Vec<ArtifactFile> = files.iter().map(|f| artifact(&self.dir, f, "safetensors")).collect();
         out.extend(self.folder.write(&self.dir, "", "safetensors", None)?);
         Ok(out)
     }
@@ -176,7 +177,7 @@ impl Sink for DenseSink {
 /// and, when it is a module's weight, listed in `ignore` (the reference loader treats every
 /// `*.weight` as a target otherwise).
 pub struct CompressedTensorsSink {
-    writer: SafetensorsWriter,
+    writer: DeferredShards,
     dir: PathBuf,
     buf: Vec<u8>,
     words: Vec<i32>,
@@ -189,11 +190,11 @@ pub struct CompressedTensorsSink {
 }
 
 impl CompressedTensorsSink {
-    pub fn create(dir: &Path, folder: FolderFiles) -> std::io::Result<Self> {
+    pub fn create(dir: &Path, folder: FolderFiles, max_shard_bytes: u64) -> std::io::Result<Self> {
         let dir = dir.join("compressed-tensors");
         std::fs::create_dir_all(&dir)?;
         Ok(Self {
-            writer: SafetensorsWriter::create(&dir.join("model.safetensors"))?,
+            writer: DeferredShards::new(&dir, max_shard_bytes),
             dir,
             buf: Vec::new(),
             words: Vec::new(),
@@ -208,13 +209,22 @@ impl CompressedTensorsSink {
         let module = ct::module_of(&t.name).to_owned();
         let (rows, cols) = (q.rows, q.cols);
         let width = packed_len(cols, q.bits);
+        let sd = scale_dtype(t.dtype);
+        // A module's parts share a file: loaders find them through the index either way, but
+        // the output check decodes a module from one file.
+        let zero_bytes = match (&q.zero_points, p.granularity) {
+            (None, _) => 0,
+            (Some(_), Granularity::Tensor) => 1,
+            (Some(_), _) => packed_len(q.scale_shape[0], q.bits) * q.scale_shape[1] * 4,
+        };
+        let scale_count = if p.granularity == Granularity::Tensor { 1 } else { q.scales.len() };
+        self.writer.reserve((rows * width * 4 + scale_count * sd.size() + zero_bytes + 16) as u64)?;
         self.words.resize(rows * width, 0);
         pack_int32_into(&q.codes, rows, cols, q.bits, &mut self.words);
         self.buf.clear();
         self.words.iter().for_each(|w| self.buf.extend_from_slice(&w.to_le_bytes()));
         self.writer.write(&ct::part_name(&module, "weight_packed"), Dtype::I32, &[rows, width], &self.buf)?;
 
-        let sd = scale_dtype(t.dtype);
         let scale_shape: Vec<usize> = match p.granularity {
             Granularity::Tensor => vec![1],
             _ => q.scale_shape.to_vec(),
@@ -259,13 +269,15 @@ impl Sink for CompressedTensorsSink {
         if t.name.ends_with(".weight") {
             self.ignore.insert(ct::module_of(&t.name).to_owned());
         }
-        write_dense(&mut self.writer, t, data)
+        let bytes = data.dense();
+        self.writer.reserve(bytes.len() as u64)?;
+        self.writer.write(&t.name, t.dtype, &t.shape, bytes)
     }
 
     fn finish(self: Box<Self>, metadata: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>> {
         let mut meta = metadata.clone();
         meta.insert("format".into(), "pt".into());
-        self.writer.finish(&meta)?;
+        let files = self.writer.finish(&meta)?;
         let mut ignore = self.ignore;
         if !self.lm_head && self.groups.len() == 1 {
             // A single scheme targets every `Linear`: a tied `lm_head` (absent from the file,
@@ -275,7 +287,8 @@ impl Sink for CompressedTensorsSink {
         }
         let q = ct::quantization_config(&self.groups, &ignore);
         let parent = self.dir.parent().expect("job dir").to_path_buf();
-        let mut out = vec![artifact(&parent, "compressed-tensors/model.safetensors", "compressed-tensors")];
+        let mut out: Vec<ArtifactFile> =
+            files.iter().map(|f| artifact(&parent, &format!("compressed-tensors/{f}"), "compressed-tensors")).collect();
         out.extend(self.folder.write(&self.dir, "compressed-tensors/", "compressed-tensors", Some(q))?);
         Ok(out)
     }

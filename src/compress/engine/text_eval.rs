@@ -12,6 +12,7 @@
 //! start without a BOS token (the text's own tokens), so perplexities compare the two models
 //! with each other, not with llama-perplexity's figures, which put BOS first.
 
+use crate::formats::safetensors::sharded::{index_files, INDEX_FILE};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -129,9 +130,19 @@ enum Runner {
 impl Runner {
     fn dense(path: &Path, files: &ModelFiles) -> Result<Runner, String> {
         let config = candle_config(files)?;
-        let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-        let vb = candle_nn::VarBuilder::from_buffered_safetensors(bytes, DType::F32, &Device::Cpu)
-            .map_err(|e| e.to_string())?;
+        let vb = if path.file_name().is_some_and(|n| n == INDEX_FILE) {
+            let text = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+            let dir = path.parent().unwrap_or(Path::new("."));
+            let shards: Vec<_> = index_files(&text)?.iter().map(|n| dir.join(n)).collect();
+            // SAFETY: the shards are this job's own outputs, complete and no longer written;
+            // nothing modifies them while they are mapped.
+            unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&shards, DType::F32, &Device::Cpu) }
+                .map_err(|e| e.to_string())?
+        } else {
+            let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+            candle_nn::VarBuilder::from_buffered_safetensors(bytes, DType::F32, &Device::Cpu)
+                .map_err(|e| e.to_string())?
+        };
         let model = candle_transformers::models::llama::Llama::load(vb, &config).map_err(|e| e.to_string())?;
         Ok(Runner::Dense(Box::new(model), config, None))
     }

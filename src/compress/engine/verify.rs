@@ -20,6 +20,7 @@ use crate::compress::layout::compressed_tensors as ct;
 use crate::compress::quant::{packed_len, unpack_int32, unpack_zero_points};
 use crate::formats::gguf::llama_cpp::{self, LlamaCppModel};
 use crate::formats::gguf::GgufType;
+use crate::formats::safetensors::sharded::INDEX_FILE;
 use crate::formats::safetensors::{decode_f32, encode_f32_into, read_header, Dtype, Header, TensorInfo, TensorReader};
 
 /// What the agreement check did for one output, for the report.
@@ -128,7 +129,17 @@ pub fn verify(
 ) -> Result<Vec<OutputCheck>, EngineError> {
     let mut checks = Vec::new();
     let mut s = Scratch::default();
+    let sharded = |format: &str| artifacts.iter().any(|b| b.format == format && b.name.ends_with(INDEX_FILE));
+    let mut covered: HashMap<&str, usize> = HashMap::new();
     for a in artifacts {
+        let shard;
+        let tensors = if a.name.ends_with(".safetensors") && sharded(&a.format) {
+            shard = in_shard(a, tensors)?;
+            *covered.entry(a.format.as_str()).or_default() += shard.len();
+            &shard[..]
+        } else {
+            tensors
+        };
         let check = match (a.format.as_str(), a.name.ends_with(".safetensors")) {
             ("safetensors", true) => dense(a, tensors, expected, &mut s)?,
             ("compressed-tensors", true) => compressed_tensors(a, tensors, expected, &mut s)?,
@@ -138,7 +149,25 @@ pub fn verify(
         };
         checks.push(check);
     }
+    // Every tensor is in exactly one shard: each shard holds only its own (checked above), and
+    // together they hold them all.
+    if let Some((format, n)) = covered.into_iter().find(|(_, n)| *n != tensors.len()) {
+        return Err(bad_file(format, format!("the shards hold {n} tensors, expected {}", tensors.len())));
+    }
     Ok(checks)
+}
+
+/// The tensors of `tensors` one shard of an output holds: by name, or (compressed-tensors) by
+/// the packed parts of their module, which a shard never splits.
+fn in_shard(a: &ArtifactFile, tensors: &[TensorInfo]) -> Result<Vec<TensorInfo>, EngineError> {
+    let header = read_header(&a.path, u64::MAX).map_err(|e| bad_file(&a.name, e))?;
+    let names: std::collections::HashSet<&str> = header.tensors.iter().map(|t| t.name.as_str()).collect();
+    let held = |t: &TensorInfo| {
+        names.contains(t.name.as_str())
+            || (a.format == "compressed-tensors"
+                && names.contains(ct::part_name(ct::module_of(&t.name), "weight_packed").as_str()))
+    };
+    Ok(tensors.iter().filter(|t| held(t)).cloned().collect())
 }
 
 fn open(a: &ArtifactFile) -> Result<(Header, TensorReader), EngineError> {

@@ -337,8 +337,13 @@ pub struct Refusal {
 #[derive(Debug, Clone, Serialize)]
 pub struct OutputPlan {
     pub format: &'static str,
+    /// The output's main file: for a sharded output, its `model.safetensors.index.json`.
     pub artifact: String,
     pub predicted_bytes: u64,
+    /// Files the weights are split into (`max_shard_size`); exact for `safetensors`, predicted
+    /// for `compressed-tensors`.
+    #[serde(skip_serializing_if = "is_one")]
+    pub shards: usize,
     /// What the artifact is not, when a user would expect it to be (a GGUF that llama.cpp
     /// cannot run).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -599,17 +604,31 @@ pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
     let outputs = spec
         .outputs
         .iter()
-        .map(|f| OutputPlan {
+        .map(|f| {
+            let shards = predict::shard_count(*f, &tensors, spec.max_shard_bytes);
+            (f, shards)
+        })
+        .map(|(f, shards)| OutputPlan {
             format: f.as_str(),
-            artifact: artifact_name(*f).to_owned(),
+            artifact: artifact_name(*f, shards),
             predicted_bytes: predict::output_bytes(*f, header.data_start, &tensors),
+            shards,
             note: (*f == OutputFormat::Gguf).then(|| match (&llama_cpp, &generic_reason) {
                 (Some(m), _) => m.summary.clone(),
                 (None, Some(why)) => format!("{GENERIC_GGUF_NOTE}: {why}"),
                 (None, None) => GENERIC_GGUF_NOTE.to_owned(),
             }),
         })
-        .collect();
+        .collect::<Vec<OutputPlan>>();
+    // The dense output the text evaluation runs may be sharded: it then opens the index.
+    let mut text_evaluation = text_evaluation;
+    if let (Some(t), Some(o)) =
+        (text_evaluation.as_mut(), outputs.iter().find(|o| o.format == OutputFormat::Safetensors.as_str()))
+    {
+        if t.artifact == "model.safetensors" {
+            t.artifact = o.artifact.clone();
+        }
+    }
     let max_numel = tensors.iter().map(|tp| tp.out.numel().max(header.tensors[tp.index].numel()) as u64).max();
     let prepasses = spec.steps.iter().map(|s| s.op().prepasses()).sum();
     let eval_bytes = evaluation
@@ -867,12 +886,19 @@ fn describe_layouts(spec: &CompressSpec, tensors: &mut [TensorPlan]) {
     }
 }
 
-/// The main artifact each output format produces.
-pub fn artifact_name(f: OutputFormat) -> &'static str {
-    match f {
-        OutputFormat::Safetensors => "model.safetensors",
-        OutputFormat::CompressedTensors => "compressed-tensors/model.safetensors",
-        OutputFormat::Gguf => "model.gguf",
-        OutputFormat::Sparse => "sparse/model.safetensors",
+/// The main artifact an output format produces in `shards` files.
+pub fn artifact_name(f: OutputFormat, shards: usize) -> String {
+    use crate::formats::safetensors::sharded::INDEX_FILE;
+    match (f, shards > 1) {
+        (OutputFormat::Safetensors, false) => "model.safetensors".into(),
+        (OutputFormat::Safetensors, true) => INDEX_FILE.into(),
+        (OutputFormat::CompressedTensors, false) => "compressed-tensors/model.safetensors".into(),
+        (OutputFormat::CompressedTensors, true) => format!("compressed-tensors/{INDEX_FILE}"),
+        (OutputFormat::Gguf, _) => "model.gguf".into(),
+        (OutputFormat::Sparse, _) => "sparse/model.safetensors".into(),
     }
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }

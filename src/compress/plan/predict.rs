@@ -6,6 +6,28 @@ use crate::compress::layout::sparse_dtype;
 
 /// Predicted bytes of output `f`; `data_start` is the input's header size, a fair estimate of
 /// the output's.
+/// Bytes a tensor takes in the compressed-tensors output: its packed parts, or its dense bytes.
+fn compressed_tensors_bytes(tp: &TensorPlan) -> u64 {
+    let int = tp.actions.last().is_some_and(|a| matches!(a.kernel, Kernel::Int(_)));
+    if crate::compress::layout::packs_as_linear(&tp.out) && int {
+        tp.bytes_out + 16
+    } else {
+        tp.bytes_in
+    }
+}
+
+/// How many files a safetensors-based output is split into under `max` bytes per shard: exact
+/// for the dense output, predicted for compressed-tensors (packed sizes are estimates); other
+/// layouts are one file.
+pub(super) fn shard_count(f: OutputFormat, tensors: &[TensorPlan], max: u64) -> usize {
+    let sizes: Vec<u64> = match f {
+        OutputFormat::Safetensors => tensors.iter().map(|tp| tp.out.bytes()).collect(),
+        OutputFormat::CompressedTensors => tensors.iter().map(compressed_tensors_bytes).collect(),
+        OutputFormat::Gguf | OutputFormat::Sparse => return 1,
+    };
+    crate::formats::safetensors::sharded::split(&sizes, max).last().map_or(1, |k| k + 1)
+}
+
 pub(super) fn output_bytes(f: OutputFormat, data_start: u64, tensors: &[TensorPlan]) -> u64 {
     let dense: u64 = tensors.iter().map(|tp| tp.out.bytes()).sum();
     // Headers are small next to the data; this allowance covers names, shapes and provenance.
@@ -13,21 +35,7 @@ pub(super) fn output_bytes(f: OutputFormat, data_start: u64, tensors: &[TensorPl
     let quantized = |tp: &TensorPlan, want: fn(&Kernel) -> bool| tp.actions.last().is_some_and(|a| want(&a.kernel));
     match f {
         OutputFormat::Safetensors => dense + header_allowance,
-        OutputFormat::CompressedTensors => {
-            tensors
-                .iter()
-                .map(|tp| {
-                    if crate::compress::layout::packs_as_linear(&tp.out)
-                        && quantized(tp, |k| matches!(k, Kernel::Int(_)))
-                    {
-                        tp.bytes_out + 16
-                    } else {
-                        tp.bytes_in
-                    }
-                })
-                .sum::<u64>()
-                + header_allowance
-        }
+        OutputFormat::CompressedTensors => tensors.iter().map(compressed_tensors_bytes).sum::<u64>() + header_allowance,
         OutputFormat::Gguf => {
             tensors
                 .iter()

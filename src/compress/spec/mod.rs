@@ -14,6 +14,8 @@ pub struct CompressSpec {
     pub steps: Vec<Step>,
     pub outputs: Vec<OutputFormat>,
     pub evaluate: Option<EvalOptions>,
+    /// Largest file of a sharded safetensors output (`max_shard_size`), in bytes of tensor data.
+    pub max_shard_bytes: u64,
 }
 
 impl CompressSpec {
@@ -146,7 +148,7 @@ pub fn parse_compress(steps: &Value, outputs: Option<&Value>) -> Result<Compress
         }
     }
     if errors.is_empty() {
-        Ok(CompressSpec { steps, outputs, evaluate: None })
+        Ok(CompressSpec { steps, outputs, evaluate: None, max_shard_bytes: DEFAULT_MAX_SHARD_BYTES })
     } else {
         Err(errors)
     }
@@ -181,6 +183,49 @@ pub fn parse_evaluate(value: &Value) -> Result<Option<EvalOptions>, SpecError> {
     Ok(Some(options))
 }
 
+pub use crate::formats::safetensors::sharded::DEFAULT_MAX_SHARD_BYTES;
+
+/// Smallest `max_shard_size`: below it every tensor of a real model gets a file of its own.
+pub const MIN_SHARD_BYTES: u64 = 1 << 10;
+
+/// Parses `max_shard_size`: bytes as an integer, or a string with a unit as transformers'
+/// `save_pretrained` takes it (`"5GB"`, `"500MB"`, `"10KB"`: powers of 1000; `"2GiB"`,
+/// `"512MiB"`, `"64KiB"`: powers of 1024).
+pub fn parse_shard_size(value: &Value) -> Result<u64, SpecError> {
+    let bad = |detail: String| SpecError::new("/max_shard_size", "invalid_field", detail);
+    let bytes = match value {
+        Value::Number(n) => {
+            n.as_u64().ok_or_else(|| bad(format!("max_shard_size must be a whole number of bytes, got {n}")))?
+        }
+        Value::String(text) => {
+            let t = text.trim();
+            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+            let (digits, unit) = t.split_at(split);
+            let factor: u64 = match unit.trim() {
+                "" | "B" => 1,
+                "KB" => 1_000,
+                "MB" => 1_000_000,
+                "GB" => 1_000_000_000,
+                "KiB" => 1 << 10,
+                "MiB" => 1 << 20,
+                "GiB" => 1 << 30,
+                _ => {
+                    return Err(bad(format!(
+                        "max_shard_size `{text}`: expected bytes, or a number with KB, MB, GB (powers of 1000) or KiB, MiB, GiB"
+                    )))
+                }
+            };
+            let n: u64 = digits.parse().map_err(|_| bad(format!("max_shard_size `{text}` has no number")))?;
+            n.checked_mul(factor).ok_or_else(|| bad(format!("max_shard_size `{text}` is too large")))?
+        }
+        _ => return Err(bad("max_shard_size must be bytes (an integer) or a string such as \"5GB\"".into())),
+    };
+    if bytes < MIN_SHARD_BYTES {
+        return Err(bad(format!("max_shard_size must be at least {MIN_SHARD_BYTES} bytes, got {bytes}")));
+    }
+    Ok(bytes)
+}
+
 /// Most steps a spec may have: every step runs on every tensor it selects, so the count bounds
 /// a job's work per tensor (real pipelines use a handful).
 pub const MAX_STEPS: usize = 64;
@@ -198,10 +243,14 @@ pub fn canonical_json(value: &Value) -> String {
 /// (the default `["safetensors"]` when absent), without the model or dataset ids. Written into
 /// every artifact as `modelpress.spec_sha256`, so the same input file and the same steps give
 /// byte-identical artifacts on any server and from the CLI.
-pub fn work_sha256(steps: &Value, outputs: Option<&Value>) -> String {
+pub fn work_sha256(steps: &Value, outputs: Option<&Value>, max_shard_size: Option<&Value>) -> String {
     use sha2::{Digest, Sha256};
     let outputs = outputs.cloned().unwrap_or_else(|| serde_json::json!(["safetensors"]));
-    let work = serde_json::json!({"steps": steps, "outputs": outputs});
+    let mut work = serde_json::json!({"steps": steps, "outputs": outputs});
+    // Where the files are cut changes the artifacts; absent, the hash is what it always was.
+    if let Some(m) = max_shard_size {
+        work["max_shard_size"] = m.clone();
+    }
     hex::encode(Sha256::digest(canonical_json(&work).as_bytes()))
 }
 
@@ -314,5 +363,21 @@ mod tests {
             let e = errors(json!([step]), None);
             assert_eq!(e[0].pointer, pointer, "{step}: {:?}", e[0]);
         }
+    }
+
+    #[test]
+    fn shard_sizes_read_as_transformers_writes_them() {
+        assert_eq!(parse_shard_size(&json!("5GB")).unwrap(), 5_000_000_000);
+        assert_eq!(parse_shard_size(&json!("2GiB")).unwrap(), 2 << 30);
+        assert_eq!(parse_shard_size(&json!("100KB")).unwrap(), 100_000);
+        assert_eq!(parse_shard_size(&json!(4096)).unwrap(), 4096);
+        for bad in [json!("5 parsecs"), json!("GB"), json!(-1), json!(1.5), json!(12), json!("99999999999999999999GB")]
+        {
+            let e = parse_shard_size(&bad).unwrap_err();
+            assert_eq!(e.pointer, "/max_shard_size", "{bad}");
+        }
+        let steps = json!([{"op": "quantize", "bits": 8}]);
+        assert_eq!(work_sha256(&steps, None, None), work_sha256(&steps, Some(&json!(["safetensors"])), None));
+        assert_ne!(work_sha256(&steps, None, None), work_sha256(&steps, None, Some(&json!("1GB"))));
     }
 }

@@ -166,24 +166,46 @@ impl SafetensorsWriter {
 
     /// Writes header + data to the final path, fsyncs it and removes the side file.
     pub fn finish(self, metadata: &BTreeMap<String, String>) -> std::io::Result<u64> {
-        let mut map = serde_json::Map::new();
-        if !metadata.is_empty() {
-            map.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map"));
-        }
-        for (name, dtype, shape, start, end) in &self.entries {
-            map.insert(
-                name.clone(),
-                serde_json::json!({
-                    "dtype": dtype.as_str(), "shape": shape, "data_offsets": [start, end]
-                }),
-            );
-        }
-        let mut header = serde_json::to_vec(&map).expect("JSON");
-        // Pad to 8 bytes so the data region is aligned, as the reference writer does.
-        header.resize(header.len().div_ceil(8) * 8, b' ');
+        let path = self.path.clone();
+        self.seal()?.finish_at(&path, metadata)
+    }
+
+    /// Bytes of tensor data written so far.
+    pub fn data_bytes(&self) -> u64 {
+        self.offset
+    }
+
+    /// Closes the side file, keeping what is needed to write the final file later (a shard
+    /// whose metadata is only known when the whole output is written): no buffer stays held.
+    pub fn seal(self) -> std::io::Result<SealedDeferred> {
         let body = self.body.into_inner().map_err(|e| e.into_error())?;
         drop(body);
-        let mut out = File::create(&self.path)?;
+        Ok(SealedDeferred { body_path: self.body_path, entries: self.entries, offset: self.offset })
+    }
+}
+
+/// A [`SafetensorsWriter`] whose tensors are all written: the data waits in its side file.
+pub struct SealedDeferred {
+    body_path: PathBuf,
+    entries: Vec<(String, Dtype, Vec<usize>, u64, u64)>,
+    offset: u64,
+}
+
+impl SealedDeferred {
+    /// The tensor names, in file order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|e| e.0.as_str())
+    }
+
+    /// Bytes of tensor data.
+    pub fn data_bytes(&self) -> u64 {
+        self.offset
+    }
+
+    /// Writes header + data to `path`, fsyncs it and removes the side file; returns the size.
+    pub fn finish_at(self, path: &Path, metadata: &BTreeMap<String, String>) -> std::io::Result<u64> {
+        let header = header_bytes(&self.entries, metadata);
+        let mut out = File::create(path)?;
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(&header)?;
         let mut body = File::open(&self.body_path)?;
@@ -278,13 +300,43 @@ impl PlannedSafetensorsWriter {
     }
 
     pub fn finish(self) -> std::io::Result<()> {
+        self.seal()?.finish()
+    }
+
+    /// Like [`Self::finish`], but the header carries `metadata` (see
+    /// [`SealedPlanned::finish_with_metadata`]).
+    pub fn finish_with_metadata(self, metadata: &BTreeMap<String, String>) -> std::io::Result<()> {
+        self.seal()?.finish_with_metadata(metadata)
+    }
+
+    /// Checks every declared tensor was written and gives back the write buffer; the file stays
+    /// open for the header to be rewritten at the end (a shard of a larger output).
+    pub fn seal(self) -> std::io::Result<SealedPlanned> {
+        if let Some((missing, ..)) = self.entries.get(self.next) {
+            return Err(std::io::Error::other(format!("tensor `{missing}` was declared but never written")));
+        }
+        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        Ok(SealedPlanned { file, entries: self.entries, header: self.header })
+    }
+}
+
+/// A [`PlannedSafetensorsWriter`] whose tensors are all written; only the header may change.
+pub struct SealedPlanned {
+    file: File,
+    entries: Vec<(String, Dtype, Vec<usize>, u64, u64)>,
+    /// The JSON header written at creation.
+    header: Vec<u8>,
+}
+
+impl SealedPlanned {
+    pub fn finish(self) -> std::io::Result<()> {
         let header = self.header.clone();
         self.finish_with_header(header)
     }
 
-    /// Like [`Self::finish`], but the header carries `metadata` (a value learned while the data
-    /// was written, such as the input's hash). The new header must have the length of the one
-    /// written at creation (a fixed-width value replaced), so it is written over it in place.
+    /// The header carries `metadata` (a value learned while the data was written, such as the
+    /// input's hash). The new header must have the length of the one written at creation (a
+    /// fixed-width value replaced), so it is written over it in place.
     pub fn finish_with_metadata(self, metadata: &BTreeMap<String, String>) -> std::io::Result<()> {
         let header = header_bytes(&self.entries, metadata);
         if header.len() != self.header.len() {
@@ -299,14 +351,10 @@ impl PlannedSafetensorsWriter {
 
     fn finish_with_header(self, header: Vec<u8>) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
-        if let Some((missing, ..)) = self.entries.get(self.next) {
-            return Err(std::io::Error::other(format!("tensor `{missing}` was declared but never written")));
-        }
-        let file = self.out.into_inner().map_err(|e| e.into_error())?;
         if header != self.header {
-            file.write_all_at(&header, 8)?;
+            self.file.write_all_at(&header, 8)?;
         }
-        file.sync_all()
+        self.file.sync_all()
     }
 }
 

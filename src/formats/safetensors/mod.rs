@@ -6,6 +6,7 @@
 //! region) plus an optional `__metadata__` string map.
 
 mod io;
+pub mod sharded;
 
 use std::collections::BTreeMap;
 use std::fs::File;
