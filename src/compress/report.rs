@@ -26,6 +26,9 @@ pub struct Report {
     /// With `evaluate` on a language model: perplexity before and after, KL, top-1 agreement.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_evaluation: Option<crate::compress::engine::text_eval::TextEvaluation>,
+    /// With `evaluate` on an encoder (BERT): embedding cosine and nearest-neighbour agreement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding_evaluation: Option<crate::compress::engine::embed_eval::EmbeddingEvaluation>,
     pub duration_ms: f64,
     /// Peak resident memory of the process while the job ran (VmHWM), when the OS reports it.
     pub peak_rss_bytes: Option<u64>,

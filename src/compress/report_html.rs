@@ -90,6 +90,24 @@ fn text_evaluation_table(e: &crate::compress::engine::text_eval::TextEvaluation)
     )
 }
 
+/// An encoder's embeddings before and after, on the evaluation passages.
+fn embedding_evaluation_table(e: &crate::compress::engine::embed_eval::EmbeddingEvaluation) -> String {
+    format!(
+        "<h2>Embeddings of {} passages ({} tokens, up to {} per passage), original vs <code>{}</code></h2>\
+         <table><tr><th>cosine of passage embeddings (mean pooling)</th><td>mean {:.6}, min {:.6}</td></tr>\
+         <tr><th>cosine of token hidden states</th><td>mean {:.6}</td></tr>\
+         <tr><th>nearest-neighbour agreement</th><td>{:.2}%</td></tr></table>",
+        e.passages,
+        e.tokens,
+        e.context,
+        esc(&e.artifact),
+        e.cosine_mean,
+        e.cosine_min,
+        e.token_cosine_mean,
+        100.0 * e.neighbour_agreement
+    )
+}
+
 /// The training loss (red, scaled to its maximum), the training accuracy (green) and the
 /// validation accuracy (blue, 0 to 1) per epoch of a distillation, as an inline SVG line chart.
 fn training_chart(t: &crate::graph::train::TrainingRecord) -> String {
@@ -193,6 +211,9 @@ th{background:#f4f4f4}.note{color:#a60;text-align:left}.sum{font-size:16px}</sty
     html.push_str("</ul>");
     if let Some(e) = &r.evaluation {
         html.push_str(&evaluation_table(e));
+    }
+    if let Some(e) = &r.embedding_evaluation {
+        html.push_str(&embedding_evaluation_table(e));
     }
     if let Some(e) = &r.text_evaluation {
         html.push_str(&text_evaluation_table(e));

@@ -469,3 +469,104 @@ async fn outputs_over_max_shard_size_are_sharded_as_transformers_shards_them() {
     let file = app.download(&format!("/v1/models/{registered}/file")).await;
     assert_eq!(raw_tensors(&[("m".to_string(), file)].into(), [String::from("m")].iter()), sharded);
 }
+
+/// A tiny BERT folder as transformers' `BertModel.save_pretrained` names it (random weights,
+/// the byte-level BPE tokenizer of `tests/fixtures/tiny_bpe`).
+fn write_bert_folder(dir: &Path) {
+    let config = json!({
+        "architectures": ["BertModel"], "model_type": "bert", "vocab_size": VOCAB, "hidden_size": HIDDEN,
+        "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "intermediate_size": FF,
+        "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+        "max_position_embeddings": 128, "type_vocab_size": 2, "initializer_range": 0.02,
+        "layer_norm_eps": 1e-12, "pad_token_id": 0, "torch_dtype": "float32"
+    });
+    let mut t: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut seed = 100;
+    let mut add = |name: String, shape: Vec<usize>, scale: f32| {
+        seed += 1;
+        let n = shape.iter().product();
+        let v = if name.ends_with("LayerNorm.weight") { vec![1.0; n] } else { values(n, seed, scale) };
+        t.push((name, shape, v));
+    };
+    add("embeddings.word_embeddings.weight".into(), vec![VOCAB, HIDDEN], 1.0);
+    add("embeddings.position_embeddings.weight".into(), vec![128, HIDDEN], 0.2);
+    add("embeddings.token_type_embeddings.weight".into(), vec![2, HIDDEN], 0.2);
+    add("embeddings.LayerNorm.weight".into(), vec![HIDDEN], 0.0);
+    add("embeddings.LayerNorm.bias".into(), vec![HIDDEN], 0.01);
+    for l in 0..LAYERS {
+        let p = format!("encoder.layer.{l}");
+        for m in ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"] {
+            add(format!("{p}.{m}.weight"), vec![HIDDEN, HIDDEN], 0.2);
+            add(format!("{p}.{m}.bias"), vec![HIDDEN], 0.01);
+        }
+        add(format!("{p}.intermediate.dense.weight"), vec![FF, HIDDEN], 0.2);
+        add(format!("{p}.intermediate.dense.bias"), vec![FF], 0.01);
+        add(format!("{p}.output.dense.weight"), vec![HIDDEN, FF], 0.2);
+        add(format!("{p}.output.dense.bias"), vec![HIDDEN], 0.01);
+        for n in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            add(format!("{p}.{n}.weight"), vec![HIDDEN], 0.0);
+            add(format!("{p}.{n}.bias"), vec![HIDDEN], 0.01);
+        }
+    }
+    let list: Vec<(&str, Vec<usize>, Vec<f32>)> =
+        t.iter().map(|(n, s, v)| (n.as_str(), s.clone(), v.clone())).collect();
+    std::fs::write(dir.join("model.safetensors"), safetensors_f32(&list)).unwrap();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy("tests/fixtures/tiny_bpe/tokenizer.json", dir.join("tokenizer.json")).unwrap();
+}
+
+#[tokio::test]
+async fn a_bert_encoder_is_evaluated_by_its_embeddings_and_neighbours() {
+    let app = spawn_app(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_bert_folder(dir.path());
+    let id =
+        upload_tar(&app, tar_of(dir.path())).await.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let lines = [
+        "The cat sat on the mat.",
+        "A dog barked at the mailman.",
+        "Stocks fell sharply on Monday.",
+        "The recipe needs two eggs and flour.",
+        "Rain is expected over the weekend.",
+        "She plays the violin every night.",
+        "The server answered with a 404.",
+        "Compilers turn source code into machine code.",
+        "He ran the marathon in three hours.",
+        "The museum opens at nine.",
+        "Quantized weights take less memory.",
+        "Birds migrate south in the autumn.",
+    ];
+    let text = lines.join("\n\n");
+    let res = app.client.post(app.url("/v1/datasets")).header("content-type", "text/plain").body(text).send().await;
+    let data = res.unwrap().json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+
+    // The evaluation runs the dense output: without it, refused with the reason.
+    let steps8 = json!([{"op": "quantize", "bits": 8, "granularity": "channel", "symmetric": true}]);
+    let no_dense =
+        json!({"model_id": id, "dataset_id": data, "evaluate": {}, "steps": steps8, "outputs": ["compressed-tensors"]});
+    let res = app.create_job(&no_dense).await;
+    assert_eq!(res.status(), 422);
+    assert!(res.text().await.unwrap().contains("`safetensors` output"));
+
+    let mut cosines = Vec::new();
+    for steps in [steps8, json!([{"op": "quantize", "bits": 2, "granularity": "group", "group_size": 32}])] {
+        let spec = json!({"model_id": id, "dataset_id": data, "evaluate": {"context": 16}, "steps": steps,
+                          "outputs": ["safetensors", "compressed-tensors"]});
+        let plan: Value = app.post_json("/v1/plans", &spec).await.json().await.unwrap();
+        assert_eq!(plan["text_evaluation"]["model"], "encoder", "{plan}");
+        let (_, report, out) = run_job(&app, &spec).await;
+        let e = &report["embedding_evaluation"];
+        assert_eq!(e["passages"], lines.len(), "{e}");
+        assert_eq!(e["artifact"], "model.safetensors");
+        assert!(e["context"].as_u64().unwrap() <= 16, "{e}");
+        let agreement = e["neighbour_agreement"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&agreement), "{e}");
+        assert!(e["cosine_min"].as_f64().unwrap() <= e["cosine_mean"].as_f64().unwrap());
+        cosines.push((e["cosine_mean"].as_f64().unwrap(), e["token_cosine_mean"].as_f64().unwrap(), agreement));
+        assert!(report.get("text_evaluation").is_none());
+        assert!(String::from_utf8_lossy(&out["report.html"]).contains("nearest-neighbour agreement"));
+    }
+    let ((c8, t8, a8), (c2, t2, _)) = (cosines[0], cosines[1]);
+    assert!(c8 > 0.999 && t8 > 0.99 && a8 >= 0.9, "int8 keeps the embeddings: {cosines:?}");
+    assert!(c2 < c8 && t2 < t8, "2-bit moves them more than 8-bit: {cosines:?}");
+}

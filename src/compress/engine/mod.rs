@@ -7,6 +7,7 @@
 //! memory (`rewrite`), and an evaluation after the outputs are written and checked. Cancellation
 //! and progress are checked between tensors, steps and evaluation batches.
 
+pub mod embed_eval;
 pub(crate) mod kernels;
 mod passes;
 mod rewrite;
@@ -251,6 +252,12 @@ fn final_ggml(tp: &TensorPlan, resolved: &Resolved) -> Option<GgufType> {
 
 /// The companion files the folder outputs carry; `config.json` only while no structural step
 /// changed the model's shapes.
+/// A language model's evaluation, by kind.
+enum TextResult {
+    Decoder(text_eval::TextEvaluation),
+    Encoder(embed_eval::EmbeddingEvaluation),
+}
+
 fn folder_files(job: &Job<'_>) -> sinks::FolderFiles {
     let config_holds = job.plan.structure.is_empty() && job.plan.dropped.is_empty();
     sinks::FolderFiles { files: job.plan.files.clone(), config_holds }
@@ -587,8 +594,21 @@ pub fn execute(
             })?;
             tracker.check("text evaluation: loading the models")?;
             let files = &job.plan.files;
-            Some(text_eval::run(t, files, job.inputs.model_path, &artifact.path, dataset, &mut tracker)?)
+            let (model, path) = (job.inputs.model_path, &artifact.path);
+            match t.model {
+                text_eval::TextModel::Decoder => {
+                    Some(TextResult::Decoder(text_eval::run(t, files, model, path, dataset, &mut tracker)?))
+                }
+                text_eval::TextModel::Encoder => {
+                    Some(TextResult::Encoder(embed_eval::run(t, files, model, path, dataset, &mut tracker)?))
+                }
+            }
         }
+    };
+    let (text_evaluation, embedding_evaluation) = match text_evaluation {
+        Some(TextResult::Decoder(d)) => (Some(d), None),
+        Some(TextResult::Encoder(e)) => (None, Some(e)),
+        None => (None, None),
     };
     let outputs = artifacts
         .iter()
@@ -613,6 +633,7 @@ pub fn execute(
         structure,
         evaluation,
         text_evaluation,
+        embedding_evaluation,
         duration_ms: started.elapsed().as_secs_f64() * 1e3,
         peak_rss_bytes: peak_rss_bytes(),
     };

@@ -43,6 +43,20 @@ pub struct TextEvalPlan {
     pub artifact: String,
     /// Whether the evaluation reads `evaluate.dataset_id` rather than the job's dataset.
     pub separate_dataset: bool,
+    /// A decoder (perplexity, KL, top-1) or an encoder (embeddings, nearest neighbours).
+    #[serde(default)]
+    pub model: TextModel,
+}
+
+/// The kinds of language model evaluated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TextModel {
+    /// Llama family, run by candle-transformers' `llama` / `quantized_llama`.
+    #[default]
+    Decoder,
+    /// BERT family, run by candle-transformers' `bert` ([`super::embed_eval`]).
+    Encoder,
 }
 
 /// The result, in the report.
@@ -61,10 +75,17 @@ pub struct TextEvaluation {
     pub milliseconds: f64,
 }
 
-/// The architectures evaluated (candle-transformers' `llama` and `quantized_llama`).
-pub fn covers(files: &ModelFiles) -> bool {
-    let Ok(Some(config)) = files.json("config.json") else { return false };
-    matches!(config["architectures"][0].as_str(), Some("LlamaForCausalLM" | "MistralForCausalLM"))
+/// The kind of language model evaluated, when candle-transformers runs it: `llama` and
+/// `quantized_llama` for Llama and Mistral decoders, `bert` for BERT encoders.
+pub fn covers(files: &ModelFiles) -> Option<TextModel> {
+    let Ok(Some(config)) = files.json("config.json") else { return None };
+    if matches!(config["architectures"][0].as_str(), Some("LlamaForCausalLM" | "MistralForCausalLM")) {
+        Some(TextModel::Decoder)
+    } else if super::embed_eval::covers(files) {
+        Some(TextModel::Encoder)
+    } else {
+        None
+    }
 }
 
 /// What the plan checks before a text evaluation is accepted, so a job never fails at its end
@@ -115,6 +136,35 @@ fn candle_config(files: &ModelFiles) -> Result<candle_transformers::models::llam
     Ok(cfg.into_config(false))
 }
 
+/// The weights of a safetensors file, or of the shards a `model.safetensors.index.json` names,
+/// as f32 on the CPU.
+pub(super) fn var_builder(path: &Path) -> Result<candle_nn::VarBuilder<'static>, String> {
+    if path.file_name().is_some_and(|n| n == INDEX_FILE) {
+        let text = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let shards: Vec<_> = index_files(&text)?.iter().map(|n| dir.join(n)).collect();
+        // SAFETY: the shards are this job's own outputs, complete and no longer written;
+        // nothing modifies them while they are mapped.
+        unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&shards, DType::F32, &Device::Cpu) }
+            .map_err(|e| e.to_string())
+    } else {
+        let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        candle_nn::VarBuilder::from_buffered_safetensors(bytes, DType::F32, &Device::Cpu).map_err(|e| e.to_string())
+    }
+}
+
+/// The beginning of the evaluation text: generously more bytes than `tokens` tokens take (a
+/// token is a few bytes), so a multi-GB corpus costs neither memory nor time.
+pub(super) fn read_text(plan: &TextEvalPlan, dataset: &Path) -> Result<String, EngineError> {
+    let job_err = |detail: String| EngineError::Job { code: "evaluation_failed", detail };
+    let header = crate::formats::safetensors::read_header(dataset, u64::MAX).map_err(|e| job_err(e.to_string()))?;
+    let info = header.get(&plan.text).ok_or_else(|| job_err(format!("the dataset has no `{}`", plan.text)))?;
+    let prefix = info.bytes().min(plan.tokens as u64 * 64 + 4096);
+    let mut raw = vec![0u8; prefix as usize];
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(dataset)?, &mut raw, info.start)?;
+    Ok(String::from_utf8_lossy(&raw).into_owned())
+}
+
 /// One of the two models, fed a token at a time (two exist per evaluation: their size does not
 /// matter).
 #[allow(clippy::large_enum_variant)]
@@ -130,19 +180,7 @@ enum Runner {
 impl Runner {
     fn dense(path: &Path, files: &ModelFiles) -> Result<Runner, String> {
         let config = candle_config(files)?;
-        let vb = if path.file_name().is_some_and(|n| n == INDEX_FILE) {
-            let text = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-            let dir = path.parent().unwrap_or(Path::new("."));
-            let shards: Vec<_> = index_files(&text)?.iter().map(|n| dir.join(n)).collect();
-            // SAFETY: the shards are this job's own outputs, complete and no longer written;
-            // nothing modifies them while they are mapped.
-            unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&shards, DType::F32, &Device::Cpu) }
-                .map_err(|e| e.to_string())?
-        } else {
-            let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-            candle_nn::VarBuilder::from_buffered_safetensors(bytes, DType::F32, &Device::Cpu)
-                .map_err(|e| e.to_string())?
-        };
+        let vb = var_builder(path)?;
         let model = candle_transformers::models::llama::Llama::load(vb, &config).map_err(|e| e.to_string())?;
         Ok(Runner::Dense(Box::new(model), config, None))
     }
@@ -212,15 +250,7 @@ pub(super) fn run(
 ) -> Result<TextEvaluation, EngineError> {
     let started = std::time::Instant::now();
     let job_err = |detail: String| EngineError::Job { code: "evaluation_failed", detail };
-    let header = crate::formats::safetensors::read_header(dataset, u64::MAX).map_err(|e| job_err(e.to_string()))?;
-    let info = header.get(&plan.text).ok_or_else(|| job_err(format!("the dataset has no `{}`", plan.text)))?;
-    // Only the text's beginning is tokenized: generously more bytes than `tokens` tokens take
-    // (a token is a few bytes), so a multi-GB corpus costs neither memory nor time.
-    let prefix = info.bytes().min(plan.tokens as u64 * 64 + 4096);
-    let mut raw = vec![0u8; prefix as usize];
-    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(dataset)?, &mut raw, info.start)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    drop(raw);
+    let text = read_text(plan, dataset)?;
     let tokenizer_path =
         files.path("tokenizer.json").ok_or_else(|| job_err("the model has no tokenizer.json".into()))?;
     let tokenizer =

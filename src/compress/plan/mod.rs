@@ -15,7 +15,7 @@ use super::ops::OpKind;
 use super::prune::Norm;
 use super::quant::{Granularity, IntParams};
 use super::spec::{CompressSpec, OutputFormat};
-use crate::compress::engine::text_eval::{self, TextEvalPlan};
+use crate::compress::engine::text_eval::{self, TextEvalPlan, TextModel};
 use crate::formats::gguf::llama_cpp::{Conversion, LlamaCppModel};
 use crate::formats::gguf::GgufType;
 use crate::formats::hf::ModelFiles;
@@ -364,6 +364,7 @@ fn plan_text_evaluation(
     separate_dataset: bool,
     runnable_gguf: bool,
     reshaped: bool,
+    model: TextModel,
 ) -> Result<TextEvalPlan, String> {
     let options = spec.evaluate.clone().unwrap_or_default();
     let name = options.text.clone().unwrap_or_else(|| "text".into());
@@ -377,6 +378,21 @@ fn plan_text_evaluation(
         return Err("a structural step changed the model's shapes, so its config.json no longer describes the output; evaluate in a job of its own on the registered model".into());
     }
     let context = options.context.unwrap_or(text_eval::DEFAULT_CONTEXT);
+    if model == TextModel::Encoder {
+        crate::compress::engine::embed_eval::check(files, context)?;
+        if !spec.outputs.contains(&OutputFormat::Safetensors) {
+            return Err("evaluating an encoder runs the dense `safetensors` output (it holds exactly the values every other layout decodes to): add it to `outputs`".into());
+        }
+        return Ok(TextEvalPlan {
+            text: name,
+            text_bytes: t.bytes(),
+            tokens: options.tokens.unwrap_or(crate::compress::engine::embed_eval::DEFAULT_TOKENS),
+            context,
+            artifact: "model.safetensors".into(),
+            separate_dataset,
+            model,
+        });
+    }
     let llama3_rope = text_eval::check(files, context)?;
     let artifact = if runnable_gguf && !llama3_rope && spec.outputs.contains(&OutputFormat::Gguf) {
         "model.gguf"
@@ -397,6 +413,7 @@ fn plan_text_evaluation(
         context,
         artifact: artifact.into(),
         separate_dataset,
+        model,
     })
 }
 
@@ -490,7 +507,8 @@ pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
     });
     // A language model (a folder llama.cpp's converter covers, no graph) is evaluated on text by
     // its own tokenizer, not through a graph: planned once the outputs are known.
-    let text_mode = spec.evaluate.is_some() && graph.is_none() && files.is_some_and(text_eval::covers);
+    let text_model = files.and_then(text_eval::covers).filter(|_| spec.evaluate.is_some() && graph.is_none());
+    let text_mode = text_model.is_some();
     let graph_spec = if text_mode { CompressSpec { evaluate: None, ..spec.clone() } } else { spec.clone() };
     let (dataset, evaluation) = plan_evaluation(
         &graph_spec,
@@ -560,6 +578,7 @@ pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
                 separate,
                 runnable,
                 !structure.is_empty() || !dropped.is_empty(),
+                text_model.expect("text mode"),
             ) {
                 Ok(p) => Some(p),
                 Err(detail) => {
