@@ -111,6 +111,48 @@ def check_gguf(out: Path):
     print(f"gguf: {len(reader.tensors)} tensors read, {quantized} Q8_0, all equal to the dense values")
 
 
+def check_bert(binary: Path, work: Path):
+    """An encoder's evaluation measures what transformers computes: the report's embedding cosine
+    between the original and the compressed (dense output) BERT equals the cosine of
+    transformers' own mean-pooled embeddings of the same passages."""
+    from tokenizers import Tokenizer
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    folder = work / "bert"
+    config = BertConfig(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=128)
+    BertModel(config).eval().save_pretrained(folder, safe_serialization=True)
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_bpe" / "tokenizer.json"
+    shutil.copy(fixture, folder / "tokenizer.json")
+    lines = ["The cat sat on the mat.", "Stocks fell sharply on Monday.", "Rain is expected over the weekend.",
+             "Compilers turn source code into machine code.", "Birds migrate south in the autumn."]
+    (work / "corpus.txt").write_text("\n".join(lines))
+    # 2 bits, so the embeddings move enough for the comparison to mean something.
+    spec = {"steps": [{"op": "quantize", "bits": 2, "granularity": "group", "group_size": 32}],
+            "outputs": ["safetensors"], "evaluate": {"context": 32}}
+    (work / "bert.json").write_text(json.dumps(spec))
+    out = work / "bert-out"
+    run([binary, "compress", folder, "--spec", work / "bert.json", "--dataset", work / "corpus.txt", "--out", out])
+    e = json.loads((out / "report.json").read_text())["embedding_evaluation"]
+
+    tok = Tokenizer.from_file(str(fixture))
+    tok.enable_truncation(32)
+    original = BertModel.from_pretrained(folder).eval()
+    compressed = BertModel.from_pretrained(out).eval()
+    cosines = []
+    with torch.no_grad():
+        for line in lines:
+            ids = torch.tensor([tok.encode(line, add_special_tokens=True).ids])
+            a = original(ids).last_hidden_state[0].mean(0)
+            b = compressed(ids).last_hidden_state[0].mean(0)
+            cosines.append(torch.nn.functional.cosine_similarity(a, b, dim=0).item())
+    want = sum(cosines) / len(cosines)
+    print(f"bert: report cosine_mean {e['cosine_mean']:.6f}, transformers {want:.6f}, passages {e['passages']}")
+    assert e["passages"] == len(lines), e
+    assert abs(e["cosine_mean"] - want) <= 1e-6 and abs(e["cosine_min"] - min(cosines)) <= 1e-6, (e, cosines)
+
+
 def main():
     binary = Path(sys.argv[1]).resolve()
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,6 +199,8 @@ def main():
             assert len(set(index["weight_map"].values())) > 1, index
             assert not (folder / "model.safetensors").exists()
         check_transformers(sharded / "ct")
+
+        check_bert(binary, work)
     print("all loader checks passed")
 
 
