@@ -1,5 +1,6 @@
 //! HTTP: routing, extraction, errors. Handlers are grouped per resource.
 
+pub mod admission;
 pub mod auth;
 pub mod download;
 pub mod error;

@@ -160,6 +160,13 @@ impl TestApp {
     }
 }
 
+/// The problem+json body of `res`, asserting its status and type.
+pub async fn problem(res: reqwest::Response, status: u16) -> Value {
+    assert_eq!(res.status(), status);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    res.json().await.unwrap()
+}
+
 pub fn blob_files(data_dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     if let Ok(shards) = std::fs::read_dir(data_dir.join("blobs")) {
