@@ -91,6 +91,11 @@ pub struct StorageSettings {
     pub max_stored_bytes_per_principal: Option<u64>,
     /// Days a finished job (and its artifacts) is kept; unset keeps them until deleted.
     pub retention_days: Option<u64>,
+    /// Seconds a model draft (a folder uploaded file by file) lives after its creation or its
+    /// last received file; then it and its files are deleted.
+    pub draft_expiry_secs: u64,
+    /// Drafts one principal may have open at once; more answer 409 `too_many_drafts`.
+    pub max_drafts_per_principal: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

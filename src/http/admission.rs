@@ -81,7 +81,7 @@ impl Admission {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "storage_quota_exceeded",
                 format!(
-                    "`{}` may store {q} bytes of models, datasets and job artifacts (storage.max_stored_bytes_per_principal) and has {left} left; delete some first",
+                    "`{}` may store {q} bytes of models, datasets, drafts and job artifacts (storage.max_stored_bytes_per_principal) and has {left} left; delete some first",
                     self.owner
                 ),
             ),

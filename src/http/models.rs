@@ -299,7 +299,7 @@ fn dataset_inputs(kind: ModelKind, header: &crate::formats::safetensors::Header)
 
 /// A file named as one shard of several (`model-00001-of-00003.safetensors`) is refused: alone
 /// it is part of a model, and compressing it would silently compress a fraction.
-fn refuse_lone_shard(name: &str) -> ApiResult<()> {
+pub(super) fn refuse_lone_shard(name: &str) -> ApiResult<()> {
     match crate::formats::safetensors::shard_of(name) {
         Some((k, n)) => Err(ApiError::unprocessable(
             "incomplete_checkpoint",
