@@ -86,8 +86,8 @@ pub struct StorageSettings {
     /// `upload_rate_window_secs`; slower ones answer 408 `upload_too_slow`. 0: no floor.
     pub min_upload_bytes_per_sec: u64,
     pub upload_rate_window_secs: u64,
-    /// Bytes of models and datasets one principal (an API key's owner) may store; unset: no
-    /// quota. The embedded `local` user has none.
+    /// Bytes of models, datasets, drafts' files and job artifacts one principal (an API key's
+    /// owner) may store; unset: no quota. The embedded `local` user has none.
     pub max_stored_bytes_per_principal: Option<u64>,
     /// Days a finished job (and its artifacts) is kept; unset keeps them until deleted.
     pub retention_days: Option<u64>,
