@@ -588,3 +588,22 @@ async fn a_draft_outlives_a_restart_that_empties_staging_and_is_committed_after_
     commit_matches_tar(&app, &id, dir.path()).await;
     drop(data);
 }
+
+#[tokio::test]
+async fn a_file_sent_again_while_the_draft_commits_never_changes_what_is_merged() {
+    let app = spawn_app(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_folder(dir.path());
+    let shard = "model-00001-of-00003.safetensors";
+    let (id, bytes) = draft_without(&app, dir.path(), shard).await;
+    assert_eq!(app.put_draft_file(None, &id, shard, bytes.clone()).await.status(), 201);
+    // Before the commit takes the draft (200), during it (409), or after it (404): never a
+    // file moved into a folder being merged.
+    let (commit, put) = tokio::join!(app.commit_draft(None, &id), app.put_draft_file(None, &id, shard, bytes));
+    assert!([200, 404, 409].contains(&put.status().as_u16()), "{}", put.text().await.unwrap());
+    assert_eq!(commit.status(), 201);
+    let model: Value = commit.json().await.unwrap();
+    let from_tar = upload_tar(&app, tar_of(dir.path())).await.json::<Value>().await.unwrap();
+    assert_eq!(model["sha256"], from_tar["sha256"]);
+    assert_eq!(staging_entries(&app.data_dir()), 0);
+}
