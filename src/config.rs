@@ -86,11 +86,16 @@ pub struct StorageSettings {
     /// `upload_rate_window_secs`; slower ones answer 408 `upload_too_slow`. 0: no floor.
     pub min_upload_bytes_per_sec: u64,
     pub upload_rate_window_secs: u64,
-    /// Bytes of models and datasets one principal (an API key's owner) may store; unset: no
-    /// quota. The embedded `local` user has none.
+    /// Bytes of models, datasets, drafts' files and job artifacts one principal (an API key's
+    /// owner) may store; unset: no quota. The embedded `local` user has none.
     pub max_stored_bytes_per_principal: Option<u64>,
     /// Days a finished job (and its artifacts) is kept; unset keeps them until deleted.
     pub retention_days: Option<u64>,
+    /// Seconds a model draft (a folder uploaded file by file) lives after its creation or its
+    /// last received file; then it and its files are deleted.
+    pub draft_expiry_secs: u64,
+    /// Drafts one principal may have open at once; more answer 409 `too_many_drafts`.
+    pub max_drafts_per_principal: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

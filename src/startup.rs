@@ -76,10 +76,12 @@ impl Application {
             blobs.delete(sha).await?;
         }
         let stray = remove_unreferenced_blob_files(&data_dir, &catalog).await?;
+        let drafts = crate::storage::drafts::Drafts::open(pool.clone(), &data_dir)?;
+        let expired_drafts = drafts.sweep(true).await?;
         let queue: Arc<dyn JobQueue> =
             Arc::new(SqliteQueue::new(pool.clone(), Duration::from_secs(settings.queue.retry_backoff_secs)));
         let rescued = queue.rescue(true).await?;
-        tracing::info!(swept, orphan_blobs = orphans.len() + stray, rescued, data_dir = %data_dir.display(), "recovered state");
+        tracing::info!(swept, orphan_blobs = orphans.len() + stray, rescued, expired_drafts, data_dir = %data_dir.display(), "recovered state");
 
         // Leases that expire while we run (a worker of another process died, or a finish that
         // could not be recorded) go back to the queue.
@@ -102,6 +104,16 @@ impl Application {
                 }
             });
         }
+        // Drafts expire while we run; a lookup already ignores an expired one, this frees its disk.
+        let sweeper = drafts.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                if let Err(e) = sweeper.sweep(false).await {
+                    tracing::warn!(error = %e, "deleting expired drafts failed");
+                }
+            }
+        });
         let worker_count = settings.queue.worker_count();
         let blob_store: Arc<dyn BlobStore> = blobs;
         let workers = WorkerPool::start(
@@ -128,6 +140,7 @@ impl Application {
             keys: crate::storage::keys::KeyStore::new(pool.clone()),
             rate: crate::http::auth::rate_limiter(settings.auth.requests_per_second).map(Arc::new),
             uploads: Arc::new(tokio::sync::Semaphore::new(settings.storage.max_concurrent_uploads)),
+            drafts,
         };
         let address = format!("{}:{}", settings.server.host, settings.server.port);
         let listener = TcpListener::bind(&address).await.with_context(|| format!("binding {address}"))?;

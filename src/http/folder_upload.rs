@@ -4,10 +4,11 @@
 //! The archive is read as it arrives (the `tar` crate over tokio-util's `SyncIoBridge`, on a
 //! blocking thread): top-level regular files that are weights, the index or companions are
 //! written to a staging directory while hashed; everything else (README.md, subfolders such as
-//! `original/`, links) is skipped without being stored. Then the folder is checked as
-//! [`crate::formats::hf::ModelFolder`] does (index against shards, lone shards) and sharded
-//! weights are merged into one file. Memory: the reader's buffers and, when merging, the
-//! largest tensor. Every failure removes the staging directory.
+//! `original/`, links) is skipped without being stored. Then [`check_folder`], which a committed
+//! draft (`super::drafts`) runs too, checks the folder as [`crate::formats::hf::ModelFolder`]
+//! does (index against shards, lone shards) and merges sharded weights into one file. Memory:
+//! the reader's buffers and, when merging, the largest tensor. Every failure removes the staging
+//! directory.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -20,7 +21,7 @@ use futures_util::TryStreamExt;
 use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
-use super::upload::{header_error, HeaderCheck, StagedUpload};
+use super::upload::{header_error, FileDigest, HeaderCheck, StagedUpload};
 use crate::formats::hf::{
     is_companion, merge_shards, FolderError, ModelFolder, Weights, INDEX_FILE, MAX_COMPANION_BYTES,
 };
@@ -50,12 +51,6 @@ impl Drop for DirGuard {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// One file of the archive as extracted: where, its hash and size.
-struct Extracted {
-    sha256: String,
-    bytes: u64,
 }
 
 /// Why reading the archive stopped.
@@ -112,7 +107,7 @@ impl<R: Read> Read for Limited<'_, R> {
 
 /// The name of a top-level file (`./config.json` or `config.json`); `None` for anything in a
 /// subfolder or with `..`.
-fn top_level(path: &Path) -> Option<String> {
+pub(super) fn top_level(path: &Path) -> Option<String> {
     let parts: Vec<Component> = path.components().filter(|c| !matches!(c, Component::CurDir)).collect();
     match parts.as_slice() {
         [Component::Normal(n)] => n.to_str().map(str::to_owned),
@@ -120,13 +115,14 @@ fn top_level(path: &Path) -> Option<String> {
     }
 }
 
-fn wanted(name: &str) -> bool {
+/// Whether a top-level file of a folder is kept: weights, the index, companions.
+pub(super) fn wanted(name: &str) -> bool {
     is_companion(name) || name == INDEX_FILE || (name.ends_with(".safetensors") && !name.starts_with('.'))
 }
 
 /// What the archive held: kept files by name, and the skipped names (at most [`MAX_LISTED`],
 /// then a count).
-type Extraction = (BTreeMap<String, Extracted>, Vec<String>);
+type Extraction = (BTreeMap<String, FileDigest>, Vec<String>);
 
 fn extract(reader: impl Read, dir: &Path, limit: u64, gone: &AtomicBool) -> Result<Extraction, TarError> {
     let budget = Budget::default();
@@ -199,7 +195,7 @@ fn extract(reader: impl Read, dir: &Path, limit: u64, gone: &AtomicBool) -> Resu
         }
         let file = out.into_inner().map_err(|e| TarError::Disk(e.into_error()))?;
         file.sync_all().map_err(TarError::Disk)?;
-        kept.insert(name, Extracted { sha256: hex::encode(hasher.finalize()), bytes });
+        kept.insert(name, FileDigest { sha256: hex::encode(hasher.finalize()), bytes });
     }
     if more > 0 {
         ignored.push(format!("... and {more} more"));
@@ -220,7 +216,13 @@ fn folder_error(e: FolderError) -> ApiError {
 
 /// Set when the request's future is dropped (the client went away, the server stops), so the
 /// blocking extraction and merge stop too instead of writing on for nobody.
-struct Gone(Arc<AtomicBool>);
+pub(super) struct Gone(pub(super) Arc<AtomicBool>);
+
+impl Gone {
+    pub(super) fn new() -> Gone {
+        Gone(Arc::new(AtomicBool::new(false)))
+    }
+}
 
 impl Drop for Gone {
     fn drop(&mut self) {
@@ -229,8 +231,8 @@ impl Drop for Gone {
 }
 
 /// Receives a tar body into `dir` (created; removed on every failure), at most `max_bytes` of
-/// archive (`declared`: the request's Content-Length, refused at once when over). The weights'
-/// header is checked with `header_limit` and `check`.
+/// archive (`declared`: the request's Content-Length, refused at once when over), then checks
+/// it as every folder upload is checked ([`check_folder`]).
 pub async fn receive_tar(
     body: Body,
     declared: Option<u64>,
@@ -245,19 +247,14 @@ pub async fn receive_tar(
     }
     tokio::fs::create_dir_all(&dir).await.map_err(ApiError::io)?;
     let guard = DirGuard(dir.clone());
-    let gone = Gone(Arc::new(AtomicBool::new(false)));
+    let gone = Gone::new();
     let stream = body.into_data_stream().map_err(std::io::Error::other);
     let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
     let work = dir.clone();
     let flag = gone.0.clone();
-    let extracted = tokio::task::spawn_blocking(move || {
-        let result = extract(reader, &work, max_bytes, &flag)?;
-        let folder = ModelFolder::open(&work, header_limit).map_err(|e| TarError::Api(folder_error(e)))?;
-        Ok::<_, TarError>((result, folder))
-    })
-    .await
-    .expect("tar reader thread");
-    let ((kept, mut ignored), folder) = match extracted {
+    let extracted =
+        tokio::task::spawn_blocking(move || extract(reader, &work, max_bytes, &flag)).await.expect("tar reader thread");
+    let (kept, mut ignored) = match extracted {
         Ok(r) => r,
         Err(TarError::TooLarge) => return Err(too_large()),
         Err(TarError::Api(e)) => return Err(e),
@@ -269,45 +266,102 @@ pub async fn receive_tar(
             ))
         }
     };
-    ignored.extend(folder.ignored.iter().cloned());
-    let (path, sha256, bytes) = match &folder.weights {
-        Weights::Single(p) => {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            let e = kept.get(name).ok_or_else(|| ApiError::internal(anyhow::anyhow!("{name} was not extracted")))?;
-            (p.clone(), e.sha256.clone(), e.bytes)
+    let merged = dir.join(".merged.safetensors");
+    let folder = check_folder(&dir, kept, merged, header_limit, check, gone.0.clone()).await?;
+    ignored.extend(folder.ignored);
+    Ok(StagedFolder { weights: folder.weights, files: folder.files, ignored, dir: guard })
+}
+
+/// A folder that passed [`check_folder`]: its weights as one file, its companions, and the files
+/// of the folder that are not kept.
+pub struct CheckedFolder {
+    pub weights: StagedUpload,
+    pub files: Vec<StagedFile>,
+    pub ignored: Vec<String>,
+}
+
+/// What every folder upload (a tar body, a committed draft) runs once its files are in `dir`:
+/// the folder checked as [`ModelFolder`] does (index against shards, lone shards, companions),
+/// sharded weights merged into `merged` (removed again on failure), the weights' header read
+/// and `check`ed. `digests` are the hashes taken while the files were written; a file without
+/// one is hashed here. `stop` ends a merge early. Nothing in `dir` is changed.
+pub async fn check_folder(
+    dir: &Path,
+    digests: BTreeMap<String, FileDigest>,
+    merged: PathBuf,
+    header_limit: u64,
+    check: HeaderCheck<'_>,
+    stop: Arc<AtomicBool>,
+) -> Result<CheckedFolder, ApiError> {
+    let work = dir.to_owned();
+    let opened = tokio::task::spawn_blocking(move || {
+        let folder = ModelFolder::open(&work, header_limit).map_err(folder_error)?;
+        let digest = |name: &str, path: &Path| match digests.get(name) {
+            Some(d) => Ok(d.clone()),
+            None => crate::compress::engine::sha256_file(path)
+                .map(|(sha256, bytes)| FileDigest { sha256, bytes })
+                .map_err(ApiError::io),
+        };
+        let mut files = Vec::with_capacity(folder.files.files.len());
+        for (name, path) in &folder.files.files {
+            let d = digest(name, path)?;
+            files.push(StagedFile { name: name.clone(), path: path.clone(), sha256: d.sha256, bytes: d.bytes });
         }
-        Weights::Sharded(shards) => {
-            let merged = dir.join(".merged.safetensors");
-            let shards: Vec<_> = shards.iter().map(|(p, h)| (p.clone(), h.clone())).collect();
+        let weights = match folder.weights {
+            Weights::Single(p) => {
+                let d = digest(&file_name(&p), &p)?;
+                Found::Single(p, d)
+            }
+            Weights::Sharded(shards) => Found::Sharded(shards),
+        };
+        Ok::<_, ApiError>((weights, files, folder.ignored))
+    })
+    .await
+    .expect("folder check thread")?;
+    let (weights, files, ignored) = opened;
+    let (path, sha256, bytes) = match weights {
+        Found::Single(p, d) => (p, d.sha256, d.bytes),
+        Found::Sharded(shards) => {
             let target = merged.clone();
-            let flag = gone.0.clone();
             let (sha, bytes) = tokio::task::spawn_blocking(move || {
-                merge_shards(&shards, &target, &|| flag.load(Ordering::Relaxed))?;
+                merge_shards(&shards, &target, &|| stop.load(Ordering::Relaxed))?;
                 crate::compress::engine::sha256_file(&target)
             })
             .await
             .expect("merge thread")
-            .map_err(ApiError::io)?;
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&merged);
+                ApiError::io(e)
+            })?;
             (merged, sha, bytes)
         }
     };
-    let header = read_header(&path, header_limit).map_err(|e| match e {
-        crate::formats::safetensors::ReadError::Header(h) => header_error(h),
-        crate::formats::safetensors::ReadError::Io(e) => ApiError::io(e),
-    })?;
-    check(&header)?;
-    let files = folder
-        .files
-        .files
-        .iter()
-        .map(|(name, p)| StagedFile {
-            name: name.clone(),
-            path: p.clone(),
-            sha256: kept[name].sha256.clone(),
-            bytes: kept[name].bytes,
+    let header = read_header(&path, header_limit)
+        .map_err(|e| match e {
+            crate::formats::safetensors::ReadError::Header(h) => header_error(h),
+            crate::formats::safetensors::ReadError::Io(e) => ApiError::io(e),
         })
-        .collect();
-    Ok(StagedFolder { weights: StagedUpload { path, sha256, bytes, header }, files, ignored, dir: guard })
+        .and_then(|header| check(&header).map(|()| header));
+    let header = match header {
+        Ok(h) => h,
+        Err(e) => {
+            if !path.starts_with(dir) {
+                let _ = std::fs::remove_file(&path);
+            }
+            return Err(e);
+        }
+    };
+    Ok(CheckedFolder { weights: StagedUpload { path, sha256, bytes, header }, files, ignored })
+}
+
+/// The weights [`ModelFolder::open`] found, with the digest of a single file.
+enum Found {
+    Single(PathBuf, FileDigest),
+    Sharded(Vec<(PathBuf, crate::formats::safetensors::Header)>),
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned()
 }
 
 #[cfg(test)]

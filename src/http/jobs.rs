@@ -157,7 +157,7 @@ pub async fn create_job(
                 StatusCode::FORBIDDEN,
                 "storage_quota_exceeded",
                 format!(
-                    "`{}` stores {stored} bytes of models, datasets and job artifacts, its whole quota of {quota} (storage.max_stored_bytes_per_principal): delete models or finished jobs first",
+                    "`{}` stores {stored} bytes of models, datasets, drafts and job artifacts, its whole quota of {quota} (storage.max_stored_bytes_per_principal): delete models, drafts or finished jobs first",
                     who.name
                 ),
             ));

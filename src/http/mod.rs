@@ -1,7 +1,9 @@
 //! HTTP: routing, extraction, errors. Handlers are grouped per resource.
 
+pub mod admission;
 pub mod auth;
 pub mod download;
+pub mod drafts;
 pub mod error;
 pub mod events;
 pub mod extract;
@@ -53,6 +55,8 @@ pub struct AppState {
     pub rate: Option<Arc<auth::RateLimiter>>,
     /// One permit per upload being received (`storage.max_concurrent_uploads`).
     pub uploads: Arc<tokio::sync::Semaphore>,
+    /// Model folders being uploaded file by file.
+    pub drafts: crate::storage::drafts::Drafts,
 }
 
 /// A page of a cursor-paginated list.
@@ -142,6 +146,10 @@ fn api_router() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(models::upload_model, models::list_models))
         .routes(routes!(models::get_model, models::delete_model))
         .routes(routes!(models::download_model))
+        .routes(routes!(drafts::create_draft))
+        .routes(routes!(drafts::get_draft, drafts::delete_draft))
+        .routes(routes!(drafts::put_draft_file))
+        .routes(routes!(drafts::commit_draft))
         .routes(routes!(graphs::put_graph, graphs::get_graph, graphs::delete_graph))
         .routes(routes!(models::upload_dataset, models::list_datasets))
         .routes(routes!(models::get_dataset, models::delete_dataset))

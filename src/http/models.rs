@@ -8,10 +8,13 @@ use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::admission::Admission;
 use super::auth::Principal;
 use super::error::{ApiError, ApiResult};
 use super::extract::Query;
-use super::{folder_upload, page_limit, parse_id, upload, AppState, Page, TensorWindow};
+use super::folder_upload::{self, CheckedFolder};
+use super::upload;
+use super::{page_limit, parse_id, AppState, Page, TensorWindow};
 use crate::storage::catalog::{DeleteOutcome, ModelFile, ModelKind, ModelRecord, ModelSummary, NewModel};
 use crate::storage::rfc3339;
 
@@ -118,18 +121,8 @@ async fn upload_kind(
     if let Some(name) = params.name.as_deref().filter(|_| kind == ModelKind::Model) {
         refuse_lone_shard(name).map_err(|e| e.with_pointer("/name"))?;
     }
-    // Held until the upload is stored or refused.
-    let _permit = state.uploads.clone().try_acquire_owned().map_err(|_| ApiError {
-        retry_after: Some(5),
-        ..ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_uploads",
-            format!(
-                "{} uploads are being received (storage.max_concurrent_uploads); retry shortly",
-                settings.max_concurrent_uploads
-            ),
-        )
-    })?;
+    // Its permit is held until the upload is stored or refused.
+    let admission = Admission::new(state, owner, settings.max_upload_bytes, 0).await?;
     let boundary = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -137,20 +130,9 @@ async fn upload_kind(
         .map(multer::parse_boundary)
         .transpose()
         .map_err(|e| ApiError::bad_request("invalid_multipart", format!("bad multipart content type: {e}")))?;
-    // A principal's storage quota caps this upload at what it has left.
-    let quota = settings.max_stored_bytes_per_principal.filter(|_| owner.name != "local");
-    let left = match quota {
-        Some(q) => Some(q.saturating_sub(state.catalog.stored_bytes(&owner.name).await?)),
-        None => None,
-    };
-    let max_bytes = left.map_or(settings.max_upload_bytes, |l| l.min(settings.max_upload_bytes));
+    let max_bytes = admission.max_bytes;
     let path = state.blobs.staging_path("upload");
-    let rate = upload::MinRate {
-        bytes_per_sec: settings.min_upload_bytes_per_sec,
-        window: std::time::Duration::from_secs(settings.upload_rate_window_secs.max(1)),
-    };
-    let slow = upload::TooSlow::default();
-    let body = if rate.bytes_per_sec > 0 { upload::paced(body, rate, slow.clone()) } else { body };
+    let body = admission.pace(body);
     // Checked as soon as the header has arrived: every stored upload has passed it.
     let check = |h: &crate::formats::safetensors::Header| {
         upload::check_header_limits(h, settings.max_tensors, settings.max_tensor_name_bytes)?;
@@ -189,15 +171,22 @@ async fn upload_kind(
                     format!("the upload exceeds the limit of {max_bytes} bytes (storage.max_upload_bytes or what the quota leaves)"),
                 )
             };
-            let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-            folder_upload::receive_tar(body, declared, dir, max_bytes, settings.max_header_bytes, &check, too_large)
-                .await
-                .map(|f| {
-                    folder_files = f.files;
-                    ignored = f.ignored;
-                    staging_dir = Some(f.dir);
-                    (f.weights, None, None)
-                })
+            folder_upload::receive_tar(
+                body,
+                upload::declared_length(&headers),
+                dir,
+                max_bytes,
+                settings.max_header_bytes,
+                &check,
+                too_large,
+            )
+            .await
+            .map(|f| {
+                folder_files = f.files;
+                ignored = f.ignored;
+                staging_dir = Some(f.dir);
+                (f.weights, None, None)
+            })
         }
         Some(b) => {
             // The part's file name names the model unless `?name=` does.
@@ -209,21 +198,7 @@ async fn upload_kind(
             .await
             .map(|staged| (staged, None, None)),
     };
-    let (staged, graph_part, file_name) = match (received, quota, left) {
-        (Ok(r), ..) => r,
-        (Err(_), ..) if slow.happened() => return Err(upload::TooSlow::error(rate)),
-        (Err(e), Some(q), Some(l)) if e.code == "upload_too_large" && l < settings.max_upload_bytes => {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "storage_quota_exceeded",
-                format!(
-                    "`{}` may store {q} bytes of models, datasets and job artifacts (storage.max_stored_bytes_per_principal) and has {l} left; delete some first",
-                    owner.name
-                ),
-            ))
-        }
-        (Err(e), ..) => return Err(e),
-    };
+    let (staged, graph_part, file_name) = received.map_err(|e| admission.refusal(e, settings.max_upload_bytes))?;
     // A graph sent with the model is validated against it before anything is stored.
     let graph = match graph_part {
         None => None,
@@ -245,6 +220,23 @@ async fn upload_kind(
             }
         }
     };
+    // `?name=` wins; a multipart upload otherwise keeps the model part's file name.
+    let name = params.name.or(file_name);
+    store_model(state, owner, kind, name, graph, CheckedFolder { weights: staged, files: folder_files, ignored }).await
+}
+
+/// Persists a received upload (its file, and a folder's companion files; a single file is a
+/// folder without them) and registers it for `owner` with its validated `graph`: the one way an
+/// upload becomes a model or dataset. Answers 201 with it.
+pub(super) async fn store_model(
+    state: &AppState,
+    owner: &Principal,
+    kind: ModelKind,
+    name: Option<String>,
+    graph: Option<String>,
+    upload: CheckedFolder,
+) -> ApiResult<Response> {
+    let CheckedFolder { weights: staged, files: folder_files, ignored } = upload;
     let tensors: Vec<TensorView> = staged
         .header
         .tensors
@@ -271,8 +263,7 @@ async fn upload_kind(
         .catalog
         .insert_model(NewModel {
             kind,
-            // `?name=` wins; a multipart upload otherwise keeps the model part's file name.
-            name: params.name.or(file_name),
+            name,
             sha256: staged.sha256,
             bytes: staged.bytes as i64,
             tensors: serde_json::to_string(&tensors).expect("tensor table JSON"),
@@ -308,7 +299,7 @@ fn dataset_inputs(kind: ModelKind, header: &crate::formats::safetensors::Header)
 
 /// A file named as one shard of several (`model-00001-of-00003.safetensors`) is refused: alone
 /// it is part of a model, and compressing it would silently compress a fraction.
-fn refuse_lone_shard(name: &str) -> ApiResult<()> {
+pub(super) fn refuse_lone_shard(name: &str) -> ApiResult<()> {
     match crate::formats::safetensors::shard_of(name) {
         Some((k, n)) => Err(ApiError::unprocessable(
             "incomplete_checkpoint",

@@ -186,13 +186,14 @@ pub fn paced(body: Body, rate: MinRate, slow: TooSlow) -> Body {
     Body::from_stream(stream)
 }
 
-/// What the writer thread returns.
-struct Written {
-    sha256: String,
-    bytes: u64,
+/// A received file's hash and size, taken while it was written.
+#[derive(Debug, Clone)]
+pub struct FileDigest {
+    pub sha256: String,
+    pub bytes: u64,
 }
 
-fn writer_thread(path: &Path, mut rx: mpsc::Receiver<Bytes>) -> std::io::Result<Written> {
+fn writer_thread(path: &Path, mut rx: mpsc::Receiver<Bytes>) -> std::io::Result<FileDigest> {
     let file = std::fs::File::create(path)?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
     let mut hasher = Sha256::new();
@@ -204,12 +205,27 @@ fn writer_thread(path: &Path, mut rx: mpsc::Receiver<Bytes>) -> std::io::Result<
     }
     let file = out.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
-    Ok(Written { sha256: hex::encode(hasher.finalize()), bytes: total })
+    Ok(FileDigest { sha256: hex::encode(hasher.finalize()), bytes: total })
 }
 
 /// A check of the parsed header run as soon as the header has arrived, before the tensor data
 /// streams in (limits, what a dataset must hold): a refusal then costs the header, not the file.
 pub type HeaderCheck<'a> = &'a (dyn Fn(&Header) -> Result<(), ApiError> + Send + Sync);
+
+/// A form body (multipart, urlencoded) where the raw file is expected is a 415: stored as it
+/// is, it would be the form's encoding, not the file.
+pub fn refuse_form_body(headers: &HeaderMap) -> Result<(), ApiError> {
+    match headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+        Some(ct) if ct.starts_with("multipart/") || ct.starts_with("application/x-www-form-urlencoded") => {
+            Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_content_type",
+                format!("send the raw file as the body (curl -T model.safetensors URL), not `{ct}`; a model with its graph goes as multipart/form-data to POST /v1/models"),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
 
 /// Streams `body` to `path`, enforcing `max_bytes` and the header cap, and validates it. The
 /// header is parsed and `check`ed as soon as its last byte arrives.
@@ -221,32 +237,60 @@ pub async fn receive(
     header_limit: u64,
     check: HeaderCheck<'_>,
 ) -> Result<StagedUpload, ApiError> {
-    let declared = headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let declared = declared_length(headers);
     if let Some(len) = declared {
         if len > max_bytes {
             return Err(too_large(max_bytes));
         }
     }
-    if let Some(ct) = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
-        if ct.starts_with("multipart/") || ct.starts_with("application/x-www-form-urlencoded") {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_content_type",
-                format!("send the raw file as the body (curl -T model.safetensors URL), not `{ct}`; a model with its graph goes as multipart/form-data to POST /v1/models"),
-            ));
-        }
-    }
+    refuse_form_body(headers)?;
     let guard = StagingGuard(Some(path.clone()));
-    let (tx, rx) = mpsc::channel::<Bytes>(32);
-    let writer_path = path.clone();
-    let writer = tokio::task::spawn_blocking(move || writer_thread(&writer_path, rx));
-
-    let mut stream = body.into_data_stream();
-    let mut received = 0u64;
     let mut prefix: Vec<u8> = Vec::with_capacity(9);
     // The header's bytes as they arrive, and once they are whole, the header parsed and checked.
     let mut head = Vec::new();
     let mut early: Option<Gathered> = None;
+    let written = stream_to_file(body, &path, max_bytes, |chunk| {
+        if prefix.len() < 9 {
+            let take = (9 - prefix.len()).min(chunk.len());
+            prefix.extend_from_slice(&chunk[..take]);
+            // Refuse foreign files and oversized headers from the first bytes, not after the body.
+            check_prefix(&prefix, header_limit).map_err(header_error)?;
+        }
+        if early.is_none() {
+            match early_header(&mut head, chunk, header_limit, declared, check)? {
+                Gathered::More => {}
+                done => early = Some(done),
+            }
+        }
+        Ok(())
+    })
+    .await?;
+
+    // Parsed once: against the declared length, which the body had; otherwise again, now that
+    // the length is known.
+    let header = match early {
+        Some(Gathered::Header(h)) if declared == Some(written.bytes) => h,
+        _ => validate(&head, written.bytes, header_limit)?,
+    };
+    let mut guard = guard;
+    guard.0 = None;
+    Ok(StagedUpload { path, sha256: written.sha256, bytes: written.bytes, header })
+}
+
+/// Streams `body` to a new file at `path` on a blocking thread that hashes as it writes, at most
+/// `max_bytes`; `inspect` sees every chunk before it is written and may refuse the upload. The
+/// caller removes the file on failure.
+async fn stream_to_file(
+    body: Body,
+    path: &Path,
+    max_bytes: u64,
+    mut inspect: impl FnMut(&[u8]) -> Result<(), ApiError>,
+) -> Result<FileDigest, ApiError> {
+    let (tx, rx) = mpsc::channel::<Bytes>(32);
+    let writer_path = path.to_owned();
+    let writer = tokio::task::spawn_blocking(move || writer_thread(&writer_path, rx));
+    let mut stream = body.into_data_stream();
+    let mut received = 0u64;
     let mut failure: Option<ApiError> = None;
     while let Some(chunk) = stream.next().await {
         let chunk = match chunk {
@@ -264,24 +308,9 @@ pub async fn receive(
             failure = Some(too_large(max_bytes));
             break;
         }
-        if prefix.len() < 9 {
-            let take = (9 - prefix.len()).min(chunk.len());
-            prefix.extend_from_slice(&chunk[..take]);
-            // Refuse foreign files and oversized headers from the first bytes, not after the body.
-            if let Err(e) = check_prefix(&prefix, header_limit) {
-                failure = Some(header_error(e));
-                break;
-            }
-        }
-        if early.is_none() {
-            match early_header(&mut head, &chunk, header_limit, declared, check) {
-                Ok(Gathered::More) => {}
-                Ok(done) => early = Some(done),
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
+        if let Err(e) = inspect(&chunk) {
+            failure = Some(e);
+            break;
         }
         if tx.send(chunk).await.is_err() {
             break; // the writer stopped: its error is reported below
@@ -294,16 +323,30 @@ pub async fn receive(
     }
     let written = written.map_err(ApiError::io)?;
     metrics::counter!("modelpress_upload_bytes_total").increment(written.bytes);
+    Ok(written)
+}
 
-    // Parsed once: against the declared length, which the body had; otherwise again, now that
-    // the length is known.
-    let header = match early {
-        Some(Gathered::Header(h)) if declared == Some(written.bytes) => h,
-        _ => validate(&head, written.bytes, header_limit)?,
-    };
-    let mut guard = guard;
+/// Streams any file (a folder's index, config, tokenizer) to `path`, at most `max_bytes`, hashed
+/// as it is written; the file is removed on failure.
+pub async fn receive_file(
+    headers: &HeaderMap,
+    body: Body,
+    path: PathBuf,
+    max_bytes: u64,
+) -> Result<FileDigest, ApiError> {
+    if declared_length(headers).is_some_and(|len| len > max_bytes) {
+        return Err(too_large(max_bytes));
+    }
+    refuse_form_body(headers)?;
+    let mut guard = StagingGuard(Some(path.clone()));
+    let written = stream_to_file(body, &path, max_bytes, |_| Ok(())).await?;
     guard.0 = None;
-    Ok(StagedUpload { path, sha256: written.sha256, bytes: written.bytes, header })
+    Ok(written)
+}
+
+/// The request's Content-Length, when it sent one.
+pub fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
 }
 
 /// A plain-text body stored as a dataset: a safetensors file with one U8 tensor `text` (the
@@ -316,7 +359,7 @@ pub async fn receive_text(
     path: PathBuf,
     max_bytes: u64,
 ) -> Result<StagedUpload, ApiError> {
-    let declared = headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let declared = declared_length(headers);
     if declared.is_some_and(|len| len > max_bytes) {
         return Err(too_large(max_bytes));
     }
@@ -529,7 +572,7 @@ mod tests {
         let (tx, rx) = mpsc::channel(1);
         tx.blocking_send(Bytes::from(vec![1u8; 4 << 20])).unwrap();
         drop(tx);
-        let err = writer_thread(Path::new("/dev/full"), rx).err().expect("write fails");
+        let err = writer_thread(Path::new("/dev/full"), rx).expect_err("write fails");
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
         let api = ApiError::io(err);
         assert_eq!((api.status.as_u16(), api.code), (507, "insufficient_storage"));

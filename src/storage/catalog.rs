@@ -386,15 +386,18 @@ impl Catalog {
         Ok(JobDeleteOutcome::Deleted { orphan_blobs })
     }
 
-    /// Bytes `owner` stores: its models and datasets (those registered from its jobs included)
-    /// and its jobs' artifacts, as they would be downloaded (a blob two of them share counts twice).
+    /// Bytes `owner` stores: its models and datasets (those registered from its jobs included),
+    /// the files of its drafts, and its jobs' artifacts, as they would be downloaded (a blob two
+    /// of them share counts twice).
     pub async fn stored_bytes(&self, owner: &str) -> Result<u64, sqlx::Error> {
         let n: i64 = sqlx::query_scalar(
             "select (select coalesce(sum(bytes), 0) from models where owner = ?1)
                   + (select coalesce(sum(f.bytes), 0) from model_files f join models m on m.id = f.model_id
                      where m.owner = ?1)
                   + (select coalesce(sum(a.bytes), 0) from artifacts a join jobs j on j.id = a.job_id
-                     where j.owner = ?1)",
+                     where j.owner = ?1)
+                  + (select coalesce(sum(f.bytes), 0) from model_draft_files f
+                     join model_drafts d on d.id = f.draft_id where d.owner = ?1)",
         )
         .bind(owner)
         .fetch_one(&self.pool)

@@ -7,6 +7,7 @@
 pub mod blobs;
 pub mod catalog;
 pub mod db;
+pub mod drafts;
 pub mod keys;
 pub mod queue;
 pub mod sqlite_queue;

@@ -16,7 +16,7 @@ fn keys_cli(app: &TestApp, args: &[&str]) -> std::process::Output {
         .expect("binary runs")
 }
 
-fn create_key_cli(app: &TestApp, principal: &str, scopes: &str) -> String {
+pub fn create_key_cli(app: &TestApp, principal: &str, scopes: &str) -> String {
     let out = keys_cli(app, &["create", "--principal", principal, "--scopes", scopes]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap().trim().to_owned()

@@ -570,3 +570,230 @@ async fn a_bert_encoder_is_evaluated_by_its_embeddings_and_neighbours() {
     assert!(c8 > 0.999 && t8 > 0.99 && a8 >= 0.9, "int8 keeps the embeddings: {cosines:?}");
     assert!(c2 < c8 && t2 < t8, "2-bit moves them more than 8-bit: {cosines:?}");
 }
+
+/// The top-level files of the folder a draft takes (all but README.md), by name.
+fn draft_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_type().unwrap().is_file() && e.file_name() != "README.md")
+        .map(|e| (e.file_name().into_string().unwrap(), std::fs::read(e.path()).unwrap()))
+        .collect()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Opens a draft and sends it every file of the folder but `withheld`, whose bytes it returns.
+async fn draft_without(app: &TestApp, folder: &Path, withheld: &str) -> (String, Vec<u8>) {
+    let id = app.create_draft_ok(None).await;
+    let mut files = draft_files(folder);
+    let kept_back = files.remove(withheld).unwrap();
+    for (name, bytes) in &files {
+        assert_eq!(app.put_draft_file(None, &id, name, bytes.clone()).await.status(), 201, "{name}");
+    }
+    (id, kept_back)
+}
+
+/// Commits the draft (201) and checks it is the model the tar upload of `folder` makes.
+async fn commit_matches_tar(app: &TestApp, id: &str, folder: &Path) -> Value {
+    let res = app.commit_draft(None, id).await;
+    assert_eq!(res.status(), 201);
+    let model: Value = res.json().await.unwrap();
+    let from_tar = upload_tar(app, tar_of(folder)).await.json::<Value>().await.unwrap();
+    assert_eq!(model["sha256"], from_tar["sha256"], "the same merged file");
+    assert_eq!(model["files"], from_tar["files"], "the same companion files");
+    model
+}
+
+#[tokio::test]
+async fn a_sharded_folder_sent_file_by_file_and_committed_is_the_model_its_tar_upload_makes() {
+    let app = spawn_app(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_folder(dir.path());
+    let res = app.create_draft(None).await;
+    assert_eq!(res.status(), 201);
+    assert!(res.headers()["location"].to_str().unwrap().starts_with("/v1/models/drafts/"));
+    let draft: Value = res.json().await.unwrap();
+    assert_eq!((draft["name"].as_str(), draft["files"].as_array().map(Vec::len)), (Some("tiny-llama"), Some(0)));
+    assert!(draft["expires_at"].as_str().unwrap() > draft["created_at"].as_str().unwrap(), "{draft}");
+    let id = draft["id"].as_str().unwrap();
+
+    let files = draft_files(dir.path());
+    assert_eq!(files.len(), 7, "three shards, the index, config and two tokenizer files");
+    for (name, bytes) in &files {
+        let res = app.put_draft_file(None, id, name, bytes.clone()).await;
+        assert_eq!(res.status(), 201, "{name}");
+        let got: Value = res.json().await.unwrap();
+        assert_eq!(got, json!({"name": name, "sha256": sha256_hex(bytes), "bytes": bytes.len()}));
+    }
+    let listed = app.get_draft(None, id).await.json::<Value>().await.unwrap();
+    let names: Vec<&str> = listed["files"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+    assert_eq!(names, files.keys().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(listed["bytes"], files.values().map(Vec::len).sum::<usize>());
+
+    let model = commit_matches_tar(&app, id, dir.path()).await;
+    assert_eq!((model["name"].as_str(), model["tensor_count"].as_u64()), (Some("tiny-llama"), Some(21)));
+    let stored = app.get_json(&format!("/v1/models/{}", model["id"].as_str().unwrap())).await;
+    assert_eq!(stored["files"], model["files"]);
+
+    // Committed, the draft is gone with its directory; nothing is left in staging.
+    assert_eq!(problem(app.get_draft(None, id).await, 404).await["code"], "not_found");
+    assert_eq!(std::fs::read_dir(app.data_dir().join("drafts")).unwrap().count(), 0);
+    assert_eq!(staging_entries(&app.data_dir()), 0);
+}
+
+#[tokio::test]
+async fn a_commit_missing_a_shard_names_it_and_keeps_the_draft_until_the_shard_follows() {
+    let app = spawn_app(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_folder(dir.path());
+    let missing = "model-00002-of-00003.safetensors";
+    let (id, shard) = draft_without(&app, dir.path(), missing).await;
+    let p = problem(app.commit_draft(None, &id).await, 422).await;
+    assert_eq!(p["code"], "incomplete_checkpoint", "{p}");
+    assert!(p["detail"].as_str().unwrap().contains(missing), "{p}");
+    assert_eq!(app.get_draft(None, &id).await.json::<Value>().await.unwrap()["files"].as_array().unwrap().len(), 6);
+    assert_eq!(staging_entries(&app.data_dir()), 0, "the refused commit leaves no merge behind");
+
+    // The wrong shard first (the third's tensors under the second's name), then the right one
+    // sent again under the same name replaces it.
+    let wrong = std::fs::read(dir.path().join("model-00003-of-00003.safetensors")).unwrap();
+    assert_eq!(app.put_draft_file(None, &id, missing, wrong).await.status(), 201);
+    let p = problem(app.commit_draft(None, &id).await, 422).await;
+    assert_eq!(p["code"], "invalid_model_folder", "{p}");
+    assert!(p["detail"].as_str().unwrap().contains(missing), "{p}");
+    let res = app.put_draft_file(None, &id, missing, shard.clone()).await;
+    assert_eq!(res.status(), 200, "a file sent again replaces the first");
+    assert_eq!(res.json::<Value>().await.unwrap()["sha256"], sha256_hex(&shard));
+    commit_matches_tar(&app, &id, dir.path()).await;
+}
+
+#[tokio::test]
+async fn files_a_folder_does_not_keep_and_files_that_are_not_safetensors_are_refused_naming_them() {
+    let app = spawn_app(0).await;
+    let id = app.create_draft_ok(None).await;
+    let p = problem(app.put_draft_file(None, &id, "README.md", b"# hi".to_vec()).await, 422).await;
+    assert_eq!((p["code"].as_str(), p["pointer"].as_str()), (Some("unwanted_file"), Some("/files/README.md")), "{p}");
+    assert!(p["detail"].as_str().unwrap().starts_with("`README.md` is not a file a model keeps"), "{p}");
+    let p = problem(app.put_draft_file(None, &id, "original%2Fparams.json", b"{}".to_vec()).await, 422).await;
+    assert_eq!(p["pointer"], "/files/original~1params.json", "{p}");
+    let p = problem(app.put_draft_file(None, &id, "model.safetensors", b"PK\x03\x04 a zip".to_vec()).await, 415).await;
+    assert_eq!(p["code"], "not_safetensors");
+    // A folder without weights, and a folder of two unindexed files, are refused at commit.
+    app.put_draft_file(None, &id, "config.json", config().to_string().into_bytes()).await;
+    let p = problem(app.commit_draft(None, &id).await, 422).await;
+    assert_eq!(p["code"], "invalid_model_folder", "{p}");
+    for name in ["a.safetensors", "b.safetensors"] {
+        assert_eq!(app.put_draft_file(None, &id, name, small_model()).await.status(), 201);
+    }
+    let p = problem(app.commit_draft(None, &id).await, 422).await;
+    assert!(p["detail"].as_str().unwrap().contains("a.safetensors, b.safetensors"), "{p}");
+    assert_eq!(app.get_draft(None, &id).await.json::<Value>().await.unwrap()["files"].as_array().unwrap().len(), 3);
+    let p = problem(app.put_draft_file(None, "not-a-uuid", "config.json", b"{}".to_vec()).await, 400).await;
+    assert_eq!(p["code"], "invalid_id");
+    assert_eq!(app.get("/healthz").await.status(), 200);
+}
+
+#[tokio::test]
+async fn another_principal_can_neither_see_nor_fill_nor_commit_a_draft_and_the_owner_can_delete_it() {
+    let app = spawn_app_with(0, |s| {
+        s.storage.max_drafts_per_principal = 1;
+        s.storage.max_stored_bytes_per_principal = Some(50_000);
+    })
+    .await;
+    let alice = crate::auth::create_key_cli(&app, "alice", "write");
+    let bob = crate::auth::create_key_cli(&app, "bob", "write");
+    let id = app.create_draft_ok(Some(&alice)).await;
+    let p = problem(app.create_draft(Some(&alice)).await, 409).await;
+    assert_eq!(p["code"], "too_many_drafts", "{p}");
+    let config = config().to_string().into_bytes();
+    assert_eq!(app.put_draft_file(Some(&alice), &id, "config.json", config.clone()).await.status(), 201);
+
+    for res in [
+        app.get_draft(Some(&bob), &id).await,
+        app.put_draft_file(Some(&bob), &id, "config.json", config.clone()).await,
+        app.commit_draft(Some(&bob), &id).await,
+        app.delete_draft(Some(&bob), &id).await,
+    ] {
+        assert_eq!(problem(res, 404).await["code"], "not_found");
+    }
+    let draft = app.get_draft(Some(&alice), &id).await.json::<Value>().await.unwrap();
+    assert_eq!(draft["files"][0]["sha256"], sha256_hex(&config), "bob's PUT changed nothing");
+
+    // Draft files count toward the owner's storage quota.
+    let dir = tempfile::tempdir().unwrap();
+    write_folder(dir.path());
+    let files = draft_files(dir.path());
+    let shard = files["model-00001-of-00003.safetensors"].clone();
+    assert!(shard.len() > 50_000);
+    let p = problem(app.put_draft_file(Some(&alice), &id, "model-00001-of-00003.safetensors", shard).await, 413).await;
+    assert_eq!(p["code"], "storage_quota_exceeded", "{p}");
+
+    assert_eq!(app.delete_draft(Some(&alice), &id).await.status(), 204);
+    assert_eq!(problem(app.get_draft(Some(&alice), &id).await, 404).await["code"], "not_found");
+    assert!(!app.data_dir().join("drafts").join(&id).exists());
+    assert_eq!(app.create_draft(Some(&alice)).await.status(), 201, "a deleted draft frees its place");
+}
+
+#[tokio::test]
+async fn the_same_file_sent_twice_at_once_ends_as_one_of_them_and_a_draft_expires() {
+    let app = spawn_app_with(0, |s| s.storage.draft_expiry_secs = 2).await;
+    let id = app.create_draft_ok(None).await;
+    let mut one = config();
+    one["hidden_size"] = json!(1);
+    let bodies = [one.to_string().into_bytes(), config().to_string().into_bytes()];
+    let (a, b) = tokio::join!(
+        app.put_draft_file(None, &id, "config.json", bodies[0].clone()),
+        app.put_draft_file(None, &id, "config.json", bodies[1].clone()),
+    );
+    let mut statuses = [a.status().as_u16(), b.status().as_u16()];
+    statuses.sort();
+    assert_eq!(statuses, [200, 201]);
+    let listed = app.get_draft(None, &id).await.json::<Value>().await.unwrap();
+    let sha = listed["files"][0]["sha256"].as_str().unwrap().to_owned();
+    let on_disk = std::fs::read(app.data_dir().join("drafts").join(&id).join("config.json")).unwrap();
+    assert_eq!(sha256_hex(&on_disk), sha, "the row names the file that is there");
+    assert!(bodies.iter().any(|b| sha256_hex(b) == sha));
+
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    assert_eq!(problem(app.get_draft(None, &id).await, 404).await["code"], "not_found");
+    assert_eq!(problem(app.commit_draft(None, &id).await, 404).await["code"], "not_found");
+}
+
+#[tokio::test]
+async fn a_draft_outlives_a_restart_that_empties_staging_and_is_committed_after_it() {
+    let app = spawn_app(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_folder(dir.path());
+    let (id, last) = draft_without(&app, dir.path(), "model-00003-of-00003.safetensors").await;
+    let data = app.stop().await;
+
+    let app = spawn_app_with(0, |s| s.storage.data_dir = data.path().to_path_buf()).await;
+    let draft = app.get_draft(None, &id).await.json::<Value>().await.unwrap();
+    assert_eq!(draft["files"].as_array().unwrap().len(), 6, "{draft}");
+    assert_eq!(app.put_draft_file(None, &id, "model-00003-of-00003.safetensors", last).await.status(), 201);
+    commit_matches_tar(&app, &id, dir.path()).await;
+    drop(data);
+}
+
+#[tokio::test]
+async fn a_file_sent_again_while_the_draft_commits_never_changes_what_is_merged() {
+    let app = spawn_app(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_folder(dir.path());
+    let shard = "model-00001-of-00003.safetensors";
+    let (id, bytes) = draft_without(&app, dir.path(), shard).await;
+    assert_eq!(app.put_draft_file(None, &id, shard, bytes.clone()).await.status(), 201);
+    // Before the commit takes the draft (200), during it (409), or after it (404): never a
+    // file moved into a folder being merged.
+    let (commit, put) = tokio::join!(app.commit_draft(None, &id), app.put_draft_file(None, &id, shard, bytes));
+    assert!([200, 404, 409].contains(&put.status().as_u16()), "{}", put.text().await.unwrap());
+    assert_eq!(commit.status(), 201);
+    let model: Value = commit.json().await.unwrap();
+    let from_tar = upload_tar(&app, tar_of(dir.path())).await.json::<Value>().await.unwrap();
+    assert_eq!(model["sha256"], from_tar["sha256"]);
+    assert_eq!(staging_entries(&app.data_dir()), 0);
+}

@@ -22,12 +22,6 @@ pub async fn teacher_with_graph(app: &TestApp) -> (String, String) {
     (model, dataset)
 }
 
-async fn problem(res: reqwest::Response, status: u16) -> Value {
-    assert_eq!(res.status(), status);
-    assert_eq!(res.headers()["content-type"], "application/problem+json");
-    res.json().await.unwrap()
-}
-
 #[tokio::test]
 async fn a_graph_attaches_and_reads_back_with_every_layer_shape() {
     let app = spawn_app(1).await;

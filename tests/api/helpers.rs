@@ -119,6 +119,54 @@ impl TestApp {
         res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
     }
 
+    /// `method path` with `key` as bearer (`None`: no key) and `body`.
+    async fn send_as(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        body: Vec<u8>,
+    ) -> reqwest::Response {
+        let mut req = self.client.request(method, self.url(path)).body(body);
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        req.send().await.expect("request")
+    }
+
+    /// `POST /v1/models/drafts?name=tiny-llama`.
+    pub async fn create_draft(&self, key: Option<&str>) -> reqwest::Response {
+        self.send_as(reqwest::Method::POST, "/v1/models/drafts?name=tiny-llama", key, Vec::new()).await
+    }
+
+    /// Opens a draft and returns its id (asserting 201).
+    pub async fn create_draft_ok(&self, key: Option<&str>) -> String {
+        let res = self.create_draft(key).await;
+        assert_eq!(res.status(), 201, "create draft: {}", res.text().await.unwrap());
+        res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
+    }
+
+    /// `PUT /v1/models/drafts/{id}/files/{name}` with `bytes` as the body.
+    pub async fn put_draft_file(&self, key: Option<&str>, id: &str, name: &str, bytes: Vec<u8>) -> reqwest::Response {
+        let path = format!("/v1/models/drafts/{id}/files/{name}");
+        self.send_as(reqwest::Method::PUT, &path, key, bytes).await
+    }
+
+    /// `GET /v1/models/drafts/{id}`.
+    pub async fn get_draft(&self, key: Option<&str>, id: &str) -> reqwest::Response {
+        self.send_as(reqwest::Method::GET, &format!("/v1/models/drafts/{id}"), key, Vec::new()).await
+    }
+
+    /// `DELETE /v1/models/drafts/{id}`.
+    pub async fn delete_draft(&self, key: Option<&str>, id: &str) -> reqwest::Response {
+        self.send_as(reqwest::Method::DELETE, &format!("/v1/models/drafts/{id}"), key, Vec::new()).await
+    }
+
+    /// `POST /v1/models/drafts/{id}/commit`.
+    pub async fn commit_draft(&self, key: Option<&str>, id: &str) -> reqwest::Response {
+        self.send_as(reqwest::Method::POST, &format!("/v1/models/drafts/{id}/commit"), key, Vec::new()).await
+    }
+
     pub async fn job(&self, id: &str) -> Value {
         self.get_json(&format!("/v1/jobs/{id}")).await
     }
@@ -158,6 +206,13 @@ impl TestApp {
         let models = self.get_json("/v1/models?limit=200").await["items"].as_array().unwrap().len();
         (models, blob_files(&self.data_dir()), staging_entries(&self.data_dir()))
     }
+}
+
+/// The problem+json body of `res`, asserting its status and type.
+pub async fn problem(res: reqwest::Response, status: u16) -> Value {
+    assert_eq!(res.status(), status);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    res.json().await.unwrap()
 }
 
 pub fn blob_files(data_dir: &Path) -> Vec<String> {
