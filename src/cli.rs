@@ -270,7 +270,8 @@ fn load_spec(path: &Path) -> anyhow::Result<(CompressSpec, String, bool)> {
     if let Some(m) = obj.get("max_shard_size") {
         spec.max_shard_bytes = parse_shard_size(m).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    Ok((spec, work_sha256(steps, obj.get("outputs"), obj.get("max_shard_size")), obj.contains_key("evaluate")))
+    let work = work_sha256(steps, obj.get("outputs"), spec.max_shard_bytes);
+    Ok((spec, work, obj.contains_key("evaluate")))
 }
 
 /// Reads a graph file; its errors carry the layer pointers.

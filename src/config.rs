@@ -187,6 +187,12 @@ impl Settings {
                 settings.storage.upload_rate_window_secs
             )));
         }
+        if settings.storage.draft_expiry_secs == 0 {
+            return Err(config::ConfigError::Message(
+                "storage.draft_expiry_secs must be at least 1: a draft must live long enough to receive its files"
+                    .into(),
+            ));
+        }
         Ok(settings)
     }
 

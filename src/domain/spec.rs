@@ -88,6 +88,7 @@ pub fn parse_job_spec(body: &Value) -> Result<JobSpec, Vec<SpecError>> {
             "`evaluate` needs a dataset: give `dataset_id` (upload one with POST /v1/datasets: safetensors with `inputs`, or text/plain for a language model)",
         )]);
     }
+    let work_sha256 = work_sha256(&env.steps, env.outputs.as_ref(), compress.max_shard_bytes);
     let canonical = canonical_json(body);
     let sha256 = request_sha256(body);
     Ok(JobSpec {
@@ -97,7 +98,7 @@ pub fn parse_job_spec(body: &Value) -> Result<JobSpec, Vec<SpecError>> {
         compress,
         canonical,
         sha256,
-        work_sha256: work_sha256(&env.steps, env.outputs.as_ref(), env.max_shard_size.as_ref()),
+        work_sha256,
         register: env.register,
     })
 }
@@ -139,7 +140,10 @@ mod tests {
         let (a, b) = (parse_job_spec(&a).unwrap(), parse_job_spec(&b).unwrap());
         assert_ne!(a.sha256, b.sha256);
         assert_eq!(a.work_sha256, b.work_sha256);
-        assert_eq!(a.work_sha256, work_sha256(&json!([{"bits": 8, "op": "quantize"}]), None, None));
+        assert_eq!(
+            a.work_sha256,
+            work_sha256(&json!([{"bits": 8, "op": "quantize"}]), None, crate::compress::spec::DEFAULT_MAX_SHARD_BYTES)
+        );
     }
 
     #[test]

@@ -65,6 +65,9 @@ async fn visible_draft(state: &AppState, who: &Principal, id: &str) -> ApiResult
     state.drafts.get(&id).await?.filter(|d| who.sees(&d.owner)).ok_or_else(|| ApiError::not_found("draft", &id))
 }
 
+/// Most files a draft holds: the most shards a folder may have, its index and every companion.
+const MAX_DRAFT_FILES: usize = crate::formats::hf::MAX_SHARDS + COMPANIONS.len() + 1;
+
 fn committing(id: &str) -> ApiError {
     ApiError::conflict("draft_committing", format!("draft `{id}` is being committed; wait for the commit's answer"))
 }
@@ -74,6 +77,7 @@ fn committing(id: &str) -> ApiError {
 fn check_file_name(name: &str) -> ApiResult<()> {
     let plain = name.len() <= 255
         && !name.contains(['\\', '\0'])
+        && !name.chars().any(char::is_control)
         && folder_upload::top_level(std::path::Path::new(name)).as_deref() == Some(name);
     if plain && folder_upload::wanted(name) {
         return Ok(());
@@ -175,7 +179,9 @@ pub async fn put_draft_file(
     let room = settings.max_upload_bytes.saturating_sub(others);
     let small = is_companion(&name) || name == INDEX_FILE;
     let limit = if small { room.min(MAX_COMPANION_BYTES) } else { room };
-    let admission = Admission::new(&s, &who, limit, replaced).await?;
+    // The bytes count against the draft owner's quota (an admin may fill another's draft).
+    let payer = Principal { name: draft.owner.clone(), ..who.clone() };
+    let admission = Admission::new(&s, &payer, limit, replaced).await?;
     let staged = s.blobs.staging_path("draft-file");
     let body = admission.pace(body);
     let received = if small {
@@ -206,40 +212,92 @@ pub async fn put_draft_file(
         },
     })?;
     let file = ModelFile { name, sha256: digest.sha256, bytes: digest.bytes as i64 };
-    let replaced = match move_in(&s, &who, &draft.id, &staged, &file).await {
-        Ok(replaced) => replaced,
-        Err(e) => {
-            let _ = std::fs::remove_file(&staged);
-            return Err(e);
-        }
-    };
+    let replaced = move_in(&s, &draft.id, staged, file.clone()).await?;
     let status = if replaced { StatusCode::OK } else { StatusCode::CREATED };
     Ok((status, Json(file)).into_response())
 }
 
 /// Moves a received file into its draft under the draft's lock (the draft may have been
 /// committed or deleted meanwhile: 404), replacing one of the same name; returns whether it did.
-async fn move_in(
-    s: &AppState,
-    who: &Principal,
-    id: &str,
-    staged: &std::path::Path,
-    file: &ModelFile,
-) -> ApiResult<bool> {
-    let lock = s.drafts.lock(id);
-    let _held = lock.files.lock().await;
-    visible_draft(s, who, id).await?;
-    let dir = s.drafts.dir(id);
-    let (from, to) = (staged.to_owned(), dir.join(&file.name));
-    tokio::task::spawn_blocking(move || {
-        std::fs::create_dir_all(&dir)?;
-        std::fs::rename(&from, &to)?;
-        std::fs::File::open(&dir)?.sync_all()
+///
+/// Draft files are stored under their content's hash (`<dir>/<sha256>`) and the row maps the
+/// name to it, so the row is the one point where a file takes effect: a failure between the
+/// rename and the row (a database error) leaves the previous file and row as they were, never
+/// a name whose bytes differ from its recorded hash. The move runs as a task of its own, so a
+/// client that goes away cannot stop it half done. The draft's size is checked again here,
+/// under the lock: files arriving in parallel each saw the room before the others landed.
+async fn move_in(s: &AppState, id: &str, staged: std::path::PathBuf, file: ModelFile) -> ApiResult<bool> {
+    let (s, id) = (s.clone(), id.to_owned());
+    tokio::spawn(async move {
+        let lock = s.drafts.lock(&id);
+        let _held = lock.files.lock().await;
+        let unstage = |e: ApiError| {
+            let _ = std::fs::remove_file(&staged);
+            e
+        };
+        if s.drafts.get(&id).await.map_err(|e| unstage(e.into()))?.is_none() {
+            return Err(unstage(ApiError::not_found("draft", &id)));
+        }
+        let files = s.drafts.files(&id).await.map_err(|e| unstage(e.into()))?;
+        let max = s.settings.storage.max_upload_bytes;
+        let others: u64 = files.iter().filter(|f| f.name != file.name).map(|f| f.bytes as u64).sum();
+        if others.saturating_add(file.bytes as u64) > max {
+            return Err(unstage(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "upload_too_large",
+                format!(
+                    "a draft holds at most {max} bytes in all (storage.max_upload_bytes); its other files hold {others} and `{}` is {} bytes",
+                    file.name, file.bytes
+                ),
+            )));
+        }
+        if !files.iter().any(|f| f.name == file.name) && files.len() >= MAX_DRAFT_FILES {
+            return Err(unstage(
+                ApiError::unprocessable(
+                    "too_many_files",
+                    format!(
+                        "a draft holds at most {MAX_DRAFT_FILES} files (a checkpoint's shards, its index and companions)"
+                    ),
+                )
+                .with_pointer(format!("/files/{}", file.name)),
+            ));
+        }
+        let dir = s.drafts.dir(&id);
+        let (from, to) = (staged.clone(), dir.join(&file.sha256));
+        let created = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            if to.exists() {
+                // The same bytes are already in the draft (under another name, or sent again).
+                std::fs::remove_file(&from)?;
+                return Ok(false);
+            }
+            std::fs::rename(&from, &to)?;
+            std::fs::File::open(&dir)?.sync_all()?;
+            Ok::<_, std::io::Error>(true)
+        })
+        .await
+        .expect("rename thread")
+        .map_err(|e| unstage(ApiError::io(e)))?;
+        let in_use = |sha: &str, except: &str| files.iter().any(|f| f.sha256 == sha && f.name != except);
+        let replaced = match s.drafts.put_file(&id, &file, expiry_ms(&s)).await {
+            Ok(r) => r,
+            Err(e) => {
+                if created && !in_use(&file.sha256, &file.name) {
+                    let _ = tokio::fs::remove_file(s.drafts.dir(&id).join(&file.sha256)).await;
+                }
+                return Err(e.into());
+            }
+        };
+        // The bytes the name held before, unless another name still holds them.
+        if let Some(old) = files.iter().find(|f| f.name == file.name && f.sha256 != file.sha256) {
+            if !in_use(&old.sha256, &file.name) {
+                let _ = tokio::fs::remove_file(s.drafts.dir(&id).join(&old.sha256)).await;
+            }
+        }
+        Ok(replaced)
     })
     .await
-    .expect("rename thread")
-    .map_err(ApiError::io)?;
-    Ok(s.drafts.put_file(id, file, expiry_ms(s)).await?)
+    .expect("draft file task")
 }
 
 /// Clears a draft's `committing` flag when the commit ends, however it ends.
@@ -263,41 +321,65 @@ pub async fn commit_draft(
     Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let settings = &s.settings.storage;
     let draft = visible_draft(&s, &who, &id).await?;
     let lock = s.drafts.lock(&draft.id);
     if lock.committing.swap(true, Ordering::AcqRel) {
         return Err(committing(&draft.id));
     }
-    let _committing = Committing(lock.clone());
+    let committing_flag = Committing(lock.clone());
     // The merge is an upload's work: it takes an upload's permit.
-    let _admission = Admission::new(&s, &who, 0, 0).await?;
-    let _held = lock.files.lock().await;
-    let draft = visible_draft(&s, &who, &draft.id).await?;
-    let digests: BTreeMap<String, FileDigest> = s
-        .drafts
-        .files(&draft.id)
-        .await?
-        .into_iter()
-        .map(|f| (f.name, FileDigest { sha256: f.sha256, bytes: f.bytes as u64 }))
-        .collect();
-    let dir = s.drafts.dir(&draft.id);
-    tokio::fs::create_dir_all(&dir).await.map_err(ApiError::io)?;
-    let check = |h: &crate::formats::safetensors::Header| {
-        upload::check_header_limits(h, settings.max_tensors, settings.max_tensor_name_bytes)
-    };
-    let gone = folder_upload::Gone::new();
-    let merged = s.blobs.staging_path("merged");
-    let folder =
-        folder_upload::check_folder(&dir, digests, merged.clone(), settings.max_header_bytes, &check, gone.0.clone())
-            .await?;
-    let stored = store_model(&s, &who, ModelKind::Model, draft.name.clone(), None, folder).await;
-    // Persisted into the blob store, or left over by a failure: not the draft's any more.
-    let _ = std::fs::remove_file(&merged);
-    let response = stored?;
-    s.drafts.discard(&draft.id).await?;
-    tracing::info!(draft_id = %draft.id, "committed draft");
-    Ok(response)
+    let admission = Admission::new(&s, &who, 0, 0).await?;
+    // The check, merge and store run as a task of their own, holding the draft's lock, its
+    // `committing` flag and the permit: a client that goes away cannot leave them half done.
+    // They read a view of the draft (its files hard-linked under their names into staging), so
+    // the draft keeps every file until the model is stored; the model is the draft owner's.
+    let state = s.clone();
+    tokio::spawn(async move {
+        let (s, _committing, _admission) = (state, committing_flag, admission);
+        let _held = lock.files.lock().await;
+        let draft = visible_draft(&s, &who, &draft.id).await?;
+        let owner = draft.owner.clone();
+        let files = s.drafts.files(&draft.id).await?;
+        let view = folder_upload::DirGuard::new(s.blobs.staging_path("draft-view"));
+        let (dir, to) = (s.drafts.dir(&draft.id), view.path().to_owned());
+        let links: Vec<(String, String)> = files.iter().map(|f| (f.sha256.clone(), f.name.clone())).collect();
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&to)?;
+            for (sha, name) in links {
+                std::fs::hard_link(dir.join(&sha), to.join(&name))?;
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .expect("draft view thread")
+        .map_err(ApiError::io)?;
+        let digests: BTreeMap<String, FileDigest> =
+            files.into_iter().map(|f| (f.name, FileDigest { sha256: f.sha256, bytes: f.bytes as u64 })).collect();
+        let settings = &s.settings.storage;
+        let check = |h: &crate::formats::safetensors::Header| {
+            upload::check_header_limits(h, settings.max_tensors, settings.max_tensor_name_bytes)
+        };
+        let gone = folder_upload::Gone::new();
+        let merged = s.blobs.staging_path("merged");
+        let folder = folder_upload::check_folder(
+            view.path(),
+            digests,
+            merged.clone(),
+            settings.max_header_bytes,
+            &check,
+            gone.0.clone(),
+        )
+        .await?;
+        let stored = store_model(&s, &owner, ModelKind::Model, draft.name.clone(), None, folder).await;
+        // Persisted into the blob store, or left over by a failure: not the draft's any more.
+        let _ = tokio::fs::remove_file(&merged).await;
+        let response = stored?;
+        s.drafts.discard(&draft.id).await?;
+        tracing::info!(draft_id = %draft.id, "committed draft");
+        Ok(response)
+    })
+    .await
+    .expect("draft commit task")
 }
 
 #[cfg(test)]

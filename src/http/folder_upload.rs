@@ -47,6 +47,17 @@ pub struct StagedFolder {
 /// Removes a staging directory when dropped.
 pub struct DirGuard(PathBuf);
 
+impl DirGuard {
+    /// Guards `dir` (not created here).
+    pub fn new(dir: PathBuf) -> Self {
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
 impl Drop for DirGuard {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);

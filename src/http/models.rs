@@ -222,7 +222,8 @@ async fn upload_kind(
     };
     // `?name=` wins; a multipart upload otherwise keeps the model part's file name.
     let name = params.name.or(file_name);
-    store_model(state, owner, kind, name, graph, CheckedFolder { weights: staged, files: folder_files, ignored }).await
+    store_model(state, &owner.name, kind, name, graph, CheckedFolder { weights: staged, files: folder_files, ignored })
+        .await
 }
 
 /// Persists a received upload (its file, and a folder's companion files; a single file is a
@@ -230,7 +231,7 @@ async fn upload_kind(
 /// upload becomes a model or dataset. Answers 201 with it.
 pub(super) async fn store_model(
     state: &AppState,
-    owner: &Principal,
+    owner: &str,
     kind: ModelKind,
     name: Option<String>,
     graph: Option<String>,
@@ -270,7 +271,7 @@ pub(super) async fn store_model(
             parameters,
             source_job: None,
             graph,
-            owner: owner.name.clone(),
+            owner: owner.to_owned(),
             tensor_count: tensors.len() as i64,
             files: files.clone(),
         })

@@ -754,8 +754,11 @@ async fn the_same_file_sent_twice_at_once_ends_as_one_of_them_and_a_draft_expire
     assert_eq!(statuses, [200, 201]);
     let listed = app.get_draft(None, &id).await.json::<Value>().await.unwrap();
     let sha = listed["files"][0]["sha256"].as_str().unwrap().to_owned();
-    let on_disk = std::fs::read(app.data_dir().join("drafts").join(&id).join("config.json")).unwrap();
+    // Draft files are stored under their hash; the replaced one is gone.
+    let dir = app.data_dir().join("drafts").join(&id);
+    let on_disk = std::fs::read(dir.join(&sha)).unwrap();
     assert_eq!(sha256_hex(&on_disk), sha, "the row names the file that is there");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "only the file the row names stays");
     assert!(bodies.iter().any(|b| sha256_hex(b) == sha));
 
     tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
@@ -787,13 +790,28 @@ async fn a_file_sent_again_while_the_draft_commits_never_changes_what_is_merged(
     let shard = "model-00001-of-00003.safetensors";
     let (id, bytes) = draft_without(&app, dir.path(), shard).await;
     assert_eq!(app.put_draft_file(None, &id, shard, bytes.clone()).await.status(), 201);
-    // Before the commit takes the draft (200), during it (409), or after it (404): never a
-    // file moved into a folder being merged.
-    let (commit, put) = tokio::join!(app.commit_draft(None, &id), app.put_draft_file(None, &id, shard, bytes));
-    assert!([200, 404, 409].contains(&put.status().as_u16()), "{}", put.text().await.unwrap());
+    // The same tensors with other values: a valid replacement the merge must take whole or not
+    // at all.
+    let negated: Vec<(String, Vec<usize>, Vec<f32>)> = read_f32_tensors(&bytes)
+        .into_iter()
+        .map(|(n, (shape, v))| (n, shape, v.iter().map(|x| -x).collect()))
+        .collect();
+    let list: Vec<(&str, Vec<usize>, Vec<f32>)> =
+        negated.iter().map(|(n, s, v)| (n.as_str(), s.clone(), v.clone())).collect();
+    let other = safetensors_f32(&list);
+    let original = upload_tar(&app, tar_of(dir.path())).await.json::<Value>().await.unwrap();
+    std::fs::write(dir.path().join(shard), &other).unwrap();
+    let modified = upload_tar(&app, tar_of(dir.path())).await.json::<Value>().await.unwrap();
+    assert_ne!(original["sha256"], modified["sha256"]);
+    // Before the commit takes the draft (200: the commit merges the new shard), during it
+    // (409), or after it (404: the commit merged the old one): never a file moved into a folder
+    // being merged.
+    let (commit, put) = tokio::join!(app.commit_draft(None, &id), app.put_draft_file(None, &id, shard, other));
+    let put_status = put.status().as_u16();
+    assert!([200, 404, 409].contains(&put_status), "{}", put.text().await.unwrap());
     assert_eq!(commit.status(), 201);
     let model: Value = commit.json().await.unwrap();
-    let from_tar = upload_tar(&app, tar_of(dir.path())).await.json::<Value>().await.unwrap();
-    assert_eq!(model["sha256"], from_tar["sha256"]);
+    let want = if put_status == 200 { &modified } else { &original };
+    assert_eq!(model["sha256"], want["sha256"], "PUT answered {put_status}");
     assert_eq!(staging_entries(&app.data_dir()), 0);
 }

@@ -3,7 +3,7 @@
 //!
 //! The text is cut into passages at line breaks (empty lines skipped), each tokenized with the
 //! model's own `tokenizer.json` (special tokens added as its post-processor says, truncated to
-//! `context` tokens), until the token budget is spent. Each passage runs alone (no padding), so
+//! `context` tokens), while whole passages fit in the token budget. Each passage runs alone (no padding), so
 //! its embedding is the mean of its last hidden states over every token (sentence-transformers'
 //! mean pooling with a full attention mask). Measured:
 //! - cosine similarity of each passage's embedding before and after (mean and minimum);
@@ -151,6 +151,10 @@ pub(super) fn run(
             break;
         }
         let encoding = tokenizer.encode(line, true).map_err(|e| job_err(format!("tokenizing the text: {e}")))?;
+        // Whole passages only (with their closing special token), once one is in.
+        if !passages.is_empty() && spent + encoding.get_ids().len() > plan.tokens {
+            break;
+        }
         let ids: Vec<u32> = encoding.get_ids().iter().copied().take(plan.tokens - spent).collect();
         if !ids.is_empty() {
             spent += ids.len();

@@ -131,11 +131,16 @@ pub fn verify(
     let mut s = Scratch::default();
     let sharded = |format: &str| artifacts.iter().any(|b| b.format == format && b.name.ends_with(INDEX_FILE));
     let mut covered: HashMap<&str, usize> = HashMap::new();
+    // Per sharded format: every entry of its shards, by the file holding it.
+    let mut entries: HashMap<&str, Vec<(String, String)>> = HashMap::new();
     for a in artifacts {
         let shard;
         let tensors = if a.name.ends_with(".safetensors") && sharded(&a.format) {
-            shard = in_shard(a, tensors)?;
+            let (held, names) = in_shard(a, tensors)?;
+            shard = held;
             *covered.entry(a.format.as_str()).or_default() += shard.len();
+            let file = a.name.rsplit('/').next().unwrap_or(&a.name).to_owned();
+            entries.entry(a.format.as_str()).or_default().extend(names.into_iter().map(|n| (n, file.clone())));
             &shard[..]
         } else {
             tensors
@@ -154,12 +159,31 @@ pub fn verify(
     if let Some((format, n)) = covered.into_iter().find(|(_, n)| *n != tensors.len()) {
         return Err(bad_file(format, format!("the shards hold {n} tensors, expected {}", tensors.len())));
     }
+    // The index names exactly the shards' entries, each in the file that holds it.
+    for (format, held) in entries {
+        let index = artifacts
+            .iter()
+            .find(|b| b.format == format && b.name.ends_with(INDEX_FILE))
+            .ok_or_else(|| bad_file(format, "no index"))?;
+        let text = std::fs::read(&index.path)?;
+        let json: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad_file(&index.name, e))?;
+        let map = json["weight_map"].as_object().ok_or_else(|| bad_file(&index.name, "no weight_map"))?;
+        if map.len() != held.len() {
+            return Err(bad_file(&index.name, format!("{} entries where the shards hold {}", map.len(), held.len())));
+        }
+        if let Some((name, file)) =
+            held.iter().find(|(name, file)| map.get(name).and_then(|v| v.as_str()) != Some(file))
+        {
+            return Err(bad_file(&index.name, format!("`{name}` is in {file}, which the index does not say")));
+        }
+    }
     Ok(checks)
 }
 
 /// The tensors of `tensors` one shard of an output holds: by name, or (compressed-tensors) by
 /// the packed parts of their module, which a shard never splits.
-fn in_shard(a: &ArtifactFile, tensors: &[TensorInfo]) -> Result<Vec<TensorInfo>, EngineError> {
+/// Also returns every entry name of the shard.
+fn in_shard(a: &ArtifactFile, tensors: &[TensorInfo]) -> Result<(Vec<TensorInfo>, Vec<String>), EngineError> {
     let header = read_header(&a.path, u64::MAX).map_err(|e| bad_file(&a.name, e))?;
     let names: std::collections::HashSet<&str> = header.tensors.iter().map(|t| t.name.as_str()).collect();
     let held = |t: &TensorInfo| {
@@ -167,7 +191,8 @@ fn in_shard(a: &ArtifactFile, tensors: &[TensorInfo]) -> Result<Vec<TensorInfo>,
             || (a.format == "compressed-tensors"
                 && names.contains(ct::part_name(ct::module_of(&t.name), "weight_packed").as_str()))
     };
-    Ok(tensors.iter().filter(|t| held(t)).cloned().collect())
+    let shard = tensors.iter().filter(|t| held(t)).cloned().collect();
+    Ok((shard, header.tensors.into_iter().map(|t| t.name).collect()))
 }
 
 fn open(a: &ArtifactFile) -> Result<(Header, TensorReader), EngineError> {
@@ -414,28 +439,69 @@ mod tests {
     /// Runs a small job with every layout; returns the temp dir, the artifacts, the input tensors and
     /// the fingerprints of the dense output (what the engine's own map holds).
     fn job() -> (tempfile::TempDir, Vec<ArtifactFile>, Vec<TensorInfo>, HashMap<String, u64>) {
+        job_sharded(None)
+    }
+
+    /// [`job`] with shards of at most `max_shard_bytes` (three tensors then make three files).
+    fn job_sharded(
+        max_shard_bytes: Option<u64>,
+    ) -> (tempfile::TempDir, Vec<ArtifactFile>, Vec<TensorInfo>, HashMap<String, u64>) {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("in.safetensors");
         let values: Vec<f32> = (0..8 * 64).map(|i| ((i * 37 % 101) as f32 - 50.0) / 100.0).collect();
         let mut w = crate::formats::safetensors::SafetensorsWriter::create(&model).unwrap();
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        w.write("fc.weight", Dtype::F32, &[8, 64], &bytes).unwrap();
+        let layers = if max_shard_bytes.is_some() { 3 } else { 1 };
+        for l in 0..layers {
+            let name = if layers == 1 { "fc.weight".to_string() } else { format!("fc{l}.weight") };
+            w.write(&name, Dtype::F32, &[8, 64], &bytes).unwrap();
+        }
         w.finish(&std::collections::BTreeMap::new()).unwrap();
         let steps = serde_json::json!([{"op": "prune", "method": "magnitude", "sparsity": 0.5},
                                        {"op": "quantize", "bits": 4, "granularity": "group", "group_size": 32}]);
         let outputs = serde_json::json!(["safetensors", "compressed-tensors", "sparse"]);
-        let spec = parse_compress(&steps, Some(&outputs)).unwrap();
+        let mut spec = parse_compress(&steps, Some(&outputs)).unwrap();
+        if let Some(m) = max_shard_bytes {
+            spec.max_shard_bytes = m;
+        }
         let header = read_header(&model, u64::MAX).unwrap();
         let plan = prepare(spec, PlanInputs::model(header));
         let out_dir = dir.path().join("out");
         std::fs::create_dir(&out_dir).unwrap();
         let inputs = Inputs::model(&model, "0", "0");
         let out = execute(&plan, &inputs, &out_dir, &Silent).unwrap();
-        let dense = out.artifacts.iter().find(|a| a.format == "safetensors").unwrap();
-        let (dense_header, mut reader) = open(dense).unwrap();
-        let expected =
-            dense_header.tensors.iter().map(|t| (t.name.clone(), fingerprint(reader.read_raw(t).unwrap()))).collect();
+        let mut expected = HashMap::new();
+        for dense in out.artifacts.iter().filter(|a| a.format == "safetensors" && a.name.ends_with(".safetensors")) {
+            let (dense_header, mut reader) = open(dense).unwrap();
+            for t in &dense_header.tensors {
+                expected.insert(t.name.clone(), fingerprint(reader.read_raw(t).unwrap()));
+            }
+        }
         (dir, out.artifacts, plan.header.tensors, expected)
+    }
+
+    #[test]
+    fn shards_are_checked_each_and_against_their_index() {
+        let (_dir, artifacts, tensors, expected) = job_sharded(Some(2048));
+        let names: Vec<&str> = artifacts.iter().map(|a| a.name.as_str()).collect();
+        assert!(names.contains(&"model-00003-of-00003.safetensors"), "{names:?}");
+        let checks = verify(&artifacts, &tensors, &expected, None).unwrap();
+        assert_eq!(checks.iter().filter(|c| c.format == "safetensors").count(), 3);
+        // An index that puts a tensor in another file than the one holding it is caught.
+        let index = artifacts.iter().find(|a| a.name == INDEX_FILE).unwrap();
+        let text = std::fs::read_to_string(&index.path).unwrap();
+        std::fs::write(&index.path, text.replacen("model-00001-of-00003", "model-00002-of-00003", 1)).unwrap();
+        match verify(&artifacts, &tensors, &expected, None) {
+            Err(EngineError::Tensor { code: "layout_mismatch", detail, .. }) => {
+                assert!(detail.contains("which the index does not say"), "{detail}")
+            }
+            other => panic!("expected a layout mismatch, got {other:?}"),
+        }
+        // A shard left out is caught by the count.
+        let fewer: Vec<ArtifactFile> =
+            artifacts.iter().filter(|a| a.name != "model-00002-of-00003.safetensors").cloned().collect();
+        std::fs::write(&index.path, text).unwrap();
+        assert!(verify(&fewer, &tensors, &expected, None).is_err());
     }
 
     /// Flips one byte inside the data of entry `name` of a safetensors file.

@@ -639,6 +639,18 @@ pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
             }),
         })
         .collect::<Vec<OutputPlan>>();
+    // A folder of more shards than a folder upload takes back (or the CLI reads) is refused.
+    let max_shards = crate::formats::hf::MAX_SHARDS;
+    if let Some(o) = outputs.iter().find(|o| o.shards > max_shards) {
+        refusals.push(Refusal {
+            pointer: "/max_shard_size".into(),
+            tensor: None,
+            detail: format!(
+                "the `{}` output would be {} files of at most {} bytes; at most {max_shards} shards are written: raise max_shard_size",
+                o.format, o.shards, spec.max_shard_bytes
+            ),
+        });
+    }
     // The dense output the text evaluation runs may be sharded: it then opens the index.
     let mut text_evaluation = text_evaluation;
     if let (Some(t), Some(o)) =

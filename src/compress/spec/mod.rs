@@ -201,14 +201,15 @@ pub fn parse_shard_size(value: &Value) -> Result<u64, SpecError> {
             let t = text.trim();
             let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
             let (digits, unit) = t.split_at(split);
-            let factor: u64 = match unit.trim() {
+            // Units in any case, as transformers upper-cases them.
+            let factor: u64 = match unit.trim().to_ascii_uppercase().as_str() {
                 "" | "B" => 1,
                 "KB" => 1_000,
                 "MB" => 1_000_000,
                 "GB" => 1_000_000_000,
-                "KiB" => 1 << 10,
-                "MiB" => 1 << 20,
-                "GiB" => 1 << 30,
+                "KIB" => 1 << 10,
+                "MIB" => 1 << 20,
+                "GIB" => 1 << 30,
                 _ => {
                     return Err(bad(format!(
                         "max_shard_size `{text}`: expected bytes, or a number with KB, MB, GB (powers of 1000) or KiB, MiB, GiB"
@@ -243,13 +244,14 @@ pub fn canonical_json(value: &Value) -> String {
 /// (the default `["safetensors"]` when absent), without the model or dataset ids. Written into
 /// every artifact as `modelpress.spec_sha256`, so the same input file and the same steps give
 /// byte-identical artifacts on any server and from the CLI.
-pub fn work_sha256(steps: &Value, outputs: Option<&Value>, max_shard_size: Option<&Value>) -> String {
+pub fn work_sha256(steps: &Value, outputs: Option<&Value>, max_shard_bytes: u64) -> String {
     use sha2::{Digest, Sha256};
     let outputs = outputs.cloned().unwrap_or_else(|| serde_json::json!(["safetensors"]));
     let mut work = serde_json::json!({"steps": steps, "outputs": outputs});
-    // Where the files are cut changes the artifacts; absent, the hash is what it always was.
-    if let Some(m) = max_shard_size {
-        work["max_shard_size"] = m.clone();
+    // Where the files are cut changes the artifacts: the size in bytes (however it was
+    // written), left out at the default so the hash of every other spec stays what it was.
+    if max_shard_bytes != DEFAULT_MAX_SHARD_BYTES {
+        work["max_shard_size"] = max_shard_bytes.into();
     }
     hex::encode(Sha256::digest(canonical_json(&work).as_bytes()))
 }
@@ -370,6 +372,7 @@ mod tests {
         assert_eq!(parse_shard_size(&json!("5GB")).unwrap(), 5_000_000_000);
         assert_eq!(parse_shard_size(&json!("2GiB")).unwrap(), 2 << 30);
         assert_eq!(parse_shard_size(&json!("100KB")).unwrap(), 100_000);
+        assert_eq!(parse_shard_size(&json!("2gib")).unwrap(), 2 << 30);
         assert_eq!(parse_shard_size(&json!(4096)).unwrap(), 4096);
         for bad in [json!("5 parsecs"), json!("GB"), json!(-1), json!(1.5), json!(12), json!("99999999999999999999GB")]
         {
@@ -377,7 +380,8 @@ mod tests {
             assert_eq!(e.pointer, "/max_shard_size", "{bad}");
         }
         let steps = json!([{"op": "quantize", "bits": 8}]);
-        assert_eq!(work_sha256(&steps, None, None), work_sha256(&steps, Some(&json!(["safetensors"])), None));
-        assert_ne!(work_sha256(&steps, None, None), work_sha256(&steps, None, Some(&json!("1GB"))));
+        let default = DEFAULT_MAX_SHARD_BYTES;
+        assert_eq!(work_sha256(&steps, None, default), work_sha256(&steps, Some(&json!(["safetensors"])), default));
+        assert_ne!(work_sha256(&steps, None, default), work_sha256(&steps, None, 1_000_000_000));
     }
 }

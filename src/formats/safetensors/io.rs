@@ -251,6 +251,7 @@ fn header_bytes(entries: &[(String, Dtype, Vec<usize>, u64, u64)], metadata: &BT
 /// each tensor's bytes stream straight to their place, written once (the deferred writer copies
 /// the data a second time). Tensors must arrive in the declared order with the declared sizes.
 pub struct PlannedSafetensorsWriter {
+    path: PathBuf,
     out: BufWriter<File>,
     entries: Vec<(String, Dtype, Vec<usize>, u64, u64)>,
     next: usize,
@@ -279,7 +280,7 @@ impl PlannedSafetensorsWriter {
         let mut out = BufWriter::with_capacity(1 << 20, File::create(path)?);
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(&header)?;
-        Ok(Self { out, entries, next: 0, header })
+        Ok(Self { path: path.to_owned(), out, entries, next: 0, header })
     }
 
     pub fn write(&mut self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
@@ -309,26 +310,35 @@ impl PlannedSafetensorsWriter {
         self.seal()?.finish_with_metadata(metadata)
     }
 
-    /// Checks every declared tensor was written and gives back the write buffer; the file stays
-    /// open for the header to be rewritten at the end (a shard of a larger output).
+    /// Checks every declared tensor was written and closes the file, keeping what is needed to
+    /// rewrite its header at the end (a shard of a larger output: no buffer or file handle stays
+    /// held, however many shards there are).
     pub fn seal(self) -> std::io::Result<SealedPlanned> {
         if let Some((missing, ..)) = self.entries.get(self.next) {
             return Err(std::io::Error::other(format!("tensor `{missing}` was declared but never written")));
         }
         let file = self.out.into_inner().map_err(|e| e.into_error())?;
-        Ok(SealedPlanned { file, entries: self.entries, header: self.header })
+        Ok(SealedPlanned { path: self.path, file: Some(file), entries: self.entries, header: self.header })
     }
 }
 
 /// A [`PlannedSafetensorsWriter`] whose tensors are all written; only the header may change.
 pub struct SealedPlanned {
-    file: File,
+    path: PathBuf,
+    /// Still open when sealed by `finish` itself; closed once set aside as a shard.
+    file: Option<File>,
     entries: Vec<(String, Dtype, Vec<usize>, u64, u64)>,
     /// The JSON header written at creation.
     header: Vec<u8>,
 }
 
 impl SealedPlanned {
+    /// Closes the file until [`Self::finish_with_metadata`] reopens it.
+    pub fn close(mut self) -> Self {
+        self.file = None;
+        self
+    }
+
     pub fn finish(self) -> std::io::Result<()> {
         let header = self.header.clone();
         self.finish_with_header(header)
@@ -351,10 +361,14 @@ impl SealedPlanned {
 
     fn finish_with_header(self, header: Vec<u8>) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
+        let file = match self.file {
+            Some(f) => f,
+            None => std::fs::OpenOptions::new().write(true).open(&self.path)?,
+        };
         if header != self.header {
-            self.file.write_all_at(&header, 8)?;
+            file.write_all_at(&header, 8)?;
         }
-        self.file.sync_all()
+        file.sync_all()
     }
 }
 

@@ -133,7 +133,8 @@ impl PlannedShards {
             None => self.open(0)?,
             Some(k) if done == self.shards[k].len() && k + 1 < self.shards.len() => {
                 let (_, _, w) = self.current.take().expect("open shard");
-                self.sealed.push(w.seal()?);
+                // Closed until the end: an output of thousands of shards holds no descriptors.
+                self.sealed.push(w.seal()?.close());
                 self.open(k + 1)?;
             }
             Some(_) => {}
@@ -329,5 +330,28 @@ mod tests {
         let empty = tempfile::tempdir().unwrap();
         assert_eq!(DeferredShards::new(empty.path(), 8).finish(&BTreeMap::new()).unwrap(), ["model.safetensors"]);
         assert!(read_header(&empty.path().join("model.safetensors"), u64::MAX).unwrap().tensors.is_empty());
+    }
+
+    /// Finished shards wait for their final header closed: thousands of shards (a small
+    /// `max_shard_size` on a model of many tensors) hold no file descriptors.
+    #[test]
+    fn finished_shards_hold_no_descriptors() {
+        let open_fds = || std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
+        let dir = tempfile::tempdir().unwrap();
+        let tensors: Vec<(String, Dtype, Vec<usize>)> =
+            (0..300).map(|i| (format!("t{i}"), Dtype::F32, vec![4])).collect();
+        let mut planned = PlannedShards::create(dir.path(), &tensors, &BTreeMap::new(), 16).unwrap();
+        let before = open_fds();
+        for t in &tensors {
+            planned.write(&t.0, &[1; 16]).unwrap();
+        }
+        // Other tests run in this process too: a margin, far below one descriptor per shard.
+        assert!(open_fds() < before + 100, "{} descriptors open, {before} before", open_fds());
+        let files = planned.finish_with_metadata(&BTreeMap::new()).unwrap();
+        assert_eq!(files.len(), 301);
+        assert_eq!(std::fs::read(dir.path().join(&files[7])).unwrap().len() as u64, {
+            let h = read_header(&dir.path().join(&files[7]), u64::MAX).unwrap();
+            h.data_start + 16
+        });
     }
 }
