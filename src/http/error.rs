@@ -110,14 +110,22 @@ impl ApiError {
     }
 }
 
-impl From<sqlx::Error> for ApiError {
-    fn from(e: sqlx::Error) -> Self {
-        // SQLITE_FULL (13): the database could not grow because the disk is full.
-        let full = e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "13");
-        if full {
-            ApiError::insufficient_storage()
-        } else {
-            ApiError::internal(e)
+impl From<crate::storage::error::StorageError> for ApiError {
+    fn from(e: crate::storage::error::StorageError) -> Self {
+        use crate::storage::error::StorageError as S;
+        match e {
+            S::StorageFull => ApiError::insufficient_storage(),
+            S::Unavailable(_) => ApiError {
+                retry_after: Some(5),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_unavailable",
+                    "the database did not answer in time; retry shortly",
+                )
+            },
+            // Conflicts and missing rows a handler expects are answered by the handler with
+            // their own meaning; one that reaches here was not expected.
+            S::Conflict(_) | S::NotFound(_) | S::Other(_) => ApiError::internal(e),
         }
     }
 }

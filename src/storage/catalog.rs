@@ -1,5 +1,6 @@
 //! Models, datasets and artifacts: the rows that name blobs.
 
+use crate::storage::error::StorageError;
 use serde::Serialize;
 use sqlx::SqlitePool;
 
@@ -148,7 +149,7 @@ impl Catalog {
     }
 
     /// Records the blob (if new) and the model in one transaction.
-    pub async fn insert_model(&self, m: NewModel) -> Result<ModelRecord, sqlx::Error> {
+    pub async fn insert_model(&self, m: NewModel) -> Result<ModelRecord, StorageError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let now = now_ms();
         sqlx::query("insert or ignore into blobs (sha256, bytes, created_at) values (?, ?, ?)")
@@ -196,19 +197,21 @@ impl Catalog {
     }
 
     /// A model's companion files, by name.
-    pub async fn model_files(&self, model_id: &str) -> Result<Vec<ModelFile>, sqlx::Error> {
+    pub async fn model_files(&self, model_id: &str) -> Result<Vec<ModelFile>, StorageError> {
         sqlx::query_as("select name, sha256, bytes from model_files where model_id = ? order by name")
             .bind(model_id)
             .fetch_all(&self.pool)
             .await
+            .map_err(StorageError::from)
     }
 
-    pub async fn get_model(&self, kind: ModelKind, id: &str) -> Result<Option<ModelRecord>, sqlx::Error> {
+    pub async fn get_model(&self, kind: ModelKind, id: &str) -> Result<Option<ModelRecord>, StorageError> {
         sqlx::query_as("select * from models where id = ? and kind = ?")
             .bind(id)
             .bind(kind.as_str())
             .fetch_optional(&self.pool)
             .await
+            .map_err(StorageError::from)
     }
 
     /// Newest first; `after` is the last id of the previous page; `owner` limits the list to one
@@ -219,7 +222,7 @@ impl Catalog {
         after: Option<&str>,
         limit: u32,
         owner: Option<&str>,
-    ) -> Result<Vec<ModelSummary>, sqlx::Error> {
+    ) -> Result<Vec<ModelSummary>, StorageError> {
         sqlx::query_as(
             "select id, kind, name, sha256, bytes, parameters, tensor_count, graph is not null as has_graph,
                     source_job, created_at
@@ -232,11 +235,12 @@ impl Catalog {
         .bind(owner)
         .fetch_all(&self.pool)
         .await
+        .map_err(StorageError::from)
     }
 
     /// Deletes unless a queued or running job reads it; the check and the delete are one
     /// transaction, serialised with job inserts by SQLite's write lock.
-    pub async fn delete_model(&self, kind: ModelKind, id: &str) -> Result<DeleteOutcome, sqlx::Error> {
+    pub async fn delete_model(&self, kind: ModelKind, id: &str) -> Result<DeleteOutcome, StorageError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let active: i64 = sqlx::query_scalar(
             "select count(*) from jobs where (model_id = ?1 or dataset_id = ?1 or student_model_id = ?1 or eval_dataset_id = ?1)
@@ -277,7 +281,7 @@ impl Catalog {
 
     /// Attaches (`Some`) or removes (`None`) a model's architecture graph, unless a queued or
     /// running job reads the model: a job runs with the graph it was planned with.
-    pub async fn set_graph(&self, id: &str, graph: Option<&str>) -> Result<GraphUpdate, sqlx::Error> {
+    pub async fn set_graph(&self, id: &str, graph: Option<&str>) -> Result<GraphUpdate, StorageError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let active: i64 =
             sqlx::query_scalar(
@@ -300,7 +304,7 @@ impl Catalog {
     }
 
     /// Records a blob a job produced (before the job's artifact rows name it).
-    pub async fn ensure_blob(&self, sha256: &str, bytes: i64) -> Result<(), sqlx::Error> {
+    pub async fn ensure_blob(&self, sha256: &str, bytes: i64) -> Result<(), StorageError> {
         sqlx::query("insert or ignore into blobs (sha256, bytes, created_at) values (?, ?, ?)")
             .bind(sha256)
             .bind(bytes)
@@ -311,7 +315,7 @@ impl Catalog {
     }
 
     /// Blob rows no model or artifact names (left by a crash between persist and finish).
-    pub async fn remove_orphan_blobs(&self) -> Result<Vec<String>, sqlx::Error> {
+    pub async fn remove_orphan_blobs(&self) -> Result<Vec<String>, StorageError> {
         sqlx::query_scalar(
             "delete from blobs where sha256 not in (select sha256 from models)
                and sha256 not in (select sha256 from artifacts)
@@ -319,30 +323,33 @@ impl Catalog {
         )
         .fetch_all(&self.pool)
         .await
+        .map_err(StorageError::from)
     }
 
     /// Every blob key the database knows (start-up sweep of stray files).
-    pub async fn blob_keys(&self) -> Result<Vec<String>, sqlx::Error> {
-        sqlx::query_scalar("select sha256 from blobs").fetch_all(&self.pool).await
+    pub async fn blob_keys(&self) -> Result<Vec<String>, StorageError> {
+        sqlx::query_scalar("select sha256 from blobs").fetch_all(&self.pool).await.map_err(StorageError::from)
     }
 
-    pub async fn artifacts(&self, job_id: &str) -> Result<Vec<ArtifactRecord>, sqlx::Error> {
+    pub async fn artifacts(&self, job_id: &str) -> Result<Vec<ArtifactRecord>, StorageError> {
         sqlx::query_as("select * from artifacts where job_id = ? order by name")
             .bind(job_id)
             .fetch_all(&self.pool)
             .await
+            .map_err(StorageError::from)
     }
 
-    pub async fn artifact(&self, job_id: &str, name: &str) -> Result<Option<ArtifactRecord>, sqlx::Error> {
+    pub async fn artifact(&self, job_id: &str, name: &str) -> Result<Option<ArtifactRecord>, StorageError> {
         sqlx::query_as("select * from artifacts where job_id = ? and name = ?")
             .bind(job_id)
             .bind(name)
             .fetch_optional(&self.pool)
             .await
+            .map_err(StorageError::from)
     }
 
-    pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("select 1").execute(&self.pool).await.map(|_| ())
+    pub async fn ping(&self) -> Result<(), StorageError> {
+        sqlx::query("select 1").execute(&self.pool).await.map(|_| ()).map_err(StorageError::from)
     }
 }
 
@@ -361,7 +368,7 @@ pub enum JobDeleteOutcome {
 impl Catalog {
     /// Deletes a finished job, its events and artifact rows (one transaction), and the blob rows
     /// nothing else names. The caller holds [`Catalog::blob_gate`] until it removed the files.
-    pub async fn delete_job(&self, id: &str) -> Result<JobDeleteOutcome, sqlx::Error> {
+    pub async fn delete_job(&self, id: &str) -> Result<JobDeleteOutcome, StorageError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let status: Option<String> =
             sqlx::query_scalar("select status from jobs where id = ?").bind(id).fetch_optional(&mut *tx).await?;
@@ -389,7 +396,7 @@ impl Catalog {
     /// Bytes `owner` stores: its models and datasets (those registered from its jobs included),
     /// the files of its drafts, and its jobs' artifacts, as they would be downloaded (a blob two
     /// of them share counts twice).
-    pub async fn stored_bytes(&self, owner: &str) -> Result<u64, sqlx::Error> {
+    pub async fn stored_bytes(&self, owner: &str) -> Result<u64, StorageError> {
         let n: i64 = sqlx::query_scalar(
             "select (select coalesce(sum(bytes), 0) from models where owner = ?1)
                   + (select coalesce(sum(f.bytes), 0) from model_files f join models m on m.id = f.model_id
@@ -406,7 +413,7 @@ impl Catalog {
     }
 
     /// Finished jobs that ended before `before_ms` (unix milliseconds), oldest first.
-    pub async fn finished_before(&self, before_ms: i64, limit: u32) -> Result<Vec<String>, sqlx::Error> {
+    pub async fn finished_before(&self, before_ms: i64, limit: u32) -> Result<Vec<String>, StorageError> {
         sqlx::query_scalar(
             "select id from jobs where status in ('succeeded', 'failed', 'canceled')
                and coalesce(finished_at, canceled_at, updated_at) < ?
@@ -416,13 +423,14 @@ impl Catalog {
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await
+        .map_err(StorageError::from)
     }
 }
 
 async fn delete_blob_row_if_unused(
     tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
     sha: &str,
-) -> Result<bool, sqlx::Error> {
+) -> Result<bool, StorageError> {
     let deleted = sqlx::query(
         "delete from blobs where sha256 = ?1
            and not exists (select 1 from models where sha256 = ?1)

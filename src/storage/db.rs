@@ -1,5 +1,6 @@
 //! The SQLite pool: WAL, a busy timeout and foreign keys, migrations applied at start.
 
+use crate::storage::error::StorageError;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -7,7 +8,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 /// Opens (creating if needed) `modelpress.db` in `data_dir` and applies pending migrations.
-pub async fn connect(data_dir: &Path) -> Result<SqlitePool, sqlx::Error> {
+pub async fn connect(data_dir: &Path) -> Result<SqlitePool, StorageError> {
     let url = format!("sqlite://{}", data_dir.join("modelpress.db").display());
     let options = SqliteConnectOptions::from_str(&url)?
         .create_if_missing(true)
@@ -41,7 +42,10 @@ pub async fn connect(data_dir: &Path) -> Result<SqlitePool, sqlx::Error> {
     Ok(pool)
 }
 
-pub async fn migrate(pool: &SqlitePool) -> Result<(), sqlx::Error> {
-    sqlx::migrate!("./migrations").run(pool).await?;
-    Ok(())
+pub async fn migrate(pool: &SqlitePool) -> Result<(), StorageError> {
+    sqlx::migrate!("./migrations").run(pool).await.map_err(|e| match e {
+        sqlx::migrate::MigrateError::Execute(e) => e.into(),
+        // A database newer than this binary, or edited migrations: not something to retry.
+        other => StorageError::Other(format!("migrating the database: {other}")),
+    })
 }

@@ -6,6 +6,7 @@
 //! files only, and a commit (which holds the same lock while it checks and merges) never sees
 //! one change under it.
 
+use crate::storage::error::StorageError;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -70,7 +71,7 @@ impl Drafts {
         name: Option<&str>,
         ttl_ms: i64,
         max_open: u64,
-    ) -> Result<Option<DraftRecord>, sqlx::Error> {
+    ) -> Result<Option<DraftRecord>, StorageError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let now = now_ms();
         let open: i64 = sqlx::query_scalar("select count(*) from model_drafts where owner = ? and expires_at > ?")
@@ -96,25 +97,27 @@ impl Drafts {
     }
 
     /// The draft `id` unless it expired.
-    pub async fn get(&self, id: &str) -> Result<Option<DraftRecord>, sqlx::Error> {
+    pub async fn get(&self, id: &str) -> Result<Option<DraftRecord>, StorageError> {
         sqlx::query_as("select * from model_drafts where id = ? and expires_at > ?")
             .bind(id)
             .bind(now_ms())
             .fetch_optional(&self.pool)
             .await
+            .map_err(StorageError::from)
     }
 
     /// The draft's files, by name.
-    pub async fn files(&self, id: &str) -> Result<Vec<ModelFile>, sqlx::Error> {
+    pub async fn files(&self, id: &str) -> Result<Vec<ModelFile>, StorageError> {
         sqlx::query_as("select name, sha256, bytes from model_draft_files where draft_id = ? order by name")
             .bind(id)
             .fetch_all(&self.pool)
             .await
+            .map_err(StorageError::from)
     }
 
     /// Records `file` (moved into the draft's directory by the caller, under the draft's lock)
     /// and gives the draft `ttl_ms` more; returns whether it replaced a file of that name.
-    pub async fn put_file(&self, id: &str, file: &ModelFile, ttl_ms: i64) -> Result<bool, sqlx::Error> {
+    pub async fn put_file(&self, id: &str, file: &ModelFile, ttl_ms: i64) -> Result<bool, StorageError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let replaced: Option<i64> =
             sqlx::query_scalar("select bytes from model_draft_files where draft_id = ? and name = ?")
@@ -142,7 +145,7 @@ impl Drafts {
     }
 
     /// Deletes the draft's rows, then its files. The caller holds the draft's lock.
-    pub async fn discard(&self, id: &str) -> Result<(), sqlx::Error> {
+    pub async fn discard(&self, id: &str) -> Result<(), StorageError> {
         sqlx::query("delete from model_drafts where id = ?").bind(id).execute(&self.pool).await?;
         if let Err(e) = tokio::fs::remove_dir_all(self.dir(id)).await {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -155,7 +158,7 @@ impl Drafts {
 
     /// Deletes expired drafts that nothing is using now, and with `strays` (at start, when no
     /// request runs) directories no live draft owns; returns how many drafts went.
-    pub async fn sweep(&self, strays: bool) -> Result<usize, sqlx::Error> {
+    pub async fn sweep(&self, strays: bool) -> Result<usize, StorageError> {
         let expired: Vec<String> = sqlx::query_scalar("select id from model_drafts where expires_at <= ?")
             .bind(now_ms())
             .fetch_all(&self.pool)

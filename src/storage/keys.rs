@@ -7,6 +7,7 @@
 //! as GitHub's tokens are. Only SHA-256 of the secret is stored (the secret has too much entropy
 //! for a slow hash to add anything) and it is compared in constant time.
 
+use crate::storage::error::StorageError;
 use sha2::{Digest, Sha256};
 use sqlx::SqlitePool;
 
@@ -141,11 +142,17 @@ impl KeyRecord {
 pub enum CreateError {
     /// The principal already has [`MAX_LIVE_KEYS_PER_PRINCIPAL`] live keys.
     TooManyKeys(i64),
-    Database(sqlx::Error),
+    Database(StorageError),
 }
 
 impl From<sqlx::Error> for CreateError {
     fn from(e: sqlx::Error) -> Self {
+        CreateError::Database(e.into())
+    }
+}
+
+impl From<StorageError> for CreateError {
+    fn from(e: StorageError) -> Self {
         CreateError::Database(e)
     }
 }
@@ -200,17 +207,24 @@ impl KeyStore {
         Ok((record, key))
     }
 
-    pub async fn get(&self, id: &str) -> Result<Option<KeyRecord>, sqlx::Error> {
-        sqlx::query_as("select * from api_keys where id = ?").bind(id).fetch_optional(&self.pool).await
+    pub async fn get(&self, id: &str) -> Result<Option<KeyRecord>, StorageError> {
+        sqlx::query_as("select * from api_keys where id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StorageError::from)
     }
 
     /// Every key, newest first.
-    pub async fn list(&self) -> Result<Vec<KeyRecord>, sqlx::Error> {
-        sqlx::query_as("select * from api_keys order by created_at desc, id").fetch_all(&self.pool).await
+    pub async fn list(&self) -> Result<Vec<KeyRecord>, StorageError> {
+        sqlx::query_as("select * from api_keys order by created_at desc, id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StorageError::from)
     }
 
     /// Revokes a key; false when there is no such key. Revoking twice keeps the first time.
-    pub async fn revoke(&self, id: &str) -> Result<bool, sqlx::Error> {
+    pub async fn revoke(&self, id: &str) -> Result<bool, StorageError> {
         let done = sqlx::query("update api_keys set revoked_at = coalesce(revoked_at, ?) where id = ?")
             .bind(now_ms())
             .bind(id)
@@ -221,7 +235,7 @@ impl KeyStore {
 
     /// Whether any key was ever created: then every request needs one. Revoked and expired
     /// keys count, so revoking the last key never reopens the server to anonymous admins.
-    pub async fn any(&self) -> Result<bool, sqlx::Error> {
+    pub async fn any(&self) -> Result<bool, StorageError> {
         let n: i64 =
             sqlx::query_scalar("select count(*) from (select 1 from api_keys limit 1)").fetch_one(&self.pool).await?;
         Ok(n > 0)
@@ -230,7 +244,7 @@ impl KeyStore {
     /// Records a use of `key`, at most once a minute: the check is made on the row already read,
     /// because an UPDATE takes SQLite's write lock even when it changes nothing, and a write per
     /// request would queue reads behind job progress writes.
-    pub async fn touch(&self, key: &KeyRecord) -> Result<(), sqlx::Error> {
+    pub async fn touch(&self, key: &KeyRecord) -> Result<(), StorageError> {
         let now = now_ms();
         if key.last_used_at.is_some_and(|t| t > now - 60_000) {
             return Ok(());

@@ -8,6 +8,7 @@ pub mod blobs;
 pub mod catalog;
 pub mod db;
 pub mod drafts;
+pub mod error;
 pub mod keys;
 pub mod queue;
 pub mod sqlite_queue;
@@ -20,7 +21,7 @@ pub async fn delete_job(
     queue: &dyn queue::JobQueue,
     blobs: &dyn blobs::BlobStore,
     id: &str,
-) -> Result<catalog::JobDeleteOutcome, sqlx::Error> {
+) -> Result<catalog::JobDeleteOutcome, error::StorageError> {
     let _gate = catalog.blob_gate().await;
     let outcome = catalog.delete_job(id).await?;
     if let catalog::JobDeleteOutcome::Deleted { orphan_blobs } = &outcome {

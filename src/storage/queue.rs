@@ -98,7 +98,13 @@ pub enum QueueError {
     #[error("job {id} is {} and can no longer change", status.as_str())]
     Finished { id: String, status: JobStatus },
     #[error(transparent)]
-    Db(#[from] sqlx::Error),
+    Db(#[from] crate::storage::error::StorageError),
+}
+
+impl From<sqlx::Error> for QueueError {
+    fn from(e: sqlx::Error) -> Self {
+        QueueError::Db(e.into())
+    }
 }
 
 #[async_trait]
