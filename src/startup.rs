@@ -13,7 +13,7 @@ use crate::config::Settings;
 use crate::http::{self, AppState};
 use crate::scheduler::WorkerPool;
 use crate::storage::blobs::{BlobStore, LocalBlobStore};
-use crate::storage::catalog::Catalog;
+use crate::storage::catalog::{Catalog, SqliteCatalog};
 use crate::storage::queue::JobQueue;
 use crate::storage::{db, sqlite_queue::SqliteQueue};
 
@@ -39,7 +39,7 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
 }
 
 /// Removes blob files that no row names (a crash between persisting a file and its row).
-async fn remove_unreferenced_blob_files(data_dir: &Path, catalog: &Catalog) -> anyhow::Result<usize> {
+async fn remove_unreferenced_blob_files(data_dir: &Path, catalog: &dyn Catalog) -> anyhow::Result<usize> {
     let known: std::collections::HashSet<String> = catalog.blob_keys().await?.into_iter().collect();
     let mut removed = 0;
     let mut shards = tokio::fs::read_dir(data_dir.join("blobs")).await?;
@@ -66,7 +66,7 @@ impl Application {
         let lock = lock_data_dir(&data_dir)?;
         let pool = db::connect(&data_dir).await.context("opening the database")?;
         let blobs = Arc::new(LocalBlobStore::open(&data_dir)?);
-        let catalog = Catalog::new(pool.clone());
+        let catalog: Arc<dyn Catalog> = Arc::new(SqliteCatalog::new(pool.clone()));
 
         // Crash recovery, in order: partial files, rows naming nothing, files named by nothing,
         // then jobs whose worker died with the previous process.
@@ -75,7 +75,7 @@ impl Application {
         for sha in &orphans {
             blobs.delete(sha).await?;
         }
-        let stray = remove_unreferenced_blob_files(&data_dir, &catalog).await?;
+        let stray = remove_unreferenced_blob_files(&data_dir, catalog.as_ref()).await?;
         let drafts = crate::storage::drafts::Drafts::open(pool.clone(), &data_dir)?;
         let expired_drafts = drafts.sweep(true).await?;
         let queue: Arc<dyn JobQueue> =
@@ -99,7 +99,7 @@ impl Application {
             let (catalog, blobs, queue) = (catalog.clone(), blobs.clone(), queue.clone());
             tokio::spawn(async move {
                 loop {
-                    crate::storage::sweep_finished_jobs(&catalog, queue.as_ref(), blobs.as_ref(), days).await;
+                    crate::storage::sweep_finished_jobs(catalog.as_ref(), queue.as_ref(), blobs.as_ref(), days).await;
                     tokio::time::sleep(Duration::from_secs(3600)).await;
                 }
             });

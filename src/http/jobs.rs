@@ -295,7 +295,7 @@ pub async fn delete_job(
         }
     }
     use crate::storage::catalog::JobDeleteOutcome;
-    match crate::storage::delete_job(&state.catalog, state.queue.as_ref(), state.blobs.as_ref(), &job.id).await? {
+    match crate::storage::delete_job(state.catalog.as_ref(), state.queue.as_ref(), state.blobs.as_ref(), &job.id).await? {
         JobDeleteOutcome::Deleted { orphan_blobs } => {
             tracing::info!(job_id = %job.id, blobs_removed = orphan_blobs.len(), "job deleted");
             Ok(StatusCode::NO_CONTENT)

@@ -43,7 +43,7 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub queue: Arc<dyn JobQueue>,
     pub blobs: Arc<dyn BlobStore>,
-    pub catalog: Catalog,
+    pub catalog: std::sync::Arc<dyn Catalog>,
     /// Worker loops currently alive, and how many were started (readiness).
     pub workers_alive: Arc<AtomicUsize>,
     pub workers_expected: usize,

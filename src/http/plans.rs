@@ -76,8 +76,9 @@ pub async fn spec_and_plan(state: &AppState, who: &Principal, body: &serde_json:
     };
     let graph = super::graphs::stored_graph(&model).map_err(|e| ApiError::internal(anyhow::anyhow!(e)))?;
     let path = state.blobs.local_path(&model.sha256).await.map_err(ApiError::io)?;
-    let files =
-        crate::storage::model_files(&state.catalog, state.blobs.as_ref(), &model.id).await.map_err(ApiError::io)?;
+    let files = crate::storage::model_files(state.catalog.as_ref(), state.blobs.as_ref(), &model.id)
+        .await
+        .map_err(ApiError::io)?;
     let limit = state.settings.storage.max_header_bytes;
     let compress = spec.compress.clone();
     let memory_limit = state.settings.queue.job_memory_limit();

@@ -21,7 +21,7 @@ pub use runner::{hash_file, CancelReason};
 pub struct WorkerContext {
     pub queue: Arc<dyn JobQueue>,
     pub blobs: Arc<dyn BlobStore>,
-    pub catalog: Catalog,
+    pub catalog: std::sync::Arc<dyn Catalog>,
     pub lease: Duration,
     pub header_limit: u64,
     /// Largest peak memory a job's plan may predict (`queue.max_job_memory_bytes`, resolved).
@@ -61,7 +61,7 @@ impl WorkerPool {
         count: usize,
         queue: Arc<dyn JobQueue>,
         blobs: Arc<dyn BlobStore>,
-        catalog: Catalog,
+        catalog: std::sync::Arc<dyn Catalog>,
         limits: WorkerLimits,
     ) -> WorkerPool {
         let WorkerLimits { lease, header_limit, memory_limit, nice } = limits;

@@ -186,7 +186,7 @@ async fn execute_inner(
         Ok(p) => p,
         Err(e) => return Outcome::Retry(failure("storage_error", e.to_string())),
     };
-    let files = match crate::storage::model_files(&ctx.catalog, ctx.blobs.as_ref(), &model.id).await {
+    let files = match crate::storage::model_files(ctx.catalog.as_ref(), ctx.blobs.as_ref(), &model.id).await {
         Ok(f) => f,
         Err(e) => return Outcome::Retry(failure("storage_error", e.to_string())),
     };

@@ -1,6 +1,7 @@
 //! Models, datasets and artifacts: the rows that name blobs.
 
 use crate::storage::error::StorageError;
+use async_trait::async_trait;
 use serde::Serialize;
 use sqlx::SqlitePool;
 
@@ -129,8 +130,9 @@ pub enum GraphUpdate {
     NotFound,
 }
 
+/// [`Catalog`] on the embedded SQLite database.
 #[derive(Debug, Clone)]
-pub struct Catalog {
+pub struct SqliteCatalog {
     pool: SqlitePool,
     /// Held from persisting a blob file until the row naming it commits, and from deleting a
     /// row until its file is unlinked: otherwise a delete could unlink a file that an upload
@@ -138,18 +140,86 @@ pub struct Catalog {
     blob_gate: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
-impl Catalog {
+/// The rows that name blobs: models and datasets (with their files and graphs), artifacts, blob
+/// rows and the parts of jobs the catalog owns (deleting finished ones, retention, quotas). A trait
+/// like [`super::queue::JobQueue`], so another database can stand behind it.
+#[async_trait]
+pub trait Catalog: Send + Sync + 'static {
+    /// Held from persisting a blob file until the row naming it commits, and from deleting a row
+    /// until its file is unlinked: otherwise a delete could unlink a file that an upload of the
+    /// same content just found in place and is about to name. In-process: it serialises one
+    /// server's requests and jobs (the embedded mode has exactly one process).
+    async fn blob_gate(&self) -> tokio::sync::OwnedMutexGuard<()>;
+
+    /// Records the blob (if new) and the model in one transaction.
+    async fn insert_model(&self, m: NewModel) -> Result<ModelRecord, StorageError>;
+
+    /// A model's companion files, by name.
+    async fn model_files(&self, model_id: &str) -> Result<Vec<ModelFile>, StorageError>;
+
+    async fn get_model(&self, kind: ModelKind, id: &str) -> Result<Option<ModelRecord>, StorageError>;
+
+    /// Newest first; `after` is the last id of the previous page; `owner` limits the list to one
+    /// principal's rows (`None`: everyone's).
+    async fn list_models(
+        &self,
+        kind: ModelKind,
+        after: Option<&str>,
+        limit: u32,
+        owner: Option<&str>,
+    ) -> Result<Vec<ModelSummary>, StorageError>;
+
+    /// Deletes unless a queued or running job reads it; the check and the delete are one
+    /// transaction, serialised with job inserts.
+    async fn delete_model(&self, kind: ModelKind, id: &str) -> Result<DeleteOutcome, StorageError>;
+
+    /// Attaches (`Some`) or removes (`None`) a model's architecture graph, unless a queued or
+    /// running job reads the model: a job runs with the graph it was planned with.
+    async fn set_graph(&self, id: &str, graph: Option<&str>) -> Result<GraphUpdate, StorageError>;
+
+    /// Records a blob a job produced (before the job's artifact rows name it).
+    async fn ensure_blob(&self, sha256: &str, bytes: i64) -> Result<(), StorageError>;
+
+    /// Blob rows no model or artifact names (left by a crash between persist and finish).
+    async fn remove_orphan_blobs(&self) -> Result<Vec<String>, StorageError>;
+
+    /// Every blob key the database knows (start-up sweep of stray files).
+    async fn blob_keys(&self) -> Result<Vec<String>, StorageError>;
+
+    async fn artifacts(&self, job_id: &str) -> Result<Vec<ArtifactRecord>, StorageError>;
+
+    async fn artifact(&self, job_id: &str, name: &str) -> Result<Option<ArtifactRecord>, StorageError>;
+
+    async fn ping(&self) -> Result<(), StorageError>;
+
+    /// Deletes a finished job, its events and artifact rows (one transaction), and the blob rows
+    /// nothing else names. The caller holds [`Catalog::blob_gate`] until it removed the files.
+    async fn delete_job(&self, id: &str) -> Result<JobDeleteOutcome, StorageError>;
+
+    /// Bytes `owner` stores: its models and datasets (those registered from its jobs included),
+    /// the files of its drafts, and its jobs' artifacts, as they would be downloaded (a blob two
+    /// of them share counts twice).
+    async fn stored_bytes(&self, owner: &str) -> Result<u64, StorageError>;
+
+    /// Finished jobs that ended before `before_ms` (unix milliseconds), oldest first.
+    async fn finished_before(&self, before_ms: i64, limit: u32) -> Result<Vec<String>, StorageError>;
+}
+
+impl SqliteCatalog {
     pub fn new(pool: SqlitePool) -> Self {
         Self { pool, blob_gate: Default::default() }
     }
+}
 
+#[async_trait]
+impl Catalog for SqliteCatalog {
     /// See `blob_gate`: take it around persist + insert and around delete + unlink.
-    pub async fn blob_gate(&self) -> tokio::sync::OwnedMutexGuard<()> {
+    async fn blob_gate(&self) -> tokio::sync::OwnedMutexGuard<()> {
         self.blob_gate.clone().lock_owned().await
     }
 
     /// Records the blob (if new) and the model in one transaction.
-    pub async fn insert_model(&self, m: NewModel) -> Result<ModelRecord, StorageError> {
+    async fn insert_model(&self, m: NewModel) -> Result<ModelRecord, StorageError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let now = now_ms();
         sqlx::query("insert or ignore into blobs (sha256, bytes, created_at) values (?, ?, ?)")
@@ -197,7 +267,7 @@ impl Catalog {
     }
 
     /// A model's companion files, by name.
-    pub async fn model_files(&self, model_id: &str) -> Result<Vec<ModelFile>, StorageError> {
+    async fn model_files(&self, model_id: &str) -> Result<Vec<ModelFile>, StorageError> {
         sqlx::query_as("select name, sha256, bytes from model_files where model_id = ? order by name")
             .bind(model_id)
             .fetch_all(&self.pool)
@@ -205,7 +275,7 @@ impl Catalog {
             .map_err(StorageError::from)
     }
 
-    pub async fn get_model(&self, kind: ModelKind, id: &str) -> Result<Option<ModelRecord>, StorageError> {
+    async fn get_model(&self, kind: ModelKind, id: &str) -> Result<Option<ModelRecord>, StorageError> {
         sqlx::query_as("select * from models where id = ? and kind = ?")
             .bind(id)
             .bind(kind.as_str())
@@ -216,7 +286,7 @@ impl Catalog {
 
     /// Newest first; `after` is the last id of the previous page; `owner` limits the list to one
     /// principal's rows (`None`: everyone's).
-    pub async fn list_models(
+    async fn list_models(
         &self,
         kind: ModelKind,
         after: Option<&str>,
@@ -240,7 +310,7 @@ impl Catalog {
 
     /// Deletes unless a queued or running job reads it; the check and the delete are one
     /// transaction, serialised with job inserts by SQLite's write lock.
-    pub async fn delete_model(&self, kind: ModelKind, id: &str) -> Result<DeleteOutcome, StorageError> {
+    async fn delete_model(&self, kind: ModelKind, id: &str) -> Result<DeleteOutcome, StorageError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let active: i64 = sqlx::query_scalar(
             "select count(*) from jobs where (model_id = ?1 or dataset_id = ?1 or student_model_id = ?1 or eval_dataset_id = ?1)
@@ -281,7 +351,7 @@ impl Catalog {
 
     /// Attaches (`Some`) or removes (`None`) a model's architecture graph, unless a queued or
     /// running job reads the model: a job runs with the graph it was planned with.
-    pub async fn set_graph(&self, id: &str, graph: Option<&str>) -> Result<GraphUpdate, StorageError> {
+    async fn set_graph(&self, id: &str, graph: Option<&str>) -> Result<GraphUpdate, StorageError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let active: i64 =
             sqlx::query_scalar(
@@ -304,7 +374,7 @@ impl Catalog {
     }
 
     /// Records a blob a job produced (before the job's artifact rows name it).
-    pub async fn ensure_blob(&self, sha256: &str, bytes: i64) -> Result<(), StorageError> {
+    async fn ensure_blob(&self, sha256: &str, bytes: i64) -> Result<(), StorageError> {
         sqlx::query("insert or ignore into blobs (sha256, bytes, created_at) values (?, ?, ?)")
             .bind(sha256)
             .bind(bytes)
@@ -315,7 +385,7 @@ impl Catalog {
     }
 
     /// Blob rows no model or artifact names (left by a crash between persist and finish).
-    pub async fn remove_orphan_blobs(&self) -> Result<Vec<String>, StorageError> {
+    async fn remove_orphan_blobs(&self) -> Result<Vec<String>, StorageError> {
         sqlx::query_scalar(
             "delete from blobs where sha256 not in (select sha256 from models)
                and sha256 not in (select sha256 from artifacts)
@@ -327,11 +397,11 @@ impl Catalog {
     }
 
     /// Every blob key the database knows (start-up sweep of stray files).
-    pub async fn blob_keys(&self) -> Result<Vec<String>, StorageError> {
+    async fn blob_keys(&self) -> Result<Vec<String>, StorageError> {
         sqlx::query_scalar("select sha256 from blobs").fetch_all(&self.pool).await.map_err(StorageError::from)
     }
 
-    pub async fn artifacts(&self, job_id: &str) -> Result<Vec<ArtifactRecord>, StorageError> {
+    async fn artifacts(&self, job_id: &str) -> Result<Vec<ArtifactRecord>, StorageError> {
         sqlx::query_as("select * from artifacts where job_id = ? order by name")
             .bind(job_id)
             .fetch_all(&self.pool)
@@ -339,7 +409,7 @@ impl Catalog {
             .map_err(StorageError::from)
     }
 
-    pub async fn artifact(&self, job_id: &str, name: &str) -> Result<Option<ArtifactRecord>, StorageError> {
+    async fn artifact(&self, job_id: &str, name: &str) -> Result<Option<ArtifactRecord>, StorageError> {
         sqlx::query_as("select * from artifacts where job_id = ? and name = ?")
             .bind(job_id)
             .bind(name)
@@ -348,27 +418,12 @@ impl Catalog {
             .map_err(StorageError::from)
     }
 
-    pub async fn ping(&self) -> Result<(), StorageError> {
+    async fn ping(&self) -> Result<(), StorageError> {
         sqlx::query("select 1").execute(&self.pool).await.map(|_| ()).map_err(StorageError::from)
     }
-}
-
-/// What deleting a job did.
-#[derive(Debug)]
-pub enum JobDeleteOutcome {
-    /// Deleted with its events and artifacts; the blobs no row uses any more, to remove.
-    Deleted {
-        orphan_blobs: Vec<String>,
-    },
-    /// Queued or running: cancel it first.
-    Active,
-    NotFound,
-}
-
-impl Catalog {
     /// Deletes a finished job, its events and artifact rows (one transaction), and the blob rows
     /// nothing else names. The caller holds [`Catalog::blob_gate`] until it removed the files.
-    pub async fn delete_job(&self, id: &str) -> Result<JobDeleteOutcome, StorageError> {
+    async fn delete_job(&self, id: &str) -> Result<JobDeleteOutcome, StorageError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let status: Option<String> =
             sqlx::query_scalar("select status from jobs where id = ?").bind(id).fetch_optional(&mut *tx).await?;
@@ -396,7 +451,7 @@ impl Catalog {
     /// Bytes `owner` stores: its models and datasets (those registered from its jobs included),
     /// the files of its drafts, and its jobs' artifacts, as they would be downloaded (a blob two
     /// of them share counts twice).
-    pub async fn stored_bytes(&self, owner: &str) -> Result<u64, StorageError> {
+    async fn stored_bytes(&self, owner: &str) -> Result<u64, StorageError> {
         let n: i64 = sqlx::query_scalar(
             "select (select coalesce(sum(bytes), 0) from models where owner = ?1)
                   + (select coalesce(sum(f.bytes), 0) from model_files f join models m on m.id = f.model_id
@@ -413,7 +468,7 @@ impl Catalog {
     }
 
     /// Finished jobs that ended before `before_ms` (unix milliseconds), oldest first.
-    pub async fn finished_before(&self, before_ms: i64, limit: u32) -> Result<Vec<String>, StorageError> {
+    async fn finished_before(&self, before_ms: i64, limit: u32) -> Result<Vec<String>, StorageError> {
         sqlx::query_scalar(
             "select id from jobs where status in ('succeeded', 'failed', 'canceled')
                and coalesce(finished_at, canceled_at, updated_at) < ?
@@ -425,6 +480,18 @@ impl Catalog {
         .await
         .map_err(StorageError::from)
     }
+}
+
+/// What deleting a job did.
+#[derive(Debug)]
+pub enum JobDeleteOutcome {
+    /// Deleted with its events and artifacts; the blobs no row uses any more, to remove.
+    Deleted {
+        orphan_blobs: Vec<String>,
+    },
+    /// Queued or running: cancel it first.
+    Active,
+    NotFound,
 }
 
 async fn delete_blob_row_if_unused(

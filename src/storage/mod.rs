@@ -1,8 +1,9 @@
 //! Persistence: the SQLite database, the blob store and the job queue.
 //!
-//! The queue ([`queue::JobQueue`]) and the blob store ([`blobs::BlobStore`]) are traits so a
-//! Postgres queue and an S3-compatible store can replace the embedded defaults without touching
-//! callers; the catalog of models and artifacts is plain SQL next to the queue.
+//! The queue ([`queue::JobQueue`]), the catalog of models and artifacts ([`catalog::Catalog`])
+//! and the blob store ([`blobs::BlobStore`]) are traits, so a Postgres queue and catalog and an
+//! S3-compatible store can replace the embedded defaults without touching callers; every
+//! operation answers [`error::StorageError`], never a driver's error.
 
 pub mod blobs;
 pub mod catalog;
@@ -17,7 +18,7 @@ pub mod sqlite_queue;
 /// and its training checkpoints; the blob gate is held until the files are gone, so an upload
 /// of the same content cannot find a file that is about to go.
 pub async fn delete_job(
-    catalog: &catalog::Catalog,
+    catalog: &dyn catalog::Catalog,
     queue: &dyn queue::JobQueue,
     blobs: &dyn blobs::BlobStore,
     id: &str,
@@ -39,7 +40,7 @@ pub async fn delete_job(
 /// Deletes every job that finished more than `days` days ago (see [`delete_job`]); returns how
 /// many went. Run by a background task when `storage.retention_days` is set.
 pub async fn sweep_finished_jobs(
-    catalog: &catalog::Catalog,
+    catalog: &dyn catalog::Catalog,
     queue: &dyn queue::JobQueue,
     blobs: &dyn blobs::BlobStore,
     days: u64,
@@ -91,7 +92,7 @@ pub fn rfc3339(ms: i64) -> String {
 /// A model's companion files (config.json, tokenizer) at local paths; empty for a model
 /// uploaded as one file.
 pub async fn model_files(
-    catalog: &catalog::Catalog,
+    catalog: &dyn catalog::Catalog,
     blobs: &dyn blobs::BlobStore,
     model_id: &str,
 ) -> std::io::Result<crate::formats::hf::ModelFiles> {

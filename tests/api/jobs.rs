@@ -385,7 +385,7 @@ async fn retention_deletes_jobs_finished_before_the_period() {
     let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", app.data_dir().join("modelpress.db").display()))
         .await
         .unwrap();
-    let catalog = modelpress::storage::catalog::Catalog::new(pool.clone());
+    let catalog = modelpress::storage::catalog::SqliteCatalog::new(pool.clone());
     let blobs = modelpress::storage::blobs::LocalBlobStore::open(&app.data_dir()).unwrap();
     let queue = modelpress::storage::sqlite_queue::SqliteQueue::new(pool.clone(), std::time::Duration::from_secs(1));
     // Finished just now: a one-day period keeps it; moved back two days, it goes.
