@@ -50,6 +50,11 @@ impl<'a> QuantRef<'a> {
 
 pub trait Sink {
     fn write(&mut self, t: &TensorInfo, data: &TensorData<'_>) -> std::io::Result<()>;
+    /// An untouched tensor whose bytes `raw` are also at `offset` in `source`: a sink that
+    /// stores them as they are may copy them file to file instead.
+    fn write_raw(&mut self, t: &TensorInfo, raw: &[u8], _source: &std::fs::File, _offset: u64) -> std::io::Result<()> {
+        self.write(t, &TensorData::Raw(raw))
+    }
     fn finish(self: Box<Self>, metadata: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>>;
 }
 
@@ -161,6 +166,10 @@ impl DenseSink {
 impl Sink for DenseSink {
     fn write(&mut self, t: &TensorInfo, data: &TensorData<'_>) -> std::io::Result<()> {
         self.writer.write(&t.name, data.dense())
+    }
+
+    fn write_raw(&mut self, t: &TensorInfo, raw: &[u8], source: &std::fs::File, offset: u64) -> std::io::Result<()> {
+        self.writer.copy_from(&t.name, source, offset, raw.len() as u64)
     }
 
     fn finish(self: Box<Self>, metadata: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>> {

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Seek, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -21,6 +21,12 @@ pub struct TensorReader {
 impl TensorReader {
     pub fn open(path: &Path) -> std::io::Result<Self> {
         Ok(Self { file: File::open(path)?, raw: Vec::new() })
+    }
+
+    /// The file read (for copying a tensor's bytes file to file, see
+    /// [`PlannedSafetensorsWriter::copy_from`]).
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// The tensor's bytes exactly as stored.
@@ -132,6 +138,45 @@ pub fn start_writeback(file: &File) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = file;
+}
+
+/// Copies `len` bytes of `src` at `src_at` to `dst` at `dst_at`: `copy_file_range` while the
+/// kernel takes it, then reads and writes for the rest (another filesystem, an old kernel).
+fn copy_range(src: &File, src_at: u64, dst: &File, dst_at: u64, len: u64) -> std::io::Result<()> {
+    let mut done = 0u64;
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        while done < len {
+            let (mut off_in, mut off_out) = ((src_at + done) as libc::loff_t, (dst_at + done) as libc::loff_t);
+            let chunk = (len - done).min(1 << 30) as usize;
+            // SAFETY: valid descriptors and offsets owned by this call; the kernel copies between
+            // the files without touching this process's memory.
+            let n =
+                unsafe { libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, chunk, 0) };
+            if n > 0 {
+                done += n as u64;
+                continue;
+            }
+            if n == 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the source ended early"));
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP | libc::EPERM) => break,
+                Some(libc::EINTR) => continue,
+                _ => return Err(e),
+            }
+        }
+    }
+    let mut buf = vec![0u8; (len - done).min(8 << 20) as usize];
+    while done < len {
+        let n = ((len - done) as usize).min(buf.len());
+        src.read_exact_at(&mut buf[..n], src_at + done)?;
+        dst.write_all_at(&buf[..n], dst_at + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// Writes a safetensors file tensor by tensor without knowing the sizes up front.
@@ -283,18 +328,37 @@ impl PlannedSafetensorsWriter {
         Ok(Self { path: path.to_owned(), out, entries, next: 0, header })
     }
 
-    pub fn write(&mut self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    /// Checks that `name` of `len` bytes is the next declared tensor; returns its data offset.
+    fn expect_next(&self, name: &str, len: u64) -> std::io::Result<u64> {
         let Some((expected, _, _, start, end)) = self.entries.get(self.next) else {
             return Err(std::io::Error::other(format!("tensor `{name}` was not declared")));
         };
-        if expected != name || (end - start) as usize != bytes.len() {
+        if expected != name || end - start != len {
             return Err(std::io::Error::other(format!(
-                "tensor `{name}` ({} bytes) arrived where `{expected}` ({} bytes) was declared",
-                bytes.len(),
+                "tensor `{name}` ({len} bytes) arrived where `{expected}` ({} bytes) was declared",
                 end - start
             )));
         }
+        Ok(*start)
+    }
+
+    pub fn write(&mut self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+        self.expect_next(name, bytes.len() as u64)?;
         self.out.write_all(bytes)?;
+        self.next += 1;
+        start_writeback(self.out.get_ref());
+        Ok(())
+    }
+
+    /// Like [`Self::write`] with the bytes taken from `src` at `offset`, file to file in the
+    /// kernel (Linux `copy_file_range`: no copy through this process, and on filesystems that
+    /// share extents, none at all), with a read and write where the kernel cannot.
+    pub fn copy_from(&mut self, name: &str, src: &File, offset: u64, len: u64) -> std::io::Result<()> {
+        let start = self.expect_next(name, len)?;
+        self.out.flush()?;
+        let at = 8 + self.header.len() as u64 + start;
+        copy_range(src, offset, self.out.get_ref(), at, len)?;
+        self.out.seek(std::io::SeekFrom::Start(at + len))?;
         self.next += 1;
         start_writeback(self.out.get_ref());
         Ok(())
@@ -376,6 +440,30 @@ impl SealedPlanned {
 mod tests {
     use super::*;
     use crate::formats::safetensors::read_header;
+
+    #[test]
+    fn a_tensor_copied_file_to_file_is_the_tensor_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("src");
+        let payload: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&source, [&[9u8; 13][..], &payload].concat()).unwrap();
+        let declared = [("a".to_string(), Dtype::U8, vec![5]), ("b".to_string(), Dtype::U8, vec![100_000])];
+        let meta = BTreeMap::new();
+        let mut written = PlannedSafetensorsWriter::create(&dir.path().join("w"), &declared, &meta).unwrap();
+        written.write("a", &[1, 2, 3, 4, 5]).unwrap();
+        written.write("b", &payload).unwrap();
+        written.finish().unwrap();
+        let mut copied = PlannedSafetensorsWriter::create(&dir.path().join("c"), &declared, &meta).unwrap();
+        copied.write("a", &[1, 2, 3, 4, 5]).unwrap();
+        let src = File::open(&source).unwrap();
+        assert!(copied.copy_from("a", &src, 13, 100_000).is_err(), "the declared order holds");
+        copied.copy_from("b", &src, 13, 100_000).unwrap();
+        copied.finish().unwrap();
+        assert_eq!(std::fs::read(dir.path().join("w")).unwrap(), std::fs::read(dir.path().join("c")).unwrap());
+        // A source shorter than the range is an error, not a short file.
+        let out = File::create(dir.path().join("short")).unwrap();
+        assert!(copy_range(&src, 13 + 99_000, &out, 0, 2_000).is_err());
+    }
 
     #[test]
     fn the_planned_writer_matches_the_deferred_one_byte_for_byte() {

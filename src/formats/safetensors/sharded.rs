@@ -125,6 +125,27 @@ impl PlannedShards {
 
     /// Writes the next tensor (in the declared order).
     pub fn write(&mut self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+        self.next_writer()?.write(name, bytes)?;
+        self.advance();
+        Ok(())
+    }
+
+    /// Like [`Self::write`] with the bytes copied from `src` at `offset`, file to file (see
+    /// [`PlannedSafetensorsWriter::copy_from`]).
+    pub fn copy_from(&mut self, name: &str, src: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+        self.next_writer()?.copy_from(name, src, offset, len)?;
+        self.advance();
+        Ok(())
+    }
+
+    fn advance(&mut self) {
+        if let Some((_, done, _)) = self.current.as_mut() {
+            *done += 1;
+        }
+    }
+
+    /// The writer of the shard the next tensor goes to (the previous one sealed when full).
+    fn next_writer(&mut self) -> std::io::Result<&mut PlannedSafetensorsWriter> {
         let (k, done) = match &self.current {
             None => (None, 0),
             Some((k, done, _)) => (Some(*k), *done),
@@ -139,10 +160,7 @@ impl PlannedShards {
             }
             Some(_) => {}
         }
-        let (_, done, w) = self.current.as_mut().expect("open shard");
-        w.write(name, bytes)?;
-        *done += 1;
-        Ok(())
+        Ok(&mut self.current.as_mut().expect("open shard").2)
     }
 
     /// Rewrites every header with `metadata` (same length as at creation), fsyncs each file,
