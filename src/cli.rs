@@ -11,7 +11,9 @@ use clap::{Parser, Subcommand};
 
 use crate::compress::engine::{self, Control, Inputs};
 use crate::compress::plan::{prepare, PlanInputs};
-use crate::compress::spec::{parse_compress, parse_evaluate, parse_shard_size, work_sha256, CompressSpec};
+use crate::compress::spec::{
+    parse_compress, parse_evaluate, parse_report, parse_shard_size, work_sha256, CompressSpec,
+};
 use crate::config::Settings;
 use crate::formats::hf::{ModelFiles, ModelFolder, Weights as HfWeights};
 use crate::formats::safetensors::read_header;
@@ -88,7 +90,7 @@ pub struct JobArgs {
     /// model.safetensors or shards with model.safetensors.index.json; the index file names the
     /// folder too). The companion files go into the outputs (a llama.cpp GGUF, complete folders).
     pub model: PathBuf,
-    /// A JSON spec with `steps`, optional `outputs`, `evaluate` and `max_shard_size` (as for POST /v1/jobs, without
+    /// A JSON spec with `steps`, optional `outputs`, `evaluate`, `max_shard_size` and `report` (as for POST /v1/jobs, without
     /// model_id).
     #[arg(long)]
     pub spec: PathBuf,
@@ -255,11 +257,9 @@ fn load_spec(path: &Path) -> anyhow::Result<(CompressSpec, String, bool)> {
     let obj = value.as_object_mut().context("the spec must be a JSON object")?;
     obj.remove("model_id");
     obj.remove("dataset_id");
-    if let Some(k) = obj.keys().find(|k| !["steps", "outputs", "evaluate", "max_shard_size"].contains(&k.as_str())) {
-        anyhow::bail!(
-            "{}: unknown field `{k}` (expected `steps`, `outputs`, `evaluate`, `max_shard_size`)",
-            path.display()
-        );
+    const FIELDS: [&str; 5] = ["steps", "outputs", "evaluate", "max_shard_size", "report"];
+    if let Some(k) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        anyhow::bail!("{}: unknown field `{k}` (expected one of {})", path.display(), FIELDS.join(", "));
     }
     let steps = obj.get("steps").context("missing field `steps`")?;
     let mut spec = parse_compress(steps, obj.get("outputs"))
@@ -269,6 +269,9 @@ fn load_spec(path: &Path) -> anyhow::Result<(CompressSpec, String, bool)> {
     }
     if let Some(m) = obj.get("max_shard_size") {
         spec.max_shard_bytes = parse_shard_size(m).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    if let Some(r) = obj.get("report") {
+        spec.report = parse_report(r).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     let work = work_sha256(steps, obj.get("outputs"), spec.max_shard_bytes);
     Ok((spec, work, obj.contains_key("evaluate")))

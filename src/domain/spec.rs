@@ -5,8 +5,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::compress::spec::{
-    canonical_json, from_value_at, parse_compress, parse_evaluate, parse_shard_size, work_sha256, CompressSpec,
-    SpecError,
+    canonical_json, from_value_at, parse_compress, parse_evaluate, parse_report, parse_shard_size, work_sha256,
+    CompressSpec, SpecError,
 };
 
 /// Version of the job spec format this server accepts and stores with every job. Raise it when a
@@ -39,6 +39,7 @@ struct Envelope {
     outputs: Option<Value>,
     evaluate: Option<Value>,
     max_shard_size: Option<Value>,
+    report: Option<Value>,
     #[serde(default)]
     register: bool,
 }
@@ -58,6 +59,9 @@ pub fn parse_job_spec(body: &Value) -> Result<JobSpec, Vec<SpecError>> {
     let mut compress = parse_compress(&env.steps, env.outputs.as_ref())?;
     if let Some(m) = &env.max_shard_size {
         compress.max_shard_bytes = parse_shard_size(m).map_err(|e| vec![e])?;
+    }
+    if let Some(r) = &env.report {
+        compress.report = parse_report(r).map_err(|e| vec![e])?;
     }
     let mut eval_dataset_id = None;
     if let Some(e) = &env.evaluate {

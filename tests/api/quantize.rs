@@ -278,3 +278,25 @@ async fn a_tied_lm_head_absent_from_the_file_is_ignored_by_the_compressed_tensor
     assert!(!ignore.as_array().unwrap().contains(&json!("lm_head")), "{ignore}");
     assert!(files.contains_key("compressed-tensors/model.safetensors"));
 }
+
+#[tokio::test]
+async fn a_summary_report_leaves_out_the_error_figures_and_nothing_else() {
+    let app = spawn_app(1).await;
+    let model = app.upload_ok(small_model()).await;
+    let full = int8_spec(&model);
+    let mut summary = full.clone();
+    summary["report"] = serde_json::json!("summary");
+    let (_, full_report, full_out) = run_job(&app, &full).await;
+    let (_, summary_report, summary_out) = run_job(&app, &summary).await;
+    assert_eq!(full_out["model.safetensors"], summary_out["model.safetensors"], "the same artifact");
+    assert!(entry(&full_report, "fc1.weight")["error"]["relative_error"].as_f64().unwrap() > 0.0, "{full_report}");
+    assert!(entry(&summary_report, "fc1.weight")["error"].is_null(), "{summary_report}");
+    assert_eq!(full_report["totals"], summary_report["totals"]);
+
+    let mut bad = full.clone();
+    bad["report"] = serde_json::json!("verbose");
+    let res = app.create_job(&bad).await;
+    assert_eq!(res.status(), 422);
+    let p: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(p["errors"][0]["pointer"], "/report", "{p}");
+}

@@ -16,6 +16,25 @@ pub struct CompressSpec {
     pub evaluate: Option<EvalOptions>,
     /// Largest file of a sharded safetensors output (`max_shard_size`), in bytes of tensor data.
     pub max_shard_bytes: u64,
+    /// How much the report measures (`report`).
+    pub report: ReportDetail,
+}
+
+/// `report`: `"full"` (the default) measures every changed tensor's error against the original
+/// (MSE, SQNR, ...); `"summary"` leaves the error figures out and skips their computation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportDetail {
+    #[default]
+    Full,
+    Summary,
+}
+
+/// Parses `report`.
+pub fn parse_report(value: &Value) -> Result<ReportDetail, SpecError> {
+    serde_json::from_value(value.clone()).map_err(|_| {
+        SpecError::new("/report", "invalid_field", format!("report must be \"full\" or \"summary\", got {value}"))
+    })
 }
 
 impl CompressSpec {
@@ -148,7 +167,13 @@ pub fn parse_compress(steps: &Value, outputs: Option<&Value>) -> Result<Compress
         }
     }
     if errors.is_empty() {
-        Ok(CompressSpec { steps, outputs, evaluate: None, max_shard_bytes: DEFAULT_MAX_SHARD_BYTES })
+        Ok(CompressSpec {
+            steps,
+            outputs,
+            evaluate: None,
+            max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
+            report: ReportDetail::Full,
+        })
     } else {
         Err(errors)
     }
