@@ -815,3 +815,64 @@ async fn a_file_sent_again_while_the_draft_commits_never_changes_what_is_merged(
     assert_eq!(model["sha256"], want["sha256"], "PUT answered {put_status}");
     assert_eq!(staging_entries(&app.data_dir()), 0);
 }
+
+/// The tiny Llama's weights as a Qwen2: q/k/v biases, embeddings tied to the output (no
+/// `lm_head`), a config as transformers 5 writes it (`rope_parameters`, `sliding_window` null).
+fn write_qwen2_folder(dir: &Path) {
+    let mut tensors = weights();
+    tensors.remove("lm_head.weight");
+    let mut seed = 500;
+    for l in 0..LAYERS {
+        for (m, n) in [("q_proj", HEADS * HEAD_DIM), ("k_proj", KV_HEADS * HEAD_DIM), ("v_proj", KV_HEADS * HEAD_DIM)] {
+            seed += 1;
+            tensors.insert(format!("model.layers.{l}.self_attn.{m}.bias"), (vec![n], values(n, seed, 0.1)));
+        }
+    }
+    let names: Vec<&String> = tensors.keys().collect();
+    std::fs::write(dir.join("model.safetensors"), file_of(&tensors, &names)).unwrap();
+    let mut config = config();
+    config["architectures"] = json!(["Qwen2ForCausalLM"]);
+    config["model_type"] = json!("qwen2");
+    config["tie_word_embeddings"] = json!(true);
+    config["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 1_000_000.0});
+    config.as_object_mut().unwrap().remove("rope_theta");
+    config["sliding_window"] = Value::Null;
+    config["use_sliding_window"] = json!(false);
+    config["max_window_layers"] = json!(LAYERS);
+    config["hidden_act"] = json!("silu");
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(Path::new("tests/fixtures/tiny_bpe").join(f), dir.join(f)).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_qwen2_is_evaluated_through_the_gguf_it_downloads() {
+    let app = spawn_app(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_qwen2_folder(dir.path());
+    let id =
+        upload_tar(&app, tar_of(dir.path())).await.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let text = "The quick brown fox jumps over the lazy dog. A model is a folder, not only a file. ".repeat(8);
+    let res = app.client.post(app.url("/v1/datasets")).header("content-type", "text/plain").body(text).send().await;
+    let data = res.unwrap().json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let mut kl = Vec::new();
+    for (mix, outputs) in [("Q8_0", json!(["gguf"])), ("Q4_0", json!(["gguf"])), ("Q8_0", json!(["safetensors"]))] {
+        let spec = json!({"model_id": id, "dataset_id": data, "evaluate": {"tokens": 64, "context": 32},
+                          "steps": [{"op": "quantize", "gguf_mix": mix}], "outputs": outputs});
+        let plan = app.post_json("/v1/plans", &spec).await.json::<Value>().await.unwrap();
+        assert!(plan["refusals"].as_array().is_none_or(|r| r.is_empty()), "{plan}");
+        let (_, report, _) = run_job(&app, &spec).await;
+        let e = &report["text_evaluation"];
+        assert_eq!(e["predictions"], 62, "{e}");
+        let (before, after) = (e["perplexity_before"].as_f64().unwrap(), e["perplexity_after"].as_f64().unwrap());
+        assert!(before > 50.0 && (after / before - 1.0).abs() < 0.2, "{e}");
+        kl.push((e["artifact"].as_str().unwrap().to_owned(), e["kl_mean"].as_f64().unwrap()));
+    }
+    assert_eq!(kl[0].0, "model.gguf");
+    assert_eq!(kl[2].0, "model.safetensors");
+    assert!(kl[0].1 > 0.0 && kl[0].1 < kl[1].1, "Q8_0 is closer to the original than Q4_0: {kl:?}");
+    // The dense output holds the same Q8_0 weights; through the GGUF, candle (as llama.cpp)
+    // also rounds the activations to 8 bits for each product, so its KL is a little higher.
+    assert!(kl[2].1 > 0.0 && kl[2].1 < 0.05 && kl[0].1 < 0.05 && kl[2].1 < kl[1].1, "{kl:?}");
+}

@@ -153,6 +153,53 @@ def check_bert(binary: Path, work: Path):
     assert abs(e["cosine_mean"] - want) <= 1e-6 and abs(e["cosine_min"] - min(cosines)) <= 1e-6, (e, cosines)
 
 
+def check_decoder_evaluation(binary: Path, work: Path, arch: str):
+    """A decoder's evaluation measures what transformers computes: the report's perplexity of the
+    original model equals transformers' own on the same tokens and chunks (each chunk from an
+    empty cache, no BOS), for a Llama and a Qwen2 (biases, tied embeddings) saved by
+    transformers."""
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(0)
+    folder = work / f"{arch}-eval"
+    shape = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128)
+    if arch == "qwen2":
+        config = Qwen2Config(tie_word_embeddings=True, **shape)
+    else:
+        config = LlamaConfig(tie_word_embeddings=False, **shape)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_bpe" / "tokenizer.json"
+    shutil.copy(fixture, folder / "tokenizer.json")
+    text = "The quick brown fox jumps over the lazy dog. A model is a folder, not only a file. " * 8
+    (work / "decoder.txt").write_text(text)
+    spec = {"steps": [{"op": "quantize", "gguf_mix": "Q8_0"}], "outputs": ["gguf"],
+            "evaluate": {"tokens": 64, "context": 32}}
+    (work / f"{arch}.json").write_text(json.dumps(spec))
+    out = work / f"{arch}-eval-out"
+    run([binary, "compress", folder, "--spec", work / f"{arch}.json", "--dataset", work / "decoder.txt", "--out", out])
+    e = json.loads((out / "report.json").read_text())["text_evaluation"]
+
+    ids = Tokenizer.from_file(str(fixture)).encode(text, add_special_tokens=False).ids[:64]
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for k in range(0, len(ids), 32):
+            chunk = ids[k:k + 32]
+            if len(chunk) < 2:
+                continue
+            logp = torch.log_softmax(model(torch.tensor([chunk])).logits[0].double(), dim=-1)
+            for p in range(len(chunk) - 1):
+                nll -= logp[p, chunk[p + 1]].item()
+                n += 1
+    want = float(np.exp(nll / n))
+    print(f"{arch}: report perplexity_before {e['perplexity_before']:.6f}, transformers {want:.6f}, "
+          f"{e['predictions']} predictions; Q8_0 GGUF perplexity {e['perplexity_after']:.6f}")
+    assert e["predictions"] == n, (e, n)
+    assert abs(e["perplexity_before"] / want - 1) <= 1e-4, (e, want)
+
+
 def main():
     binary = Path(sys.argv[1]).resolve()
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,6 +248,8 @@ def main():
         check_transformers(sharded / "ct")
 
         check_bert(binary, work)
+        for arch in ("llama", "qwen2"):
+            check_decoder_evaluation(binary, work, arch)
     print("all loader checks passed")
 
 

@@ -79,7 +79,10 @@ pub struct TextEvaluation {
 /// `quantized_llama` for Llama and Mistral decoders, `bert` for BERT encoders.
 pub fn covers(files: &ModelFiles) -> Option<TextModel> {
     let Ok(Some(config)) = files.json("config.json") else { return None };
-    if matches!(config["architectures"][0].as_str(), Some("LlamaForCausalLM" | "MistralForCausalLM")) {
+    if matches!(
+        config["architectures"][0].as_str(),
+        Some("LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM")
+    ) {
         Some(TextModel::Decoder)
     } else if super::embed_eval::covers(files) {
         Some(TextModel::Encoder)
@@ -102,6 +105,21 @@ pub fn check(files: &ModelFiles, context: usize) -> Result<bool, String> {
         );
     }
     let raw = files.json("config.json").map_err(|e| e.to_string())?.ok_or("the model has no config.json")?;
+    if is_qwen2(files) {
+        let config = qwen2_config(files).map_err(|e| format!("candle-transformers' Qwen2 cannot read {e}"))?;
+        if !raw["rope_scaling"].is_null()
+            || raw["rope_parameters"]["rope_type"].as_str().is_some_and(|t| t != "default")
+        {
+            return Err("config.json sets RoPE scaling, which candle-transformers' Qwen2 does not apply".into());
+        }
+        if context > config.max_position_embeddings {
+            return Err(format!(
+                "evaluate.context {context} is beyond the model's max_position_embeddings {}",
+                config.max_position_embeddings
+            ));
+        }
+        return Ok(false);
+    }
     let config = candle_config(files).map_err(|e| format!("candle-transformers' Llama cannot read {e}"))?;
     let (hidden, heads) = (raw["hidden_size"].as_u64().unwrap_or(0), raw["num_attention_heads"].as_u64().unwrap_or(1));
     if let Some(head_dim) = raw["head_dim"].as_u64().filter(|&d| heads == 0 || d != hidden / heads) {
@@ -165,6 +183,33 @@ pub(super) fn read_text(plan: &TextEvalPlan, dataset: &Path) -> Result<String, E
     Ok(String::from_utf8_lossy(&raw).into_owned())
 }
 
+fn is_qwen2(files: &ModelFiles) -> bool {
+    files.json("config.json").ok().flatten().is_some_and(|c| c["architectures"][0] == "Qwen2ForCausalLM")
+}
+
+/// config.json as candle-transformers' Qwen2 `Config` reads it: RoPE's base from
+/// `rope_parameters` (transformers 5) and a `sliding_window` that transformers writes as null
+/// when the window is off.
+fn qwen2_config(files: &ModelFiles) -> Result<candle_transformers::models::qwen2::Config, String> {
+    let mut c = files.json("config.json").map_err(|e| e.to_string())?.ok_or("the model has no config.json")?;
+    if c["rope_theta"].is_null() {
+        c["rope_theta"] = c["rope_parameters"]["rope_theta"].as_f64().unwrap_or(10_000.0).into();
+    }
+    if c["sliding_window"].is_null() {
+        c["sliding_window"] = c["max_position_embeddings"].clone();
+    }
+    for (key, default) in [("use_sliding_window", serde_json::json!(false)), ("hidden_act", serde_json::json!("silu"))]
+    {
+        if c[key].is_null() {
+            c[key] = default;
+        }
+    }
+    if c["max_window_layers"].is_null() {
+        c["max_window_layers"] = c["num_hidden_layers"].clone();
+    }
+    serde_json::from_value(c).map_err(|e| format!("config.json: {e}"))
+}
+
 /// One of the two models, fed a token at a time (two exist per evaluation: their size does not
 /// matter).
 #[allow(clippy::large_enum_variant)]
@@ -175,10 +220,18 @@ enum Runner {
         Option<candle_transformers::models::llama::Cache>,
     ),
     Gguf(Box<candle_transformers::models::quantized_llama::ModelWeights>),
+    Qwen2(Box<candle_transformers::models::qwen2::ModelForCausalLM>),
+    GgufQwen2(Box<candle_transformers::models::quantized_qwen2::ModelWeights>),
 }
 
 impl Runner {
     fn dense(path: &Path, files: &ModelFiles) -> Result<Runner, String> {
+        if is_qwen2(files) {
+            let config = qwen2_config(files)?;
+            let model = candle_transformers::models::qwen2::ModelForCausalLM::new(&config, var_builder(path)?)
+                .map_err(|e| e.to_string())?;
+            return Ok(Runner::Qwen2(Box::new(model)));
+        }
         let config = candle_config(files)?;
         let vb = var_builder(path)?;
         let model = candle_transformers::models::llama::Llama::load(vb, &config).map_err(|e| e.to_string())?;
@@ -188,6 +241,13 @@ impl Runner {
     fn gguf(path: &Path) -> Result<Runner, String> {
         let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
         let content = candle_core::quantized::gguf_file::Content::read(&mut file).map_err(|e| e.to_string())?;
+        let arch = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned();
+        if arch.as_deref() == Some("qwen2") {
+            let model =
+                candle_transformers::models::quantized_qwen2::ModelWeights::from_gguf(content, &mut file, &Device::Cpu)
+                    .map_err(|e| e.to_string())?;
+            return Ok(Runner::GgufQwen2(Box::new(model)));
+        }
         let model =
             candle_transformers::models::quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu)
                 .map_err(|e| e.to_string())?;
@@ -204,6 +264,8 @@ impl Runner {
                 );
             }
             Runner::Gguf(m) => m.clear_kv_cache(),
+            Runner::Qwen2(m) => m.clear_kv_cache(),
+            Runner::GgufQwen2(m) => m.clear_kv_cache(),
         }
         Ok(())
     }
@@ -215,6 +277,8 @@ impl Runner {
             Runner::Dense(m, _, Some(cache)) => m.forward(&x, p, cache),
             Runner::Dense(_, _, None) => unreachable!("reset before the first step"),
             Runner::Gguf(m) => m.forward(&x, p),
+            Runner::Qwen2(m) => m.forward(&x, p),
+            Runner::GgufQwen2(m) => m.forward(&x, p),
         }
         .map_err(eval_err)?;
         let logits: Vec<f32> = logits.flatten_all().and_then(|t| t.to_vec1()).map_err(eval_err)?;
