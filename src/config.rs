@@ -96,6 +96,40 @@ pub struct StorageSettings {
     pub draft_expiry_secs: u64,
     /// Drafts one principal may have open at once; more answer 409 `too_many_drafts`.
     pub max_drafts_per_principal: u64,
+    /// Where blobs live: `file://` (under `data_dir/blobs`, the default) or
+    /// `s3://bucket/prefix` (an S3-compatible store; see [`crate::storage::s3`]).
+    pub blob_store: String,
+    /// The S3 endpoint (MinIO, Ceph, a local s3s-fs...); unset: AWS, or `AWS_ENDPOINT`.
+    pub s3_endpoint: Option<String>,
+    /// The S3 region; unset: `AWS_REGION`/`AWS_DEFAULT_REGION`, else `us-east-1`.
+    pub s3_region: Option<String>,
+    /// Allow plain HTTP to the endpoint (a store on loopback or a private network).
+    pub s3_allow_http: bool,
+    /// Bytes of fetched blobs the local cache keeps (S3 store only).
+    pub blob_cache_bytes: u64,
+}
+
+impl StorageSettings {
+    /// The S3 settings when `blob_store` names a bucket; `Ok(None)` for the local disk.
+    pub fn s3(&self) -> Result<Option<crate::storage::s3::S3Settings>, String> {
+        match self.blob_store.as_str() {
+            "" | "file://" => Ok(None),
+            url if url.starts_with("s3://") => {
+                let (bucket, prefix) = crate::storage::s3::S3Settings::parse_url(url)?;
+                Ok(Some(crate::storage::s3::S3Settings {
+                    bucket,
+                    prefix,
+                    endpoint: self.s3_endpoint.clone(),
+                    region: self.s3_region.clone(),
+                    allow_http: self.s3_allow_http,
+                    cache_bytes: self.blob_cache_bytes,
+                }))
+            }
+            other => Err(format!(
+                "storage.blob_store `{other}`: expected `file://` (the local disk under data_dir) or `s3://bucket/prefix`"
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -187,6 +221,7 @@ impl Settings {
                 settings.storage.upload_rate_window_secs
             )));
         }
+        settings.storage.s3().map_err(config::ConfigError::Message)?;
         if settings.storage.draft_expiry_secs == 0 {
             return Err(config::ConfigError::Message(
                 "storage.draft_expiry_secs must be at least 1: a draft must live long enough to receive its files"

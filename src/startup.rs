@@ -38,26 +38,6 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
     Ok(file)
 }
 
-/// Removes blob files that no row names (a crash between persisting a file and its row).
-async fn remove_unreferenced_blob_files(data_dir: &Path, catalog: &dyn Catalog) -> anyhow::Result<usize> {
-    let known: std::collections::HashSet<String> = catalog.blob_keys().await?.into_iter().collect();
-    let mut removed = 0;
-    let mut shards = tokio::fs::read_dir(data_dir.join("blobs")).await?;
-    while let Some(shard) = shards.next_entry().await? {
-        if !shard.file_type().await?.is_dir() {
-            continue;
-        }
-        let mut files = tokio::fs::read_dir(shard.path()).await?;
-        while let Some(f) = files.next_entry().await? {
-            if !known.contains(f.file_name().to_string_lossy().as_ref()) {
-                tokio::fs::remove_file(f.path()).await?;
-                removed += 1;
-            }
-        }
-    }
-    Ok(removed)
-}
-
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
         let settings = Arc::new(settings);
@@ -65,7 +45,17 @@ impl Application {
         std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data dir {}", data_dir.display()))?;
         let lock = lock_data_dir(&data_dir)?;
         let pool = db::connect(&data_dir).await.context("opening the database")?;
-        let blobs = Arc::new(LocalBlobStore::open(&data_dir)?);
+        let blobs: Arc<dyn BlobStore> = match settings.storage.s3().map_err(anyhow::Error::msg)? {
+            None => Arc::new(LocalBlobStore::open(&data_dir)?),
+            Some(s3) => {
+                let store = crate::storage::s3::S3BlobStore::open(&data_dir, &s3)
+                    .with_context(|| format!("opening the blob store {}", settings.storage.blob_store))?;
+                store.check_writable().await.with_context(|| {
+                    format!("reaching the blob store {} (endpoint, credentials, bucket)", settings.storage.blob_store)
+                })?;
+                Arc::new(store)
+            }
+        };
         let catalog: Arc<dyn Catalog> = Arc::new(SqliteCatalog::new(pool.clone()));
 
         // Crash recovery, in order: partial files, rows naming nothing, files named by nothing,
@@ -75,7 +65,8 @@ impl Application {
         for sha in &orphans {
             blobs.delete(sha).await?;
         }
-        let stray = remove_unreferenced_blob_files(&data_dir, catalog.as_ref()).await?;
+        let known: std::collections::HashSet<String> = catalog.blob_keys().await?.into_iter().collect();
+        let stray = blobs.remove_unreferenced(&known).await?;
         let drafts = crate::storage::drafts::Drafts::open(pool.clone(), &data_dir)?;
         let expired_drafts = drafts.sweep(true).await?;
         let queue: Arc<dyn JobQueue> =

@@ -27,23 +27,76 @@ pub trait BlobStore: Send + Sync + 'static {
     /// A local directory for a job's training checkpoints, kept across restarts (unlike
     /// staging) until the job ends.
     fn checkpoint_dir(&self, job_id: &str) -> PathBuf;
+    /// Removes stored blobs whose key is not in `referenced` (left by a crash between storing a
+    /// file and committing its row); returns how many. Run at start.
+    async fn remove_unreferenced(&self, referenced: &std::collections::HashSet<String>) -> std::io::Result<usize>;
+}
+
+/// Whether `key` is a SHA-256 in lowercase hex: the only names blobs have.
+pub fn is_sha256(key: &str) -> bool {
+    key.len() == 64 && key.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The local directories every store keeps: staging (emptied at start) and checkpoints.
+#[derive(Debug, Clone)]
+pub struct LocalDirs {
+    staging: PathBuf,
+    checkpoints: PathBuf,
+}
+
+impl LocalDirs {
+    pub fn open(data_dir: &Path) -> std::io::Result<Self> {
+        let staging = data_dir.join("staging");
+        std::fs::create_dir_all(&staging)?;
+        Ok(Self { staging, checkpoints: data_dir.join("checkpoints") })
+    }
+
+    pub fn staging_path(&self, hint: &str) -> PathBuf {
+        self.staging.join(format!("{}-{hint}", uuid::Uuid::new_v4()))
+    }
+
+    pub fn checkpoint_dir(&self, job_id: &str) -> PathBuf {
+        self.checkpoints.join(job_id)
+    }
+
+    pub async fn sweep_staging(&self) -> std::io::Result<usize> {
+        let mut n = 0;
+        let mut dir = tokio::fs::read_dir(&self.staging).await?;
+        while let Some(entry) = dir.next_entry().await? {
+            let path = entry.path();
+            if entry.file_type().await?.is_dir() {
+                tokio::fs::remove_dir_all(&path).await?;
+            } else {
+                tokio::fs::remove_file(&path).await?;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Can the local disk take writes now?
+    pub async fn check_writable(&self) -> std::io::Result<()> {
+        let probe = self.staging.join(format!(".probe-{}", uuid::Uuid::new_v4()));
+        let written = tokio::fs::write(&probe, b"ok").await;
+        // On a full disk the write fails after creating the file: remove it on every path.
+        let removed = tokio::fs::remove_file(&probe).await;
+        written?;
+        removed
+    }
 }
 
 /// Blobs as files under `<data_dir>/blobs/<aa>/<sha256>`, staging under `<data_dir>/staging`.
 #[derive(Debug, Clone)]
 pub struct LocalBlobStore {
     root: PathBuf,
-    staging: PathBuf,
-    checkpoints: PathBuf,
+    dirs: LocalDirs,
 }
 
 impl LocalBlobStore {
     pub fn open(data_dir: &Path) -> std::io::Result<Self> {
         let root = data_dir.join("blobs");
-        let staging = data_dir.join("staging");
         std::fs::create_dir_all(&root)?;
-        std::fs::create_dir_all(&staging)?;
-        Ok(Self { root, staging, checkpoints: data_dir.join("checkpoints") })
+        Ok(Self { root, dirs: LocalDirs::open(data_dir)? })
     }
 
     fn path_of(&self, sha256: &str) -> PathBuf {
@@ -58,15 +111,15 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
 #[async_trait]
 impl BlobStore for LocalBlobStore {
     fn staging_path(&self, hint: &str) -> PathBuf {
-        self.staging.join(format!("{}-{hint}", uuid::Uuid::new_v4()))
+        self.dirs.staging_path(hint)
     }
 
     fn checkpoint_dir(&self, job_id: &str) -> PathBuf {
-        self.checkpoints.join(job_id)
+        self.dirs.checkpoint_dir(job_id)
     }
 
     async fn persist(&self, staged: &Path, sha256: &str) -> std::io::Result<()> {
-        assert!(sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit()), "sha256 key");
+        assert!(is_sha256(sha256), "sha256 key");
         let dest = self.path_of(sha256);
         let staged = staged.to_owned();
         tokio::task::spawn_blocking(move || {
@@ -100,27 +153,29 @@ impl BlobStore for LocalBlobStore {
     }
 
     async fn sweep_staging(&self) -> std::io::Result<usize> {
-        let mut n = 0;
-        let mut dir = tokio::fs::read_dir(&self.staging).await?;
-        while let Some(entry) = dir.next_entry().await? {
-            let path = entry.path();
-            if entry.file_type().await?.is_dir() {
-                tokio::fs::remove_dir_all(&path).await?;
-            } else {
-                tokio::fs::remove_file(&path).await?;
-            }
-            n += 1;
-        }
-        Ok(n)
+        self.dirs.sweep_staging().await
     }
 
     async fn check_writable(&self) -> std::io::Result<()> {
-        let probe = self.staging.join(format!(".probe-{}", uuid::Uuid::new_v4()));
-        let written = tokio::fs::write(&probe, b"ok").await;
-        // On a full disk the write fails after creating the file: remove it on every path.
-        let removed = tokio::fs::remove_file(&probe).await;
-        written?;
-        removed
+        self.dirs.check_writable().await
+    }
+
+    async fn remove_unreferenced(&self, referenced: &std::collections::HashSet<String>) -> std::io::Result<usize> {
+        let mut removed = 0;
+        let mut shards = tokio::fs::read_dir(&self.root).await?;
+        while let Some(shard) = shards.next_entry().await? {
+            if !shard.file_type().await?.is_dir() {
+                continue;
+            }
+            let mut files = tokio::fs::read_dir(shard.path()).await?;
+            while let Some(f) = files.next_entry().await? {
+                if !referenced.contains(f.file_name().to_string_lossy().as_ref()) {
+                    tokio::fs::remove_file(f.path()).await?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 }
 
@@ -152,5 +207,93 @@ mod tests {
         std::fs::create_dir(store.staging_path("job")).unwrap();
         assert_eq!(store.sweep_staging().await.unwrap(), 2);
         assert_eq!(store.sweep_staging().await.unwrap(), 0);
+    }
+
+    /// What every blob store must do, run on the local disk always and on an S3 endpoint when
+    /// `MODELPRESS_TEST_S3_ENDPOINT` is set (see [`s3_from_env`]).
+    pub(crate) async fn conformance(store: &dyn BlobStore, data_dir: &Path) {
+        use sha2::{Digest, Sha256};
+        let put = |bytes: &[u8]| {
+            let staged = store.staging_path("conformance");
+            std::fs::write(&staged, bytes).unwrap();
+            (staged, hex::encode(Sha256::digest(bytes)))
+        };
+        // Larger than a multipart part (8 MiB), not a multiple of it.
+        let big: Vec<u8> = (0..(17u32 << 20) + 12_345).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        let (staged, a) = put(&big);
+        store.persist(&staged, &a).await.unwrap();
+        assert!(!staged.exists(), "persist takes the staged file");
+        assert_eq!(std::fs::read(store.local_path(&a).await.unwrap()).unwrap(), big);
+        // The same content again: one blob, the staged copy dropped.
+        let (again, same) = put(&big);
+        store.persist(&again, &same).await.unwrap();
+        assert!(!again.exists());
+        // Another replica (an empty cache) reads the same bytes.
+        let cache = data_dir.join("blob-cache");
+        if cache.exists() {
+            std::fs::remove_dir_all(&cache).unwrap();
+            std::fs::create_dir_all(&cache).unwrap();
+        }
+        assert_eq!(std::fs::read(store.local_path(&a).await.unwrap()).unwrap(), big);
+        // Referenced blobs survive the start-up sweep.
+        let (staged, b) = put(b"small");
+        store.persist(&staged, &b).await.unwrap();
+        let referenced: std::collections::HashSet<String> = [a.clone(), b.clone()].into();
+        assert_eq!(store.remove_unreferenced(&referenced).await.unwrap(), 0);
+        assert_eq!(std::fs::read(store.local_path(&b).await.unwrap()).unwrap(), b"small");
+        // Deleted means gone, and deleting twice is fine.
+        store.delete(&b).await.unwrap();
+        store.delete(&b).await.unwrap();
+        if cache.exists() {
+            std::fs::remove_dir_all(&cache).unwrap();
+            std::fs::create_dir_all(&cache).unwrap();
+        }
+        let missing = store.local_path(&b).await.unwrap_err();
+        assert_eq!(missing.kind(), std::io::ErrorKind::NotFound, "{missing}");
+        // Staging leftovers go; the store takes writes.
+        std::fs::write(store.staging_path("left"), b"x").unwrap();
+        assert_eq!(store.sweep_staging().await.unwrap(), 1);
+        store.check_writable().await.unwrap();
+        store.delete(&a).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_local_disk_passes_the_blob_store_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalBlobStore::open(dir.path()).unwrap();
+        conformance(&store, dir.path()).await;
+        // The local store removes unreferenced files at once (one process owns the directory).
+        let staged = store.staging_path("stray");
+        std::fs::write(&staged, b"stray").unwrap();
+        store.persist(&staged, &"cd".repeat(32)).await.unwrap();
+        assert_eq!(store.remove_unreferenced(&Default::default()).await.unwrap(), 1);
+    }
+
+    /// An S3 store on the endpoint of `MODELPRESS_TEST_S3_ENDPOINT` (bucket
+    /// `MODELPRESS_TEST_S3_BUCKET`, default `modelpress-test`; credentials from `AWS_*`), under a
+    /// fresh prefix; `None` (the test says it skipped) when the variable is unset.
+    pub(crate) fn s3_from_env(data_dir: &Path) -> Option<crate::storage::s3::S3BlobStore> {
+        let endpoint = std::env::var("MODELPRESS_TEST_S3_ENDPOINT").ok()?;
+        let settings = crate::storage::s3::S3Settings {
+            bucket: std::env::var("MODELPRESS_TEST_S3_BUCKET").unwrap_or_else(|_| "modelpress-test".into()),
+            prefix: format!("conformance/{}", uuid::Uuid::new_v4()),
+            allow_http: endpoint.starts_with("http://"),
+            endpoint: Some(endpoint),
+            region: Some("us-east-1".into()),
+            cache_bytes: 1 << 30,
+        };
+        Some(crate::storage::s3::S3BlobStore::open(data_dir, &settings).unwrap())
+    }
+
+    #[tokio::test]
+    async fn an_s3_endpoint_passes_the_blob_store_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(store) = s3_from_env(dir.path()) else {
+            eprintln!(
+                "skipped: set MODELPRESS_TEST_S3_ENDPOINT (and AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) to run it"
+            );
+            return;
+        };
+        conformance(&store, dir.path()).await;
     }
 }

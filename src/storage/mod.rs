@@ -12,6 +12,7 @@ pub mod drafts;
 pub mod error;
 pub mod keys;
 pub mod queue;
+pub mod s3;
 pub mod sqlite_queue;
 
 /// Deletes a finished job with its events, artifact rows, the artifact files no other row names

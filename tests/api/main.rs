@@ -17,4 +17,5 @@ mod operations;
 mod properties;
 mod prune;
 mod quantize;
+mod s3;
 mod structure;
