@@ -12,8 +12,12 @@ use async_trait::async_trait;
 /// implements the same calls (staging stays local because kernels read with positioned I/O).
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
+    /// The local staging and checkpoint directories every store keeps.
+    fn dirs(&self) -> &LocalDirs;
     /// A fresh path in the local staging directory for a file being written.
-    fn staging_path(&self, hint: &str) -> PathBuf;
+    fn staging_path(&self, hint: &str) -> PathBuf {
+        self.dirs().staging_path(hint)
+    }
     /// Moves a complete, fsynced staged file in under `sha256`; if that blob exists already the
     /// staged copy is dropped (same content).
     async fn persist(&self, staged: &Path, sha256: &str) -> std::io::Result<()>;
@@ -21,12 +25,16 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn local_path(&self, sha256: &str) -> std::io::Result<PathBuf>;
     async fn delete(&self, sha256: &str) -> std::io::Result<()>;
     /// Removes staged files left behind by a crash; returns how many.
-    async fn sweep_staging(&self) -> std::io::Result<usize>;
+    async fn sweep_staging(&self) -> std::io::Result<usize> {
+        self.dirs().sweep_staging().await
+    }
     /// Can the store take writes now (readiness probe)?
     async fn check_writable(&self) -> std::io::Result<()>;
     /// A local directory for a job's training checkpoints, kept across restarts (unlike
     /// staging) until the job ends.
-    fn checkpoint_dir(&self, job_id: &str) -> PathBuf;
+    fn checkpoint_dir(&self, job_id: &str) -> PathBuf {
+        self.dirs().checkpoint_dir(job_id)
+    }
     /// Removes stored blobs whose key is not in `referenced` (left by a crash between storing a
     /// file and committing its row); returns how many. Run at start.
     async fn remove_unreferenced(&self, referenced: &std::collections::HashSet<String>) -> std::io::Result<usize>;
@@ -110,12 +118,8 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
 
 #[async_trait]
 impl BlobStore for LocalBlobStore {
-    fn staging_path(&self, hint: &str) -> PathBuf {
-        self.dirs.staging_path(hint)
-    }
-
-    fn checkpoint_dir(&self, job_id: &str) -> PathBuf {
-        self.dirs.checkpoint_dir(job_id)
+    fn dirs(&self) -> &LocalDirs {
+        &self.dirs
     }
 
     async fn persist(&self, staged: &Path, sha256: &str) -> std::io::Result<()> {
@@ -150,10 +154,6 @@ impl BlobStore for LocalBlobStore {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
-    }
-
-    async fn sweep_staging(&self) -> std::io::Result<usize> {
-        self.dirs.sweep_staging().await
     }
 
     async fn check_writable(&self) -> std::io::Result<()> {

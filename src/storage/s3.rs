@@ -208,12 +208,8 @@ fn touch(path: &Path) {
 
 #[async_trait]
 impl BlobStore for S3BlobStore {
-    fn staging_path(&self, hint: &str) -> PathBuf {
-        self.dirs.staging_path(hint)
-    }
-
-    fn checkpoint_dir(&self, job_id: &str) -> PathBuf {
-        self.dirs.checkpoint_dir(job_id)
+    fn dirs(&self) -> &LocalDirs {
+        &self.dirs
     }
 
     async fn persist(&self, staged: &Path, sha256: &str) -> std::io::Result<()> {
@@ -261,10 +257,6 @@ impl BlobStore for S3BlobStore {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
-    }
-
-    async fn sweep_staging(&self) -> std::io::Result<usize> {
-        self.dirs.sweep_staging().await
     }
 
     async fn check_writable(&self) -> std::io::Result<()> {

@@ -16,7 +16,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::text_eval::{read_text, TextEvalPlan};
+use super::text_eval::{load_tokenizer, read_text, TextEvalPlan};
 use super::{EngineError, Tracker};
 use crate::formats::hf::ModelFiles;
 
@@ -137,10 +137,7 @@ pub(super) fn run(
     let started = std::time::Instant::now();
     let job_err = |detail: String| EngineError::Job { code: "evaluation_failed", detail };
     let text = read_text(plan, dataset)?;
-    let tokenizer_path =
-        files.path("tokenizer.json").ok_or_else(|| job_err("the model has no tokenizer.json".into()))?;
-    let mut tokenizer =
-        tokenizers::Tokenizer::from_file(tokenizer_path).map_err(|e| job_err(format!("tokenizer.json: {e}")))?;
+    let mut tokenizer = load_tokenizer(files)?;
     tokenizer
         .with_truncation(Some(tokenizers::TruncationParams { max_length: plan.context, ..Default::default() }))
         .map_err(|e| job_err(format!("tokenizer.json: {e}")))?;

@@ -210,6 +210,13 @@ fn qwen2_config(files: &ModelFiles) -> Result<candle_transformers::models::qwen2
     serde_json::from_value(c).map_err(|e| format!("config.json: {e}"))
 }
 
+/// The model's own `tokenizer.json`, through the `tokenizers` crate.
+pub(super) fn load_tokenizer(files: &ModelFiles) -> Result<tokenizers::Tokenizer, EngineError> {
+    let job_err = |detail: String| EngineError::Job { code: "evaluation_failed", detail };
+    let path = files.path("tokenizer.json").ok_or_else(|| job_err("the model has no tokenizer.json".into()))?;
+    tokenizers::Tokenizer::from_file(path).map_err(|e| job_err(format!("tokenizer.json: {e}")))
+}
+
 /// One of the two models, fed a token at a time (two exist per evaluation: their size does not
 /// matter).
 #[allow(clippy::large_enum_variant)]
@@ -315,10 +322,7 @@ pub(super) fn run(
     let started = std::time::Instant::now();
     let job_err = |detail: String| EngineError::Job { code: "evaluation_failed", detail };
     let text = read_text(plan, dataset)?;
-    let tokenizer_path =
-        files.path("tokenizer.json").ok_or_else(|| job_err("the model has no tokenizer.json".into()))?;
-    let tokenizer =
-        tokenizers::Tokenizer::from_file(tokenizer_path).map_err(|e| job_err(format!("tokenizer.json: {e}")))?;
+    let tokenizer = load_tokenizer(files)?;
     let encoding = tokenizer.encode(text, false).map_err(|e| job_err(format!("tokenizing the text: {e}")))?;
     let ids: Vec<u32> = encoding.get_ids().iter().copied().take(plan.tokens).collect();
     drop(encoding);
