@@ -1,7 +1,7 @@
 -- Model drafts: a folder uploaded file by file (PUT /v1/models/drafts/{id}/files/{name}), then
--- committed into one model. The files live under <data_dir>/drafts/<id>/ by their own names; a
--- row per file keeps the hash taken while it was written and its size (counted in the owner's
--- storage quota).
+-- committed into one model. The files live under <data_dir>/drafts/<id>/ named by their SHA-256;
+-- a row per file maps its name in the folder to that hash (taken while it was written) and keeps
+-- its size (counted in the owner's storage quota).
 create table model_drafts (
     id          text primary key,
     owner       text not null,
