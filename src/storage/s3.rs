@@ -238,11 +238,16 @@ impl BlobStore for S3BlobStore {
             return Ok(cached);
         }
         let lock = self.fetching.lock().expect("fetch locks").entry(sha256.to_owned()).or_default().clone();
-        let _one = lock.lock().await;
-        if !tokio::fs::try_exists(&cached).await? {
-            self.fetch(sha256, &cached).await?;
-        }
+        let one = lock.lock().await;
+        let fetched = match tokio::fs::try_exists(&cached).await {
+            Ok(true) => Ok(()),
+            Ok(false) => self.fetch(sha256, &cached).await,
+            Err(e) => Err(e),
+        };
+        drop(one);
+        // Whatever happened, the next caller starts afresh (a failed fetch is tried again).
         self.fetching.lock().expect("fetch locks").remove(sha256);
+        fetched?;
         touch(&cached);
         self.trim_cache().await?;
         Ok(cached)
