@@ -50,9 +50,11 @@ impl Application {
             Some(s3) => {
                 let store = crate::storage::s3::S3BlobStore::open(&data_dir, &s3)
                     .with_context(|| format!("opening the blob store {}", settings.storage.blob_store))?;
-                store.check_writable().await.with_context(|| {
+                let context = || {
                     format!("reaching the blob store {} (endpoint, credentials, bucket)", settings.storage.blob_store)
-                })?;
+                };
+                store.check_writable().await.with_context(context)?;
+                store.probe_write().await.with_context(context)?;
                 Arc::new(store)
             }
         };

@@ -229,7 +229,10 @@ th{background:#f4f4f4}.note{color:#a60;text-align:left}.sum{font-size:16px}</sty
             (x.name.clone(), e, format!("{:.3}%", 100.0 * e))
         })
         .collect();
-    html.push_str(&bar_chart("Relative error per changed tensor", &err_rows, "#d9534f"));
+    // A summary report (or a job that changed nothing) has no error figures to draw.
+    if !err_rows.is_empty() {
+        html.push_str(&bar_chart("Relative error per changed tensor", &err_rows, "#d9534f"));
+    }
     let bit_rows: Vec<(String, f64, String)> = r
         .tensors
         .iter()

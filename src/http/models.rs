@@ -250,6 +250,19 @@ pub(super) async fn store_model(
         })
         .collect();
     let parameters = staged.header.parameter_count() as i64;
+    // An object store receives the files now, outside the gate (nothing names them yet); under
+    // the gate, persisting is then a check and a local move.
+    let ahead = async {
+        state.blobs.upload_ahead(&staged.path, &staged.sha256).await?;
+        for f in &folder_files {
+            state.blobs.upload_ahead(&f.path, &f.sha256).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    if let Err(e) = ahead.await {
+        let _ = std::fs::remove_file(&staged.path);
+        return Err(ApiError::io(e));
+    }
     let _gate = state.catalog.blob_gate().await;
     if let Err(e) = state.blobs.persist(&staged.path, &staged.sha256).await {
         let _ = std::fs::remove_file(&staged.path);

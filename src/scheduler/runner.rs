@@ -1,7 +1,7 @@
 //! Runs one claimed job: heartbeat and cancel watch, the engine on a blocking thread inside the
 //! job's span, throttled progress, artifact persistence, and the outcome.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -208,6 +208,21 @@ async fn execute_inner(
     if let Err(e) = tokio::fs::create_dir_all(&out_dir).await {
         return Outcome::Retry(failure("storage_error", e.to_string()));
     }
+    // The job's inputs, hard-linked where a blob cache cannot evict them while the job runs.
+    let pins = ctx.blobs.staging_path("job-inputs");
+    if let Err(e) = tokio::fs::create_dir_all(&pins).await {
+        return Outcome::Retry(failure("storage_error", e.to_string()));
+    }
+    let _pins = crate::http::folder_upload::DirGuard::new(pins.clone());
+    let pin = |p: PathBuf| pin_input(&pins, p);
+    let model_path = pin(model_path);
+    let mut files = files;
+    for path in files.files.values_mut() {
+        *path = pin(std::mem::take(path));
+    }
+    let dataset_path = dataset_path.map(pin);
+    let eval_path = eval_path.map(pin);
+    let teacher = teacher.map(|(graph, path)| (graph, pin(path)));
 
     let control = Arc::new(JobControl { cancel: AtomicU8::new(0), latest: Mutex::new(None) });
     let watcher = tokio::spawn(watch_job(ctx.clone(), worker.to_owned(), job.id.clone(), control.clone()));
@@ -253,16 +268,21 @@ async fn execute_inner(
             tracing::error!(panic = %msg, "job panicked");
             Outcome::Failed(failure("internal_error", "the engine stopped on an internal error; the log has details"))
         }
-        Ok(Ok(output)) => {
-            *gate = Some(ctx.catalog.blob_gate().await);
-            match persist(ctx, &output.artifacts).await {
-                Ok(artifacts) => match registration(ctx, &job_name, &job.owner, register, &artifacts, &out_dir).await {
-                    Ok(r) => Outcome::Succeeded(artifacts, r),
+        Ok(Ok(output)) => match prepare(ctx, &output.artifacts).await {
+            Err(e) => io_outcome(&e),
+            Ok(prepared) => {
+                *gate = Some(ctx.catalog.blob_gate().await);
+                match persist(ctx, &prepared).await {
+                    Ok(artifacts) => {
+                        match registration(ctx, &job_name, &job.owner, register, &artifacts, &out_dir).await {
+                            Ok(r) => Outcome::Succeeded(artifacts, r),
+                            Err(e) => io_outcome(&e),
+                        }
+                    }
                     Err(e) => io_outcome(&e),
-                },
-                Err(e) => io_outcome(&e),
+                }
             }
-        }
+        },
         Ok(Err(EngineError::Canceled)) => match control.reason() {
             CancelReason::User => Outcome::Canceled,
             _ => Outcome::Released,
@@ -431,14 +451,49 @@ async fn merge_for_registration(
     Ok((sha, bytes as i64))
 }
 
-async fn persist(ctx: &WorkerContext, files: &[engine::ArtifactFile]) -> std::io::Result<Vec<NewArtifact>> {
+/// Hard-links an input's local file into `dir` under a fresh name, so the job reads it there even
+/// if a blob cache evicts the blob meanwhile (the link keeps the bytes); the path as it is where
+/// linking fails (another filesystem).
+fn pin_input(dir: &Path, path: PathBuf) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let link = dir.join(format!("{}-{name}", uuid::Uuid::new_v4()));
+    match std::fs::hard_link(&path, &link) {
+        Ok(()) => link,
+        Err(_) => path,
+    }
+}
+
+/// Hashes each artifact and hands it to the blob store ahead of time (an object store uploads
+/// it now, outside the blob gate: content-addressed, so nothing can name it yet).
+async fn prepare(
+    ctx: &WorkerContext,
+    files: &[engine::ArtifactFile],
+) -> std::io::Result<Vec<(engine::ArtifactFile, String, u64)>> {
     let mut out = Vec::with_capacity(files.len());
     for f in files {
         let path = f.path.clone();
         let (sha, bytes) = tokio::task::spawn_blocking(move || hash_file(&path)).await.expect("hash task")?;
-        ctx.blobs.persist(&f.path, &sha).await?;
-        ctx.catalog.ensure_blob(&sha, bytes as i64).await.map_err(std::io::Error::other)?;
-        out.push(NewArtifact { name: f.name.clone(), format: f.format.clone(), sha256: sha, bytes: bytes as i64 });
+        ctx.blobs.upload_ahead(&f.path, &sha).await?;
+        out.push((f.clone(), sha, bytes));
+    }
+    Ok(out)
+}
+
+/// Moves the prepared artifacts into the blob store and records the blob rows (under the gate).
+async fn persist(
+    ctx: &WorkerContext,
+    files: &[(engine::ArtifactFile, String, u64)],
+) -> std::io::Result<Vec<NewArtifact>> {
+    let mut out = Vec::with_capacity(files.len());
+    for (f, sha, bytes) in files {
+        ctx.blobs.persist(&f.path, sha).await?;
+        ctx.catalog.ensure_blob(sha, *bytes as i64).await.map_err(std::io::Error::other)?;
+        out.push(NewArtifact {
+            name: f.name.clone(),
+            format: f.format.clone(),
+            sha256: sha.clone(),
+            bytes: *bytes as i64,
+        });
     }
     Ok(out)
 }

@@ -18,6 +18,12 @@ pub trait BlobStore: Send + Sync + 'static {
     fn staging_path(&self, hint: &str) -> PathBuf {
         self.dirs().staging_path(hint)
     }
+    /// Sends a complete staged file to where the blob will live before the caller takes the blob
+    /// gate (an object store's upload takes long; content-addressed, nothing names it yet). The
+    /// local disk has nothing to do ahead. [`Self::persist`] must still follow.
+    async fn upload_ahead(&self, _staged: &Path, _sha256: &str) -> std::io::Result<()> {
+        Ok(())
+    }
     /// Moves a complete, fsynced staged file in under `sha256`; if that blob exists already the
     /// staged copy is dropped (same content).
     async fn persist(&self, staged: &Path, sha256: &str) -> std::io::Result<()>;

@@ -31,8 +31,11 @@ impl From<sqlx::Error> for StorageError {
             sqlx::Error::Database(d) => match d.code().as_deref() {
                 // SQLITE_FULL; PostgreSQL's disk_full.
                 Some("13") | Some("53100") => StorageError::StorageFull,
-                // SQLITE_BUSY, SQLITE_LOCKED; PostgreSQL's connection and shutdown classes.
-                Some("5") | Some("6") | Some("517") | Some("262") => StorageError::Unavailable(e.to_string()),
+                // SQLITE_BUSY (and its _RECOVERY, _SNAPSHOT, _TIMEOUT), SQLITE_LOCKED (and _SHAREDCACHE);
+                // PostgreSQL's connection and shutdown classes.
+                Some("5") | Some("6") | Some("261") | Some("517") | Some("773") | Some("262") => {
+                    StorageError::Unavailable(e.to_string())
+                }
                 Some(c) if c.starts_with("08") || c.starts_with("57P") => StorageError::Unavailable(e.to_string()),
                 _ if d.is_unique_violation() => StorageError::Conflict(d.message().to_owned()),
                 _ => StorageError::Other(e.to_string()),

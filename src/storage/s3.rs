@@ -84,7 +84,14 @@ impl S3BlobStore {
     /// Opens the store: local staging, checkpoints and cache under `data_dir`, the bucket as
     /// configured (not contacted yet; [`BlobStore::check_writable`] does).
     pub fn open(data_dir: &Path, s: &S3Settings) -> std::io::Result<Self> {
-        let mut b = AmazonS3Builder::from_env().with_bucket_name(&s.bucket);
+        // No overall request timeout (object_store's default of 30 s would cut every transfer
+        // of a multi-GB blob, retried until the retry budget is gone); a stalled connection is
+        // caught by the read timeout instead.
+        let options = object_store::ClientOptions::new()
+            .with_timeout_disabled()
+            .with_connect_timeout(Duration::from_secs(10))
+            .with_read_timeout(Duration::from_secs(60));
+        let mut b = AmazonS3Builder::from_env().with_bucket_name(&s.bucket).with_client_options(options);
         if let Some(e) = &s.endpoint {
             b = b.with_endpoint(e);
         }
@@ -97,6 +104,12 @@ impl S3BlobStore {
         let store = b.build().map_err(io_err)?;
         let cache = data_dir.join("blob-cache");
         std::fs::create_dir_all(&cache)?;
+        // Fetches a crash or a dropped request left half done.
+        for e in std::fs::read_dir(&cache)?.flatten() {
+            if e.file_name().to_string_lossy().starts_with('.') {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         Ok(Self {
             store,
             prefix: s.prefix.clone(),
@@ -112,6 +125,23 @@ impl S3BlobStore {
         ObjectPath::from(if self.prefix.is_empty() { key } else { format!("{}/{key}", self.prefix) })
     }
 
+    fn prefix_path(&self) -> Option<ObjectPath> {
+        (!self.prefix.is_empty()).then(|| ObjectPath::from(self.prefix.as_str()))
+    }
+
+    /// Writes and deletes a small object under the prefix: the credentials may write (run at
+    /// start; readiness checks only list).
+    pub async fn probe_write(&self) -> std::io::Result<()> {
+        let key = ObjectPath::from(format!(
+            "{}{}.modelpress-probe-{}",
+            self.prefix,
+            if self.prefix.is_empty() { "" } else { "/" },
+            uuid::Uuid::new_v4()
+        ));
+        self.store.put(&key, object_store::PutPayload::from_static(b"ok")).await.map_err(io_err)?;
+        self.store.delete(&key).await.map_err(io_err)
+    }
+
     fn cached(&self, sha256: &str) -> PathBuf {
         self.cache.join(sha256)
     }
@@ -124,51 +154,12 @@ impl S3BlobStore {
         }
     }
 
+    /// Uploads `file` under `key` as a task of its own: a caller that goes away (a client gone)
+    /// cannot leave an incomplete multipart upload behind; a failed one is aborted.
     async fn upload(&self, file: &Path, key: &ObjectPath) -> std::io::Result<()> {
-        let mut source = tokio::fs::File::open(file).await?;
-        let upload = self.store.put_multipart(key).await.map_err(io_err)?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
-        let mut buf = vec![0u8; PART_BYTES];
-        let sent: std::io::Result<()> = async {
-            loop {
-                let n = tokio::io::AsyncReadExt::read(&mut source, &mut buf).await?;
-                if n == 0 {
-                    return Ok(());
-                }
-                writer.wait_for_capacity(2).await.map_err(io_err)?;
-                writer.write(&buf[..n]);
-            }
-        }
-        .await;
-        match sent {
-            Ok(()) => writer.finish().await.map(|_| ()).map_err(io_err),
-            Err(e) => {
-                let _ = writer.abort().await;
-                Err(e)
-            }
-        }
+        let (store, file, key) = (self.store.clone(), file.to_owned(), key.clone());
+        tokio::spawn(async move { upload(&store, &file, &key).await }).await.expect("upload task")
     }
-
-    /// Fetches the blob into the cache (whole, to a temporary name, then renamed).
-    async fn fetch(&self, sha256: &str, dest: &Path) -> std::io::Result<()> {
-        let result = self.store.get(&self.key(sha256)).await.map_err(io_err)?;
-        let partial = self.cache.join(format!(".{sha256}.{}", uuid::Uuid::new_v4()));
-        let mut out = tokio::fs::File::create(&partial).await?;
-        let mut stream = result.into_stream();
-        let copied: std::io::Result<()> = async {
-            while let Some(chunk) = stream.next().await {
-                out.write_all(&chunk.map_err(io_err)?).await?;
-            }
-            out.sync_all().await
-        }
-        .await;
-        if let Err(e) = copied {
-            let _ = tokio::fs::remove_file(&partial).await;
-            return Err(e);
-        }
-        tokio::fs::rename(&partial, dest).await
-    }
-
     /// Evicts least recently used cache entries over the limit (see the module docs).
     async fn trim_cache(&self) -> std::io::Result<()> {
         let mut entries = Vec::new();
@@ -191,12 +182,64 @@ impl S3BlobStore {
             if now.duration_since(used).unwrap_or_default() < CACHE_GRACE {
                 break;
             }
-            if tokio::fs::remove_file(&path).await.is_ok() {
+            // Used since the listing (a caller was just handed it): it stays.
+            let still_old = tokio::fs::metadata(&path)
+                .await
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .is_some_and(|m| now.duration_since(m).unwrap_or_default() >= CACHE_GRACE);
+            if still_old && tokio::fs::remove_file(&path).await.is_ok() {
                 total -= len;
             }
         }
         Ok(())
     }
+}
+
+async fn upload(store: &AmazonS3, file: &Path, key: &ObjectPath) -> std::io::Result<()> {
+    let mut source = tokio::fs::File::open(file).await?;
+    let upload = store.put_multipart(key).await.map_err(io_err)?;
+    let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+    let mut buf = vec![0u8; PART_BYTES];
+    let sent: std::io::Result<()> = async {
+        loop {
+            let n = tokio::io::AsyncReadExt::read(&mut source, &mut buf).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            writer.wait_for_capacity(2).await.map_err(io_err)?;
+            writer.write(&buf[..n]);
+        }
+    }
+    .await;
+    match sent {
+        Ok(()) => writer.finish().await.map(|_| ()).map_err(io_err),
+        Err(e) => {
+            let _ = writer.abort().await;
+            Err(e)
+        }
+    }
+}
+
+/// Fetches the object at `key` into `dest` in the cache `dir` (whole, to a temporary name, then
+/// renamed).
+async fn fetch(store: &AmazonS3, key: &ObjectPath, dir: &Path, sha256: &str, dest: &Path) -> std::io::Result<()> {
+    let result = store.get(key).await.map_err(io_err)?;
+    let partial = dir.join(format!(".{sha256}.{}", uuid::Uuid::new_v4()));
+    let mut out = tokio::fs::File::create(&partial).await?;
+    let mut stream = result.into_stream();
+    let copied: std::io::Result<()> = async {
+        while let Some(chunk) = stream.next().await {
+            out.write_all(&chunk.map_err(io_err)?).await?;
+        }
+        out.sync_all().await
+    }
+    .await;
+    if let Err(e) = copied {
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err(e);
+    }
+    tokio::fs::rename(&partial, dest).await
 }
 
 /// Marks a cache entry used now (its modification time orders the eviction).
@@ -212,8 +255,19 @@ impl BlobStore for S3BlobStore {
         &self.dirs
     }
 
+    async fn upload_ahead(&self, staged: &Path, sha256: &str) -> std::io::Result<()> {
+        assert!(is_sha256(sha256), "sha256 key");
+        let key = self.key(sha256);
+        if !self.exists(&key).await? {
+            self.upload(staged, &key).await?;
+        }
+        Ok(())
+    }
+
     async fn persist(&self, staged: &Path, sha256: &str) -> std::io::Result<()> {
         assert!(is_sha256(sha256), "sha256 key");
+        // Normally uploaded ahead, outside the gate; a delete under the gate since (or a caller
+        // that did not upload ahead) means it is sent now.
         let key = self.key(sha256);
         if !self.exists(&key).await? {
             self.upload(staged, &key).await?;
@@ -233,20 +287,33 @@ impl BlobStore for S3BlobStore {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("`{sha256}` is not a blob key")));
         }
         let cached = self.cached(sha256);
+        // Touched before it is checked, so a trim running now sees it as just used.
+        touch(&cached);
         if tokio::fs::try_exists(&cached).await? {
-            touch(&cached);
             return Ok(cached);
         }
         let lock = self.fetching.lock().expect("fetch locks").entry(sha256.to_owned()).or_default().clone();
         let one = lock.lock().await;
         let fetched = match tokio::fs::try_exists(&cached).await {
             Ok(true) => Ok(()),
-            Ok(false) => self.fetch(sha256, &cached).await,
+            // A task of its own: a caller that goes away does not leave half a file behind.
+            Ok(false) => {
+                let (store, key, dir, dest) =
+                    (self.store.clone(), self.key(sha256), self.cache.clone(), cached.clone());
+                let sha = sha256.to_owned();
+                tokio::spawn(async move { fetch(&store, &key, &dir, &sha, &dest).await }).await.expect("fetch task")
+            }
             Err(e) => Err(e),
         };
         drop(one);
-        // Whatever happened, the next caller starts afresh (a failed fetch is tried again).
-        self.fetching.lock().expect("fetch locks").remove(sha256);
+        // The next caller starts afresh (a failed fetch is tried again); a newer lock another
+        // caller made meanwhile stays.
+        {
+            let mut locks = self.fetching.lock().expect("fetch locks");
+            if locks.get(sha256).is_some_and(|l| Arc::ptr_eq(l, &lock)) {
+                locks.remove(sha256);
+            }
+        }
         fetched?;
         touch(&cached);
         self.trim_cache().await?;
@@ -266,20 +333,26 @@ impl BlobStore for S3BlobStore {
 
     async fn check_writable(&self) -> std::io::Result<()> {
         self.dirs.check_writable().await?;
-        // Reachable with these credentials: a missing key is an answer too.
-        self.exists(&self.key(&"0".repeat(64))).await.map(|_| ())
+        // The bucket exists and these credentials may list it (a missing bucket is an error
+        // here, where a missing key would not be).
+        self.store.list_with_delimiter(self.prefix_path().as_ref()).await.map(|_| ()).map_err(io_err)
     }
 
     async fn remove_unreferenced(&self, referenced: &HashSet<String>) -> std::io::Result<usize> {
-        let prefix = (!self.prefix.is_empty()).then(|| ObjectPath::from(self.prefix.as_str()));
+        let prefix = self.prefix_path();
         let mut listing = self.store.list(prefix.as_ref());
         let now = chrono_free_now();
         let mut removed = 0;
         while let Some(meta) = listing.next().await {
             let meta = meta.map_err(io_err)?;
             let Some(name) = meta.location.filename().map(str::to_owned) else { continue };
+            // Only this store's own keys: the listing also shows deeper prefixes (another
+            // deployment under `<prefix>/...`).
+            if !is_sha256(&name) || meta.location != self.key(&name) || referenced.contains(&name) {
+                continue;
+            }
             let age = now.saturating_sub(meta.last_modified.timestamp().max(0) as u64);
-            if is_sha256(&name) && !referenced.contains(&name) && age > ORPHAN_AGE.as_secs() {
+            if age > ORPHAN_AGE.as_secs() {
                 self.delete(&name).await?;
                 removed += 1;
             }

@@ -76,7 +76,8 @@ pub struct TextEvaluation {
 }
 
 /// The kind of language model evaluated, when candle-transformers runs it: `llama` and
-/// `quantized_llama` for Llama and Mistral decoders, `bert` for BERT encoders.
+/// `quantized_llama` for Llama and Mistral decoders, `qwen2` and `quantized_qwen2` for Qwen2,
+/// `bert` for BERT encoders.
 pub fn covers(files: &ModelFiles) -> Option<TextModel> {
     let Ok(Some(config)) = files.json("config.json") else { return None };
     if matches!(
@@ -111,6 +112,12 @@ pub fn check(files: &ModelFiles, context: usize) -> Result<bool, String> {
             || raw["rope_parameters"]["rope_type"].as_str().is_some_and(|t| t != "default")
         {
             return Err("config.json sets RoPE scaling, which candle-transformers' Qwen2 does not apply".into());
+        }
+        let (hidden, heads) = (config.hidden_size as u64, config.num_attention_heads.max(1) as u64);
+        if let Some(head_dim) = raw["head_dim"].as_u64().filter(|&d| d != hidden / heads) {
+            return Err(format!(
+                "config.json sets head_dim {head_dim} apart from hidden_size / num_attention_heads, which candle-transformers' Qwen2 does not support"
+            ));
         }
         if context > config.max_position_embeddings {
             return Err(format!(
