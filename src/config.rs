@@ -116,6 +116,12 @@ impl StorageSettings {
             "" | "file://" => Ok(None),
             url if url.starts_with("s3://") => {
                 let (bucket, prefix) = crate::storage::s3::S3Settings::parse_url(url)?;
+                if self.s3_endpoint.as_deref().is_some_and(|e| e.starts_with("http://")) && !self.s3_allow_http {
+                    return Err(format!(
+                        "storage.s3_endpoint {} is plain HTTP: set storage.s3_allow_http = true (MODELPRESS__STORAGE__S3_ALLOW_HTTP=true) to use it",
+                        self.s3_endpoint.as_deref().unwrap_or_default()
+                    ));
+                }
                 Ok(Some(crate::storage::s3::S3Settings {
                     bucket,
                     prefix,

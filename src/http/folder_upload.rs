@@ -172,7 +172,8 @@ fn extract(reader: impl Read, dir: &Path, limit: u64, gone: &AtomicBool) -> Resu
         let name = top_level(&path).filter(|n| wanted(n) && kind.is_file());
         let Some(name) = name else {
             if ignored.len() < MAX_LISTED {
-                ignored.push(path.display().to_string());
+                // As the folder names it: without the `./` that `tar -C DIR .` puts first.
+                ignored.push(path.strip_prefix(".").unwrap_or(&path).display().to_string());
             } else {
                 more += 1;
             }

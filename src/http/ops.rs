@@ -60,13 +60,21 @@ pub struct Readiness {
 /// Readiness: the database answers, the data dir takes writes, every worker loop is alive.
 #[utoipa::path(get, path = "/readyz", tag = "operations", responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
+    // The answer says what is wrong, not where (endpoints, buckets, paths go to the log only:
+    // this route needs no key).
     let database = match state.catalog.ping().await {
         Ok(()) => "ok".to_string(),
-        Err(e) => format!("error: {e}"),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness: the database does not answer");
+            "error: the database does not answer".to_string()
+        }
     };
     let storage = match state.blobs.check_writable().await {
         Ok(()) => "ok".to_string(),
-        Err(e) => format!("error: {e}"),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness: the blob store does not take writes");
+            format!("error: the blob store does not take writes ({})", e.kind())
+        }
     };
     let alive = state.workers_alive.load(Ordering::SeqCst);
     let workers = if alive == state.workers_expected {
