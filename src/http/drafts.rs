@@ -118,6 +118,25 @@ pub async fn create_draft(
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(DraftView::new(&draft, Vec::new()))).into_response())
 }
 
+/// Most drafts one listing returns (a principal has at most `storage.max_drafts_per_principal`;
+/// an admin sees everyone's).
+const MAX_LISTED_DRAFTS: u32 = 1000;
+
+/// The caller's open drafts with their files, newest first (an admin's: everyone's), so a client
+/// that lost a draft's id finds it again.
+#[utoipa::path(get, path = "/v1/models/drafts", tag = "models", responses((status = 200, body = Vec<DraftView>)))]
+pub async fn list_drafts(
+    State(s): State<AppState>,
+    Extension(who): Extension<Principal>,
+) -> ApiResult<Json<Vec<DraftView>>> {
+    let mut out = Vec::new();
+    for d in s.drafts.list(who.owner_filter(), MAX_LISTED_DRAFTS).await? {
+        let files = s.drafts.files(&d.id).await?;
+        out.push(DraftView::new(&d, files));
+    }
+    Ok(Json(out))
+}
+
 /// A draft with the files received so far.
 #[utoipa::path(get, path = "/v1/models/drafts/{id}", tag = "models",
     responses((status = 200, body = DraftView), (status = 404, body = super::error::Problem)))]

@@ -146,7 +146,7 @@ fn api_router() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(models::upload_model, models::list_models))
         .routes(routes!(models::get_model, models::delete_model))
         .routes(routes!(models::download_model))
-        .routes(routes!(drafts::create_draft))
+        .routes(routes!(drafts::create_draft, drafts::list_drafts))
         .routes(routes!(drafts::get_draft, drafts::delete_draft))
         .routes(routes!(drafts::put_draft_file))
         .routes(routes!(drafts::commit_draft))

@@ -97,6 +97,21 @@ impl Drafts {
     }
 
     /// The draft `id` unless it expired.
+    /// Live drafts, newest first, at most `limit`; `owner` limits them to one principal's
+    /// (`None`: everyone's).
+    pub async fn list(&self, owner: Option<&str>, limit: u32) -> Result<Vec<DraftRecord>, StorageError> {
+        sqlx::query_as(
+            "select * from model_drafts where expires_at > ?1 and (?2 is null or owner = ?2)
+             order by created_at desc, id desc limit ?3",
+        )
+        .bind(now_ms())
+        .bind(owner)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StorageError::from)
+    }
+
     pub async fn get(&self, id: &str) -> Result<Option<DraftRecord>, StorageError> {
         sqlx::query_as("select * from model_drafts where id = ? and expires_at > ?")
             .bind(id)

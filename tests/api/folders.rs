@@ -725,6 +725,12 @@ async fn another_principal_can_neither_see_nor_fill_nor_commit_a_draft_and_the_o
     }
     let draft = app.get_draft(Some(&alice), &id).await.json::<Value>().await.unwrap();
     assert_eq!(draft["files"][0]["sha256"], sha256_hex(&config), "bob's PUT changed nothing");
+    // Each lists only their own drafts: a lost id is found again, another's never shows.
+    let mine = app.list_drafts(Some(&alice)).await.json::<Value>().await.unwrap();
+    assert_eq!(mine.as_array().unwrap().len(), 1, "{mine}");
+    assert_eq!(mine[0]["id"], id.as_str());
+    assert_eq!(mine[0]["files"][0]["name"], "config.json");
+    assert_eq!(app.list_drafts(Some(&bob)).await.json::<Value>().await.unwrap(), json!([]));
 
     // Draft files count toward the owner's storage quota.
     let dir = tempfile::tempdir().unwrap();

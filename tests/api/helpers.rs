@@ -157,6 +157,11 @@ impl TestApp {
         self.send_as(reqwest::Method::GET, &format!("/v1/models/drafts/{id}"), key, Vec::new()).await
     }
 
+    /// `GET /v1/models/drafts`: the caller's open drafts.
+    pub async fn list_drafts(&self, key: Option<&str>) -> reqwest::Response {
+        self.send_as(reqwest::Method::GET, "/v1/models/drafts", key, Vec::new()).await
+    }
+
     /// `DELETE /v1/models/drafts/{id}`.
     pub async fn delete_draft(&self, key: Option<&str>, id: &str) -> reqwest::Response {
         self.send_as(reqwest::Method::DELETE, &format!("/v1/models/drafts/{id}"), key, Vec::new()).await
