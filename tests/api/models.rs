@@ -351,7 +351,9 @@ async fn trickle_at(app: &TestApp, head: String, body: Vec<u8>, piece: usize) ->
     (String::from_utf8_lossy(&answer).into_owned(), started.elapsed())
 }
 
-#[tokio::test]
+// The trickling clients and the server share the test's runtime: two threads, so a stall of
+// one (a busy machine) does not starve the client that must stay above the floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_trickling_below_the_minimum_rate_is_cut_off_with_408_and_leaves_nothing() {
     let app = spawn_app_with(0, |s| {
         s.storage.min_upload_bytes_per_sec = 1000;
