@@ -26,6 +26,7 @@ use crate::formats::hf::{
     is_companion, merge_shards, FolderError, ModelFolder, Weights, INDEX_FILE, MAX_COMPANION_BYTES,
 };
 use crate::formats::safetensors::read_header;
+pub use crate::storage::blobs::DirGuard;
 
 /// A companion file in staging, hashed.
 pub struct StagedFile {
@@ -42,26 +43,6 @@ pub struct StagedFolder {
     pub ignored: Vec<String>,
     /// The staging directory; removed on drop.
     pub dir: DirGuard,
-}
-
-/// Removes a staging directory when dropped.
-pub struct DirGuard(PathBuf);
-
-impl DirGuard {
-    /// Guards `dir` (not created here).
-    pub fn new(dir: PathBuf) -> Self {
-        Self(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for DirGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Why reading the archive stopped.
@@ -258,7 +239,7 @@ pub async fn receive_tar(
         return Err(too_large());
     }
     tokio::fs::create_dir_all(&dir).await.map_err(ApiError::io)?;
-    let guard = DirGuard(dir.clone());
+    let guard = DirGuard::new(dir.clone());
     let gone = Gone::new();
     let stream = body.into_data_stream().map_err(std::io::Error::other);
     let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));

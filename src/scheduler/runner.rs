@@ -213,7 +213,7 @@ async fn execute_inner(
     if let Err(e) = tokio::fs::create_dir_all(&pins).await {
         return Outcome::Retry(failure("storage_error", e.to_string()));
     }
-    let _pins = crate::http::folder_upload::DirGuard::new(pins.clone());
+    let _pins = crate::storage::blobs::DirGuard::new(pins.clone());
     let pin = |p: PathBuf| pin_input(&pins, p);
     let model_path = pin(model_path);
     let mut files = files;
@@ -418,30 +418,29 @@ async fn merge_for_registration(
     out_dir: &Path,
     artifacts: &[NewArtifact],
 ) -> std::io::Result<(String, i64)> {
+    use crate::formats::hf::{check_index, FolderError};
     use crate::formats::safetensors::sharded::INDEX_FILE;
     let index = artifacts
         .iter()
         .find(|a| a.name == INDEX_FILE)
         .ok_or_else(|| std::io::Error::other("registering needs the `safetensors` output"))?;
     let text = tokio::fs::read(ctx.blobs.local_path(&index.sha256).await?).await?;
-    let names = crate::formats::safetensors::sharded::index_files(&text).map_err(std::io::Error::other)?;
-    let mut shards = Vec::with_capacity(names.len());
-    for n in &names {
-        let a = artifacts
-            .iter()
-            .find(|a| &a.name == n)
-            .ok_or_else(|| std::io::Error::other(format!("the dense output has no shard `{n}`")))?;
-        shards.push(ctx.blobs.local_path(&a.sha256).await?);
+    // Every safetensors file of the dense output, by name; the index says which are its shards
+    // and is checked against them as an uploaded folder's is.
+    let mut files = std::collections::HashMap::new();
+    for a in artifacts.iter().filter(|a| a.format == "safetensors" && a.name.ends_with(".safetensors")) {
+        files.insert(a.name.clone(), ctx.blobs.local_path(&a.sha256).await?);
     }
     let merged = out_dir.join("registered.safetensors");
     let out = merged.clone();
     let (sha, bytes) = tokio::task::spawn_blocking(move || {
-        let mut with_headers = Vec::with_capacity(shards.len());
-        for p in shards {
-            let header = read_header(&p, u64::MAX).map_err(std::io::Error::other)?;
-            with_headers.push((p, header));
-        }
-        crate::formats::hf::merge_shards(&with_headers, &out, &|| false)?;
+        let open = |file: &str| {
+            let path = files.get(file).ok_or_else(|| FolderError::MissingShard(file.into()))?;
+            let header = read_header(path, u64::MAX).map_err(|e| FolderError::BadShard(file.into(), e.to_string()))?;
+            Ok((path.clone(), header))
+        };
+        let shards = check_index(&text, open).map_err(std::io::Error::other)?;
+        crate::formats::hf::merge_shards(&shards, &out, &|| false)?;
         hash_file(&out)
     })
     .await

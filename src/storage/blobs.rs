@@ -51,6 +51,26 @@ pub fn is_sha256(key: &str) -> bool {
     key.len() == 64 && key.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// Removes a staging directory when dropped (an upload's folder, a job's pinned inputs).
+pub struct DirGuard(PathBuf);
+
+impl DirGuard {
+    /// Guards `dir` (not created here).
+    pub fn new(dir: PathBuf) -> Self {
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The local directories every store keeps: staging (emptied at start) and checkpoints.
 #[derive(Debug, Clone)]
 pub struct LocalDirs {

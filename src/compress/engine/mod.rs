@@ -253,12 +253,6 @@ fn final_ggml(tp: &TensorPlan, resolved: &Resolved) -> Option<GgufType> {
 
 /// The companion files the folder outputs carry; `config.json` only while no structural step
 /// changed the model's shapes.
-/// A language model's evaluation, by kind.
-enum TextResult {
-    Decoder(text_eval::TextEvaluation),
-    Encoder(embed_eval::EmbeddingEvaluation),
-}
-
 fn folder_files(job: &Job<'_>) -> sinks::FolderFiles {
     let config_holds = job.plan.structure.is_empty() && job.plan.dropped.is_empty();
     sinks::FolderFiles { files: job.plan.files.clone(), config_holds }
@@ -585,36 +579,30 @@ pub fn execute(
         _ => None,
     };
     drop(after);
-    let text_evaluation = match &job.plan.text_evaluation {
-        None => None,
-        Some(t) => {
-            let dataset = if t.separate_dataset { job.inputs.eval_dataset_path } else { job.inputs.dataset_path };
-            let dataset = dataset.ok_or_else(|| EngineError::Job {
-                code: "evaluation_failed",
-                detail: "the evaluation's dataset file was not given".into(),
-            })?;
-            let artifact = artifacts.iter().find(|a| a.name == t.artifact).ok_or_else(|| EngineError::Job {
-                code: "evaluation_failed",
-                detail: format!("no `{}` was written", t.artifact),
-            })?;
-            tracker.check("text evaluation: loading the models")?;
-            let files = &job.plan.files;
-            let (model, path) = (job.inputs.model_path, &artifact.path);
-            match t.model {
-                text_eval::TextModel::Decoder => {
-                    Some(TextResult::Decoder(text_eval::run(t, files, model, path, dataset, &mut tracker)?))
-                }
-                text_eval::TextModel::Encoder => {
-                    Some(TextResult::Encoder(embed_eval::run(t, files, model, path, dataset, &mut tracker)?))
-                }
+    // A language model's evaluation: a decoder's or an encoder's, by the plan.
+    let (mut text_evaluation, mut embedding_evaluation) = (None, None);
+    if let Some(t) = &job.plan.text_evaluation {
+        let dataset = if t.separate_dataset { job.inputs.eval_dataset_path } else { job.inputs.dataset_path };
+        let dataset = dataset.ok_or_else(|| EngineError::Job {
+            code: "evaluation_failed",
+            detail: "the evaluation's dataset file was not given".into(),
+        })?;
+        let artifact = artifacts.iter().find(|a| a.name == t.artifact).ok_or_else(|| EngineError::Job {
+            code: "evaluation_failed",
+            detail: format!("no `{}` was written", t.artifact),
+        })?;
+        tracker.check("text evaluation: loading the models")?;
+        let files = &job.plan.files;
+        let (model, path) = (job.inputs.model_path, &artifact.path);
+        match t.model {
+            text_eval::TextModel::Decoder => {
+                text_evaluation = Some(text_eval::run(t, files, model, path, dataset, &mut tracker)?)
+            }
+            text_eval::TextModel::Encoder => {
+                embedding_evaluation = Some(embed_eval::run(t, files, model, path, dataset, &mut tracker)?)
             }
         }
-    };
-    let (text_evaluation, embedding_evaluation) = match text_evaluation {
-        Some(TextResult::Decoder(d)) => (Some(d), None),
-        Some(TextResult::Encoder(e)) => (None, Some(e)),
-        None => (None, None),
-    };
+    }
     let outputs = artifacts
         .iter()
         .map(|a| {

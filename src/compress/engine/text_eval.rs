@@ -12,7 +12,7 @@
 //! start without a BOS token (the text's own tokens), so perplexities compare the two models
 //! with each other, not with llama-perplexity's figures, which put BOS first.
 
-use crate::formats::safetensors::sharded::{index_files, INDEX_FILE};
+use crate::formats::safetensors::sharded::INDEX_FILE;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -167,7 +167,17 @@ pub(super) fn var_builder(path: &Path) -> Result<candle_nn::VarBuilder<'static>,
     if path.file_name().is_some_and(|n| n == INDEX_FILE) {
         let text = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
         let dir = path.parent().unwrap_or(Path::new("."));
-        let shards: Vec<_> = index_files(&text)?.iter().map(|n| dir.join(n)).collect();
+        let open = |file: &str| {
+            let path = dir.join(file);
+            let header = crate::formats::safetensors::read_header(&path, u64::MAX)
+                .map_err(|e| crate::formats::hf::FolderError::BadShard(file.into(), e.to_string()))?;
+            Ok((path, header))
+        };
+        let shards: Vec<_> = crate::formats::hf::check_index(&text, open)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|(path, _)| path)
+            .collect();
         // SAFETY: the shards are this job's own outputs, complete and no longer written;
         // nothing modifies them while they are mapped.
         unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&shards, DType::F32, &Device::Cpu) }

@@ -20,6 +20,7 @@ use crate::compress::layout::compressed_tensors as ct;
 use crate::compress::quant::{packed_len, unpack_int32, unpack_zero_points};
 use crate::formats::gguf::llama_cpp::{self, LlamaCppModel};
 use crate::formats::gguf::GgufType;
+use crate::formats::hf::{check_index, FolderError};
 use crate::formats::safetensors::sharded::INDEX_FILE;
 use crate::formats::safetensors::{decode_f32, encode_f32_into, read_header, Dtype, Header, TensorInfo, TensorReader};
 
@@ -131,16 +132,11 @@ pub fn verify(
     let mut s = Scratch::default();
     let sharded = |format: &str| artifacts.iter().any(|b| b.format == format && b.name.ends_with(INDEX_FILE));
     let mut covered: HashMap<&str, usize> = HashMap::new();
-    // Per sharded format: every entry of its shards, by the file holding it.
-    let mut entries: HashMap<&str, Vec<(String, String)>> = HashMap::new();
     for a in artifacts {
         let shard;
         let tensors = if a.name.ends_with(".safetensors") && sharded(&a.format) {
-            let (held, names) = in_shard(a, tensors)?;
-            shard = held;
+            shard = in_shard(a, tensors)?;
             *covered.entry(a.format.as_str()).or_default() += shard.len();
-            let file = a.name.rsplit('/').next().unwrap_or(&a.name).to_owned();
-            entries.entry(a.format.as_str()).or_default().extend(names.into_iter().map(|n| (n, file.clone())));
             &shard[..]
         } else {
             tensors
@@ -156,34 +152,34 @@ pub fn verify(
     }
     // Every tensor is in exactly one shard: each shard holds only its own (checked above), and
     // together they hold them all.
-    if let Some((format, n)) = covered.into_iter().find(|(_, n)| *n != tensors.len()) {
+    if let Some((format, n)) = covered.iter().find(|(_, n)| **n != tensors.len()) {
         return Err(bad_file(format, format!("the shards hold {n} tensors, expected {}", tensors.len())));
     }
-    // The index names exactly the shards' entries, each in the file that holds it.
-    for (format, held) in entries {
+    // The index names exactly the shards' entries, each in the file that holds it: the check an
+    // uploaded folder passes.
+    for format in covered.into_keys() {
         let index = artifacts
             .iter()
             .find(|b| b.format == format && b.name.ends_with(INDEX_FILE))
             .ok_or_else(|| bad_file(format, "no index"))?;
-        let text = std::fs::read(&index.path)?;
-        let json: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad_file(&index.name, e))?;
-        let map = json["weight_map"].as_object().ok_or_else(|| bad_file(&index.name, "no weight_map"))?;
-        if map.len() != held.len() {
-            return Err(bad_file(&index.name, format!("{} entries where the shards hold {}", map.len(), held.len())));
-        }
-        if let Some((name, file)) =
-            held.iter().find(|(name, file)| map.get(name).and_then(|v| v.as_str()) != Some(file))
-        {
-            return Err(bad_file(&index.name, format!("`{name}` is in {file}, which the index does not say")));
-        }
+        let prefix = &index.name[..index.name.len() - INDEX_FILE.len()];
+        let shard = |file: &str| {
+            let a = artifacts
+                .iter()
+                .find(|b| b.format == format && b.name == format!("{prefix}{file}"))
+                .ok_or_else(|| FolderError::MissingShard(file.into()))?;
+            let header =
+                read_header(&a.path, u64::MAX).map_err(|e| FolderError::BadShard(file.into(), e.to_string()))?;
+            Ok((a.path.clone(), header))
+        };
+        check_index(&std::fs::read(&index.path)?, shard).map_err(|e| bad_file(&index.name, e))?;
     }
     Ok(checks)
 }
 
 /// The tensors of `tensors` one shard of an output holds: by name, or (compressed-tensors) by
 /// the packed parts of their module, which a shard never splits.
-/// Also returns every entry name of the shard.
-fn in_shard(a: &ArtifactFile, tensors: &[TensorInfo]) -> Result<(Vec<TensorInfo>, Vec<String>), EngineError> {
+fn in_shard(a: &ArtifactFile, tensors: &[TensorInfo]) -> Result<Vec<TensorInfo>, EngineError> {
     let header = read_header(&a.path, u64::MAX).map_err(|e| bad_file(&a.name, e))?;
     let names: std::collections::HashSet<&str> = header.tensors.iter().map(|t| t.name.as_str()).collect();
     let held = |t: &TensorInfo| {
@@ -191,8 +187,7 @@ fn in_shard(a: &ArtifactFile, tensors: &[TensorInfo]) -> Result<(Vec<TensorInfo>
             || (a.format == "compressed-tensors"
                 && names.contains(ct::part_name(ct::module_of(&t.name), "weight_packed").as_str()))
     };
-    let shard = tensors.iter().filter(|t| held(t)).cloned().collect();
-    Ok((shard, header.tensors.into_iter().map(|t| t.name).collect()))
+    Ok(tensors.iter().filter(|t| held(t)).cloned().collect())
 }
 
 fn open(a: &ArtifactFile) -> Result<(Header, TensorReader), EngineError> {
@@ -493,7 +488,7 @@ mod tests {
         std::fs::write(&index.path, text.replacen("model-00001-of-00003", "model-00002-of-00003", 1)).unwrap();
         match verify(&artifacts, &tensors, &expected, None) {
             Err(EngineError::Tensor { code: "layout_mismatch", detail, .. }) => {
-                assert!(detail.contains("which the index does not say"), "{detail}")
+                assert!(detail.contains("model.safetensors.index.json puts"), "{detail}")
             }
             other => panic!("expected a layout mismatch, got {other:?}"),
         }

@@ -360,11 +360,11 @@ pub const GENERIC_GGUF_NOTE: &str = "a generic GGUF: the tensors under their own
 fn plan_text_evaluation(
     spec: &CompressSpec,
     files: &ModelFiles,
-    d: &Header,
-    separate_dataset: bool,
+    (d, separate_dataset): (&Header, bool),
     runnable_gguf: bool,
     reshaped: bool,
     model: TextModel,
+    dense_artifact: String,
 ) -> Result<TextEvalPlan, String> {
     let options = spec.evaluate.clone().unwrap_or_default();
     let name = options.text.clone().unwrap_or_else(|| "text".into());
@@ -388,16 +388,16 @@ fn plan_text_evaluation(
             text_bytes: t.bytes(),
             tokens: options.tokens.unwrap_or(crate::compress::engine::embed_eval::DEFAULT_TOKENS),
             context,
-            artifact: "model.safetensors".into(),
+            artifact: dense_artifact,
             separate_dataset,
             model,
         });
     }
     let llama3_rope = text_eval::check(files, context)?;
     let artifact = if runnable_gguf && !llama3_rope && spec.outputs.contains(&OutputFormat::Gguf) {
-        "model.gguf"
+        "model.gguf".to_owned()
     } else if spec.outputs.contains(&OutputFormat::Safetensors) {
-        "model.safetensors"
+        dense_artifact
     } else {
         return Err(if llama3_rope {
             "the model uses llama3 RoPE scaling, which candle's GGUF reader does not apply: add a `safetensors` output for the evaluation to run".into()
@@ -411,7 +411,7 @@ fn plan_text_evaluation(
         text_bytes: t.bytes(),
         tokens: options.tokens.unwrap_or(text_eval::DEFAULT_TOKENS),
         context,
-        artifact: artifact.into(),
+        artifact,
         separate_dataset,
         model,
     })
@@ -574,11 +574,16 @@ pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
             match plan_text_evaluation(
                 &spec,
                 files,
-                d,
-                separate,
+                (d, separate),
                 runnable,
                 !structure.is_empty() || !dropped.is_empty(),
                 text_model.expect("text mode"),
+                // The dense output may be sharded: the evaluation then opens its index (tensors
+                // are in index order here, as written: no structural step precedes an evaluation).
+                artifact_name(
+                    OutputFormat::Safetensors,
+                    predict::shard_count(OutputFormat::Safetensors, &tensors, spec.max_shard_bytes),
+                ),
             ) {
                 Ok(p) => Some(p),
                 Err(detail) => {
@@ -625,18 +630,17 @@ pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
         .iter()
         .map(|f| {
             let shards = predict::shard_count(*f, &tensors, spec.max_shard_bytes);
-            (f, shards)
-        })
-        .map(|(f, shards)| OutputPlan {
-            format: f.as_str(),
-            artifact: artifact_name(*f, shards),
-            predicted_bytes: predict::output_bytes(*f, header.data_start, &tensors),
-            shards,
-            note: (*f == OutputFormat::Gguf).then(|| match (&llama_cpp, &generic_reason) {
-                (Some(m), _) => m.summary.clone(),
-                (None, Some(why)) => format!("{GENERIC_GGUF_NOTE}: {why}"),
-                (None, None) => GENERIC_GGUF_NOTE.to_owned(),
-            }),
+            OutputPlan {
+                format: f.as_str(),
+                artifact: artifact_name(*f, shards),
+                predicted_bytes: predict::output_bytes(*f, header.data_start, &tensors),
+                shards,
+                note: (*f == OutputFormat::Gguf).then(|| match (&llama_cpp, &generic_reason) {
+                    (Some(m), _) => m.summary.clone(),
+                    (None, Some(why)) => format!("{GENERIC_GGUF_NOTE}: {why}"),
+                    (None, None) => GENERIC_GGUF_NOTE.to_owned(),
+                }),
+            }
         })
         .collect::<Vec<OutputPlan>>();
     // A folder of more shards than a folder upload takes back (or the CLI reads) is refused.
@@ -650,15 +654,6 @@ pub fn prepare(spec: CompressSpec, inputs: PlanInputs<'_>) -> Plan {
                 o.format, o.shards, spec.max_shard_bytes
             ),
         });
-    }
-    // The dense output the text evaluation runs may be sharded: it then opens the index.
-    let mut text_evaluation = text_evaluation;
-    if let (Some(t), Some(o)) =
-        (text_evaluation.as_mut(), outputs.iter().find(|o| o.format == OutputFormat::Safetensors.as_str()))
-    {
-        if t.artifact == "model.safetensors" {
-            t.artifact = o.artifact.clone();
-        }
     }
     let max_numel = tensors.iter().map(|tp| tp.out.numel().max(header.tensors[tp.index].numel()) as u64).max();
     let prepasses = spec.steps.iter().map(|s| s.op().prepasses()).sum();

@@ -376,9 +376,9 @@ impl PlannedSafetensorsWriter {
         self.seal()?.finish_with_metadata(metadata)
     }
 
-    /// Checks every declared tensor was written and closes the file, keeping what is needed to
-    /// rewrite its header at the end (a shard of a larger output: no buffer or file handle stays
-    /// held, however many shards there are).
+    /// Checks every declared tensor was written and gives back the write buffer, keeping what is
+    /// needed to rewrite the header at the end; [`SealedPlanned::close`] also lets go of the file
+    /// (a shard of a larger output, so thousands of shards hold no descriptors).
     pub fn seal(self) -> std::io::Result<SealedPlanned> {
         if let Some((missing, ..)) = self.entries.get(self.next) {
             return Err(std::io::Error::other(format!("tensor `{missing}` was declared but never written")));

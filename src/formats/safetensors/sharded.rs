@@ -62,18 +62,9 @@ pub fn index_json(weight_map: &BTreeMap<String, String>, total_size: u64) -> Vec
     bytes
 }
 
-/// The files an index's `weight_map` names, each once, in name (= shard) order.
-pub fn index_files(index: &[u8]) -> Result<std::collections::BTreeSet<String>, String> {
-    let json: serde_json::Value = serde_json::from_slice(index).map_err(|e| format!("{INDEX_FILE}: {e}"))?;
-    let map = json["weight_map"].as_object().ok_or_else(|| format!("{INDEX_FILE} has no `weight_map` object"))?;
-    map.values()
-        .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| format!("{INDEX_FILE}: a file name is not a string")))
-        .collect()
-}
-
 /// A sharded output whose tensors are all known up front: every shard's header is written
 /// first and each tensor's bytes go straight to their place (see [`PlannedSafetensorsWriter`]);
-/// one shard is open for writing at a time, finished shards keep only their file handle until
+/// one shard is open for writing at a time, finished shards are closed until
 /// [`Self::finish_with_metadata`] rewrites their headers.
 pub struct PlannedShards {
     dir: PathBuf,
