@@ -16,7 +16,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::text_eval::{load_tokenizer, read_text, TextEvalPlan};
+use super::text_eval::{has_tokenizer, load_tokenizer, read_text, within_positions, TextEvalPlan};
 use super::{EngineError, Tracker};
 use crate::formats::hf::ModelFiles;
 
@@ -51,19 +51,9 @@ pub fn covers(files: &ModelFiles) -> bool {
 /// What the plan checks before an encoder evaluation is accepted: a tokenizer.json, a
 /// config.json candle's BERT reads, and passages within `max_position_embeddings`.
 pub fn check(files: &ModelFiles, context: usize) -> Result<(), String> {
-    if files.path("tokenizer.json").is_none() {
-        return Err(
-            "evaluating an encoder tokenizes with the model's tokenizer.json, which the folder does not have".into()
-        );
-    }
+    has_tokenizer(files, "an encoder")?;
     let config = candle_config(files).map_err(|e| format!("candle-transformers' BERT cannot read {e}"))?;
-    if context > config.max_position_embeddings {
-        return Err(format!(
-            "evaluate.context {context} is beyond the model's max_position_embeddings {}",
-            config.max_position_embeddings
-        ));
-    }
-    Ok(())
+    within_positions(context, config.max_position_embeddings)
 }
 
 fn candle_config(files: &ModelFiles) -> Result<candle_transformers::models::bert::Config, String> {

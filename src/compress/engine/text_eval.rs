@@ -99,12 +99,7 @@ pub fn covers(files: &ModelFiles) -> Option<TextModel> {
 /// (candle's `quantized_llama` ignores a GGUF's `rope_freqs`, so such a model is evaluated
 /// through its safetensors output).
 pub fn check(files: &ModelFiles, context: usize) -> Result<bool, String> {
-    if files.path("tokenizer.json").is_none() {
-        return Err(
-            "evaluating a language model tokenizes with the model's tokenizer.json, which the folder does not have"
-                .into(),
-        );
-    }
+    has_tokenizer(files, "a language model")?;
     let raw = files.json("config.json").map_err(|e| e.to_string())?.ok_or("the model has no config.json")?;
     if is_qwen2(files) {
         let config = qwen2_config(files).map_err(|e| format!("candle-transformers' Qwen2 cannot read {e}"))?;
@@ -113,34 +108,45 @@ pub fn check(files: &ModelFiles, context: usize) -> Result<bool, String> {
         {
             return Err("config.json sets RoPE scaling, which candle-transformers' Qwen2 does not apply".into());
         }
-        let (hidden, heads) = (config.hidden_size as u64, config.num_attention_heads.max(1) as u64);
-        if let Some(head_dim) = raw["head_dim"].as_u64().filter(|&d| d != hidden / heads) {
-            return Err(format!(
-                "config.json sets head_dim {head_dim} apart from hidden_size / num_attention_heads, which candle-transformers' Qwen2 does not support"
-            ));
-        }
-        if context > config.max_position_embeddings {
-            return Err(format!(
-                "evaluate.context {context} is beyond the model's max_position_embeddings {}",
-                config.max_position_embeddings
-            ));
-        }
+        derived_head_dim(&raw, "Qwen2")?;
+        within_positions(context, config.max_position_embeddings)?;
         return Ok(false);
     }
     let config = candle_config(files).map_err(|e| format!("candle-transformers' Llama cannot read {e}"))?;
-    let (hidden, heads) = (raw["hidden_size"].as_u64().unwrap_or(0), raw["num_attention_heads"].as_u64().unwrap_or(1));
-    if let Some(head_dim) = raw["head_dim"].as_u64().filter(|&d| heads == 0 || d != hidden / heads) {
-        return Err(format!(
-            "config.json sets head_dim {head_dim} apart from hidden_size / num_attention_heads, which candle-transformers' Llama does not support"
-        ));
-    }
-    if context > config.max_position_embeddings {
-        return Err(format!(
-            "evaluate.context {context} is beyond the model's max_position_embeddings {}",
-            config.max_position_embeddings
-        ));
-    }
+    derived_head_dim(&raw, "Llama")?;
+    within_positions(context, config.max_position_embeddings)?;
     Ok(config.rope_scaling.is_some())
+}
+
+/// The model's tokenizer.json is there (`what` is evaluated with it).
+pub(super) fn has_tokenizer(files: &ModelFiles, what: &str) -> Result<(), String> {
+    match files.path("tokenizer.json") {
+        Some(_) => Ok(()),
+        None => {
+            Err(format!("evaluating {what} tokenizes with the model's tokenizer.json, which the folder does not have"))
+        }
+    }
+}
+
+/// candle-transformers derives `head_dim` as hidden / heads: a config that sets another cannot run.
+fn derived_head_dim(raw: &serde_json::Value, model: &str) -> Result<(), String> {
+    let (hidden, heads) = (raw["hidden_size"].as_u64().unwrap_or(0), raw["num_attention_heads"].as_u64().unwrap_or(1));
+    match raw["head_dim"].as_u64().filter(|&d| heads == 0 || d != hidden / heads) {
+        Some(head_dim) => Err(format!(
+            "config.json sets head_dim {head_dim} apart from hidden_size / num_attention_heads, which candle-transformers' {model} does not support"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Chunks of `context` tokens fit the model's positions.
+pub(super) fn within_positions(context: usize, max_position_embeddings: usize) -> Result<(), String> {
+    if context > max_position_embeddings {
+        return Err(format!(
+            "evaluate.context {context} is beyond the model's max_position_embeddings {max_position_embeddings}"
+        ));
+    }
+    Ok(())
 }
 
 /// config.json as candle-transformers' `LlamaConfig` reads it: transformers 5 writes RoPE's
