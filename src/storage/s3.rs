@@ -120,9 +120,13 @@ impl S3BlobStore {
         })
     }
 
+    /// `rest` under the store's prefix.
+    fn under_prefix(&self, rest: &str) -> ObjectPath {
+        ObjectPath::from(if self.prefix.is_empty() { rest.to_owned() } else { format!("{}/{rest}", self.prefix) })
+    }
+
     fn key(&self, sha256: &str) -> ObjectPath {
-        let key = format!("{}/{sha256}", &sha256[..2]);
-        ObjectPath::from(if self.prefix.is_empty() { key } else { format!("{}/{key}", self.prefix) })
+        self.under_prefix(&format!("{}/{sha256}", &sha256[..2]))
     }
 
     fn prefix_path(&self) -> Option<ObjectPath> {
@@ -132,12 +136,7 @@ impl S3BlobStore {
     /// Writes and deletes a small object under the prefix: the credentials may write (run at
     /// start; readiness checks only list).
     pub async fn probe_write(&self) -> std::io::Result<()> {
-        let key = ObjectPath::from(format!(
-            "{}{}.modelpress-probe-{}",
-            self.prefix,
-            if self.prefix.is_empty() { "" } else { "/" },
-            uuid::Uuid::new_v4()
-        ));
+        let key = self.under_prefix(&format!(".modelpress-probe-{}", uuid::Uuid::new_v4()));
         self.store.put(&key, object_store::PutPayload::from_static(b"ok")).await.map_err(io_err)?;
         self.store.delete(&key).await.map_err(io_err)
     }
@@ -160,6 +159,7 @@ impl S3BlobStore {
         let (store, file, key) = (self.store.clone(), file.to_owned(), key.clone());
         tokio::spawn(async move { upload(&store, &file, &key).await }).await.expect("upload task")
     }
+
     /// Evicts least recently used cache entries over the limit (see the module docs).
     async fn trim_cache(&self) -> std::io::Result<()> {
         let mut entries = Vec::new();
@@ -265,13 +265,9 @@ impl BlobStore for S3BlobStore {
     }
 
     async fn persist(&self, staged: &Path, sha256: &str) -> std::io::Result<()> {
-        assert!(is_sha256(sha256), "sha256 key");
-        // Normally uploaded ahead, outside the gate; a delete under the gate since (or a caller
-        // that did not upload ahead) means it is sent now.
-        let key = self.key(sha256);
-        if !self.exists(&key).await? {
-            self.upload(staged, &key).await?;
-        }
+        // Normally uploaded ahead, outside the gate: then this only checks it is still there (a
+        // delete under the gate since, or a caller that did not upload ahead, means it is sent now).
+        self.upload_ahead(staged, sha256).await?;
         // The staged file is the blob's bytes: keep it as the cache entry.
         let cached = self.cached(sha256);
         if tokio::fs::try_exists(&cached).await? {
@@ -341,7 +337,7 @@ impl BlobStore for S3BlobStore {
     async fn remove_unreferenced(&self, referenced: &HashSet<String>) -> std::io::Result<usize> {
         let prefix = self.prefix_path();
         let mut listing = self.store.list(prefix.as_ref());
-        let now = chrono_free_now();
+        let now = unix_now_secs();
         let mut removed = 0;
         while let Some(meta) = listing.next().await {
             let meta = meta.map_err(io_err)?;
@@ -362,7 +358,7 @@ impl BlobStore for S3BlobStore {
 }
 
 /// Seconds since the Unix epoch.
-fn chrono_free_now() -> u64 {
+fn unix_now_secs() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
