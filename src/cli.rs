@@ -140,8 +140,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::telemetry::init(&settings.log);
             runtime()?.block_on(async {
                 std::fs::create_dir_all(&settings.storage.data_dir)?;
-                crate::storage::db::connect(&settings.storage.data_dir).await?;
-                println!("database at {} is up to date", settings.storage.data_dir.join("modelpress.db").display());
+                let db =
+                    crate::storage::db::Db::connect(&settings.storage.database_url, &settings.storage.data_dir).await?;
+                println!("database {} is up to date", crate::storage::db::redact(&db.url));
                 Ok::<_, anyhow::Error>(())
             })?;
         }
@@ -173,7 +174,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn keys(settings: &Settings, action: KeysCommand) -> anyhow::Result<ExitCode> {
     use crate::storage::keys::{CreateError, KeyStore};
     std::fs::create_dir_all(&settings.storage.data_dir)?;
-    let store = KeyStore::new(crate::storage::db::connect(&settings.storage.data_dir).await?);
+    let store = KeyStore::new(
+        crate::storage::db::Db::connect(&settings.storage.database_url, &settings.storage.data_dir).await?,
+    );
     match action {
         KeysCommand::Create { principal, scopes, name, expires_in_days } => {
             let (scope, expires) = crate::http::auth::check_new_key(&principal, &scopes, expires_in_days)

@@ -96,6 +96,10 @@ pub struct StorageSettings {
     pub draft_expiry_secs: u64,
     /// Drafts one principal may have open at once; more answer 409 `too_many_drafts`.
     pub max_drafts_per_principal: u64,
+    /// The database: `sqlite://` (the default: `modelpress.db` in `data_dir`, owned by this one
+    /// process) or `postgres://user:password@host:port/database`, which replicas share (see
+    /// [`crate::storage::db`]).
+    pub database_url: String,
     /// Where blobs live: `file://` (under `data_dir/blobs`, the default) or
     /// `s3://bucket/prefix` (an S3-compatible store; see [`crate::storage::s3`]).
     pub blob_store: String,

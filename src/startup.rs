@@ -13,9 +13,10 @@ use crate::config::Settings;
 use crate::http::{self, AppState};
 use crate::scheduler::WorkerPool;
 use crate::storage::blobs::{BlobStore, LocalBlobStore};
-use crate::storage::catalog::{Catalog, SqliteCatalog};
+use crate::storage::catalog::{Catalog, SqlCatalog};
+use crate::storage::db::{Db, Dialect};
 use crate::storage::queue::JobQueue;
-use crate::storage::{db, sqlite_queue::SqliteQueue};
+use crate::storage::sql_queue::SqlQueue;
 
 pub struct Application {
     listener: TcpListener,
@@ -44,7 +45,17 @@ impl Application {
         let data_dir = settings.storage.data_dir.clone();
         std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data dir {}", data_dir.display()))?;
         let lock = lock_data_dir(&data_dir)?;
-        let pool = db::connect(&data_dir).await.context("opening the database")?;
+        let db = Db::connect(&settings.storage.database_url, &data_dir).await.with_context(|| {
+            format!("opening the database {}", crate::storage::db::redact(&settings.storage.database_url))
+        })?;
+        // Replicas share a Postgres database: what one finds unfinished may be another's work.
+        let shared = db.dialect == Dialect::Postgres;
+        if shared && settings.storage.s3().map_err(anyhow::Error::msg)?.is_none() {
+            tracing::warn!(
+                "storage.database_url is shared but storage.blob_store is this machine's disk: other replicas \
+                 cannot read the files this one stores; use an s3:// blob store to run more than one"
+            );
+        }
         let blobs: Arc<dyn BlobStore> = match settings.storage.s3().map_err(anyhow::Error::msg)? {
             None => Arc::new(LocalBlobStore::open(&data_dir)?),
             Some(s3) => {
@@ -58,22 +69,29 @@ impl Application {
                 Arc::new(store)
             }
         };
-        let catalog: Arc<dyn Catalog> = Arc::new(SqliteCatalog::new(pool.clone()));
+        let catalog: Arc<dyn Catalog> = Arc::new(SqlCatalog::new(db.clone()));
 
         // Crash recovery, in order: partial files, rows naming nothing, files named by nothing,
         // then jobs whose worker died with the previous process.
+        // On a shared database only rows an hour old count as orphans (another replica may be
+        // between persisting a blob and naming it), under the gate every replica takes.
         let swept = blobs.sweep_staging().await?;
-        let orphans = catalog.remove_orphan_blobs().await?;
+        let gate = catalog.blob_gate().await?;
+        let created_before = if shared { crate::storage::now_ms() - 3_600_000 } else { i64::MAX };
+        let orphans = catalog.remove_orphan_blobs(created_before).await?;
         for sha in &orphans {
             blobs.delete(sha).await?;
         }
         let known: std::collections::HashSet<String> = catalog.blob_keys().await?.into_iter().collect();
         let stray = blobs.remove_unreferenced(&known).await?;
-        let drafts = crate::storage::drafts::Drafts::open(pool.clone(), &data_dir)?;
+        drop(gate);
+        let drafts = crate::storage::drafts::Drafts::open(db.clone(), &data_dir)?;
         let expired_drafts = drafts.sweep(true).await?;
         let queue: Arc<dyn JobQueue> =
-            Arc::new(SqliteQueue::new(pool.clone(), Duration::from_secs(settings.queue.retry_backoff_secs)));
-        let rescued = queue.rescue(true).await?;
+            Arc::new(SqlQueue::new(db.clone(), Duration::from_secs(settings.queue.retry_backoff_secs)));
+        // The single process owning an embedded database knows every running job died with the
+        // last one; replicas sharing a database rescue only expired leases.
+        let rescued = queue.rescue(!shared).await?;
         tracing::info!(swept, orphan_blobs = orphans.len() + stray, rescued, expired_drafts, data_dir = %data_dir.display(), "recovered state");
 
         // Leases that expire while we run (a worker of another process died, or a finish that
@@ -130,7 +148,7 @@ impl Application {
             workers_alive: workers.alive(),
             workers_expected: worker_count,
             openapi: Arc::default(),
-            keys: crate::storage::keys::KeyStore::new(pool.clone()),
+            keys: crate::storage::keys::KeyStore::new(db.clone()),
             rate: crate::http::auth::rate_limiter(settings.auth.requests_per_second).map(Arc::new),
             uploads: Arc::new(tokio::sync::Semaphore::new(settings.storage.max_concurrent_uploads)),
             drafts,

@@ -84,7 +84,7 @@ impl ModelView {
             tensor_count: m.tensor_count as usize,
             created_at: rfc3339(m.created_at),
             source_job: m.source_job.clone(),
-            has_graph: m.has_graph,
+            has_graph: m.has_graph != 0,
             tensors: None,
             tensors_next_offset: None,
             files: Vec::new(),
@@ -263,7 +263,13 @@ pub(super) async fn store_model(
         let _ = std::fs::remove_file(&staged.path);
         return Err(ApiError::io(e));
     }
-    let _gate = state.catalog.blob_gate().await;
+    let _gate = match state.catalog.blob_gate().await {
+        Ok(gate) => gate,
+        Err(e) => {
+            let _ = std::fs::remove_file(&staged.path);
+            return Err(e.into());
+        }
+    };
     if let Err(e) = state.blobs.persist(&staged.path, &staged.sha256).await {
         let _ = std::fs::remove_file(&staged.path);
         return Err(ApiError::io(e));
@@ -362,7 +368,7 @@ async fn download_kind(
 
 async fn delete_kind(state: &AppState, who: &Principal, kind: ModelKind, id: &str) -> ApiResult<StatusCode> {
     let id = get_kind(state, who, kind, id).await?.id;
-    let _gate = state.catalog.blob_gate().await;
+    let _gate = state.catalog.blob_gate().await?;
     match state.catalog.delete_model(kind, &id).await? {
         DeleteOutcome::NotFound => Err(ApiError::not_found(kind.as_str(), &id)),
         DeleteOutcome::InUse(n) => Err(ApiError::conflict(

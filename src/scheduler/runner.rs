@@ -122,7 +122,7 @@ async fn execute(
     ctx: &WorkerContext,
     worker: &str,
     job: &JobRecord,
-) -> (Outcome, Option<tokio::sync::OwnedMutexGuard<()>>) {
+) -> (Outcome, Option<crate::storage::catalog::BlobGate>) {
     let mut gate = None;
     let outcome = execute_inner(ctx, worker, job, &mut gate).await;
     (outcome, gate)
@@ -146,7 +146,7 @@ async fn execute_inner(
     ctx: &WorkerContext,
     worker: &str,
     job: &JobRecord,
-    gate: &mut Option<tokio::sync::OwnedMutexGuard<()>>,
+    gate: &mut Option<crate::storage::catalog::BlobGate>,
 ) -> Outcome {
     let spec = match JobSpec::from_stored(&job.spec, job.spec_version) {
         Ok(s) => s,
@@ -271,7 +271,10 @@ async fn execute_inner(
         Ok(Ok(output)) => match prepare(ctx, &output.artifacts).await {
             Err(e) => io_outcome(&e),
             Ok(prepared) => {
-                *gate = Some(ctx.catalog.blob_gate().await);
+                match ctx.catalog.blob_gate().await {
+                    Ok(g) => *gate = Some(g),
+                    Err(e) => return Outcome::Retry(failure("database_error", e.to_string())),
+                }
                 match persist(ctx, &prepared).await {
                     Ok(artifacts) => {
                         match registration(ctx, &job_name, &job.owner, register, &artifacts, &out_dir).await {

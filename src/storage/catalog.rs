@@ -3,8 +3,10 @@
 use crate::storage::error::StorageError;
 use async_trait::async_trait;
 use serde::Serialize;
-use sqlx::SqlitePool;
+use sqlx::pool::PoolConnection;
+use sqlx::Any;
 
+use super::db::{Db, Dialect};
 use super::now_ms;
 
 /// Models and datasets share one table and one upload path; `kind` tells them apart.
@@ -52,7 +54,9 @@ pub struct ModelSummary {
     pub bytes: i64,
     pub parameters: i64,
     pub tensor_count: i64,
-    pub has_graph: bool,
+    /// 1 when the model has an architecture graph (an integer: the column is computed, and
+    /// SQLite has no boolean type).
+    pub has_graph: i64,
     pub source_job: Option<String>,
     pub created_at: i64,
 }
@@ -67,7 +71,7 @@ impl From<&ModelRecord> for ModelSummary {
             bytes: m.bytes,
             parameters: m.parameters,
             tensor_count: m.tensor_count,
-            has_graph: m.graph.is_some(),
+            has_graph: i64::from(m.graph.is_some()),
             source_job: m.source_job.clone(),
             created_at: m.created_at,
         }
@@ -130,14 +134,39 @@ pub enum GraphUpdate {
     NotFound,
 }
 
-/// [`Catalog`] on the embedded SQLite database.
+/// [`Catalog`] on SQLite or PostgreSQL ([`Db`]).
 #[derive(Debug, Clone)]
-pub struct SqliteCatalog {
-    pool: SqlitePool,
-    /// Held from persisting a blob file until the row naming it commits, and from deleting a
-    /// row until its file is unlinked: otherwise a delete could unlink a file that an upload
-    /// of the same content just found in place and is about to name.
+pub struct SqlCatalog {
+    db: Db,
+    /// This process's half of [`Catalog::blob_gate`].
     blob_gate: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
+
+/// `pg_advisory_lock` key of the blob gate shared by replicas.
+const BLOB_GATE_KEY: i64 = 0x6d70_424c_4f42_53; // "mpBLOBS"
+
+/// A held [`Catalog::blob_gate`]: this process's mutex and, on Postgres, a session advisory
+/// lock every replica takes, released (with its connection) when dropped.
+pub struct BlobGate {
+    _local: tokio::sync::OwnedMutexGuard<()>,
+    shared: Option<PoolConnection<Any>>,
+}
+
+impl Drop for BlobGate {
+    fn drop(&mut self) {
+        if let Some(mut conn) = self.shared.take() {
+            tokio::spawn(async move {
+                let unlocked =
+                    sqlx::query("select pg_advisory_unlock($1)").bind(BLOB_GATE_KEY).execute(&mut *conn).await;
+                if let Err(e) = unlocked {
+                    // Closing the session releases its locks; a pooled connection must not keep one.
+                    tracing::warn!(error = %e, "releasing the shared blob gate failed; closing its connection");
+                    use sqlx::Connection;
+                    let _ = conn.detach().close().await;
+                }
+            });
+        }
+    }
 }
 
 /// The rows that name blobs: models and datasets (with their files and graphs), artifacts, blob
@@ -149,7 +178,8 @@ pub trait Catalog: Send + Sync + 'static {
     /// until its file is unlinked: otherwise a delete could unlink a file that an upload of the
     /// same content just found in place and is about to name. In-process: it serialises one
     /// server's requests and jobs (the embedded mode has exactly one process).
-    async fn blob_gate(&self) -> tokio::sync::OwnedMutexGuard<()>;
+    /// On a database replicas share, it is also held against every other replica.
+    async fn blob_gate(&self) -> Result<BlobGate, StorageError>;
 
     /// Records the blob (if new) and the model in one transaction.
     async fn insert_model(&self, m: NewModel) -> Result<ModelRecord, StorageError>;
@@ -180,8 +210,10 @@ pub trait Catalog: Send + Sync + 'static {
     /// Records a blob a job produced (before the job's artifact rows name it).
     async fn ensure_blob(&self, sha256: &str, bytes: i64) -> Result<(), StorageError>;
 
-    /// Blob rows no model or artifact names (left by a crash between persist and finish).
-    async fn remove_orphan_blobs(&self) -> Result<Vec<String>, StorageError>;
+    /// Deletes the blob rows no model or artifact names (left by a crash between persist and
+    /// finish) that were created before `created_before` (unix ms); returns their keys. Replicas
+    /// sharing a database pass an hour ago, so a row another replica is about to name stays.
+    async fn remove_orphan_blobs(&self, created_before: i64) -> Result<Vec<String>, StorageError>;
 
     /// Every blob key the database knows (start-up sweep of stray files).
     async fn blob_keys(&self) -> Result<Vec<String>, StorageError>;
@@ -205,24 +237,34 @@ pub trait Catalog: Send + Sync + 'static {
     async fn finished_before(&self, before_ms: i64, limit: u32) -> Result<Vec<String>, StorageError>;
 }
 
-impl SqliteCatalog {
-    pub fn new(pool: SqlitePool) -> Self {
-        Self { pool, blob_gate: Default::default() }
+impl SqlCatalog {
+    pub fn new(db: Db) -> Self {
+        Self { db, blob_gate: Default::default() }
     }
 }
 
 #[async_trait]
-impl Catalog for SqliteCatalog {
+impl Catalog for SqlCatalog {
     /// See `blob_gate`: take it around persist + insert and around delete + unlink.
-    async fn blob_gate(&self) -> tokio::sync::OwnedMutexGuard<()> {
-        self.blob_gate.clone().lock_owned().await
+    async fn blob_gate(&self) -> Result<BlobGate, StorageError> {
+        // The process's mutex first: tasks waiting here hold no database connection.
+        let local = self.blob_gate.clone().lock_owned().await;
+        let shared = match self.db.dialect {
+            Dialect::Sqlite => None,
+            Dialect::Postgres => {
+                let mut conn = self.db.pool.acquire().await?;
+                sqlx::query("select pg_advisory_lock($1)").bind(BLOB_GATE_KEY).execute(&mut *conn).await?;
+                Some(conn)
+            }
+        };
+        Ok(BlobGate { _local: local, shared })
     }
 
     /// Records the blob (if new) and the model in one transaction.
     async fn insert_model(&self, m: NewModel) -> Result<ModelRecord, StorageError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.db.write_tx().await?;
         let now = now_ms();
-        sqlx::query("insert or ignore into blobs (sha256, bytes, created_at) values (?, ?, ?)")
+        sqlx::query("insert into blobs (sha256, bytes, created_at) values ($1, $2, $3) on conflict do nothing")
             .bind(&m.sha256)
             .bind(m.bytes)
             .bind(now)
@@ -231,7 +273,7 @@ impl Catalog for SqliteCatalog {
         let rec: ModelRecord = sqlx::query_as(
             "insert into models (id, kind, name, sha256, bytes, tensors, parameters, source_job, created_at, graph, owner,
                                  tensor_count)
-             values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) returning *",
+             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) returning *",
         )
         .bind(uuid::Uuid::now_v7().to_string())
         .bind(m.kind.as_str())
@@ -248,13 +290,13 @@ impl Catalog for SqliteCatalog {
         .fetch_one(&mut *tx)
         .await?;
         for f in &m.files {
-            sqlx::query("insert or ignore into blobs (sha256, bytes, created_at) values (?, ?, ?)")
+            sqlx::query("insert into blobs (sha256, bytes, created_at) values ($1, $2, $3) on conflict do nothing")
                 .bind(&f.sha256)
                 .bind(f.bytes)
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query("insert into model_files (model_id, name, sha256, bytes) values (?, ?, ?, ?)")
+            sqlx::query("insert into model_files (model_id, name, sha256, bytes) values ($1, $2, $3, $4)")
                 .bind(&rec.id)
                 .bind(&f.name)
                 .bind(&f.sha256)
@@ -268,18 +310,18 @@ impl Catalog for SqliteCatalog {
 
     /// A model's companion files, by name.
     async fn model_files(&self, model_id: &str) -> Result<Vec<ModelFile>, StorageError> {
-        sqlx::query_as("select name, sha256, bytes from model_files where model_id = ? order by name")
+        sqlx::query_as("select name, sha256, bytes from model_files where model_id = $1 order by name")
             .bind(model_id)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.db.pool)
             .await
             .map_err(StorageError::from)
     }
 
     async fn get_model(&self, kind: ModelKind, id: &str) -> Result<Option<ModelRecord>, StorageError> {
-        sqlx::query_as("select * from models where id = ? and kind = ?")
+        sqlx::query_as("select * from models where id = $1 and kind = $2")
             .bind(id)
             .bind(kind.as_str())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.db.pool)
             .await
             .map_err(StorageError::from)
     }
@@ -294,16 +336,16 @@ impl Catalog for SqliteCatalog {
         owner: Option<&str>,
     ) -> Result<Vec<ModelSummary>, StorageError> {
         sqlx::query_as(
-            "select id, kind, name, sha256, bytes, parameters, tensor_count, graph is not null as has_graph,
+            "select id, kind, name, sha256, bytes, parameters, tensor_count, case when graph is null then 0 else 1 end as has_graph,
                     source_job, created_at
-             from models where kind = ?1 and (?2 is null or id < ?2) and (?4 is null or owner = ?4)
-             order by id desc limit ?3",
+             from models where kind = $1 and ($2 is null or id < $2) and ($4 is null or owner = $4)
+             order by id desc limit $3",
         )
         .bind(kind.as_str())
         .bind(after)
         .bind(limit as i64)
         .bind(owner)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db.pool)
         .await
         .map_err(StorageError::from)
     }
@@ -311,9 +353,9 @@ impl Catalog for SqliteCatalog {
     /// Deletes unless a queued or running job reads it; the check and the delete are one
     /// transaction, serialised with job inserts by SQLite's write lock.
     async fn delete_model(&self, kind: ModelKind, id: &str) -> Result<DeleteOutcome, StorageError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.db.write_tx().await?;
         let active: i64 = sqlx::query_scalar(
-            "select count(*) from jobs where (model_id = ?1 or dataset_id = ?1 or student_model_id = ?1 or eval_dataset_id = ?1)
+            "select count(*) from jobs where (model_id = $1 or dataset_id = $1 or student_model_id = $1 or eval_dataset_id = $1)
              and status in ('queued', 'running')",
         )
         .bind(id)
@@ -322,7 +364,7 @@ impl Catalog for SqliteCatalog {
         if active > 0 {
             return Ok(DeleteOutcome::InUse(active));
         }
-        let exists: Option<String> = sqlx::query_scalar("select id from models where id = ? and kind = ?")
+        let exists: Option<String> = sqlx::query_scalar("select id from models where id = $1 and kind = $2")
             .bind(id)
             .bind(kind.as_str())
             .fetch_optional(&mut *tx)
@@ -330,12 +372,14 @@ impl Catalog for SqliteCatalog {
         if exists.is_none() {
             return Ok(DeleteOutcome::NotFound);
         }
-        let mut shas: Vec<String> = sqlx::query_scalar("delete from model_files where model_id = ? returning sha256")
+        let mut shas: Vec<String> = sqlx::query_scalar("delete from model_files where model_id = $1 returning sha256")
             .bind(id)
             .fetch_all(&mut *tx)
             .await?;
-        let sha: String =
-            sqlx::query_scalar("delete from models where id = ? returning sha256").bind(id).fetch_one(&mut *tx).await?;
+        let sha: String = sqlx::query_scalar("delete from models where id = $1 returning sha256")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
         shas.push(sha);
         shas.sort();
         shas.dedup();
@@ -352,10 +396,10 @@ impl Catalog for SqliteCatalog {
     /// Attaches (`Some`) or removes (`None`) a model's architecture graph, unless a queued or
     /// running job reads the model: a job runs with the graph it was planned with.
     async fn set_graph(&self, id: &str, graph: Option<&str>) -> Result<GraphUpdate, StorageError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.db.write_tx().await?;
         let active: i64 =
             sqlx::query_scalar(
-                "select count(*) from jobs where (model_id = ?1 or student_model_id = ?1) and status in ('queued', 'running')",
+                "select count(*) from jobs where (model_id = $1 or student_model_id = $1) and status in ('queued', 'running')",
             )
                 .bind(id)
                 .fetch_one(&mut *tx)
@@ -363,7 +407,7 @@ impl Catalog for SqliteCatalog {
         if active > 0 {
             return Ok(GraphUpdate::InUse(active));
         }
-        let updated = sqlx::query("update models set graph = ? where id = ? and kind = 'model'")
+        let updated = sqlx::query("update models set graph = $1 where id = $2 and kind = 'model'")
             .bind(graph)
             .bind(id)
             .execute(&mut *tx)
@@ -375,69 +419,69 @@ impl Catalog for SqliteCatalog {
 
     /// Records a blob a job produced (before the job's artifact rows name it).
     async fn ensure_blob(&self, sha256: &str, bytes: i64) -> Result<(), StorageError> {
-        sqlx::query("insert or ignore into blobs (sha256, bytes, created_at) values (?, ?, ?)")
+        sqlx::query("insert into blobs (sha256, bytes, created_at) values ($1, $2, $3) on conflict do nothing")
             .bind(sha256)
             .bind(bytes)
             .bind(now_ms())
-            .execute(&self.pool)
+            .execute(&self.db.pool)
             .await?;
         Ok(())
     }
 
-    /// Blob rows no model or artifact names (left by a crash between persist and finish).
-    async fn remove_orphan_blobs(&self) -> Result<Vec<String>, StorageError> {
+    async fn remove_orphan_blobs(&self, created_before: i64) -> Result<Vec<String>, StorageError> {
         sqlx::query_scalar(
-            "delete from blobs where sha256 not in (select sha256 from models)
+            "delete from blobs where created_at < $1 and sha256 not in (select sha256 from models)
                and sha256 not in (select sha256 from artifacts)
                and sha256 not in (select sha256 from model_files) returning sha256",
         )
-        .fetch_all(&self.pool)
+        .bind(created_before)
+        .fetch_all(&self.db.pool)
         .await
         .map_err(StorageError::from)
     }
 
     /// Every blob key the database knows (start-up sweep of stray files).
     async fn blob_keys(&self) -> Result<Vec<String>, StorageError> {
-        sqlx::query_scalar("select sha256 from blobs").fetch_all(&self.pool).await.map_err(StorageError::from)
+        sqlx::query_scalar("select sha256 from blobs").fetch_all(&self.db.pool).await.map_err(StorageError::from)
     }
 
     async fn artifacts(&self, job_id: &str) -> Result<Vec<ArtifactRecord>, StorageError> {
-        sqlx::query_as("select * from artifacts where job_id = ? order by name")
+        sqlx::query_as("select * from artifacts where job_id = $1 order by name")
             .bind(job_id)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.db.pool)
             .await
             .map_err(StorageError::from)
     }
 
     async fn artifact(&self, job_id: &str, name: &str) -> Result<Option<ArtifactRecord>, StorageError> {
-        sqlx::query_as("select * from artifacts where job_id = ? and name = ?")
+        sqlx::query_as("select * from artifacts where job_id = $1 and name = $2")
             .bind(job_id)
             .bind(name)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.db.pool)
             .await
             .map_err(StorageError::from)
     }
 
     async fn ping(&self) -> Result<(), StorageError> {
-        sqlx::query("select 1").execute(&self.pool).await.map(|_| ()).map_err(StorageError::from)
+        sqlx::query("select 1").execute(&self.db.pool).await.map(|_| ()).map_err(StorageError::from)
     }
     /// Deletes a finished job, its events and artifact rows (one transaction), and the blob rows
     /// nothing else names. The caller holds [`Catalog::blob_gate`] until it removed the files.
     async fn delete_job(&self, id: &str) -> Result<JobDeleteOutcome, StorageError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.db.write_tx().await?;
         let status: Option<String> =
-            sqlx::query_scalar("select status from jobs where id = ?").bind(id).fetch_optional(&mut *tx).await?;
+            sqlx::query_scalar("select status from jobs where id = $1").bind(id).fetch_optional(&mut *tx).await?;
         match status.as_deref() {
             None => return Ok(JobDeleteOutcome::NotFound),
             Some("queued" | "running") => return Ok(JobDeleteOutcome::Active),
             Some(_) => {}
         }
-        let shas: Vec<String> = sqlx::query_scalar("select distinct sha256 from artifacts where job_id = ?")
+        let shas: Vec<String> = sqlx::query_scalar("select distinct sha256 from artifacts where job_id = $1")
             .bind(id)
             .fetch_all(&mut *tx)
             .await?;
         // Events and artifacts go with the job (`on delete cascade`).
-        sqlx::query("delete from jobs where id = ?").bind(id).execute(&mut *tx).await?;
+        sqlx::query("delete from jobs where id = $1").bind(id).execute(&mut *tx).await?;
         let mut orphan_blobs = Vec::new();
         for sha in shas {
             if delete_blob_row_if_unused(&mut tx, &sha).await? {
@@ -453,16 +497,17 @@ impl Catalog for SqliteCatalog {
     /// of them share counts twice).
     async fn stored_bytes(&self, owner: &str) -> Result<u64, StorageError> {
         let n: i64 = sqlx::query_scalar(
-            "select (select coalesce(sum(bytes), 0) from models where owner = ?1)
+            // Postgres sums bigints into numeric: cast back to the integer both engines return.
+            "select cast((select coalesce(sum(bytes), 0) from models where owner = $1)
                   + (select coalesce(sum(f.bytes), 0) from model_files f join models m on m.id = f.model_id
-                     where m.owner = ?1)
+                     where m.owner = $1)
                   + (select coalesce(sum(a.bytes), 0) from artifacts a join jobs j on j.id = a.job_id
-                     where j.owner = ?1)
+                     where j.owner = $1)
                   + (select coalesce(sum(f.bytes), 0) from model_draft_files f
-                     join model_drafts d on d.id = f.draft_id where d.owner = ?1)",
+                     join model_drafts d on d.id = f.draft_id where d.owner = $1) as bigint)",
         )
         .bind(owner)
-        .fetch_one(&self.pool)
+        .fetch_one(&self.db.pool)
         .await?;
         Ok(n as u64)
     }
@@ -471,12 +516,12 @@ impl Catalog for SqliteCatalog {
     async fn finished_before(&self, before_ms: i64, limit: u32) -> Result<Vec<String>, StorageError> {
         sqlx::query_scalar(
             "select id from jobs where status in ('succeeded', 'failed', 'canceled')
-               and coalesce(finished_at, canceled_at, updated_at) < ?
-             order by coalesce(finished_at, canceled_at, updated_at) limit ?",
+               and coalesce(finished_at, canceled_at, updated_at) < $1
+             order by coalesce(finished_at, canceled_at, updated_at) limit $2",
         )
         .bind(before_ms)
         .bind(limit as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db.pool)
         .await
         .map_err(StorageError::from)
     }
@@ -494,15 +539,12 @@ pub enum JobDeleteOutcome {
     NotFound,
 }
 
-async fn delete_blob_row_if_unused(
-    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
-    sha: &str,
-) -> Result<bool, StorageError> {
+async fn delete_blob_row_if_unused(tx: &mut sqlx::Transaction<'static, Any>, sha: &str) -> Result<bool, StorageError> {
     let deleted = sqlx::query(
-        "delete from blobs where sha256 = ?1
-           and not exists (select 1 from models where sha256 = ?1)
-           and not exists (select 1 from artifacts where sha256 = ?1)
-           and not exists (select 1 from model_files where sha256 = ?1)",
+        "delete from blobs where sha256 = $1
+           and not exists (select 1 from models where sha256 = $1)
+           and not exists (select 1 from artifacts where sha256 = $1)
+           and not exists (select 1 from model_files where sha256 = $1)",
     )
     .bind(sha)
     .execute(&mut **tx)

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
-use sqlx::SqlitePool;
+use super::db::Db;
 
 use super::catalog::ModelFile;
 use super::now_ms;
@@ -40,7 +40,7 @@ pub struct DraftLock {
 
 #[derive(Clone)]
 pub struct Drafts {
-    pool: SqlitePool,
+    db: Db,
     /// `<data_dir>/drafts`.
     root: PathBuf,
     /// One lock per draft touched since the start, by id; an entry goes with its draft.
@@ -48,10 +48,10 @@ pub struct Drafts {
 }
 
 impl Drafts {
-    pub fn open(pool: SqlitePool, data_dir: &Path) -> std::io::Result<Drafts> {
+    pub fn open(db: Db, data_dir: &Path) -> std::io::Result<Drafts> {
         let root = data_dir.join("drafts");
         std::fs::create_dir_all(&root)?;
-        Ok(Drafts { pool, root, locks: Arc::default() })
+        Ok(Drafts { db, root, locks: Arc::default() })
     }
 
     /// The directory of draft `id`'s complete files (created by the first file).
@@ -72,9 +72,9 @@ impl Drafts {
         ttl_ms: i64,
         max_open: u64,
     ) -> Result<Option<DraftRecord>, StorageError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.db.write_tx().await?;
         let now = now_ms();
-        let open: i64 = sqlx::query_scalar("select count(*) from model_drafts where owner = ? and expires_at > ?")
+        let open: i64 = sqlx::query_scalar("select count(*) from model_drafts where owner = $1 and expires_at > $2")
             .bind(owner)
             .bind(now)
             .fetch_one(&mut *tx)
@@ -83,7 +83,7 @@ impl Drafts {
             return Ok(None);
         }
         let rec = sqlx::query_as(
-            "insert into model_drafts (id, owner, name, created_at, expires_at) values (?, ?, ?, ?, ?) returning *",
+            "insert into model_drafts (id, owner, name, created_at, expires_at) values ($1, $2, $3, $4, $5) returning *",
         )
         .bind(uuid::Uuid::now_v7().to_string())
         .bind(owner)
@@ -101,31 +101,31 @@ impl Drafts {
     /// (`None`: everyone's).
     pub async fn list(&self, owner: Option<&str>, limit: u32) -> Result<Vec<DraftRecord>, StorageError> {
         sqlx::query_as(
-            "select * from model_drafts where expires_at > ?1 and (?2 is null or owner = ?2)
-             order by created_at desc, id desc limit ?3",
+            "select * from model_drafts where expires_at > $1 and ($2 is null or owner = $2)
+             order by created_at desc, id desc limit $3",
         )
         .bind(now_ms())
         .bind(owner)
         .bind(limit as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db.pool)
         .await
         .map_err(StorageError::from)
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<DraftRecord>, StorageError> {
-        sqlx::query_as("select * from model_drafts where id = ? and expires_at > ?")
+        sqlx::query_as("select * from model_drafts where id = $1 and expires_at > $2")
             .bind(id)
             .bind(now_ms())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.db.pool)
             .await
             .map_err(StorageError::from)
     }
 
     /// The draft's files, by name.
     pub async fn files(&self, id: &str) -> Result<Vec<ModelFile>, StorageError> {
-        sqlx::query_as("select name, sha256, bytes from model_draft_files where draft_id = ? order by name")
+        sqlx::query_as("select name, sha256, bytes from model_draft_files where draft_id = $1 order by name")
             .bind(id)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.db.pool)
             .await
             .map_err(StorageError::from)
     }
@@ -133,15 +133,15 @@ impl Drafts {
     /// Records `file` (moved into the draft's directory by the caller, under the draft's lock)
     /// and gives the draft `ttl_ms` more; returns whether it replaced a file of that name.
     pub async fn put_file(&self, id: &str, file: &ModelFile, ttl_ms: i64) -> Result<bool, StorageError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.db.write_tx().await?;
         let replaced: Option<i64> =
-            sqlx::query_scalar("select bytes from model_draft_files where draft_id = ? and name = ?")
+            sqlx::query_scalar("select bytes from model_draft_files where draft_id = $1 and name = $2")
                 .bind(id)
                 .bind(&file.name)
                 .fetch_optional(&mut *tx)
                 .await?;
         sqlx::query(
-            "insert into model_draft_files (draft_id, name, sha256, bytes) values (?, ?, ?, ?)
+            "insert into model_draft_files (draft_id, name, sha256, bytes) values ($1, $2, $3, $4)
              on conflict (draft_id, name) do update set sha256 = excluded.sha256, bytes = excluded.bytes",
         )
         .bind(id)
@@ -150,18 +150,20 @@ impl Drafts {
         .bind(file.bytes)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("update model_drafts set expires_at = max(expires_at, ?) where id = ?")
-            .bind(now_ms().saturating_add(ttl_ms))
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "update model_drafts set expires_at = case when expires_at > $1 then expires_at else $1 end where id = $2",
+        )
+        .bind(now_ms().saturating_add(ttl_ms))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(replaced.is_some())
     }
 
     /// Deletes the draft's rows, then its files. The caller holds the draft's lock.
     pub async fn discard(&self, id: &str) -> Result<(), StorageError> {
-        sqlx::query("delete from model_drafts where id = ?").bind(id).execute(&self.pool).await?;
+        sqlx::query("delete from model_drafts where id = $1").bind(id).execute(&self.db.pool).await?;
         if let Err(e) = tokio::fs::remove_dir_all(self.dir(id)).await {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(error = %e, draft_id = id, "draft deleted but its files remain; removed at next start");
@@ -174,9 +176,9 @@ impl Drafts {
     /// Deletes expired drafts that nothing is using now, and with `strays` (at start, when no
     /// request runs) directories no live draft owns; returns how many drafts went.
     pub async fn sweep(&self, strays: bool) -> Result<usize, StorageError> {
-        let expired: Vec<String> = sqlx::query_scalar("select id from model_drafts where expires_at <= ?")
+        let expired: Vec<String> = sqlx::query_scalar("select id from model_drafts where expires_at <= $1")
             .bind(now_ms())
-            .fetch_all(&self.pool)
+            .fetch_all(&self.db.pool)
             .await?;
         let mut swept = 0;
         for id in expired {
@@ -188,7 +190,7 @@ impl Drafts {
         }
         if strays {
             let live: std::collections::HashSet<String> =
-                sqlx::query_scalar("select id from model_drafts").fetch_all(&self.pool).await?.into_iter().collect();
+                sqlx::query_scalar("select id from model_drafts").fetch_all(&self.db.pool).await?.into_iter().collect();
             if let Ok(entries) = std::fs::read_dir(&self.root) {
                 for entry in entries.flatten() {
                     if !live.contains(entry.file_name().to_string_lossy().as_ref()) {
@@ -207,8 +209,8 @@ mod tests {
 
     async fn drafts() -> (tempfile::TempDir, Drafts) {
         let dir = tempfile::tempdir().unwrap();
-        let pool = super::super::db::connect(dir.path()).await.unwrap();
-        let drafts = Drafts::open(pool, dir.path()).unwrap();
+        let db = super::super::db::Db::connect("sqlite://", dir.path()).await.unwrap();
+        let drafts = Drafts::open(db, dir.path()).unwrap();
         (dir, drafts)
     }
 

@@ -7,9 +7,9 @@
 //! as GitHub's tokens are. Only SHA-256 of the secret is stored (the secret has too much entropy
 //! for a slow hash to add anything) and it is compared in constant time.
 
+use super::db::Db;
 use crate::storage::error::StorageError;
 use sha2::{Digest, Sha256};
-use sqlx::SqlitePool;
 
 use super::now_ms;
 
@@ -160,12 +160,12 @@ impl From<StorageError> for CreateError {
 /// The `api_keys` table.
 #[derive(Clone)]
 pub struct KeyStore {
-    pool: SqlitePool,
+    db: Db,
 }
 
 impl KeyStore {
-    pub fn new(pool: SqlitePool) -> KeyStore {
-        KeyStore { pool }
+    pub fn new(db: Db) -> KeyStore {
+        KeyStore { db }
     }
 
     /// Creates a key for `principal`; returns its row and the full key (shown once).
@@ -176,11 +176,11 @@ impl KeyStore {
         scope: Scope,
         expires_at: Option<i64>,
     ) -> Result<(KeyRecord, String), CreateError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.db.write_tx().await?;
         let now = now_ms();
         let live: i64 = sqlx::query_scalar(
-            "select count(*) from api_keys where principal = ?1 and revoked_at is null
-             and (expires_at is null or expires_at > ?2)",
+            "select count(*) from api_keys where principal = $1 and revoked_at is null
+             and (expires_at is null or expires_at > $2)",
         )
         .bind(principal)
         .bind(now)
@@ -192,7 +192,7 @@ impl KeyStore {
         let (id, secret, key) = generate();
         let record: KeyRecord = sqlx::query_as(
             "insert into api_keys (id, principal, name, scopes, secret_sha256, created_at, expires_at)
-             values (?, ?, ?, ?, ?, ?, ?) returning *",
+             values ($1, $2, $3, $4, $5, $6, $7) returning *",
         )
         .bind(&id)
         .bind(principal)
@@ -208,9 +208,9 @@ impl KeyStore {
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<KeyRecord>, StorageError> {
-        sqlx::query_as("select * from api_keys where id = ?")
+        sqlx::query_as("select * from api_keys where id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.db.pool)
             .await
             .map_err(StorageError::from)
     }
@@ -218,17 +218,17 @@ impl KeyStore {
     /// Every key, newest first.
     pub async fn list(&self) -> Result<Vec<KeyRecord>, StorageError> {
         sqlx::query_as("select * from api_keys order by created_at desc, id")
-            .fetch_all(&self.pool)
+            .fetch_all(&self.db.pool)
             .await
             .map_err(StorageError::from)
     }
 
     /// Revokes a key; false when there is no such key. Revoking twice keeps the first time.
     pub async fn revoke(&self, id: &str) -> Result<bool, StorageError> {
-        let done = sqlx::query("update api_keys set revoked_at = coalesce(revoked_at, ?) where id = ?")
+        let done = sqlx::query("update api_keys set revoked_at = coalesce(revoked_at, $1) where id = $2")
             .bind(now_ms())
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.db.pool)
             .await?;
         Ok(done.rows_affected() > 0)
     }
@@ -236,8 +236,9 @@ impl KeyStore {
     /// Whether any key was ever created: then every request needs one. Revoked and expired
     /// keys count, so revoking the last key never reopens the server to anonymous admins.
     pub async fn any(&self) -> Result<bool, StorageError> {
-        let n: i64 =
-            sqlx::query_scalar("select count(*) from (select 1 from api_keys limit 1)").fetch_one(&self.pool).await?;
+        let n: i64 = sqlx::query_scalar("select count(*) from (select 1 from api_keys limit 1) as any_key")
+            .fetch_one(&self.db.pool)
+            .await?;
         Ok(n > 0)
     }
 
@@ -249,10 +250,10 @@ impl KeyStore {
         if key.last_used_at.is_some_and(|t| t > now - 60_000) {
             return Ok(());
         }
-        sqlx::query("update api_keys set last_used_at = ? where id = ?")
+        sqlx::query("update api_keys set last_used_at = $1 where id = $2")
             .bind(now)
             .bind(&key.id)
-            .execute(&self.pool)
+            .execute(&self.db.pool)
             .await?;
         Ok(())
     }

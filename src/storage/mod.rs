@@ -1,9 +1,9 @@
-//! Persistence: the SQLite database, the blob store and the job queue.
+//! Persistence: the database (SQLite or PostgreSQL, [`db::Db`]), the blob store (local disk or
+//! S3) and the job queue.
 //!
 //! The queue ([`queue::JobQueue`]), the catalog of models and artifacts ([`catalog::Catalog`])
-//! and the blob store ([`blobs::BlobStore`]) are traits, so a Postgres queue and catalog and an
-//! S3-compatible store can replace the embedded defaults without touching callers; every
-//! operation answers [`error::StorageError`], never a driver's error.
+//! and the blob store ([`blobs::BlobStore`]) are traits; every operation answers
+//! [`error::StorageError`], never a driver's error.
 
 pub mod blobs;
 pub mod catalog;
@@ -13,7 +13,7 @@ pub mod error;
 pub mod keys;
 pub mod queue;
 pub mod s3;
-pub mod sqlite_queue;
+pub mod sql_queue;
 
 /// Deletes a finished job with its events, artifact rows, the artifact files no other row names
 /// and its training checkpoints; the blob gate is held until the files are gone, so an upload
@@ -24,7 +24,7 @@ pub async fn delete_job(
     blobs: &dyn blobs::BlobStore,
     id: &str,
 ) -> Result<catalog::JobDeleteOutcome, error::StorageError> {
-    let _gate = catalog.blob_gate().await;
+    let _gate = catalog.blob_gate().await?;
     let outcome = catalog.delete_job(id).await?;
     if let catalog::JobDeleteOutcome::Deleted { orphan_blobs } = &outcome {
         queue.forget(id);

@@ -1,5 +1,5 @@
-//! The job queue contract. [`super::sqlite_queue::SqliteQueue`] is the embedded implementation;
-//! a Postgres one (`FOR UPDATE SKIP LOCKED`, `LISTEN/NOTIFY`) fits the same calls.
+//! The job queue contract, implemented by [`super::sql_queue::SqlQueue`] on SQLite and on
+//! PostgreSQL.
 
 use std::time::Duration;
 

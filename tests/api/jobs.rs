@@ -382,16 +382,15 @@ async fn retention_deletes_jobs_finished_before_the_period() {
     let model = app.upload_ok(small_model()).await;
     let (job, _, _) = run_job(&app, &int8_spec(&model)).await;
     let id = job["id"].as_str().unwrap().to_owned();
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", app.data_dir().join("modelpress.db").display()))
-        .await
-        .unwrap();
-    let catalog = modelpress::storage::catalog::SqliteCatalog::new(pool.clone());
+    let db = modelpress::storage::db::Db::connect("sqlite://", &app.data_dir()).await.unwrap();
+    let pool = db.pool.clone();
+    let catalog = modelpress::storage::catalog::SqlCatalog::new(db.clone());
     let blobs = modelpress::storage::blobs::LocalBlobStore::open(&app.data_dir()).unwrap();
-    let queue = modelpress::storage::sqlite_queue::SqliteQueue::new(pool.clone(), std::time::Duration::from_secs(1));
+    let queue = modelpress::storage::sql_queue::SqlQueue::new(db, std::time::Duration::from_secs(1));
     // Finished just now: a one-day period keeps it; moved back two days, it goes.
     assert_eq!(modelpress::storage::sweep_finished_jobs(&catalog, &queue, &blobs, 1).await, 0);
     let two_days_ago = modelpress::storage::now_ms() - 2 * 86_400_000;
-    sqlx::query("update jobs set finished_at = ? where id = ?")
+    sqlx::query("update jobs set finished_at = $1 where id = $2")
         .bind(two_days_ago)
         .bind(&id)
         .execute(&pool)

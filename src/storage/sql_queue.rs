@@ -1,24 +1,30 @@
-//! The embedded queue: jobs, events and artifacts in SQLite.
+//! The job queue on SQL: jobs, events and artifacts in SQLite (embedded) or PostgreSQL (shared
+//! by replicas), one implementation over [`super::db::Db`].
 //!
-//! Every state change is one `BEGIN IMMEDIATE` transaction that also appends the matching event,
-//! so the event log and the job row never disagree. Claims are one `UPDATE ... WHERE id =
-//! (SELECT ... LIMIT 1) RETURNING *` (FACTS.md: 0 duplicates over 20,000 jobs across processes).
+//! Every state change is one transaction that also appends the matching event, so the event log
+//! and the job row never disagree. Claims are one `UPDATE ... WHERE id = (SELECT ... LIMIT 1)
+//! RETURNING *`: on SQLite under the write lock (FACTS.md: 0 duplicates over 20,000 jobs across
+//! processes), on Postgres River-style with `FOR UPDATE SKIP LOCKED`, so replicas claiming at
+//! once take different jobs without waiting on each other. On Postgres every event is also
+//! announced with `pg_notify`, and a `LISTEN` task wakes this replica's SSE streams for jobs
+//! running anywhere.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use sqlx::{Sqlite, SqlitePool, Transaction};
+use sqlx::{Any, Transaction};
 use tokio::sync::broadcast;
 
+use super::db::{Db, Dialect};
 use super::now_ms;
 use super::queue::{Enqueued, JobFilter, JobQueue, LeaseState, NewJob, Outcome, QueueError, QueueLimits};
 use crate::domain::job::{JobEvent, JobFailure, JobRecord, JobStatus, Progress};
 
 #[derive(Debug, Clone)]
-pub struct SqliteQueue {
-    pool: SqlitePool,
+pub struct SqlQueue {
+    db: Db,
     /// First retry delay; doubles per attempt.
     backoff: Duration,
     /// Fans out "job X has a new event" to SSE streams in this process.
@@ -34,10 +40,16 @@ const CACHE_TTL: Duration = Duration::from_millis(250);
 /// Entries kept before the cache starts over (rows are small; this bounds memory).
 const CACHE_MAX: usize = 10_000;
 
-impl SqliteQueue {
-    pub fn new(pool: SqlitePool, backoff: Duration) -> Self {
+impl SqlQueue {
+    /// The queue on `db`; on Postgres also starts the task that turns other replicas' event
+    /// announcements into wake-ups here (it reconnects by itself when the connection drops).
+    pub fn new(db: Db, backoff: Duration) -> Self {
         let (notify, _) = broadcast::channel(1024);
-        Self { pool, backoff, notify, cache: Arc::default() }
+        let queue = Self { db, backoff, notify, cache: Arc::default() };
+        if queue.db.dialect == Dialect::Postgres {
+            tokio::spawn(listen(queue.db.url.clone(), queue.notify.clone(), queue.cache.clone()));
+        }
+        queue
     }
 
     fn remember(&self, job: &JobRecord) {
@@ -48,26 +60,21 @@ impl SqliteQueue {
         cache.insert(job.id.clone(), (job.clone(), Instant::now()));
     }
 
-    async fn write_tx(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
-        // IMMEDIATE takes the write lock up front: a deferred transaction that reads, then
-        // writes, can fail with SQLITE_BUSY_SNAPSHOT without waiting for the busy timeout.
-        self.pool.begin_with("BEGIN IMMEDIATE").await
-    }
-
     fn wake(&self, id: &str) {
         let _ = self.notify.send(id.to_owned());
     }
 }
 
 async fn append_event(
-    tx: &mut Transaction<'static, Sqlite>,
+    db: &Db,
+    tx: &mut Transaction<'static, Any>,
     id: &str,
     kind: &str,
     data: serde_json::Value,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "insert into job_events (job_id, seq, kind, data, created_at)
-         values (?1, (select coalesce(max(seq), 0) + 1 from job_events where job_id = ?1), ?2, ?3, ?4)",
+         values ($1, (select coalesce(max(seq), 0) + 1 from job_events where job_id = $1), $2, $3, $4)",
     )
     .bind(id)
     .bind(kind)
@@ -75,7 +82,7 @@ async fn append_event(
     .bind(now_ms())
     .execute(&mut **tx)
     .await?;
-    Ok(())
+    db.notify(tx, id).await
 }
 
 fn state_event(job: &JobRecord) -> serde_json::Value {
@@ -86,16 +93,21 @@ fn state_event(job: &JobRecord) -> serde_json::Value {
     })
 }
 
-async fn fetch(tx: &mut Transaction<'static, Sqlite>, id: &str) -> Result<Option<JobRecord>, sqlx::Error> {
-    sqlx::query_as("select * from jobs where id = ?").bind(id).fetch_optional(&mut **tx).await
+/// Job `id`, locked until `tx` ends (the write lock on SQLite, its row lock on Postgres).
+async fn fetch(db: &Db, tx: &mut Transaction<'static, Any>, id: &str) -> Result<Option<JobRecord>, sqlx::Error> {
+    let sql = match db.dialect {
+        Dialect::Sqlite => "select * from jobs where id = $1",
+        Dialect::Postgres => "select * from jobs where id = $1 for update",
+    };
+    sqlx::query_as(sql).bind(id).fetch_optional(&mut **tx).await
 }
 
 #[async_trait]
-impl JobQueue for SqliteQueue {
+impl JobQueue for SqlQueue {
     async fn enqueue(&self, job: NewJob, limits: QueueLimits) -> Result<Enqueued, QueueError> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.db.write_tx().await?;
         if let Some(key) = &job.idempotency_key {
-            let existing: Option<JobRecord> = sqlx::query_as("select * from jobs where idempotency_key = ?")
+            let existing: Option<JobRecord> = sqlx::query_as("select * from jobs where idempotency_key = $1")
                 .bind(key)
                 .fetch_optional(&mut *tx)
                 .await?;
@@ -113,7 +125,7 @@ impl JobQueue for SqliteQueue {
             return Err(QueueError::Full { queued: queued as u64 });
         }
         if job.owner != "local" {
-            let mine: i64 = sqlx::query_scalar("select count(*) from jobs where status = 'queued' and owner = ?")
+            let mine: i64 = sqlx::query_scalar("select count(*) from jobs where status = 'queued' and owner = $1")
                 .bind(&job.owner)
                 .fetch_one(&mut *tx)
                 .await?;
@@ -129,11 +141,11 @@ impl JobQueue for SqliteQueue {
             "insert into jobs (id, model_id, dataset_id, spec, spec_hash, idempotency_key, status,
                                max_attempts, run_after, created_at, updated_at, spec_version, student_model_id,
                                eval_dataset_id, owner)
-             select ?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?8, ?8, ?9, ?10, ?11, ?12
-             where exists (select 1 from models where id = ?2 and kind = 'model')
-               and (?3 is null or exists (select 1 from models where id = ?3 and kind = 'dataset'))
-               and (?10 is null or exists (select 1 from models where id = ?10 and kind = 'model'))
-               and (?11 is null or exists (select 1 from models where id = ?11 and kind = 'dataset'))
+             select $1, $2, $3, $4, $5, $6, 'queued', $7, $8, $8, $8, $9, $10, $11, $12
+             where exists (select 1 from models where id = $2 and kind = 'model')
+               and ($3 is null or exists (select 1 from models where id = $3 and kind = 'dataset'))
+               and ($10 is null or exists (select 1 from models where id = $10 and kind = 'model'))
+               and ($11 is null or exists (select 1 from models where id = $11 and kind = 'dataset'))
              returning *",
         )
         .bind(&id)
@@ -151,7 +163,7 @@ impl JobQueue for SqliteQueue {
         .fetch_optional(&mut *tx)
         .await?;
         let record = record.ok_or_else(|| QueueError::NotFound(job.model_id.clone()))?;
-        append_event(&mut tx, &id, "state", state_event(&record)).await?;
+        append_event(&self.db, &mut tx, &id, "state", state_event(&record)).await?;
         tx.commit().await?;
         self.remember(&record);
         self.wake(&id);
@@ -159,28 +171,43 @@ impl JobQueue for SqliteQueue {
     }
 
     async fn find_by_idempotency_key(&self, key: &str) -> Result<Option<JobRecord>, QueueError> {
-        Ok(sqlx::query_as("select * from jobs where idempotency_key = ?").bind(key).fetch_optional(&self.pool).await?)
+        Ok(sqlx::query_as("select * from jobs where idempotency_key = $1")
+            .bind(key)
+            .fetch_optional(&self.db.pool)
+            .await?)
     }
 
     async fn claim(&self, worker: &str, lease: Duration) -> Result<Option<JobRecord>, QueueError> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.db.row_tx().await?;
         let now = now_ms();
-        let job: Option<JobRecord> = sqlx::query_as(
-            "update jobs set status = 'running', attempt = attempt + 1, lease_owner = ?1,
-                    lease_expires_at = ?2, started_at = ?3, updated_at = ?3, progress_fraction = 0,
-                    progress_step = null, progress_message = null
-             where id = (select id from jobs where status = 'queued' and run_after <= ?3
-                         order by run_after, id limit 1)
-               and status = 'queued'
-             returning *",
-        )
-        .bind(worker)
-        .bind(now + lease.as_millis() as i64)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let sql = match self.db.dialect {
+            Dialect::Sqlite => {
+                "update jobs set status = 'running', attempt = attempt + 1, lease_owner = $1,
+                        lease_expires_at = $2, started_at = $3, updated_at = $3, progress_fraction = 0,
+                        progress_step = null, progress_message = null
+                 where id = (select id from jobs where status = 'queued' and run_after <= $3
+                             order by run_after, id limit 1)
+                   and status = 'queued'
+                 returning *"
+            }
+            // A job another replica is claiming right now is skipped, not waited for.
+            Dialect::Postgres => {
+                "update jobs set status = 'running', attempt = attempt + 1, lease_owner = $1,
+                        lease_expires_at = $2, started_at = $3, updated_at = $3, progress_fraction = 0,
+                        progress_step = null, progress_message = null
+                 where id = (select id from jobs where status = 'queued' and run_after <= $3
+                             order by run_after, id limit 1 for update skip locked)
+                 returning *"
+            }
+        };
+        let job: Option<JobRecord> = sqlx::query_as(sql)
+            .bind(worker)
+            .bind(now + lease.as_millis() as i64)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
         if let Some(job) = &job {
-            append_event(&mut tx, &job.id, "state", state_event(job)).await?;
+            append_event(&self.db, &mut tx, &job.id, "state", state_event(job)).await?;
         }
         tx.commit().await?;
         if let Some(job) = &job {
@@ -192,14 +219,14 @@ impl JobQueue for SqliteQueue {
 
     async fn heartbeat(&self, id: &str, worker: &str, lease: Duration) -> Result<LeaseState, QueueError> {
         let row: Option<i64> = sqlx::query_scalar(
-            "update jobs set lease_expires_at = ?3
-             where id = ?1 and lease_owner = ?2 and status = 'running'
+            "update jobs set lease_expires_at = $3
+             where id = $1 and lease_owner = $2 and status = 'running'
              returning cancel_requested",
         )
         .bind(id)
         .bind(worker)
         .bind(now_ms() + lease.as_millis() as i64)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.db.pool)
         .await?;
         Ok(match row {
             Some(flag) => LeaseState { held: true, cancel_requested: flag != 0 },
@@ -208,10 +235,10 @@ impl JobQueue for SqliteQueue {
     }
 
     async fn progress(&self, id: &str, worker: &str, p: &Progress) -> Result<(), QueueError> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.db.row_tx().await?;
         let updated = sqlx::query(
-            "update jobs set progress_fraction = ?3, progress_step = ?4, progress_message = ?5, updated_at = ?6
-             where id = ?1 and lease_owner = ?2 and status = 'running'",
+            "update jobs set progress_fraction = $3, progress_step = $4, progress_message = $5, updated_at = $6
+             where id = $1 and lease_owner = $2 and status = 'running'",
         )
         .bind(id)
         .bind(worker)
@@ -223,7 +250,7 @@ impl JobQueue for SqliteQueue {
         .await?
         .rows_affected();
         if updated == 1 {
-            append_event(&mut tx, id, "progress", serde_json::to_value(p).expect("progress JSON")).await?;
+            append_event(&self.db, &mut tx, id, "progress", serde_json::to_value(p).expect("progress JSON")).await?;
         }
         tx.commit().await?;
         self.forget(id);
@@ -232,8 +259,8 @@ impl JobQueue for SqliteQueue {
     }
 
     async fn finish(&self, id: &str, worker: &str, outcome: Outcome) -> Result<JobRecord, QueueError> {
-        let mut tx = self.write_tx().await?;
-        let current = fetch(&mut tx, id).await?.ok_or_else(|| QueueError::NotFound(id.to_owned()))?;
+        let mut tx = self.db.row_tx().await?;
+        let current = fetch(&self.db, &mut tx, id).await?.ok_or_else(|| QueueError::NotFound(id.to_owned()))?;
         if current.status() != JobStatus::Running || current.lease_owner.as_deref() != Some(worker) {
             return Err(QueueError::Finished { id: id.to_owned(), status: current.status() });
         }
@@ -266,7 +293,7 @@ impl JobQueue for SqliteQueue {
             sqlx::query(
                 "insert into models (id, kind, name, sha256, bytes, tensors, parameters, graph, source_job, created_at,
                                      owner, tensor_count)
-                 values (?, 'model', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 values ($1, 'model', $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             )
             .bind(&model_id)
             .bind(&m.name)
@@ -283,7 +310,7 @@ impl JobQueue for SqliteQueue {
             .await?;
             // The folder files it carries are artifacts of this job: their blob rows exist.
             for f in &m.files {
-                sqlx::query("insert into model_files (model_id, name, sha256, bytes) values (?, ?, ?, ?)")
+                sqlx::query("insert into model_files (model_id, name, sha256, bytes) values ($1, $2, $3, $4)")
                     .bind(&model_id)
                     .bind(&f.name)
                     .bind(&f.sha256)
@@ -296,8 +323,10 @@ impl JobQueue for SqliteQueue {
         if let Outcome::Succeeded(artifacts, _) = &outcome {
             for a in artifacts {
                 sqlx::query(
-                    "insert or replace into artifacts (job_id, name, format, sha256, bytes, created_at)
-                     values (?, ?, ?, ?, ?, ?)",
+                    "insert into artifacts (job_id, name, format, sha256, bytes, created_at)
+                     values ($1, $2, $3, $4, $5, $6)
+                     on conflict (job_id, name) do update set format = excluded.format, sha256 = excluded.sha256,
+                        bytes = excluded.bytes, created_at = excluded.created_at",
                 )
                 .bind(id)
                 .bind(&a.name)
@@ -312,11 +341,11 @@ impl JobQueue for SqliteQueue {
         let terminal = status != "queued";
         let attempt = current.attempt - i64::from(matches!(outcome, Outcome::Released));
         let job: JobRecord = sqlx::query_as(
-            "update jobs set status = ?2, error = ?3, run_after = ?4, lease_owner = null, lease_expires_at = null, attempt = ?7,
-                    finished_at = case when ?5 then ?6 end, canceled_at = case when ?2 = 'canceled' then ?6 end,
-                    progress_fraction = case when ?2 = 'succeeded' then 1.0 else progress_fraction end,
-                    updated_at = ?6, registered_model_id = coalesce(?8, registered_model_id)
-             where id = ?1 returning *",
+            "update jobs set status = $2, error = $3, run_after = $4, lease_owner = null, lease_expires_at = null, attempt = $7,
+                    finished_at = case when $5 then $6 end, canceled_at = case when $2 = 'canceled' then $6 end,
+                    progress_fraction = case when $2 = 'succeeded' then 1.0 else progress_fraction end,
+                    updated_at = $6, registered_model_id = coalesce($8, registered_model_id)
+             where id = $1 returning *",
         )
         .bind(id)
         .bind(status)
@@ -328,7 +357,7 @@ impl JobQueue for SqliteQueue {
         .bind(&registered)
         .fetch_one(&mut *tx)
         .await?;
-        append_event(&mut tx, id, "state", state_event(&job)).await?;
+        append_event(&self.db, &mut tx, id, "state", state_event(&job)).await?;
         tx.commit().await?;
         self.remember(&job);
         self.wake(id);
@@ -336,24 +365,24 @@ impl JobQueue for SqliteQueue {
     }
 
     async fn cancel(&self, id: &str) -> Result<JobRecord, QueueError> {
-        let mut tx = self.write_tx().await?;
-        let current = fetch(&mut tx, id).await?.ok_or_else(|| QueueError::NotFound(id.to_owned()))?;
+        let mut tx = self.db.row_tx().await?;
+        let current = fetch(&self.db, &mut tx, id).await?.ok_or_else(|| QueueError::NotFound(id.to_owned()))?;
         let now = now_ms();
         let job: JobRecord = match current.status() {
             JobStatus::Queued => {
                 let job = sqlx::query_as(
-                    "update jobs set status = 'canceled', canceled_at = ?2, finished_at = ?2, updated_at = ?2
-                     where id = ?1 returning *",
+                    "update jobs set status = 'canceled', canceled_at = $2, finished_at = $2, updated_at = $2
+                     where id = $1 returning *",
                 )
                 .bind(id)
                 .bind(now)
                 .fetch_one(&mut *tx)
                 .await?;
-                append_event(&mut tx, id, "state", state_event(&job)).await?;
+                append_event(&self.db, &mut tx, id, "state", state_event(&job)).await?;
                 job
             }
             JobStatus::Running => {
-                sqlx::query_as("update jobs set cancel_requested = 1, updated_at = ?2 where id = ?1 returning *")
+                sqlx::query_as("update jobs set cancel_requested = 1, updated_at = $2 where id = $1 returning *")
                     .bind(id)
                     .bind(now)
                     .fetch_one(&mut *tx)
@@ -368,7 +397,7 @@ impl JobQueue for SqliteQueue {
     }
 
     async fn rescue(&self, all: bool) -> Result<u64, QueueError> {
-        let mut tx = self.write_tx().await?;
+        let mut tx = self.db.row_tx().await?;
         let now = now_ms();
         let rescued: Vec<JobRecord> = sqlx::query_as(
             "update jobs set
@@ -376,13 +405,13 @@ impl JobQueue for SqliteQueue {
                               when attempt >= max_attempts then 'failed' else 'queued' end,
                 error = case when cancel_requested = 1 then null
                              when attempt >= max_attempts
-                             then json_object('code', 'attempts_exhausted', 'detail',
-                                  'the worker running attempt ' || attempt || ' of ' || max_attempts || ' stopped (crash or lost lease)')
+                             then '{\"code\":\"attempts_exhausted\",\"detail\":\"the worker running attempt ' || attempt
+                                  || ' of ' || max_attempts || ' stopped (crash or lost lease)\"}'
                              else error end,
-                finished_at = case when cancel_requested = 1 or attempt >= max_attempts then ?1 end,
-                canceled_at = case when cancel_requested = 1 then ?1 end,
-                lease_owner = null, lease_expires_at = null, run_after = ?1, updated_at = ?1
-             where status = 'running' and (?2 or lease_expires_at < ?1)
+                finished_at = case when cancel_requested = 1 or attempt >= max_attempts then $1 end,
+                canceled_at = case when cancel_requested = 1 then $1 end,
+                lease_owner = null, lease_expires_at = null, run_after = $1, updated_at = $1
+             where status = 'running' and ($2 or lease_expires_at < $1)
              returning *",
         )
         .bind(now)
@@ -390,7 +419,7 @@ impl JobQueue for SqliteQueue {
         .fetch_all(&mut *tx)
         .await?;
         for job in &rescued {
-            append_event(&mut tx, &job.id, "state", state_event(job)).await?;
+            append_event(&self.db, &mut tx, &job.id, "state", state_event(job)).await?;
         }
         tx.commit().await?;
         for job in &rescued {
@@ -408,7 +437,7 @@ impl JobQueue for SqliteQueue {
             }
         }
         let job: Option<JobRecord> =
-            sqlx::query_as("select * from jobs where id = ?").bind(id).fetch_optional(&self.pool).await?;
+            sqlx::query_as("select * from jobs where id = $1").bind(id).fetch_optional(&self.db.pool).await?;
         if let Some(job) = &job {
             self.remember(job);
         }
@@ -418,40 +447,40 @@ impl JobQueue for SqliteQueue {
     async fn list(&self, f: &JobFilter) -> Result<Vec<JobRecord>, QueueError> {
         Ok(sqlx::query_as(
             "select * from jobs
-             where (?1 is null or status = ?1) and (?2 is null or model_id = ?2) and (?3 is null or id < ?3)
-               and (?5 is null or owner = ?5)
-             order by id desc limit ?4",
+             where ($1 is null or status = $1) and ($2 is null or model_id = $2) and ($3 is null or id < $3)
+               and ($5 is null or owner = $5)
+             order by id desc limit $4",
         )
         .bind(f.status.map(JobStatus::as_str))
         .bind(&f.model_id)
         .bind(&f.after)
         .bind(f.limit as i64)
         .bind(&f.owner)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db.pool)
         .await?)
     }
 
     async fn events_after(&self, id: &str, after_seq: i64) -> Result<Vec<JobEvent>, QueueError> {
-        Ok(sqlx::query_as("select * from job_events where job_id = ? and seq > ? order by seq limit 1000")
+        Ok(sqlx::query_as("select * from job_events where job_id = $1 and seq > $2 order by seq limit 1000")
             .bind(id)
             .bind(after_seq)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.db.pool)
             .await?)
     }
 
     async fn counts(&self) -> Result<Vec<(JobStatus, i64)>, QueueError> {
         let rows: Vec<(String, i64)> =
-            sqlx::query_as("select status, count(*) from jobs group by status").fetch_all(&self.pool).await?;
+            sqlx::query_as("select status, count(*) from jobs group by status").fetch_all(&self.db.pool).await?;
         Ok(JobStatus::ALL.iter().map(|s| (*s, rows.iter().find(|(n, _)| n == s.as_str()).map_or(0, |r| r.1))).collect())
     }
 
     async fn active_uses(&self, model_id: &str) -> Result<i64, QueueError> {
         Ok(sqlx::query_scalar(
-            "select count(*) from jobs where (model_id = ?1 or dataset_id = ?1 or student_model_id = ?1 or eval_dataset_id = ?1)
+            "select count(*) from jobs where (model_id = $1 or dataset_id = $1 or student_model_id = $1 or eval_dataset_id = $1)
              and status in ('queued', 'running')",
         )
         .bind(model_id)
-        .fetch_one(&self.pool)
+        .fetch_one(&self.db.pool)
         .await?)
     }
 
@@ -461,5 +490,45 @@ impl JobQueue for SqliteQueue {
 
     fn subscribe(&self) -> broadcast::Receiver<String> {
         self.notify.subscribe()
+    }
+}
+
+/// Wakes this replica's SSE streams and idle workers for events any replica stored (Postgres
+/// `LISTEN` on [`super::db::EVENTS_CHANNEL`]), and drops the job's cached row so the next read
+/// sees the change. sqlx's listener reconnects by itself; announcements sent while it was
+/// away are lost, which streams and workers cover by polling (every second or so) anyway.
+async fn listen(
+    url: String,
+    notify: broadcast::Sender<String>,
+    cache: Arc<RwLock<HashMap<String, (JobRecord, Instant)>>>,
+) {
+    loop {
+        let mut listener = match sqlx::postgres::PgListener::connect(&url).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "listening for other replicas' job events failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(super::db::EVENTS_CHANNEL).await {
+            tracing::warn!(error = %e, "listening for other replicas' job events failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        loop {
+            match listener.recv().await {
+                Ok(n) => {
+                    let id = n.payload().to_owned();
+                    cache.write().expect("job cache lock").remove(&id);
+                    let _ = notify.send(id);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "job event listener stopped; reconnecting");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    break;
+                }
+            }
+        }
     }
 }
