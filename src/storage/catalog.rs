@@ -143,7 +143,7 @@ pub struct SqlCatalog {
 }
 
 /// `pg_advisory_lock` key of the blob gate shared by replicas.
-const BLOB_GATE_KEY: i64 = 0x6d70_424c_4f42_53; // "mpBLOBS"
+const BLOB_GATE_KEY: i64 = 0x006d_7042_4c4f_4253; // "mpBLOBS"
 
 /// A held [`Catalog::blob_gate`]: this process's mutex and, on Postgres, a session advisory
 /// lock every replica takes, released (with its connection) when dropped.

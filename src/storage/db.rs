@@ -38,7 +38,7 @@ pub struct Db {
 /// `pg_advisory_xact_lock` key serialising the writes SQLite serialises with its write lock:
 /// enqueue (quotas, idempotency keys, inputs that must still exist) against model deletes and
 /// graph changes, draft and key creation against their per-principal limits.
-const WRITE_LOCK_KEY: i64 = 0x6d70_5752_4954_45; // "mpWRITE"
+const WRITE_LOCK_KEY: i64 = 0x006d_7057_5249_5445; // "mpWRITE"
 
 /// The channel job events are announced on (payload: the job id), so SSE streams on every
 /// replica wake for jobs running on any of them.
