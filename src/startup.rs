@@ -96,11 +96,13 @@ impl Application {
 
         // Leases that expire while we run (a worker of another process died, or a finish that
         // could not be recorded) go back to the queue.
+        // Every quarter lease: a dead replica's job waits about one lease (plus up to a quarter)
+        // before another takes it.
         let rescuer = queue.clone();
         let lease = Duration::from_secs(settings.queue.lease_secs);
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(lease / 2).await;
+                tokio::time::sleep(lease / 4).await;
                 if let Err(e) = rescuer.rescue(false).await {
                     tracing::warn!(error = %e, "re-queueing expired leases failed");
                 }
@@ -127,7 +129,10 @@ impl Application {
         });
         let worker_count = settings.queue.worker_count();
         let blob_store: Arc<dyn BlobStore> = blobs;
+        // Twelve hex digits tell replicas apart in worker ids, logs and /healthz.
+        let instance: Arc<str> = uuid::Uuid::new_v4().simple().to_string()[..12].into();
         let workers = WorkerPool::start(
+            &instance,
             worker_count,
             queue.clone(),
             blob_store.clone(),
@@ -152,6 +157,7 @@ impl Application {
             rate: crate::http::auth::rate_limiter(settings.auth.requests_per_second).map(Arc::new),
             uploads: Arc::new(tokio::sync::Semaphore::new(settings.storage.max_concurrent_uploads)),
             drafts,
+            instance,
         };
         let address = format!("{}:{}", settings.server.host, settings.server.port);
         let listener = TcpListener::bind(&address).await.with_context(|| format!("binding {address}"))?;

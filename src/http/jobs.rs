@@ -35,6 +35,10 @@ pub struct JobView {
     pub attempt: i64,
     pub max_attempts: i64,
     pub cancel_requested: bool,
+    /// While it runs: the worker holding its lease, `<instance>-<n>` (the instance is the
+    /// running replica's, see `GET /healthz`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
     pub error: Option<JobFailure>,
     pub created_at: String,
     pub started_at: Option<String>,
@@ -69,6 +73,7 @@ impl From<&JobRecord> for JobView {
             attempt: j.attempt,
             max_attempts: j.max_attempts,
             cancel_requested: j.cancel_requested != 0,
+            worker: if j.status() == JobStatus::Running { j.lease_owner.clone() } else { None },
             error: j.failure(),
             created_at: rfc3339(j.created_at),
             started_at: j.started_at.map(rfc3339),

@@ -57,6 +57,8 @@ pub struct AppState {
     pub uploads: Arc<tokio::sync::Semaphore>,
     /// Model folders being uploaded file by file.
     pub drafts: crate::storage::drafts::Drafts,
+    /// This process's id: its workers' ids (a job's `worker`) start with it; `GET /healthz`.
+    pub instance: Arc<str>,
 }
 
 /// A page of a cursor-paginated list.

@@ -41,12 +41,15 @@ pub fn prometheus() -> &'static PrometheusHandle {
 pub struct Health {
     pub status: &'static str,
     pub version: &'static str,
+    /// This process's id (random at each start). Replicas behind one gateway tell themselves
+    /// apart by it: a running job's `worker` starts with the id of the replica running it.
+    pub instance: String,
 }
 
 /// Liveness: the process answers.
 #[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = Health)))]
-pub async fn healthz() -> Json<Health> {
-    Json(Health { status: "ok", version: env!("CARGO_PKG_VERSION") })
+pub async fn healthz(State(state): State<AppState>) -> Json<Health> {
+    Json(Health { status: "ok", version: env!("CARGO_PKG_VERSION"), instance: state.instance.to_string() })
 }
 
 #[derive(Serialize, ToSchema)]

@@ -57,7 +57,9 @@ pub struct WorkerLimits {
 }
 
 impl WorkerPool {
+    /// Starts `count` worker loops named `<instance>-<n>`.
     pub fn start(
+        instance: &str,
         count: usize,
         queue: Arc<dyn JobQueue>,
         blobs: Arc<dyn BlobStore>,
@@ -69,7 +71,6 @@ impl WorkerPool {
         let (stop_tx, stopping) = watch::channel(false);
         let (abort_tx, abort) = watch::channel(false);
         let alive = Arc::new(AtomicUsize::new(0));
-        let instance = uuid::Uuid::new_v4().simple().to_string();
         let mut tasks = JoinSet::new();
         for n in 0..count {
             let ctx = WorkerContext {
@@ -83,7 +84,7 @@ impl WorkerPool {
                 stopping: stopping.clone(),
                 abort: abort.clone(),
             };
-            let worker_id = format!("{}-{n}", &instance[..12]);
+            let worker_id = format!("{instance}-{n}");
             let alive = alive.clone();
             tasks.spawn(async move {
                 alive.fetch_add(1, Ordering::SeqCst);

@@ -7,6 +7,8 @@
 
 pub mod blobs;
 pub mod catalog;
+#[cfg(test)]
+mod conformance;
 pub mod db;
 pub mod drafts;
 pub mod error;

@@ -9,10 +9,10 @@ use serde_json::Value;
 
 use crate::helpers::*;
 
-struct Server {
-    child: Child,
-    base: String,
-    client: reqwest::Client,
+pub(crate) struct Server {
+    pub child: Child,
+    pub base: String,
+    pub client: reqwest::Client,
 }
 
 fn free_port() -> u16 {
@@ -20,7 +20,7 @@ fn free_port() -> u16 {
 }
 
 impl Server {
-    async fn start(data_dir: &Path, extra_env: &[(&str, &str)]) -> Server {
+    pub(crate) async fn start(data_dir: &Path, extra_env: &[(&str, &str)]) -> Server {
         let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelpress"));
         cmd.arg("serve")
@@ -50,23 +50,23 @@ impl Server {
         server
     }
 
-    async fn json(&self, path: &str) -> Value {
+    pub(crate) async fn json(&self, path: &str) -> Value {
         self.client.get(format!("{}{path}", self.base)).send().await.unwrap().json().await.unwrap()
     }
 
-    async fn upload(&self, bytes: Vec<u8>) -> String {
+    pub(crate) async fn upload(&self, bytes: Vec<u8>) -> String {
         let res = self.client.post(format!("{}/v1/models", self.base)).body(bytes).send().await.unwrap();
         assert_eq!(res.status(), 201);
         res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
     }
 
-    async fn submit(&self, spec: &Value) -> String {
+    pub(crate) async fn submit(&self, spec: &Value) -> String {
         let res = self.client.post(format!("{}/v1/jobs", self.base)).json(spec).send().await.unwrap();
         assert_eq!(res.status(), 202);
         res.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned()
     }
 
-    async fn wait(&self, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) async fn wait(&self, id: &str, done: impl Fn(&Value) -> bool) -> Value {
         let start = Instant::now();
         loop {
             let job = self.json(&format!("/v1/jobs/{id}")).await;
@@ -78,16 +78,16 @@ impl Server {
         }
     }
 
-    async fn wait_terminal(&self, id: &str) -> Value {
+    pub(crate) async fn wait_terminal(&self, id: &str) -> Value {
         self.wait(id, |j| matches!(j["status"].as_str(), Some("succeeded" | "failed" | "canceled"))).await
     }
 
-    fn kill9(mut self) {
+    pub(crate) fn kill9(mut self) {
         self.child.kill().unwrap(); // SIGKILL
         self.child.wait().unwrap();
     }
 
-    fn sigterm_and_wait(mut self) -> std::process::ExitStatus {
+    pub(crate) fn sigterm_and_wait(mut self) -> std::process::ExitStatus {
         // SAFETY: signalling our own child by pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let start = Instant::now();
@@ -108,11 +108,11 @@ impl Drop for Server {
     }
 }
 
-fn running_midway(j: &Value) -> bool {
+pub(crate) fn running_midway(j: &Value) -> bool {
     j["status"] == "running" && j["progress"]["fraction"].as_f64().unwrap_or(0.0) > 0.05
 }
 
-async fn model_artifact_sha(s: &Server, job: &str) -> String {
+pub(crate) async fn model_artifact_sha(s: &Server, job: &str) -> String {
     let list = s.json(&format!("/v1/jobs/{job}/artifacts")).await;
     list.as_array().unwrap().iter().find(|a| a["name"] == "model.safetensors").unwrap()["sha256"]
         .as_str()

@@ -17,5 +17,6 @@ mod operations;
 mod properties;
 mod prune;
 mod quantize;
+mod replicas;
 mod s3;
 mod structure;
