@@ -1,7 +1,7 @@
 //! Claims per second on the queue (issue 9): `cargo bench --bench queue`.
 //!
 //! Enqueues `JOBS` jobs (default 2000), then R queue instances, each with its own connection
-//! pool and two claiming loops (as R replicas of two workers each would have), claim and finish
+//! pool and `LOOPS` claiming loops (default 2; as R replicas of that many workers), claim and finish
 //! them as fast as they can: every cycle is the real `claim` (one transaction: the `SKIP LOCKED`
 //! update, its event, its `pg_notify`) and `finish` (another, with the row lock), the work in
 //! between being nothing. Prints the cycles per second and checks that no job was claimed twice.
@@ -18,8 +18,6 @@ use modelpress::storage::db::Db;
 use modelpress::storage::queue::{JobQueue, NewJob, Outcome, QueueLimits};
 use modelpress::storage::sql_queue::SqlQueue;
 
-const LOOPS_PER_REPLICA: usize = 2;
-
 async fn fresh_postgres(server: &str) -> (String, String) {
     let admin = sqlx::PgPool::connect(server).await.expect("the Postgres server answers");
     let name = format!("modelpress_bench_{}", uuid::Uuid::new_v4().simple());
@@ -35,7 +33,13 @@ async fn drop_postgres(server: &str, name: &str) {
 }
 
 /// Enqueues `jobs`, drains them with `replicas` instances; returns (enqueues/s, cycles/s, p99 claim).
-async fn run(url: &str, dir: &std::path::Path, replicas: usize, jobs: usize) -> (f64, f64, Duration) {
+async fn run(
+    url: &str,
+    dir: &std::path::Path,
+    replicas: usize,
+    loops_per_replica: usize,
+    jobs: usize,
+) -> (f64, f64, Duration) {
     let db = Db::connect(url, dir).await.unwrap();
     let catalog = SqlCatalog::new(db.clone());
     let model = catalog
@@ -81,7 +85,7 @@ async fn run(url: &str, dir: &std::path::Path, replicas: usize, jobs: usize) -> 
     let start = Instant::now();
     let mut loops = tokio::task::JoinSet::new();
     for (r, q) in queues.iter().enumerate() {
-        for w in 0..LOOPS_PER_REPLICA {
+        for w in 0..loops_per_replica {
             let q = q.clone();
             loops.spawn(async move {
                 let worker = format!("r{r}-{w}");
@@ -116,14 +120,19 @@ fn main() {
         return;
     }
     let jobs: usize = std::env::var("JOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    let loops: usize = std::env::var("LOOPS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        println!("{jobs} jobs, {LOOPS_PER_REPLICA} claiming loops per replica; cycle = claim + finish");
-        println!("{:<10} {:>8} {:>12} {:>14} {:>15} {:>11}", "database", "replicas", "enqueue/s", "claim+finish/s", "p99 claim (ms)", "duplicates");
+        println!("{jobs} jobs, {loops} claiming loops per replica; cycle = claim + finish");
+        println!(
+            "{:<10} {:>8} {:>12} {:>14} {:>15} {:>11}",
+            "database", "replicas", "enqueue/s", "claim+finish/s", "p99 claim (ms)", "duplicates"
+        );
         let dir = tempfile::tempdir().unwrap();
-        let (enq, cyc, p99) = run("sqlite://", dir.path(), 1, jobs).await;
+        let (enq, cyc, p99) = run("sqlite://", dir.path(), 1, loops, jobs).await;
         println!("{:<10} {:>8} {:>12.0} {:>14.0} {:>15.2} {:>11}", "sqlite", 1, enq, cyc, p99.as_secs_f64() * 1e3, 0);
-        let server = std::env::var("MODELPRESS_BENCH_POSTGRES_URL").or_else(|_| std::env::var("MODELPRESS_TEST_POSTGRES_URL"));
+        let server =
+            std::env::var("MODELPRESS_BENCH_POSTGRES_URL").or_else(|_| std::env::var("MODELPRESS_TEST_POSTGRES_URL"));
         let Ok(server) = server else {
             println!("postgres: skipped (set MODELPRESS_BENCH_POSTGRES_URL)");
             return;
@@ -131,8 +140,16 @@ fn main() {
         for replicas in [1, 2, 4] {
             let (url, name) = fresh_postgres(&server).await;
             let dir = tempfile::tempdir().unwrap();
-            let (enq, cyc, p99) = run(&url, dir.path(), replicas, jobs).await;
-            println!("{:<10} {:>8} {:>12.0} {:>14.0} {:>15.2} {:>11}", "postgres", replicas, enq, cyc, p99.as_secs_f64() * 1e3, 0);
+            let (enq, cyc, p99) = run(&url, dir.path(), replicas, loops, jobs).await;
+            println!(
+                "{:<10} {:>8} {:>12.0} {:>14.0} {:>15.2} {:>11}",
+                "postgres",
+                replicas,
+                enq,
+                cyc,
+                p99.as_secs_f64() * 1e3,
+                0
+            );
             drop_postgres(&server, &name).await;
         }
     });

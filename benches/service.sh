@@ -7,6 +7,9 @@
 #                                      # auth.requests_per_second (most answers 429)
 #   BIN=/tmp/t/release/modelpress AUTH=1 ROUNDS=2 SIZE_MIB=256 DURATION=20s bash benches/service.sh
 #                                      # a prebuilt binary; keys off and on alternated twice
+#   MODELPRESS__STORAGE__DATABASE_URL=postgres://user:pw@host/db bash benches/service.sh
+#                                      # the same on a shared PostgreSQL database (the server
+#                                      # inherits the environment; every setting works this way)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${SIZE_MIB:-2048}

@@ -365,13 +365,27 @@ pub async fn commit_draft(
         tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&to)?;
             for (sha, name) in links {
-                std::fs::hard_link(dir.join(&sha), to.join(&name))?;
+                std::fs::hard_link(dir.join(&sha), to.join(&name)).map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => std::io::Error::new(e.kind(), name),
+                    _ => e,
+                })?;
             }
             Ok::<_, std::io::Error>(())
         })
         .await
         .expect("draft view thread")
-        .map_err(ApiError::io)?;
+        .map_err(|e| match e.kind() {
+            // Replicas share a draft's rows but each keeps the files it received.
+            std::io::ErrorKind::NotFound => ApiError::conflict(
+                "draft_file_elsewhere",
+                format!(
+                    "file `{e}` of draft {} was received by another replica (this is {}): send all of a draft's \
+                     requests to one replica, or upload the folder as one tar body",
+                    draft.id, s.instance
+                ),
+            ),
+            _ => ApiError::io(e),
+        })?;
         let digests: BTreeMap<String, FileDigest> =
             files.into_iter().map(|f| (f.name, FileDigest { sha256: f.sha256, bytes: f.bytes as u64 })).collect();
         let settings = &s.settings.storage;

@@ -161,11 +161,14 @@ impl From<StorageError> for CreateError {
 #[derive(Clone)]
 pub struct KeyStore {
     db: Db,
+    /// Set once a key is known to exist: [`KeyStore::any`] never turns false again (revoked and
+    /// expired keys count), so the answer is kept instead of asked per request.
+    seen_a_key: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl KeyStore {
     pub fn new(db: Db) -> KeyStore {
-        KeyStore { db }
+        KeyStore { db, seen_a_key: Default::default() }
     }
 
     /// Creates a key for `principal`; returns its row and the full key (shown once).
@@ -235,10 +238,20 @@ impl KeyStore {
 
     /// Whether any key was ever created: then every request needs one. Revoked and expired
     /// keys count, so revoking the last key never reopens the server to anonymous admins.
+    /// Once true it stays true, and is answered from memory (a database round trip per request
+    /// costs on a shared server); while false it is asked every time, so a key created by
+    /// another process or replica takes effect at once.
     pub async fn any(&self) -> Result<bool, StorageError> {
+        use std::sync::atomic::Ordering;
+        if self.seen_a_key.load(Ordering::Acquire) {
+            return Ok(true);
+        }
         let n: i64 = sqlx::query_scalar("select count(*) from (select 1 from api_keys limit 1) as any_key")
             .fetch_one(&self.db.pool)
             .await?;
+        if n > 0 {
+            self.seen_a_key.store(true, Ordering::Release);
+        }
         Ok(n > 0)
     }
 

@@ -76,6 +76,20 @@ async fn three_replicas_share_one_queue_rescue_a_killed_one_and_cancel_across() 
     let got = c.client.get(format!("{}/v1/models/{model}/file", c.base)).send().await.unwrap();
     assert_eq!(got.bytes().await.unwrap().to_vec(), bytes);
 
+    // A draft's rows are shared, its files stay with the replica that received them: a commit
+    // elsewhere says so instead of failing obscurely.
+    let res = a.client.post(format!("{}/v1/models/drafts?name=m", a.base)).send().await.unwrap();
+    assert_eq!(res.status(), 201);
+    let draft = res.json::<serde_json::Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    let put = b.client.put(format!("{}/v1/models/drafts/{draft}/files/model.safetensors", b.base));
+    assert_eq!(put.body(bytes.clone()).send().await.unwrap().status(), 201);
+    let res = a.client.post(format!("{}/v1/models/drafts/{draft}/commit", a.base)).send().await.unwrap();
+    assert_eq!(res.status(), 409);
+    let problem = res.json::<serde_json::Value>().await.unwrap();
+    assert_eq!(problem["code"], "draft_file_elsewhere", "{problem}");
+    let res = b.client.post(format!("{}/v1/models/drafts/{draft}/commit", b.base)).send().await.unwrap();
+    assert_eq!(res.status(), 201, "the replica holding the files commits it");
+
     // 50 jobs through all three; each runs once and they all make the same bytes.
     let servers = [&a, &b, &c];
     let mut jobs = Vec::new();
