@@ -270,16 +270,28 @@ pub(super) async fn store_model(
             return Err(e.into());
         }
     };
-    if let Err(e) = state.blobs.persist(&staged.path, &staged.sha256).await {
-        let _ = std::fs::remove_file(&staged.path);
-        return Err(ApiError::io(e));
+    let (catalog, blobs) = (state.catalog.as_ref(), state.blobs.as_ref());
+    let mut ingested = vec![staged.sha256.clone()];
+    let persisted = async {
+        crate::storage::persist_blob(catalog, blobs, &staged.path, &staged.sha256, staged.bytes).await?;
+        let mut files = Vec::with_capacity(folder_files.len());
+        for f in folder_files {
+            ingested.push(f.sha256.clone());
+            crate::storage::persist_blob(catalog, blobs, &f.path, &f.sha256, f.bytes).await?;
+            files.push(ModelFile { name: f.name, sha256: f.sha256, bytes: f.bytes as i64 });
+        }
+        Ok::<_, std::io::Error>(files)
     }
-    let mut files = Vec::with_capacity(folder_files.len());
-    for f in folder_files {
-        state.blobs.persist(&f.path, &f.sha256).await.map_err(ApiError::io)?;
-        files.push(ModelFile { name: f.name, sha256: f.sha256, bytes: f.bytes as i64 });
-    }
-    let record = state
+    .await;
+    let files = match persisted {
+        Ok(files) => files,
+        Err(e) => {
+            let _ = std::fs::remove_file(&staged.path);
+            crate::storage::roll_back_blobs(catalog, blobs, &ingested).await;
+            return Err(ApiError::io(e));
+        }
+    };
+    let inserted = state
         .catalog
         .insert_model(NewModel {
             kind,
@@ -294,7 +306,14 @@ pub(super) async fn store_model(
             tensor_count: tensors.len() as i64,
             files: files.clone(),
         })
-        .await?;
+        .await;
+    let record = match inserted {
+        Ok(record) => record,
+        Err(e) => {
+            crate::storage::roll_back_blobs(catalog, blobs, &ingested).await;
+            return Err(e.into());
+        }
+    };
     tracing::info!(id = %record.id, kind = kind.as_str(), bytes = record.bytes, "stored upload");
     let location = format!("/v1/{}s/{}", kind.as_str(), record.id);
     Ok((

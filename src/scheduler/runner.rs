@@ -80,7 +80,7 @@ pub(super) async fn run_job(ctx: &WorkerContext, worker: &str, job: JobRecord) {
     async {
         let started = Instant::now();
         tracing::info!("job started");
-        let (outcome, _gate) = execute(ctx, worker, &job).await;
+        let (outcome, gate) = execute(ctx, worker, &job).await;
         let label = match &outcome {
             Outcome::Succeeded(..) => "succeeded",
             Outcome::Failed(_) => "failed",
@@ -96,10 +96,12 @@ pub(super) async fn run_job(ctx: &WorkerContext, worker: &str, job: JobRecord) {
             .record(started.elapsed().as_secs_f64());
         // A busy or briefly failing database must not strand the job as `running`: retry, then
         // leave it to lease expiry, which re-queues it.
+        let mut recorded = false;
         for attempt in 1..=FINISH_ATTEMPTS {
             match ctx.queue.finish(&job.id, worker, outcome.clone()).await {
                 Ok(done) => {
                     tracing::info!(status = %done.status, seconds = started.elapsed().as_secs_f64(), "job finished");
+                    recorded = true;
                     break;
                 }
                 Err(QueueError::Db(e)) if attempt < FINISH_ATTEMPTS => {
@@ -112,6 +114,14 @@ pub(super) async fn run_job(ctx: &WorkerContext, worker: &str, job: JobRecord) {
                 }
             }
         }
+        // Artifacts no row came to name (the success was not recorded) go again, still under the
+        // gate; a rescued attempt makes the same bytes and ingests them anew.
+        if let (false, Outcome::Succeeded(artifacts, registered)) = (recorded, &outcome) {
+            let mut shas: Vec<String> = artifacts.iter().map(|a| a.sha256.clone()).collect();
+            shas.extend(registered.iter().map(|m| m.sha256.clone()));
+            crate::storage::roll_back_blobs(ctx.catalog.as_ref(), ctx.blobs.as_ref(), &shas).await;
+        }
+        drop(gate);
     }
     .instrument(span)
     .await
@@ -448,8 +458,7 @@ async fn merge_for_registration(
     })
     .await
     .expect("merge task")?;
-    ctx.blobs.persist(&merged, &sha).await?;
-    ctx.catalog.ensure_blob(&sha, bytes as i64).await.map_err(std::io::Error::other)?;
+    crate::storage::persist_blob(ctx.catalog.as_ref(), ctx.blobs.as_ref(), &merged, &sha, bytes).await?;
     Ok((sha, bytes as i64))
 }
 
@@ -488,8 +497,7 @@ async fn persist(
 ) -> std::io::Result<Vec<NewArtifact>> {
     let mut out = Vec::with_capacity(files.len());
     for (f, sha, bytes) in files {
-        ctx.blobs.persist(&f.path, sha).await?;
-        ctx.catalog.ensure_blob(sha, *bytes as i64).await.map_err(std::io::Error::other)?;
+        crate::storage::persist_blob(ctx.catalog.as_ref(), ctx.blobs.as_ref(), &f.path, sha, *bytes).await?;
         out.push(NewArtifact {
             name: f.name.clone(),
             format: f.format.clone(),

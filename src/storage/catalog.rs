@@ -215,6 +215,11 @@ pub trait Catalog: Send + Sync + 'static {
     /// sharing a database pass an hour ago, so a row another replica is about to name stays.
     async fn remove_orphan_blobs(&self, created_before: i64) -> Result<Vec<String>, StorageError>;
 
+    /// Deletes the rows of those of `shas` no model, file or artifact names; returns them (the
+    /// caller, holding the blob gate, deletes their files). The roll-back of an ingest whose
+    /// naming rows did not commit.
+    async fn forget_unnamed_blobs(&self, shas: &[String]) -> Result<Vec<String>, StorageError>;
+
     /// Every blob key the database knows (start-up sweep of stray files).
     async fn blob_keys(&self) -> Result<Vec<String>, StorageError>;
 
@@ -438,6 +443,18 @@ impl Catalog for SqlCatalog {
         .fetch_all(&self.db.pool)
         .await
         .map_err(StorageError::from)
+    }
+
+    async fn forget_unnamed_blobs(&self, shas: &[String]) -> Result<Vec<String>, StorageError> {
+        let mut tx = self.db.write_tx().await?;
+        let mut gone = Vec::new();
+        for sha in shas {
+            if delete_blob_row_if_unused(&mut tx, sha).await? {
+                gone.push(sha.clone());
+            }
+        }
+        tx.commit().await?;
+        Ok(gone)
     }
 
     /// Every blob key the database knows (start-up sweep of stray files).

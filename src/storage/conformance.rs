@@ -273,6 +273,10 @@ async fn artifacts_registration_deletes_and_quotas_behave_alike() {
             DeleteOutcome::Deleted { orphan_blobs } => assert_eq!(orphan_blobs, ["ee"]),
             other => panic!("{other:?}"),
         }
+        // An ingest rolled back: of its blobs, only those no row names lose their rows.
+        catalog.ensure_blob("ab", 1).await.unwrap();
+        let gone = catalog.forget_unnamed_blobs(&["ab".into(), "dd".into(), "zz".into()]).await.unwrap();
+        assert_eq!(gone, ["ab"]);
         // Orphan rows: only those created before the cut-off go.
         catalog.ensure_blob("ff", 1).await.unwrap();
         assert!(catalog.remove_orphan_blobs(0).await.unwrap().is_empty());

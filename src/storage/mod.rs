@@ -80,6 +80,37 @@ pub async fn sweep_finished_jobs(
     deleted
 }
 
+/// Ingests one staged file: moves it into the blob store under `sha256` (content already there
+/// is kept) and records its blob row. The first half of every ingest, uploads' and finished
+/// jobs' alike; the caller holds [`catalog::Catalog::blob_gate`] until the rows naming the blob
+/// (a model, or a job's artifacts) commit, or until [`roll_back_blobs`] undid it.
+pub async fn persist_blob(
+    catalog: &dyn catalog::Catalog,
+    blobs: &dyn blobs::BlobStore,
+    path: &std::path::Path,
+    sha256: &str,
+    bytes: u64,
+) -> std::io::Result<()> {
+    blobs.persist(path, sha256).await?;
+    catalog.ensure_blob(sha256, bytes as i64).await.map_err(std::io::Error::other)
+}
+
+/// The roll-back of ingests whose naming rows did not commit: the blobs of `shas` that no row
+/// names lose their rows and their files (blobs other rows name stay). Under the blob gate. A
+/// failure here is logged: the start-up sweep removes what remains.
+pub async fn roll_back_blobs(catalog: &dyn catalog::Catalog, blobs: &dyn blobs::BlobStore, shas: &[String]) {
+    match catalog.forget_unnamed_blobs(shas).await {
+        Ok(gone) => {
+            for sha in gone {
+                if let Err(e) = blobs.delete(&sha).await {
+                    tracing::warn!(error = %e, sha256 = %sha, "rolling back an ingest left a blob file; removed by a later sweep");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "rolling back an ingest failed; a later sweep removes its blobs"),
+    }
+}
+
 /// Milliseconds since the Unix epoch: the one clock every row uses.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
