@@ -76,15 +76,26 @@ impl Application {
         // On a shared database only rows an hour old count as orphans (another replica may be
         // between persisting a blob and naming it), under the gate every replica takes.
         let swept = blobs.sweep_staging().await?;
-        let gate = catalog.blob_gate().await?;
         let created_before = if shared { crate::storage::now_ms() - 3_600_000 } else { i64::MAX };
+        let gate = catalog.blob_gate().await?;
         let orphans = catalog.remove_orphan_blobs(created_before).await?;
         for sha in &orphans {
             blobs.delete(sha).await?;
         }
-        let known: std::collections::HashSet<String> = catalog.blob_keys().await?.into_iter().collect();
-        let stray = blobs.remove_unreferenced(&known).await?;
         drop(gate);
+        // Files no row names: listed outside the gate (a bucket's listing can take minutes while
+        // other replicas wait on it), deleted under it after checking the rows again.
+        let known: std::collections::HashSet<String> = catalog.blob_keys().await?.into_iter().collect();
+        let candidates = blobs.unreferenced(&known).await?;
+        let mut stray = 0;
+        if !candidates.is_empty() {
+            let _gate = catalog.blob_gate().await?;
+            let known: std::collections::HashSet<String> = catalog.blob_keys().await?.into_iter().collect();
+            for sha in candidates.iter().filter(|c| !known.contains(*c)) {
+                blobs.delete(sha).await?;
+                stray += 1;
+            }
+        }
         let drafts = crate::storage::drafts::Drafts::open(db.clone(), &data_dir)?;
         let expired_drafts = drafts.sweep(true).await?;
         let queue: Arc<dyn JobQueue> =

@@ -304,6 +304,10 @@ async fn move_in(s: &AppState, id: &str, staged: std::path::PathBuf, file: Model
                 if created && !in_use(&file.sha256, &file.name) {
                     let _ = tokio::fs::remove_file(s.drafts.dir(&id).join(&file.sha256)).await;
                 }
+                // Deleted meanwhile (through another replica, or expired).
+                if let crate::storage::error::StorageError::NotFound(_) = e {
+                    return Err(ApiError::not_found("draft", &id));
+                }
                 return Err(e.into());
             }
         };

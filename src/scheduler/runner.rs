@@ -80,7 +80,7 @@ pub(super) async fn run_job(ctx: &WorkerContext, worker: &str, job: JobRecord) {
     async {
         let started = Instant::now();
         tracing::info!("job started");
-        let (outcome, gate) = execute(ctx, worker, &job).await;
+        let (outcome, held) = execute(ctx, worker, &job).await;
         let label = match &outcome {
             Outcome::Succeeded(..) => "succeeded",
             Outcome::Failed(_) => "failed",
@@ -121,21 +121,37 @@ pub(super) async fn run_job(ctx: &WorkerContext, worker: &str, job: JobRecord) {
             shas.extend(registered.iter().map(|m| m.sha256.clone()));
             crate::storage::roll_back_blobs(ctx.catalog.as_ref(), ctx.blobs.as_ref(), &shas).await;
         }
-        drop(gate);
+        drop(held);
     }
     .instrument(span)
     .await
 }
 
-/// Runs the job; on success also returns the blob gate, held until the artifact rows commit.
-async fn execute(
-    ctx: &WorkerContext,
-    worker: &str,
-    job: &JobRecord,
-) -> (Outcome, Option<crate::storage::catalog::BlobGate>) {
-    let mut gate = None;
-    let outcome = execute_inner(ctx, worker, job, &mut gate).await;
-    (outcome, gate)
+/// What a job keeps until its outcome is recorded.
+#[derive(Default)]
+struct Held {
+    /// On success, the blob gate: held until the artifact rows commit.
+    gate: Option<crate::storage::catalog::BlobGate>,
+    /// The heartbeat task: the lease is renewed until the outcome is recorded, through the
+    /// artifacts' upload and the wait for the gate (which other replicas may hold), so a slow
+    /// ending is not mistaken for a dead worker.
+    watcher: Option<AbortOnDrop>,
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs the job; also returns what must be held until its outcome is recorded.
+async fn execute(ctx: &WorkerContext, worker: &str, job: &JobRecord) -> (Outcome, Held) {
+    let mut held = Held::default();
+    let outcome = execute_inner(ctx, worker, job, &mut held).await;
+    (outcome, held)
 }
 
 /// The file of the dataset `id`, if given; a dataset deleted since the job was accepted fails
@@ -152,12 +168,7 @@ async fn dataset_file(ctx: &WorkerContext, id: Option<&str>) -> Result<Option<st
     }
 }
 
-async fn execute_inner(
-    ctx: &WorkerContext,
-    worker: &str,
-    job: &JobRecord,
-    gate: &mut Option<crate::storage::catalog::BlobGate>,
-) -> Outcome {
+async fn execute_inner(ctx: &WorkerContext, worker: &str, job: &JobRecord, held: &mut Held) -> Outcome {
     let spec = match JobSpec::from_stored(&job.spec, job.spec_version) {
         Ok(s) => s,
         Err(detail) => return Outcome::Failed(failure("invalid_spec", detail)),
@@ -235,7 +246,8 @@ async fn execute_inner(
     let teacher = teacher.map(|(graph, path)| (graph, pin(path)));
 
     let control = Arc::new(JobControl { cancel: AtomicU8::new(0), latest: Mutex::new(None) });
-    let watcher = tokio::spawn(watch_job(ctx.clone(), worker.to_owned(), job.id.clone(), control.clone()));
+    held.watcher =
+        Some(AbortOnDrop(tokio::spawn(watch_job(ctx.clone(), worker.to_owned(), job.id.clone(), control.clone()))));
 
     let engine_control = control.clone();
     let (header_limit, memory_limit) = (ctx.header_limit, ctx.memory_limit);
@@ -270,7 +282,6 @@ async fn execute_inner(
         Ok::<_, EngineError>(out)
     })
     .await;
-    watcher.abort();
 
     let outcome = match result {
         Err(panic) => {
@@ -282,7 +293,7 @@ async fn execute_inner(
             Err(e) => io_outcome(&e),
             Ok(prepared) => {
                 match ctx.catalog.blob_gate().await {
-                    Ok(g) => *gate = Some(g),
+                    Ok(g) => held.gate = Some(g),
                     Err(e) => return Outcome::Retry(failure("database_error", e.to_string())),
                 }
                 match persist(ctx, &prepared).await {

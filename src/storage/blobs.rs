@@ -41,9 +41,10 @@ pub trait BlobStore: Send + Sync + 'static {
     fn checkpoint_dir(&self, job_id: &str) -> PathBuf {
         self.dirs().checkpoint_dir(job_id)
     }
-    /// Removes stored blobs whose key is not in `referenced` (left by a crash between storing a
-    /// file and committing its row); returns how many. Run at start.
-    async fn remove_unreferenced(&self, referenced: &std::collections::HashSet<String>) -> std::io::Result<usize>;
+    /// Stored blobs whose key is not in `referenced` (left by a crash between storing a file and
+    /// committing its row), to delete at start once the caller checked again under the blob gate.
+    /// Listing a large bucket takes long, so it runs outside the gate other replicas wait on.
+    async fn unreferenced(&self, referenced: &std::collections::HashSet<String>) -> std::io::Result<Vec<String>>;
 }
 
 /// Whether `key` is a SHA-256 in lowercase hex: the only names blobs have.
@@ -186,8 +187,8 @@ impl BlobStore for LocalBlobStore {
         self.dirs.check_writable().await
     }
 
-    async fn remove_unreferenced(&self, referenced: &std::collections::HashSet<String>) -> std::io::Result<usize> {
-        let mut removed = 0;
+    async fn unreferenced(&self, referenced: &std::collections::HashSet<String>) -> std::io::Result<Vec<String>> {
+        let mut found = Vec::new();
         let mut shards = tokio::fs::read_dir(&self.root).await?;
         while let Some(shard) = shards.next_entry().await? {
             if !shard.file_type().await?.is_dir() {
@@ -195,13 +196,13 @@ impl BlobStore for LocalBlobStore {
             }
             let mut files = tokio::fs::read_dir(shard.path()).await?;
             while let Some(f) = files.next_entry().await? {
-                if !referenced.contains(f.file_name().to_string_lossy().as_ref()) {
-                    tokio::fs::remove_file(f.path()).await?;
-                    removed += 1;
+                let name = f.file_name().to_string_lossy().into_owned();
+                if !referenced.contains(&name) {
+                    found.push(name);
                 }
             }
         }
-        Ok(removed)
+        Ok(found)
     }
 }
 
@@ -265,7 +266,7 @@ mod tests {
         let (staged, b) = put(b"small");
         store.persist(&staged, &b).await.unwrap();
         let referenced: std::collections::HashSet<String> = [a.clone(), b.clone()].into();
-        assert_eq!(store.remove_unreferenced(&referenced).await.unwrap(), 0);
+        assert_eq!(store.unreferenced(&referenced).await.unwrap(), Vec::<String>::new());
         assert_eq!(std::fs::read(store.local_path(&b).await.unwrap()).unwrap(), b"small");
         // Deleted means gone, and deleting twice is fine.
         store.delete(&b).await.unwrap();
@@ -288,11 +289,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalBlobStore::open(dir.path()).unwrap();
         conformance(&store, dir.path()).await;
-        // The local store removes unreferenced files at once (one process owns the directory).
+        // The local store lists unreferenced files at once (one process owns the directory).
         let staged = store.staging_path("stray");
         std::fs::write(&staged, b"stray").unwrap();
         store.persist(&staged, &"cd".repeat(32)).await.unwrap();
-        assert_eq!(store.remove_unreferenced(&Default::default()).await.unwrap(), 1);
+        assert_eq!(store.unreferenced(&Default::default()).await.unwrap(), ["cd".repeat(32)]);
     }
 
     /// An S3 store on the endpoint of `MODELPRESS_TEST_S3_ENDPOINT` (bucket

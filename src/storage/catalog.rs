@@ -154,18 +154,43 @@ pub struct BlobGate {
 
 impl Drop for BlobGate {
     fn drop(&mut self) {
-        if let Some(mut conn) = self.shared.take() {
-            tokio::spawn(async move {
-                let unlocked =
-                    sqlx::query("select pg_advisory_unlock($1)").bind(BLOB_GATE_KEY).execute(&mut *conn).await;
-                if let Err(e) = unlocked {
-                    // Closing the session releases its locks; a pooled connection must not keep one.
-                    tracing::warn!(error = %e, "releasing the shared blob gate failed; closing its connection");
-                    use sqlx::Connection;
-                    let _ = conn.detach().close().await;
-                }
-            });
+        if let Some(conn) = self.shared.take() {
+            tokio::spawn(release_shared_gate(conn));
         }
+    }
+}
+
+/// Gives the shared gate back before its connection returns to the pool; a connection that
+/// cannot is closed instead (ending the session releases its locks): a pooled connection must
+/// never keep the lock.
+async fn release_shared_gate(mut conn: PoolConnection<Any>) {
+    let unlocked = sqlx::query("select pg_advisory_unlock($1)").bind(BLOB_GATE_KEY).execute(&mut *conn).await;
+    if let Err(e) = unlocked {
+        tracing::warn!(error = %e, "releasing the shared blob gate failed; closing its connection");
+        use sqlx::Connection;
+        let _ = conn.detach().close().await;
+    }
+}
+
+/// Takes the shared gate on a connection of `pool`. The wait runs as a task of its own: a caller
+/// that goes away while another replica holds the gate (a client disconnecting mid-upload) does
+/// not leave the lock to be granted later to a connection nobody owns; the task gives it back.
+async fn acquire_shared_gate(pool: sqlx::AnyPool) -> Result<PoolConnection<Any>, StorageError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let locked = async {
+            let mut conn = pool.acquire().await?;
+            sqlx::query("select pg_advisory_lock($1)").bind(BLOB_GATE_KEY).execute(&mut *conn).await?;
+            Ok::<_, sqlx::Error>(conn)
+        }
+        .await;
+        if let Err(Ok(conn)) = tx.send(locked) {
+            release_shared_gate(conn).await;
+        }
+    });
+    match rx.await {
+        Ok(locked) => Ok(locked?),
+        Err(_) => Err(StorageError::Unavailable("the blob gate's task stopped".into())),
     }
 }
 
@@ -256,11 +281,7 @@ impl Catalog for SqlCatalog {
         let local = self.blob_gate.clone().lock_owned().await;
         let shared = match self.db.dialect {
             Dialect::Sqlite => None,
-            Dialect::Postgres => {
-                let mut conn = self.db.pool.acquire().await?;
-                sqlx::query("select pg_advisory_lock($1)").bind(BLOB_GATE_KEY).execute(&mut *conn).await?;
-                Some(conn)
-            }
+            Dialect::Postgres => Some(acquire_shared_gate(self.db.pool.clone()).await?),
         };
         Ok(BlobGate { _local: local, shared })
     }

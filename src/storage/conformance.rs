@@ -363,6 +363,46 @@ async fn storage_errors_have_the_same_kinds_on_both_engines() {
     }
 }
 
+/// Checks that read, then write, made at once through two pools (two replicas) behave as if
+/// one ran after the other: a per-principal limit of one admits one job, and a job enqueued
+/// while its model is deleted either sees the model gone or keeps it from going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_replicas_cannot_both_pass_a_check() {
+    for t in engines().await {
+        let (a_db, b_db) = (t.db.clone(), t.reopen().await);
+        let (a, b) =
+            (SqlQueue::new(a_db.clone(), Duration::from_millis(1)), SqlQueue::new(b_db.clone(), Duration::ZERO));
+        let (ca, cb) = (SqlCatalog::new(a_db), SqlCatalog::new(b_db));
+        let one_each = QueueLimits { total: 1000, per_owner: 1 };
+        for round in 0..20 {
+            let m = ca.insert_model(model("local", &format!("{round:02}"))).await.unwrap();
+            let owner = format!("p{round}");
+            let (x, y) = tokio::join!(
+                a.enqueue(job(&m.id, &owner, None, "x"), one_each),
+                b.enqueue(job(&m.id, &owner, None, "y"), one_each)
+            );
+            assert_eq!(
+                usize::from(x.is_ok()) + usize::from(y.is_ok()),
+                1,
+                "{:?} round {round}: a limit of one admitted {x:?} and {y:?}",
+                t.db.dialect
+            );
+            let m = ca.insert_model(model("local", &format!("{round:02}"))).await.unwrap();
+            let (queued, deleted) = tokio::join!(
+                a.enqueue(job(&m.id, "local", None, "z"), LIMITS),
+                cb.delete_model(ModelKind::Model, &m.id)
+            );
+            let deleted = matches!(deleted.unwrap(), DeleteOutcome::Deleted { .. });
+            assert!(
+                !(queued.is_ok() && deleted),
+                "{:?} round {round}: a job was queued on a model deleted at the same time",
+                t.db.dialect
+            );
+        }
+        t.finish().await;
+    }
+}
+
 /// What only a shared database has: other replicas' events wake this one, and the blob gate
 /// excludes across replicas.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -401,6 +441,16 @@ async fn replicas_see_each_others_events_and_share_the_blob_gate() {
         assert!(!waiting.is_finished(), "replica B took the blob gate replica A holds");
         drop(held);
         tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("gate released").unwrap().unwrap();
+
+        // A waiter that gives up (a client gone mid-upload) leaves the gate free for everyone.
+        let held = ca.blob_gate().await.unwrap();
+        let (ca2, cb2) = (SqlCatalog::new(t.db.clone()), SqlCatalog::new(t.reopen().await));
+        assert!(tokio::time::timeout(Duration::from_millis(200), cb2.blob_gate()).await.is_err());
+        drop(held);
+        for catalog in [&ca2, &cb2, &ca2] {
+            let again = tokio::time::timeout(Duration::from_secs(5), catalog.blob_gate()).await;
+            drop(again.expect("the gate came back after a waiter gave up").unwrap());
+        }
         t.finish().await;
     }
 }

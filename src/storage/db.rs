@@ -3,7 +3,7 @@
 //! queue, the catalog, drafts and keys are one implementation whose SQL runs on both.
 //!
 //! The SQL is written once in the common dialect (`$N` parameters, `on conflict`, `returning`,
-//! `cast(... as bigint)`); where the engines differ ([`Db::write_tx`], [`Db::for_update`],
+//! `cast(... as bigint)`); where the engines differ ([`Db::write_tx`], [`Db::row_tx`],
 //! [`Db::notify`]) the difference lives here. Each engine has its own migrations:
 //! `migrations/*.sql` (SQLite) and `migrations/postgres/*.sql`, the same schema.
 
@@ -153,15 +153,6 @@ impl Db {
         }
     }
 
-    /// `" for update"` on Postgres (a read that a write in the same transaction depends on
-    /// locks its row), nothing on SQLite (the transaction already holds the write lock).
-    pub fn for_update(&self) -> &'static str {
-        match self.dialect {
-            Dialect::Sqlite => "",
-            Dialect::Postgres => " for update",
-        }
-    }
-
     /// Announces a new event of job `id` to every replica when `tx` commits (Postgres
     /// `pg_notify`); nothing on SQLite, where the one process already knows.
     pub async fn notify(&self, tx: &mut Transaction<'static, Any>, id: &str) -> Result<(), sqlx::Error> {
@@ -175,7 +166,7 @@ impl Db {
 impl Dialect {
     /// The engine a `storage.database_url` names.
     pub fn of(url: &str) -> Result<Dialect, StorageError> {
-        if url.starts_with("sqlite:") {
+        if url.starts_with("sqlite://") {
             Ok(Dialect::Sqlite)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(Dialect::Postgres)
@@ -209,6 +200,8 @@ mod tests {
     #[test]
     fn urls_name_their_engine_and_passwords_stay_out_of_messages() {
         assert_eq!(Dialect::of("sqlite://").unwrap(), Dialect::Sqlite);
+        // Other sqlite forms would silently fall back to the default file: refused instead.
+        assert!(Dialect::of("sqlite:data.db").is_err() && Dialect::of("sqlite::memory:").is_err());
         assert_eq!(Dialect::of("postgresql://u:p@h/db").unwrap(), Dialect::Postgres);
         let e = Dialect::of("mysql://u:secret@h/db").unwrap_err().to_string();
         assert!(e.contains("mysql://u:***@h/db") && !e.contains("secret"), "{e}");

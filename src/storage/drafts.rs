@@ -140,8 +140,10 @@ impl Drafts {
                 .bind(&file.name)
                 .fetch_optional(&mut *tx)
                 .await?;
-        sqlx::query(
-            "insert into model_draft_files (draft_id, name, sha256, bytes) values ($1, $2, $3, $4)
+        // Only while the draft exists: another replica may have deleted it (or let it expire).
+        let recorded = sqlx::query(
+            "insert into model_draft_files (draft_id, name, sha256, bytes)
+             select $1, $2, $3, $4 where exists (select 1 from model_drafts where id = $1)
              on conflict (draft_id, name) do update set sha256 = excluded.sha256, bytes = excluded.bytes",
         )
         .bind(id)
@@ -149,7 +151,11 @@ impl Drafts {
         .bind(&file.sha256)
         .bind(file.bytes)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        if recorded == 0 {
+            return Err(StorageError::NotFound(format!("draft {id}")));
+        }
         sqlx::query(
             "update model_drafts set expires_at = case when expires_at > $1 then expires_at else $1 end where id = $2",
         )
@@ -173,11 +179,14 @@ impl Drafts {
         Ok(())
     }
 
-    /// Deletes expired drafts that nothing is using now, and with `strays` (at start, when no
-    /// request runs) directories no live draft owns; returns how many drafts went.
-    pub async fn sweep(&self, strays: bool) -> Result<usize, StorageError> {
+    /// Deletes expired drafts that nothing is using now, then the directories here that no draft
+    /// owns any more (deleted or expired through another replica sharing the database, or left
+    /// by a crash), except those a request is using; returns how many drafts went. `at_start`:
+    /// no request runs yet, so every such directory goes.
+    pub async fn sweep(&self, at_start: bool) -> Result<usize, StorageError> {
+        let now = now_ms();
         let expired: Vec<String> = sqlx::query_scalar("select id from model_drafts where expires_at <= $1")
-            .bind(now_ms())
+            .bind(now)
             .fetch_all(&self.db.pool)
             .await?;
         let mut swept = 0;
@@ -185,18 +194,37 @@ impl Drafts {
             let lock = self.lock(&id);
             // A file moving in or a commit: that draft goes at the next sweep.
             let Ok(_held) = lock.files.try_lock() else { continue };
-            self.discard(&id).await?;
-            swept += 1;
+            // Still expired (a file received meanwhile on another replica pushes it back).
+            let gone = sqlx::query("delete from model_drafts where id = $1 and expires_at <= $2")
+                .bind(&id)
+                .bind(now)
+                .execute(&self.db.pool)
+                .await?
+                .rows_affected();
+            if gone == 1 {
+                self.discard(&id).await?;
+                swept += 1;
+            }
         }
-        if strays {
-            let live: std::collections::HashSet<String> =
-                sqlx::query_scalar("select id from model_drafts").fetch_all(&self.db.pool).await?.into_iter().collect();
-            if let Ok(entries) = std::fs::read_dir(&self.root) {
-                for entry in entries.flatten() {
-                    if !live.contains(entry.file_name().to_string_lossy().as_ref()) {
-                        let _ = std::fs::remove_dir_all(entry.path());
-                    }
-                }
+        // Directories first, rows second: a draft's row exists before its directory, so one
+        // listed here without a row is no live draft's.
+        let dirs: Vec<std::path::PathBuf> = match std::fs::read_dir(&self.root) {
+            Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
+            Err(_) => return Ok(swept),
+        };
+        let live: std::collections::HashSet<String> =
+            sqlx::query_scalar("select id from model_drafts").fetch_all(&self.db.pool).await?.into_iter().collect();
+        for dir in dirs {
+            let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if live.contains(&id) {
+                continue;
+            }
+            let lock = self.lock(&id);
+            let held = lock.files.try_lock();
+            if at_start || held.is_ok() {
+                let _ = std::fs::remove_dir_all(&dir);
+                drop(held);
+                self.locks.lock().expect("draft locks").remove(&id);
             }
         }
         Ok(swept)

@@ -16,7 +16,7 @@
 //!   (candle's mmap included) want a file.
 //! - Visibility: an object appears under its key when its upload completes, before the database
 //!   row that names it; nothing reads a blob without a row, and an object no row names is
-//!   removed by [`BlobStore::remove_unreferenced`] once it is an hour old.
+//!   listed by [`BlobStore::unreferenced`] (and deleted at start) once it is an hour old.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -334,11 +334,11 @@ impl BlobStore for S3BlobStore {
         self.store.list_with_delimiter(self.prefix_path().as_ref()).await.map(|_| ()).map_err(io_err)
     }
 
-    async fn remove_unreferenced(&self, referenced: &HashSet<String>) -> std::io::Result<usize> {
+    async fn unreferenced(&self, referenced: &HashSet<String>) -> std::io::Result<Vec<String>> {
         let prefix = self.prefix_path();
         let mut listing = self.store.list(prefix.as_ref());
         let now = unix_now_secs();
-        let mut removed = 0;
+        let mut found = Vec::new();
         while let Some(meta) = listing.next().await {
             let meta = meta.map_err(io_err)?;
             let Some(name) = meta.location.filename().map(str::to_owned) else { continue };
@@ -349,11 +349,10 @@ impl BlobStore for S3BlobStore {
             }
             let age = now.saturating_sub(meta.last_modified.timestamp().max(0) as u64);
             if age > ORPHAN_AGE.as_secs() {
-                self.delete(&name).await?;
-                removed += 1;
+                found.push(name);
             }
         }
-        Ok(removed)
+        Ok(found)
     }
 }
 
