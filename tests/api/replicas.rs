@@ -155,6 +155,10 @@ async fn three_replicas_share_one_queue_rescue_a_killed_one_and_cancel_across() 
     a.wait(&id, running_midway).await;
     let survivors = [named[0].clone(), named[2].clone()];
     let other = if runner_of(&survivors, &a, &id).await == 0 { &c } else { &a };
+    // Its events, streamed (SSE) by the replica that does not run it.
+    let stream = other.client.get(format!("{}/v1/jobs/{id}/events", other.base)).send().await.unwrap();
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    let events = tokio::spawn(async move { stream.text().await.unwrap() });
     let asked = Instant::now();
     let res = other.client.post(format!("{}/v1/jobs/{id}/cancel", other.base)).send().await.unwrap();
     assert_eq!(res.status(), 202, "{}", res.text().await.unwrap());
@@ -162,6 +166,11 @@ async fn three_replicas_share_one_queue_rescue_a_killed_one_and_cancel_across() 
     eprintln!("a cancel sent to the other replica stopped the job in {:?}", asked.elapsed());
     assert_eq!(done["status"], "canceled", "{done}");
     assert!(asked.elapsed() < Duration::from_secs(10));
+    let text = tokio::time::timeout(Duration::from_secs(10), events).await.expect("the stream ends").unwrap();
+    eprintln!("its event stream on the other replica ended {:?} after the cancel", asked.elapsed());
+    let last = text.split("\n\n").filter(|b| b.contains("event: state")).last().unwrap_or_default().to_owned();
+    assert!(last.contains("\"canceled\""), "the stream ends with the cancel: {text}");
+    assert!(text.contains("\"running\""), "it carried the other replica's states: {text}");
 
     db.close().await;
     drop((a, c));
