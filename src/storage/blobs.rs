@@ -197,7 +197,12 @@ impl BlobStore for LocalBlobStore {
             let mut files = tokio::fs::read_dir(shard.path()).await?;
             while let Some(f) = files.next_entry().await? {
                 let name = f.file_name().to_string_lossy().into_owned();
-                if !referenced.contains(&name) {
+                let in_place = is_sha256(&name) && shard.file_name().to_string_lossy() == name[..2];
+                if !in_place {
+                    // Not a blob of this store (no name a persist writes): nothing can come to
+                    // name it, so it goes at once.
+                    tokio::fs::remove_file(f.path()).await?;
+                } else if !referenced.contains(&name) {
                     found.push(name);
                 }
             }
@@ -293,7 +298,11 @@ mod tests {
         let staged = store.staging_path("stray");
         std::fs::write(&staged, b"stray").unwrap();
         store.persist(&staged, &"cd".repeat(32)).await.unwrap();
+        // Files no persist writes (another name, a hash in the wrong shard) go at once.
+        std::fs::write(dir.path().join("blobs/cd/junk.tmp"), b"x").unwrap();
+        std::fs::write(dir.path().join("blobs/cd").join("ef".repeat(32)), b"x").unwrap();
         assert_eq!(store.unreferenced(&Default::default()).await.unwrap(), ["cd".repeat(32)]);
+        assert_eq!(std::fs::read_dir(dir.path().join("blobs/cd")).unwrap().count(), 1);
     }
 
     /// An S3 store on the endpoint of `MODELPRESS_TEST_S3_ENDPOINT` (bucket

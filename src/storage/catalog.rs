@@ -149,12 +149,16 @@ const BLOB_GATE_KEY: i64 = 0x006d_7042_4c4f_4253; // "mpBLOBS"
 /// lock every replica takes, released (with its connection) when dropped.
 pub struct BlobGate {
     _local: tokio::sync::OwnedMutexGuard<()>,
-    shared: Option<PoolConnection<Any>>,
+    _shared: Option<SharedLock>,
 }
 
-impl Drop for BlobGate {
+/// The connection holding the shared gate's advisory lock; gives the lock back when dropped,
+/// wherever that happens (held by a caller, or still in the channel from the task that took it).
+struct SharedLock(Option<PoolConnection<Any>>);
+
+impl Drop for SharedLock {
     fn drop(&mut self) {
-        if let Some(conn) = self.shared.take() {
+        if let Some(conn) = self.0.take() {
             tokio::spawn(release_shared_gate(conn));
         }
     }
@@ -175,18 +179,18 @@ async fn release_shared_gate(mut conn: PoolConnection<Any>) {
 /// Takes the shared gate on a connection of `pool`. The wait runs as a task of its own: a caller
 /// that goes away while another replica holds the gate (a client disconnecting mid-upload) does
 /// not leave the lock to be granted later to a connection nobody owns; the task gives it back.
-async fn acquire_shared_gate(pool: sqlx::AnyPool) -> Result<PoolConnection<Any>, StorageError> {
+async fn acquire_shared_gate(pool: sqlx::AnyPool) -> Result<SharedLock, StorageError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let locked = async {
             let mut conn = pool.acquire().await?;
             sqlx::query("select pg_advisory_lock($1)").bind(BLOB_GATE_KEY).execute(&mut *conn).await?;
-            Ok::<_, sqlx::Error>(conn)
+            Ok::<_, sqlx::Error>(SharedLock(Some(conn)))
         }
         .await;
-        if let Err(Ok(conn)) = tx.send(locked) {
-            release_shared_gate(conn).await;
-        }
+        // Nobody waiting any more: dropping the lock here (or later, unread in the channel)
+        // gives it back.
+        let _ = tx.send(locked);
     });
     match rx.await {
         Ok(locked) => Ok(locked?),
@@ -283,7 +287,7 @@ impl Catalog for SqlCatalog {
             Dialect::Sqlite => None,
             Dialect::Postgres => Some(acquire_shared_gate(self.db.pool.clone()).await?),
         };
-        Ok(BlobGate { _local: local, shared })
+        Ok(BlobGate { _local: local, _shared: shared })
     }
 
     /// Records the blob (if new) and the model in one transaction.

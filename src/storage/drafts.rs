@@ -151,7 +151,12 @@ impl Drafts {
         .bind(&file.sha256)
         .bind(file.bytes)
         .execute(&mut *tx)
-        .await?
+        .await
+        .map_err(|e| match &e {
+            // Deleted between the check and the insert (Postgres checks the key at the insert).
+            sqlx::Error::Database(d) if d.is_foreign_key_violation() => StorageError::NotFound(format!("draft {id}")),
+            _ => e.into(),
+        })?
         .rows_affected();
         if recorded == 0 {
             return Err(StorageError::NotFound(format!("draft {id}")));
@@ -208,10 +213,13 @@ impl Drafts {
         }
         // Directories first, rows second: a draft's row exists before its directory, so one
         // listed here without a row is no live draft's.
-        let dirs: Vec<std::path::PathBuf> = match std::fs::read_dir(&self.root) {
+        let root = self.root.clone();
+        let dirs: Vec<std::path::PathBuf> = tokio::task::spawn_blocking(move || match std::fs::read_dir(root) {
             Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
-            Err(_) => return Ok(swept),
-        };
+            Err(_) => Vec::new(),
+        })
+        .await
+        .unwrap_or_default();
         let live: std::collections::HashSet<String> =
             sqlx::query_scalar("select id from model_drafts").fetch_all(&self.db.pool).await?.into_iter().collect();
         for dir in dirs {
@@ -222,7 +230,7 @@ impl Drafts {
             let lock = self.lock(&id);
             let held = lock.files.try_lock();
             if at_start || held.is_ok() {
-                let _ = std::fs::remove_dir_all(&dir);
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
                 drop(held);
                 self.locks.lock().expect("draft locks").remove(&id);
             }
