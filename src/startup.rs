@@ -72,9 +72,9 @@ impl Application {
         let catalog: Arc<dyn Catalog> = Arc::new(SqlCatalog::new(db.clone()));
 
         // Crash recovery, in order: partial files, rows naming nothing, files named by nothing,
-        // then jobs whose worker died with the previous process.
-        // On a shared database only rows an hour old count as orphans (another replica may be
-        // between persisting a blob and naming it), under the gate every replica takes.
+        // then jobs whose worker died with the previous process. On a shared database only rows
+        // an hour old count as orphans (another replica may be between persisting a blob and
+        // naming it), under the gate every replica takes.
         let swept = blobs.sweep_staging().await?;
         let created_before = if shared { crate::storage::now_ms() - 3_600_000 } else { i64::MAX };
         let gate = catalog.blob_gate().await?;
@@ -106,9 +106,8 @@ impl Application {
         tracing::info!(swept, orphan_blobs = orphans.len() + stray, rescued, expired_drafts, data_dir = %data_dir.display(), "recovered state");
 
         // Leases that expire while we run (a worker of another process died, or a finish that
-        // could not be recorded) go back to the queue.
-        // Every quarter lease: a dead replica's job waits about one lease (plus up to a quarter)
-        // before another takes it.
+        // could not be recorded) go back to the queue. Checked every quarter lease: a dead
+        // replica's job waits about one lease (plus up to a quarter) before another takes it.
         let rescuer = queue.clone();
         let lease = Duration::from_secs(settings.queue.lease_secs);
         tokio::spawn(async move {
