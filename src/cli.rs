@@ -139,10 +139,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let settings = Settings::load(cli.config.as_deref())?;
             crate::telemetry::init(&settings.log);
             runtime()?.block_on(async {
-                std::fs::create_dir_all(&settings.storage.data_dir)?;
-                let db =
-                    crate::storage::db::Db::connect(&settings.storage.database_url, &settings.storage.data_dir).await?;
-                println!("database {} is up to date", crate::storage::db::redact(&db.url));
+                let db = open_database(&settings).await?;
+                println!("database {} is migrated to the latest schema", crate::storage::db::redact(&db.url));
                 Ok::<_, anyhow::Error>(())
             })?;
         }
@@ -171,12 +169,22 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// `modelpress keys ...`, straight on the database (SQLite lets the server run meanwhile).
+/// The configured database, migrated; the data directory is created only for SQLite (it holds
+/// the file). Errors name the URL, password masked.
+async fn open_database(settings: &Settings) -> anyhow::Result<crate::storage::db::Db> {
+    use anyhow::Context;
+    let url = &settings.storage.database_url;
+    if url.starts_with("sqlite://") {
+        std::fs::create_dir_all(&settings.storage.data_dir)?;
+    }
+    crate::storage::db::Db::connect(url, &settings.storage.data_dir)
+        .await
+        .with_context(|| format!("opening the database {}", crate::storage::db::redact(url)))
+}
+
 async fn keys(settings: &Settings, action: KeysCommand) -> anyhow::Result<ExitCode> {
     use crate::storage::keys::{CreateError, KeyStore};
-    std::fs::create_dir_all(&settings.storage.data_dir)?;
-    let store = KeyStore::new(
-        crate::storage::db::Db::connect(&settings.storage.database_url, &settings.storage.data_dir).await?,
-    );
+    let store = KeyStore::new(open_database(settings).await?);
     match action {
         KeysCommand::Create { principal, scopes, name, expires_in_days } => {
             let (scope, expires) = crate::http::auth::check_new_key(&principal, &scopes, expires_in_days)

@@ -45,6 +45,9 @@ impl Application {
         let data_dir = settings.storage.data_dir.clone();
         std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data dir {}", data_dir.display()))?;
         let lock = lock_data_dir(&data_dir)?;
+        // The port first: a replica that cannot serve should not touch shared state.
+        let address = format!("{}:{}", settings.server.host, settings.server.port);
+        let listener = TcpListener::bind(&address).await.with_context(|| format!("binding {address}"))?;
         let db = Db::connect(&settings.storage.database_url, &data_dir).await.with_context(|| {
             format!("opening the database {}", crate::storage::db::redact(&settings.storage.database_url))
         })?;
@@ -62,7 +65,11 @@ impl Application {
                 let store = crate::storage::s3::S3BlobStore::open(&data_dir, &s3)
                     .with_context(|| format!("opening the blob store {}", settings.storage.blob_store))?;
                 let context = || {
-                    format!("reaching the blob store {} (endpoint, credentials, bucket)", settings.storage.blob_store)
+                    format!(
+                        "reaching the blob store {} (check the endpoint, the credentials: AWS_ACCESS_KEY_ID and \
+                         AWS_SECRET_ACCESS_KEY, or an instance role, and that the bucket exists)",
+                        settings.storage.blob_store
+                    )
                 };
                 store.check_writable().await.with_context(context)?;
                 store.probe_write().await.with_context(context)?;
@@ -167,11 +174,9 @@ impl Application {
             rate: crate::http::auth::rate_limiter(settings.auth.requests_per_second).map(Arc::new),
             uploads: Arc::new(tokio::sync::Semaphore::new(settings.storage.max_concurrent_uploads)),
             drafts,
-            instance,
+            instance: instance.clone(),
         };
-        let address = format!("{}:{}", settings.server.host, settings.server.port);
-        let listener = TcpListener::bind(&address).await.with_context(|| format!("binding {address}"))?;
-        tracing::info!(address = %listener.local_addr()?, workers = worker_count, "ModelPress listening");
+        tracing::info!(address = %listener.local_addr()?, workers = worker_count, %instance, "ModelPress listening");
         Ok(Application { listener, router: http::router(state), workers, settings, _lock: lock })
     }
 

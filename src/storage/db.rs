@@ -55,15 +55,17 @@ impl Db {
         sqlx::any::install_default_drivers();
         let db = match Dialect::of(url)? {
             Dialect::Sqlite => Self::connect_sqlite(url, data_dir).await?,
-            Dialect::Postgres => Db {
-                pool: AnyPoolOptions::new()
+            Dialect::Postgres => {
+                // One plain connection first: a pool that cannot connect only says it timed out,
+                // this says why (refused, no such database, authentication).
+                sqlx::AnyConnection::connect(url).await?.close().await?;
+                let pool = AnyPoolOptions::new()
                     .max_connections(16)
                     .acquire_timeout(Duration::from_secs(10))
                     .connect(url)
-                    .await?,
-                dialect: Dialect::Postgres,
-                url: url.to_owned(),
-            },
+                    .await?;
+                Db { pool, dialect: Dialect::Postgres, url: url.to_owned() }
+            }
         };
         db.migrate().await?;
         Ok(db)
