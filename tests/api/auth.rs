@@ -12,6 +12,7 @@ fn keys_cli(app: &TestApp, args: &[&str]) -> std::process::Output {
         .arg("keys")
         .args(args)
         .env("MODELPRESS__STORAGE__DATA_DIR", app.data_dir())
+        .env("MODELPRESS__STORAGE__DATABASE_URL", test_database_url(&app.data_dir()))
         .output()
         .expect("binary runs")
 }
@@ -159,16 +160,16 @@ async fn malformed_mistyped_unknown_and_expired_keys_are_401() {
     let out = keys_cli(&app, &["create", "--principal", "temp", "--scopes", "read", "--expires-in-days", "1"]);
     let temp = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     assert_eq!(get(&format!("Bearer {temp}")).await.unwrap().status(), 200);
-    let db = app.data_dir().join("modelpress.db");
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display())).await.unwrap();
-    sqlx::query("update api_keys set expires_at = 1 where id = ?").bind(&temp[3..15]).execute(&pool).await.unwrap();
+    let dir = app.data_dir();
+    let pool = modelpress::storage::db::Db::connect(&test_database_url(&dir), &dir).await.unwrap().pool;
+    sqlx::query("update api_keys set expires_at = 1 where id = $1").bind(&temp[3..15]).execute(&pool).await.unwrap();
     let p = problem(get(&format!("Bearer {temp}")).await.unwrap(), 401).await;
     assert!(p["detail"].as_str().unwrap().contains("expired"), "{p}");
     assert_eq!(get(&format!("Bearer {admin}")).await.unwrap().status(), 200);
     // Only a hash of the secret is stored.
     let stored: Vec<String> = sqlx::query_scalar("select secret_sha256 from api_keys").fetch_all(&pool).await.unwrap();
     assert!(stored.iter().all(|h| h.len() == 64 && !admin.contains(h.as_str())));
-    let used: Option<i64> = sqlx::query_scalar("select last_used_at from api_keys where id = ?")
+    let used: Option<i64> = sqlx::query_scalar("select last_used_at from api_keys where id = $1")
         .bind(&admin[3..15])
         .fetch_one(&pool)
         .await

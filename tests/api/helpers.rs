@@ -27,6 +27,45 @@ pub fn test_settings(dir: &Path, workers: usize) -> Settings {
     s
 }
 
+/// The database URL an app on `dir` uses: SQLite's default, or with
+/// `MODELPRESS_TEST_API_POSTGRES_URL` that directory's own PostgreSQL database.
+pub fn test_database_url(dir: &Path) -> String {
+    match std::env::var("MODELPRESS_TEST_API_POSTGRES_URL") {
+        Ok(server) => postgres_database_for(dir, &server),
+        Err(_) => "sqlite://".into(),
+    }
+}
+
+/// With `MODELPRESS_TEST_API_POSTGRES_URL` (a server URL ending in `/database`), the whole API
+/// suite runs on PostgreSQL: each data directory gets a database of its own, created on first
+/// use and named in `<data_dir>/.test-database-url`, so an app restarted on the same directory
+/// finds its rows again (as it finds its SQLite file). The databases are left to the server's
+/// lifetime (CI's is thrown away).
+fn postgres_database_for(dir: &Path, server: &str) -> String {
+    let marker = dir.join(".test-database-url");
+    if let Ok(url) = std::fs::read_to_string(&marker) {
+        return url;
+    }
+    let name = format!("modelpress_api_{}", uuid::Uuid::new_v4().simple());
+    let admin_url = server.to_owned();
+    let create = name.clone();
+    // Settings are built outside any runtime here; a thread of its own runs the one query.
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async move {
+            let admin = sqlx::PgPool::connect(&admin_url).await.expect("MODELPRESS_TEST_API_POSTGRES_URL unreachable");
+            sqlx::query(sqlx::AssertSqlSafe(format!("create database {create}"))).execute(&admin).await.unwrap();
+            admin.close().await;
+        })
+    })
+    .join()
+    .unwrap();
+    let (base, _) = server.rsplit_once('/').expect("a postgres URL ending in /database");
+    let url = format!("{base}/{name}");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(&marker, &url).unwrap();
+    url
+}
+
 pub async fn spawn_app(workers: usize) -> TestApp {
     spawn_app_with(workers, |_| {}).await
 }
@@ -35,6 +74,9 @@ pub async fn spawn_app_with(workers: usize, tweak: impl FnOnce(&mut Settings)) -
     let dir = tempfile::tempdir().expect("temp dir");
     let mut settings = test_settings(dir.path(), workers);
     tweak(&mut settings);
+    if settings.storage.database_url == "sqlite://" {
+        settings.storage.database_url = test_database_url(&settings.storage.data_dir);
+    }
     let app = Application::build(settings).await.expect("app builds");
     let address = format!("http://127.0.0.1:{}", app.port());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

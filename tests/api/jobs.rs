@@ -382,7 +382,7 @@ async fn retention_deletes_jobs_finished_before_the_period() {
     let model = app.upload_ok(small_model()).await;
     let (job, _, _) = run_job(&app, &int8_spec(&model)).await;
     let id = job["id"].as_str().unwrap().to_owned();
-    let db = modelpress::storage::db::Db::connect("sqlite://", &app.data_dir()).await.unwrap();
+    let db = modelpress::storage::db::Db::connect(&test_database_url(&app.data_dir()), &app.data_dir()).await.unwrap();
     let pool = db.pool.clone();
     let catalog = modelpress::storage::catalog::SqlCatalog::new(db.clone());
     let blobs = modelpress::storage::blobs::LocalBlobStore::open(&app.data_dir()).unwrap();
