@@ -6,7 +6,12 @@
 //! gives the exact k-th key `t` and how many values equal to `t` must go (`ties`). Applying the cut
 //! prunes every key < `t` and the first `ties` keys == `t` in (tensor order, flat index) order, which is
 //! exactly what a stable sort of all magnitudes would prune. Pass 1 is skipped when the k-th value
-//! closes its bucket.
+//! closes its bucket, and when pass 0 already counted the low bits of that bucket: after the first
+//! tensor of pass 0 the bucket is estimated from it (the same quantile of its own values), and from
+//! then on, every tensor the first included, pass 0 also histograms the low 16 bits of the
+//! [`WINDOW`] buckets around the estimate. Tensors whose values share a distribution (the layers of
+//! one model) land the k-th value in the window, saving a whole read of every tensor; a wrong
+//! estimate costs that window's counting and falls back to pass 1, so the cut is exact either way.
 
 use rayon::prelude::*;
 
@@ -19,6 +24,8 @@ const LO_BUCKETS: usize = 1 << 16;
 pub(super) const CHUNK: usize = 1 << 16;
 /// Per-thread histograms count in u32; an observed slice is split so no counter can overflow.
 pub(super) const MAX_SLICE: usize = u32::MAX as usize;
+/// High buckets whose low bits pass 0 also counts (one below the estimate, the estimate, two above).
+pub(super) const WINDOW: usize = 4;
 
 /// Pass bookkeeping for exact global magnitude pruning (see the module docs).
 #[derive(Debug, Clone)]
@@ -39,6 +46,11 @@ pub struct GlobalMagnitude {
     rank: u64,
     /// Set once the threshold is exact.
     cut: Option<GlobalCut>,
+    /// Pass 0's low-bit histograms of the high buckets `lo..lo + WINDOW` (`WINDOW` x 2^16
+    /// counters, bucket by bucket), chosen after the first observed tensor.
+    window: Option<(u32, Vec<u64>)>,
+    /// Whether pass 1 was needed (the window missed the k-th value's bucket); for tests and benches.
+    pub second_pass: bool,
 }
 
 /// The exact global threshold: prune keys < `threshold` and the first `ties` keys equal to it.
@@ -63,7 +75,18 @@ impl GlobalMagnitude {
         let k = prune_count(sparsity, total_len)?;
         // k = 0 needs no pass: threshold 0 with no ties prunes nothing.
         let cut = (k == 0).then_some(GlobalCut { threshold: 0, ties: 0 });
-        Ok(Self { k, total: total_len, pass: 0, observed: 0, hist: vec![0; HI_BUCKETS], bucket: 0, rank: 0, cut })
+        Ok(Self {
+            k,
+            total: total_len,
+            pass: 0,
+            observed: 0,
+            hist: vec![0; HI_BUCKETS],
+            bucket: 0,
+            rank: 0,
+            cut,
+            window: None,
+            second_pass: false,
+        })
     }
 
     /// Number of weights that will be pruned over all tensors.
@@ -111,6 +134,22 @@ impl GlobalMagnitude {
                 *total += u64::from(*count);
             }
         }
+        if pass == 0 && !data.is_empty() {
+            if self.window.is_none() {
+                // The first tensor: the bucket of the same quantile of its own values.
+                let seen: u64 = self.hist.iter().sum();
+                let k = ((self.k as u128 * seen as u128) / self.total as u128).clamp(1, seen as u128) as u64;
+                let (estimate, _) = find_rank(&self.hist, k);
+                let lo = (estimate as u32).saturating_sub(1).min((HI_BUCKETS - WINDOW) as u32);
+                self.window = Some((lo, vec![0; WINDOW * LO_BUCKETS]));
+            }
+            let (lo, counts) = self.window.as_mut().expect("chosen above");
+            for part in data.chunks(MAX_SLICE) {
+                for (total, count) in counts.iter_mut().zip(&window_histogram(part, *lo)) {
+                    *total += u64::from(*count);
+                }
+            }
+        }
         self.observed += data.len() as u64;
         Ok(())
     }
@@ -126,10 +165,20 @@ impl GlobalMagnitude {
         self.observed = 0;
         if self.pass == 0 {
             let (bucket, rank) = find_rank(&self.hist, self.k);
+            let window = self.window.take();
+            let in_window = window.as_ref().and_then(|(lo, counts)| {
+                let at = (bucket as u32).checked_sub(*lo)? as usize;
+                (at < WINDOW).then(|| &counts[at * LO_BUCKETS..(at + 1) * LO_BUCKETS])
+            });
             if rank == self.hist[bucket] {
                 // The k-th value closes its bucket: everything below the next bucket goes, no ties.
                 self.cut = Some(GlobalCut { threshold: ((bucket as u32) + 1) << 16, ties: 0 });
+            } else if let Some(low) = in_window {
+                // Pass 0 already counted the bucket's low bits: exact without another pass.
+                let (low, ties) = find_rank(low, rank);
+                self.cut = Some(GlobalCut { threshold: ((bucket as u32) << 16) | low as u32, ties });
             } else {
+                self.second_pass = true;
                 self.bucket = bucket as u32;
                 self.rank = rank;
                 self.pass = 1;
@@ -168,6 +217,38 @@ pub(super) fn high_histogram(data: &[f32]) -> Vec<u32> {
             h[(magnitude_key(x) >> 16) as usize & (HI_BUCKETS - 1)] += 1;
         }
     })
+}
+
+/// Parallel histogram of the low 16 bits of the keys of `data` whose high bits are one of the
+/// [`WINDOW`] buckets from `lo` (at most 2^32 - 1 values): bucket `lo + j`'s counts at `j * 2^16`.
+/// One accumulator per thread (they are 1 MiB each), not per chunk.
+fn window_histogram(data: &[f32], lo: u32) -> Vec<u32> {
+    let parts = rayon::current_num_threads().max(1);
+    let per = data.len().div_ceil(parts).max(CHUNK);
+    data.par_chunks(per)
+        .map(|part| {
+            let mut h = vec![0u32; WINDOW * LO_BUCKETS];
+            // Most blocks of 64 hold no value of the window: a vectorised OR skips them.
+            for block in part.chunks(64) {
+                let hit =
+                    block.iter().fold(false, |a, x| a | ((magnitude_key(*x) >> 16).wrapping_sub(lo) < WINDOW as u32));
+                if hit {
+                    for &x in block {
+                        let key = magnitude_key(x);
+                        let at = (key >> 16).wrapping_sub(lo);
+                        if at < WINDOW as u32 {
+                            h[at as usize * LO_BUCKETS + (key as usize & (LO_BUCKETS - 1))] += 1;
+                        }
+                    }
+                }
+            }
+            h
+        })
+        .reduce_with(|mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+            a
+        })
+        .unwrap_or_else(|| vec![0; WINDOW * LO_BUCKETS])
 }
 
 /// Parallel histogram over chunks of `data`; `count` adds one chunk to a thread-local histogram.
@@ -297,6 +378,34 @@ mod tests {
         for sparsity in [0.0, 0.01, 0.3, 0.5, 0.77, 0.99] {
             check(&tensors, sparsity);
         }
+    }
+
+    #[test]
+    fn pass_one_is_skipped_when_the_first_tensor_predicts_the_bucket_and_the_cut_stays_exact_when_not() {
+        let passes = |tensors: &[Vec<f32>], sparsity: f64| {
+            let total = tensors.iter().map(|t| t.len() as u64).sum();
+            let mut plan = GlobalMagnitude::new(sparsity, total).unwrap();
+            let mut n = 0;
+            while plan.needs_pass() {
+                let pass = plan.pass();
+                tensors.iter().for_each(|t| plan.observe(pass, t).unwrap());
+                plan.end_pass().unwrap();
+                n += 1;
+            }
+            assert_eq!(n, 1 + usize::from(plan.second_pass));
+            plan.second_pass
+        };
+        // Layers of one distribution: the first predicts the bucket, one pass.
+        let alike: Vec<Vec<f32>> = (0..4).map(|i| benchmark_matrix(256, 256, 7 + i)).collect();
+        for sparsity in [0.3, 0.5, 0.9] {
+            assert!(!passes(&alike, sparsity), "sparsity {sparsity}");
+            check(&alike, sparsity);
+        }
+        // A first tensor a thousand times smaller than the rest: the estimate misses, pass 1 runs.
+        let mut unlike = alike.clone();
+        unlike[0].iter_mut().for_each(|x| *x *= 1e-3);
+        assert!(passes(&unlike, 0.5));
+        check(&unlike, 0.5);
     }
 
     #[test]
