@@ -155,6 +155,23 @@ impl Db {
         }
     }
 
+    /// Unix milliseconds on the clock leases, retry backoff and expiries are measured by: the
+    /// database server's on Postgres, where one replica writes a lease's end and another
+    /// compares it (their clocks may drift apart); this process's on SQLite (one process).
+    pub async fn now_ms<'e, E>(&self, executor: E) -> Result<i64, sqlx::Error>
+    where
+        E: sqlx::Executor<'e, Database = Any>,
+    {
+        match self.dialect {
+            Dialect::Sqlite => Ok(super::now_ms()),
+            Dialect::Postgres => {
+                sqlx::query_scalar("select cast(extract(epoch from clock_timestamp()) * 1000 as bigint)")
+                    .fetch_one(executor)
+                    .await
+            }
+        }
+    }
+
     /// Announces a new event of job `id` to every replica when `tx` commits (Postgres
     /// `pg_notify`); nothing on SQLite, where the one process already knows.
     pub async fn notify(&self, tx: &mut Transaction<'static, Any>, id: &str) -> Result<(), sqlx::Error> {

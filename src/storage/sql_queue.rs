@@ -134,7 +134,7 @@ impl JobQueue for SqlQueue {
             }
         }
         let id = uuid::Uuid::now_v7().to_string();
-        let now = now_ms();
+        let now = self.db.now_ms(&mut *tx).await?;
         // Inserted only while the inputs still exist, in the same statement: a concurrent
         // DELETE of the model either sees this job or happens before it and this inserts nothing.
         let record: Option<JobRecord> = sqlx::query_as(
@@ -179,7 +179,7 @@ impl JobQueue for SqlQueue {
 
     async fn claim(&self, worker: &str, lease: Duration) -> Result<Option<JobRecord>, QueueError> {
         let mut tx = self.db.row_tx().await?;
-        let now = now_ms();
+        let now = self.db.now_ms(&mut *tx).await?;
         let sql = match self.db.dialect {
             Dialect::Sqlite => {
                 "update jobs set status = 'running', attempt = attempt + 1, lease_owner = $1,
@@ -218,6 +218,7 @@ impl JobQueue for SqlQueue {
     }
 
     async fn heartbeat(&self, id: &str, worker: &str, lease: Duration) -> Result<LeaseState, QueueError> {
+        let now = self.db.now_ms(&self.db.pool).await?;
         let row: Option<i64> = sqlx::query_scalar(
             "update jobs set lease_expires_at = $3
              where id = $1 and lease_owner = $2 and status = 'running'
@@ -225,7 +226,7 @@ impl JobQueue for SqlQueue {
         )
         .bind(id)
         .bind(worker)
-        .bind(now_ms() + lease.as_millis() as i64)
+        .bind(now + lease.as_millis() as i64)
         .fetch_optional(&self.db.pool)
         .await?;
         Ok(match row {
@@ -264,7 +265,7 @@ impl JobQueue for SqlQueue {
         if current.status() != JobStatus::Running || current.lease_owner.as_deref() != Some(worker) {
             return Err(QueueError::Finished { id: id.to_owned(), status: current.status() });
         }
-        let now = now_ms();
+        let now = self.db.now_ms(&mut *tx).await?;
         let retry_at = |attempt: i64| now + self.backoff.as_millis() as i64 * (1i64 << (attempt - 1).clamp(0, 16));
         let (status, error, run_after) = match &outcome {
             // A cancel request outranks putting the job back in the queue.
@@ -367,7 +368,7 @@ impl JobQueue for SqlQueue {
     async fn cancel(&self, id: &str) -> Result<JobRecord, QueueError> {
         let mut tx = self.db.row_tx().await?;
         let current = fetch(&self.db, &mut tx, id).await?.ok_or_else(|| QueueError::NotFound(id.to_owned()))?;
-        let now = now_ms();
+        let now = self.db.now_ms(&mut *tx).await?;
         let job: JobRecord = match current.status() {
             JobStatus::Queued => {
                 let job = sqlx::query_as(
@@ -398,7 +399,7 @@ impl JobQueue for SqlQueue {
 
     async fn rescue(&self, all: bool) -> Result<u64, QueueError> {
         let mut tx = self.db.row_tx().await?;
-        let now = now_ms();
+        let now = self.db.now_ms(&mut *tx).await?;
         let rescued: Vec<JobRecord> = sqlx::query_as(
             "update jobs set
                 status = case when cancel_requested = 1 then 'canceled'
