@@ -33,6 +33,8 @@ pub struct SqlQueue {
     /// while kernels hold every core): every write this process makes refreshes its entry, and
     /// `CACHE_TTL` bounds how stale a row written by another process can be.
     cache: Arc<RwLock<HashMap<String, (JobRecord, Instant)>>>,
+    /// Stops the `LISTEN` task (Postgres) when the last clone of this queue goes.
+    _listener: Option<Arc<tokio_util::sync::DropGuard>>,
 }
 
 /// How long a cached job row is served before it is read again.
@@ -45,11 +47,20 @@ impl SqlQueue {
     /// announcements into wake-ups here (it reconnects by itself when the connection drops).
     pub fn new(db: Db, backoff: Duration) -> Self {
         let (notify, _) = broadcast::channel(1024);
-        let queue = Self { db, backoff, notify, cache: Arc::default() };
-        if queue.db.dialect == Dialect::Postgres {
-            tokio::spawn(listen(queue.db.url.clone(), queue.notify.clone(), queue.cache.clone()));
-        }
-        queue
+        let cache: Arc<RwLock<HashMap<String, (JobRecord, Instant)>>> = Arc::default();
+        let listener = (db.dialect == Dialect::Postgres).then(|| {
+            let stop = tokio_util::sync::CancellationToken::new();
+            let task = listen(db.url.clone(), notify.clone(), cache.clone());
+            let token = stop.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = task => {}
+                    () = token.cancelled() => {}
+                }
+            });
+            Arc::new(stop.drop_guard())
+        });
+        Self { db, backoff, notify, cache, _listener: listener }
     }
 
     fn remember(&self, job: &JobRecord) {
