@@ -111,25 +111,7 @@ impl GlobalMagnitude {
             return Err(PruneError::WrongPass { expected, got: pass });
         }
         for part in data.chunks(MAX_SLICE) {
-            let local = if pass == 0 {
-                high_histogram(part)
-            } else {
-                let bucket = self.bucket;
-                histogram(part, LO_BUCKETS, move |chunk, h| {
-                    // Most blocks of 64 hold no value of the bucket: a vectorised OR skips them.
-                    for block in chunk.chunks(64) {
-                        let hit = block.iter().fold(false, |a, x| a | (magnitude_key(*x) >> 16 == bucket));
-                        if hit {
-                            for &x in block {
-                                let key = magnitude_key(x);
-                                if key >> 16 == bucket {
-                                    h[key as usize & (LO_BUCKETS - 1)] += 1;
-                                }
-                            }
-                        }
-                    }
-                })
-            };
+            let local = if pass == 0 { high_histogram(part) } else { low_histogram(part, self.bucket, 1) };
             for (total, count) in self.hist.iter_mut().zip(&local) {
                 *total += u64::from(*count);
             }
@@ -145,7 +127,7 @@ impl GlobalMagnitude {
             }
             let (lo, counts) = self.window.as_mut().expect("chosen above");
             for part in data.chunks(MAX_SLICE) {
-                for (total, count) in counts.iter_mut().zip(&window_histogram(part, *lo)) {
+                for (total, count) in counts.iter_mut().zip(&low_histogram(part, *lo, WINDOW)) {
                     *total += u64::from(*count);
                 }
             }
@@ -220,23 +202,24 @@ pub(super) fn high_histogram(data: &[f32]) -> Vec<u32> {
 }
 
 /// Parallel histogram of the low 16 bits of the keys of `data` whose high bits are one of the
-/// [`WINDOW`] buckets from `lo` (at most 2^32 - 1 values): bucket `lo + j`'s counts at `j * 2^16`.
-/// One accumulator per thread (they are 1 MiB each), not per chunk.
-fn window_histogram(data: &[f32], lo: u32) -> Vec<u32> {
+/// `width` high buckets from `lo` (at most 2^32 - 1 values): bucket `lo + j`'s counts at
+/// `j * 2^16`. Pass 1 counts its one bucket, pass 0 the [`WINDOW`] around the estimate. One
+/// accumulator per thread (up to 1 MiB each), not per chunk.
+fn low_histogram(data: &[f32], lo: u32, width: usize) -> Vec<u32> {
     let parts = rayon::current_num_threads().max(1);
     let per = data.len().div_ceil(parts).max(CHUNK);
     data.par_chunks(per)
         .map(|part| {
-            let mut h = vec![0u32; WINDOW * LO_BUCKETS];
-            // Most blocks of 64 hold no value of the window: a vectorised OR skips them.
+            let mut h = vec![0u32; width * LO_BUCKETS];
+            // Most blocks of 64 hold no value of the buckets: a vectorised OR skips them.
             for block in part.chunks(64) {
                 let hit =
-                    block.iter().fold(false, |a, x| a | ((magnitude_key(*x) >> 16).wrapping_sub(lo) < WINDOW as u32));
+                    block.iter().fold(false, |a, x| a | ((magnitude_key(*x) >> 16).wrapping_sub(lo) < width as u32));
                 if hit {
                     for &x in block {
                         let key = magnitude_key(x);
                         let at = (key >> 16).wrapping_sub(lo);
-                        if at < WINDOW as u32 {
+                        if at < width as u32 {
                             h[at as usize * LO_BUCKETS + (key as usize & (LO_BUCKETS - 1))] += 1;
                         }
                     }
@@ -248,7 +231,7 @@ fn window_histogram(data: &[f32], lo: u32) -> Vec<u32> {
             a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
             a
         })
-        .unwrap_or_else(|| vec![0; WINDOW * LO_BUCKETS])
+        .unwrap_or_else(|| vec![0; width * LO_BUCKETS])
 }
 
 /// Parallel histogram over chunks of `data`; `count` adds one chunk to a thread-local histogram.
