@@ -20,17 +20,7 @@ PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-python3 - "$WORK/model.safetensors" "$SIZE_MIB" <<'PY'
-import json, struct, sys
-path, mib = sys.argv[1], int(sys.argv[2])
-n, per = mib // 64, 64 << 20
-header = {f"layers.{i}.weight": {"dtype": "F32", "shape": [4096, 4096], "data_offsets": [i * per, (i + 1) * per]} for i in range(n)}
-h = json.dumps(header).encode()
-h += b" " * (-len(h) % 8)
-with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(h)) + h)
-    f.truncate(8 + len(h) + n * per)
-PY
+python3 benches/sparse_model.py "$WORK/model.safetensors" "$SIZE_MIB"
 
 mkdir -p "$WORK/s3/bench"
 S3PORT=$(port)

@@ -31,18 +31,7 @@ trap 'stop; rm -rf "$WORK"' EXIT
 
 # A valid safetensors file of SIZE_MIB MiB: one f32 tensor per 64 MiB, data left sparse (zeros)
 # so the client's reads cost nothing and the figure is the server's.
-python3 - "$WORK/model.safetensors" "$SIZE_MIB" <<'PY'
-import json, struct, sys
-path, mib = sys.argv[1], int(sys.argv[2])
-n = mib // 64
-per = 64 << 20
-header = {f"layers.{i}.weight": {"dtype": "F32", "shape": [4096, 4096], "data_offsets": [i * per, (i + 1) * per]} for i in range(n)}
-h = json.dumps(header).encode()
-h += b" " * (-len(h) % 8)
-with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(h)) + h)
-    f.truncate(8 + len(h) + n * per)
-PY
+python3 benches/sparse_model.py "$WORK/model.safetensors" "$SIZE_MIB"
 
 # Counts the responses by status (only for the rate-limited run: a Lua callback per response costs).
 cat > "$WORK/status.lua" <<'LUA'
