@@ -36,6 +36,17 @@ pub fn test_database_url(dir: &Path) -> String {
     }
 }
 
+/// A fresh database named `<prefix>_<uuid>` on the server of `server_url` (a URL ending in
+/// `/database`); its URL and name.
+pub async fn create_postgres_database(server_url: &str, prefix: &str) -> (String, String) {
+    let admin = sqlx::PgPool::connect(server_url).await.expect("the test PostgreSQL server is unreachable");
+    let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}"))).execute(&admin).await.unwrap();
+    admin.close().await;
+    let (base, _) = server_url.rsplit_once('/').expect("a postgres URL ending in /database");
+    (format!("{base}/{name}"), name)
+}
+
 /// With `MODELPRESS_TEST_API_POSTGRES_URL` (a server URL ending in `/database`), the whole API
 /// suite runs on PostgreSQL: each data directory gets a database of its own, created on first
 /// use and named in `<data_dir>/.test-database-url`, so an app restarted on the same directory
@@ -46,21 +57,14 @@ fn postgres_database_for(dir: &Path, server: &str) -> String {
     if let Ok(url) = std::fs::read_to_string(&marker) {
         return url;
     }
-    let name = format!("modelpress_api_{}", uuid::Uuid::new_v4().simple());
-    let admin_url = server.to_owned();
-    let create = name.clone();
+    let server = server.to_owned();
     // Settings are built outside any runtime here; a thread of its own runs the one query.
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async move {
-            let admin = sqlx::PgPool::connect(&admin_url).await.expect("MODELPRESS_TEST_API_POSTGRES_URL unreachable");
-            sqlx::query(sqlx::AssertSqlSafe(format!("create database {create}"))).execute(&admin).await.unwrap();
-            admin.close().await;
-        })
+    let url = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(create_postgres_database(&server, "modelpress_api")).0
     })
     .join()
     .unwrap();
-    let (base, _) = server.rsplit_once('/').expect("a postgres URL ending in /database");
-    let url = format!("{base}/{name}");
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(&marker, &url).unwrap();
     url

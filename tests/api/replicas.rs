@@ -20,11 +20,9 @@ struct TestDatabase {
 
 impl TestDatabase {
     async fn create(server_url: &str) -> TestDatabase {
-        let admin = sqlx::PgPool::connect(server_url).await.expect("MODELPRESS_TEST_POSTGRES_URL unreachable");
-        let name = format!("modelpress_replicas_{}", uuid::Uuid::new_v4().simple());
-        sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}"))).execute(&admin).await.unwrap();
-        let (base, _) = server_url.rsplit_once('/').expect("a postgres URL ending in /database");
-        TestDatabase { admin, url: format!("{base}/{name}"), name }
+        let (url, name) = create_postgres_database(server_url, "modelpress_replicas").await;
+        let admin = sqlx::PgPool::connect(server_url).await.unwrap();
+        TestDatabase { admin, url, name }
     }
 
     async fn drop(self) {
