@@ -96,7 +96,21 @@ impl Scratch {
     /// negative codes to -0.0, which is the same number).
     fn values_fp(&mut self, dtype: Dtype) -> u64 {
         let per = FINGERPRINT_CHUNK / dtype.size();
-        self.encoded.resize(self.values.len() * dtype.size(), 0);
+        let len = self.values.len() * dtype.size();
+        // f32 values are their own encoding: fingerprinted in place, as the engine does.
+        if super::values_are_dense(dtype) {
+            self.encoded = Vec::new();
+            let pieces: Vec<u64> = self
+                .values
+                .par_chunks_mut(per)
+                .map(|v| {
+                    v.iter_mut().for_each(|x| *x += 0.0);
+                    piece_fingerprint(bytemuck::cast_slice(v))
+                })
+                .collect();
+            return fold_fingerprints(&pieces, len);
+        }
+        self.encoded.resize(len, 0);
         // In parallel pieces, each encoded and hashed while in cache (as the engine's own pass).
         let pieces: Vec<u64> = self
             .values
@@ -108,7 +122,7 @@ impl Scratch {
                 piece_fingerprint(e)
             })
             .collect();
-        fold_fingerprints(&pieces, self.encoded.len())
+        fold_fingerprints(&pieces, len)
     }
 }
 
