@@ -16,7 +16,7 @@ pub mod text_eval;
 mod verify;
 
 use crate::compress::spec::ReportDetail;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -92,7 +92,7 @@ impl InputSha<'_> {
     fn now(&self) -> &str {
         match self {
             InputSha::Known(s) => s,
-            InputSha::Pending(p) => p.value.get().map_or(Self::PLACEHOLDER, String::as_str),
+            InputSha::Pending(p) => p.value.get().map_or(Self::PLACEHOLDER, |(sha, _)| sha.as_str()),
         }
     }
 
@@ -105,32 +105,86 @@ impl InputSha<'_> {
     }
 }
 
-/// SHA-256 of a file, computed by a thread of its own (one core; SHA-256 is sequential).
+/// SHA-256 of a file, computed by a thread of its own (one core; SHA-256 is sequential), which
+/// also fingerprints each tensor's bytes as it hashes them, so the job can prove it read the
+/// bytes the hash names (see [`execute`]: a file changed under the job fails it).
 pub struct PendingSha {
-    thread: std::sync::Mutex<Option<std::thread::JoinHandle<std::io::Result<String>>>>,
-    value: std::sync::OnceLock<String>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<std::io::Result<Hashed>>>>,
+    value: std::sync::OnceLock<Hashed>,
 }
 
+/// The input's SHA-256 (hex) and the fingerprint of each tensor's bytes, by start offset.
+type Hashed = (String, HashMap<u64, u64>);
+
 impl PendingSha {
-    /// Starts hashing `path`.
-    pub fn start(path: &Path) -> PendingSha {
+    /// Starts hashing `path`; `tensors` are the byte ranges `[start, end)` of its tensors, in file
+    /// order (a validated header's), whose fingerprints are recorded on the way.
+    pub fn start(path: &Path, tensors: Vec<(u64, u64)>) -> PendingSha {
         let path = path.to_owned();
-        let thread = std::thread::spawn(move || sha256_file(&path).map(|(sha, _)| sha));
+        let thread = std::thread::spawn(move || sha256_and_prints(&path, &tensors));
         PendingSha { thread: std::sync::Mutex::new(Some(thread)), value: std::sync::OnceLock::new() }
     }
 
     /// The hash (hex), joining the thread the first time.
     pub fn wait(&self) -> std::io::Result<&str> {
+        self.joined().map(|(sha, _)| sha.as_str())
+    }
+
+    /// The [`fingerprint`] of each tensor's bytes as the hash read them, by start offset.
+    pub fn prints(&self) -> std::io::Result<&HashMap<u64, u64>> {
+        self.joined().map(|(_, prints)| prints)
+    }
+
+    fn joined(&self) -> std::io::Result<&Hashed> {
         if let Some(v) = self.value.get() {
             return Ok(v);
         }
         let thread = self.thread.lock().expect("hash thread lock").take();
         if let Some(t) = thread {
-            let sha = t.join().map_err(|_| std::io::Error::other("the input hashing thread panicked"))??;
-            let _ = self.value.set(sha);
+            let done = t.join().map_err(|_| std::io::Error::other("the input hashing thread panicked"))??;
+            let _ = self.value.set(done);
         }
-        self.value.get().map(String::as_str).ok_or_else(|| std::io::Error::other("the input hash failed before"))
+        self.value.get().ok_or_else(|| std::io::Error::other("the input hash failed before"))
     }
+}
+
+/// SHA-256 (hex) of the file at `path`, read once in 1 MiB pieces, and the [`fingerprint`] of
+/// each of `tensors` (`[start, end)`, in file order, not overlapping) from the same bytes.
+fn sha256_and_prints(path: &Path, tensors: &[(u64, u64)]) -> std::io::Result<Hashed> {
+    use sha2::Digest;
+    use std::os::unix::fs::FileExt;
+    const PIECE: usize = 1 << 20;
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; PIECE];
+    let mut prints = HashMap::with_capacity(tensors.len());
+    // Hashes [from, to), fingerprinting it as one tensor when `tensor`.
+    let mut span = |from: u64, to: u64, tensor: bool| -> std::io::Result<()> {
+        let mut pieces = Vec::new();
+        let mut at = from;
+        while at < to {
+            let n = PIECE.min((to - at) as usize);
+            file.read_exact_at(&mut buf[..n], at)?;
+            hasher.update(&buf[..n]);
+            if tensor {
+                pieces.extend(buf[..n].chunks(verify::FINGERPRINT_CHUNK).map(verify::piece_fingerprint));
+            }
+            at += n as u64;
+        }
+        if tensor {
+            prints.insert(from, verify::fold_fingerprints(&pieces, (to - from) as usize));
+        }
+        Ok(())
+    };
+    let mut at = 0;
+    for &(start, end) in tensors {
+        span(at, start.max(at), false)?;
+        span(start.max(at), end, true)?;
+        at = end;
+    }
+    span(at, len.max(at), false)?;
+    Ok((hex::encode(hasher.finalize()), prints))
 }
 
 /// SHA-256 (hex) and length of the file at `path`, read in 1 MiB pieces.
@@ -202,7 +256,18 @@ pub enum EngineError {
     #[error("{detail}")]
     Job { code: &'static str, detail: String },
     #[error("I/O error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for EngineError {
+    /// An I/O error, or the job failure `input_changed` when a read found the input modified
+    /// during the job ([`crate::formats::safetensors::InputChanged`]).
+    fn from(e: std::io::Error) -> Self {
+        match crate::formats::safetensors::InputChanged::find(&e) {
+            Some(changed) => EngineError::Job { code: "input_changed", detail: changed.to_string() },
+            None => EngineError::Io(e),
+        }
+    }
 }
 
 /// Progress over every pass, in bytes of tensors read; also the cancellation point.
@@ -368,6 +433,9 @@ pub fn execute(
     }
     let started = Instant::now();
     let mut source = Source { reader: TensorReader::open(inputs.model_path)?, memory: Weights::new() };
+    // Every tensor read is fingerprinted: two reads of one tensor must agree, and with the hash
+    // computed alongside, each must equal what the hash read (checked below).
+    source.reader.record_reads();
     // The dataset is read only by an evaluation and by structural steps (proof batches, ranking).
     let structural = plan.spec.steps.iter().any(|s| s.op().edit(plan.graph_def.is_some()).is_some());
     let data = match (&plan.dataset, inputs.dataset_path) {
@@ -547,8 +615,12 @@ pub fn execute(
     }
     tracker.check("writing outputs")?;
 
-    // Every header gets the input's hash now: wait for it if another thread computes it.
+    // Every header gets the input's hash now: wait for it if another thread computes it, and
+    // prove the job read the bytes the hash names.
     job.inputs.input_sha256.wait()?;
+    if let (InputSha::Pending(p), Some(read)) = (job.inputs.input_sha256, source.reader.read_prints()) {
+        same_bytes_as_hashed(&job.plan.header.tensors, p.prints()?, read)?;
+    }
     let metadata = provenance(job);
     let mut artifacts = Vec::new();
     for sink in sinks {
@@ -636,6 +708,27 @@ pub fn execute(
     std::fs::write(&html_path, super::report_html::render(&report))?;
     artifacts.push(ArtifactFile { name: "report.html".into(), format: "report".into(), path: html_path });
     Ok(EngineOutput { artifacts, report })
+}
+
+/// Fails the job when a tensor's bytes as the job read them (`read`) differ from the bytes the
+/// input hash read (`hashed`): the file changed under the job, and its provenance would name a
+/// hash of bytes it did not compress. Both are [`fingerprint`]s by the tensor's start offset.
+fn same_bytes_as_hashed(
+    tensors: &[TensorInfo],
+    hashed: &HashMap<u64, u64>,
+    read: &HashMap<u64, u64>,
+) -> Result<(), EngineError> {
+    for t in tensors {
+        if let (Some(h), Some(r)) = (hashed.get(&t.start), read.get(&t.start)) {
+            if h != r {
+                let detail = "the bytes the job compressed are not the bytes its input hash read".into();
+                return Err(crate::formats::safetensors::InputChanged { tensor: t.name.clone(), detail }
+                    .into_io()
+                    .into());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs the original and the compressed model over the dataset; progress reports each batch.
@@ -841,3 +934,6 @@ fn unchanged_report(
         notes,
     }
 }
+
+#[cfg(test)]
+mod tests;

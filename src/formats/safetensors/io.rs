@@ -7,6 +7,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::{Dtype, TensorInfo};
+use crate::formats::fingerprint::{fingerprint, fold_fingerprints, piece_fingerprint, FINGERPRINT_CHUNK};
+use std::collections::HashMap;
 
 /// Reads tensors one at a time with positioned reads into reused buffers.
 ///
@@ -16,11 +18,55 @@ use super::{Dtype, TensorInfo};
 pub struct TensorReader {
     file: File,
     raw: Vec<u8>,
+    /// With [`Self::record_reads`]: the [`fingerprint`] of every tensor read, by start offset.
+    prints: Option<HashMap<u64, u64>>,
+}
+
+/// A tensor whose bytes differ between two reads of the same file in one job: the file was
+/// modified while the job ran. Carried inside the [`std::io::Error`] of the read that saw it.
+#[derive(Debug, thiserror::Error)]
+#[error("tensor `{tensor}`: the input file changed while the job read it ({detail}); run the job again on a file nothing writes to meanwhile")]
+pub struct InputChanged {
+    pub tensor: String,
+    pub detail: String,
+}
+
+impl InputChanged {
+    /// The error as an I/O error (what readers return), recognisable with [`Self::find`].
+    pub fn into_io(self) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, self)
+    }
+
+    /// The [`InputChanged`] an I/O error carries, if any.
+    pub fn find(e: &std::io::Error) -> Option<&InputChanged> {
+        e.get_ref().and_then(|inner| inner.downcast_ref::<InputChanged>())
+    }
 }
 
 impl TensorReader {
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        Ok(Self { file: File::open(path)?, raw: Vec::new() })
+        Ok(Self { file: File::open(path)?, raw: Vec::new(), prints: None })
+    }
+
+    /// From now on, fingerprints the bytes of every tensor read (one more parallel pass over
+    /// bytes already in cache) and fails a read of a tensor read before whose bytes differ
+    /// ([`InputChanged`]). [`Self::read_prints`] gives them, to compare with another reader's.
+    pub fn record_reads(&mut self) {
+        self.prints.get_or_insert_with(HashMap::new);
+    }
+
+    /// The fingerprint of each tensor's bytes as read, by the tensor's start offset.
+    pub fn read_prints(&self) -> Option<&HashMap<u64, u64>> {
+        self.prints.as_ref()
+    }
+
+    fn note(&mut self, t: &TensorInfo, print: u64) -> std::io::Result<()> {
+        match self.prints.as_mut().and_then(|p| p.insert(t.start, print)) {
+            Some(before) if before != print => {
+                Err(InputChanged { tensor: t.name.clone(), detail: "two reads of its bytes disagree".into() }.into_io())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The file read (for copying a tensor's bytes file to file, see
@@ -33,6 +79,9 @@ impl TensorReader {
     pub fn read_raw(&mut self, t: &TensorInfo) -> std::io::Result<&[u8]> {
         self.raw.resize(t.bytes() as usize, 0);
         self.file.read_exact_at(&mut self.raw, t.start)?;
+        if self.prints.is_some() {
+            self.note(t, fingerprint(&self.raw))?;
+        }
         Ok(&self.raw)
     }
 
@@ -45,6 +94,10 @@ impl TensorReader {
             // SAFETY: any byte pattern is a valid f32 and the slice covers exactly `out`.
             let bytes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), n * 4) };
             self.file.read_exact_at(bytes, t.start)?;
+            if self.prints.is_some() {
+                let print = fingerprint(bytes);
+                self.note(t, print)?;
+            }
             if cfg!(target_endian = "big") {
                 out.iter_mut().for_each(|v| *v = f32::from_bits(v.to_bits().swap_bytes()));
             }
@@ -57,10 +110,19 @@ impl TensorReader {
         self.raw.resize((CHUNK_VALUES * size).min(n * size), 0);
         // A whole tensor read raw before (an unchanged one) leaves a large buffer: give it back.
         self.raw.shrink_to(CHUNK_VALUES * size);
+        // A slice's bytes are whole fingerprint pieces (CHUNK_VALUES * size is a multiple).
+        let mut pieces = Vec::new();
         for (k, slice) in out.chunks_mut(CHUNK_VALUES).enumerate() {
             let bytes = &mut self.raw[..slice.len() * size];
             self.file.read_exact_at(bytes, t.start + (k * CHUNK_VALUES * size) as u64)?;
+            if self.prints.is_some() {
+                use rayon::prelude::*;
+                pieces.par_extend(bytes.par_chunks(FINGERPRINT_CHUNK).map(piece_fingerprint));
+            }
             decode_f32(bytes, t.dtype, slice);
+        }
+        if self.prints.is_some() {
+            self.note(t, fold_fingerprints(&pieces, n * size))?;
         }
         Ok(())
     }

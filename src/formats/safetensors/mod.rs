@@ -16,7 +16,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use io::{
-    decode_f32, encode_f32, encode_f32_into, start_writeback, PlannedSafetensorsWriter, SafetensorsWriter, TensorReader,
+    decode_f32, encode_f32, encode_f32_into, start_writeback, InputChanged, PlannedSafetensorsWriter,
+    SafetensorsWriter, TensorReader,
 };
 
 /// Element types the format defines; anything else in a header is refused. Variants are

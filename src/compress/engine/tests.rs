@@ -1,0 +1,114 @@
+//! The engine against its input file: the hash computed alongside the job names the bytes it
+//! compressed, and a file modified under a job fails it (`input_changed`).
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use super::{execute, sha256_file, Control, EngineError, InputSha, Inputs, PendingSha};
+use crate::compress::plan::{prepare, Plan, PlanInputs};
+use crate::compress::spec::parse_compress;
+use crate::formats::safetensors::{read_header, Dtype, SafetensorsWriter};
+
+/// A model of three f32 [8, 64] tensors `fc0..fc2.weight`, and the plan of `steps` on it.
+fn model(dir: &Path, steps: serde_json::Value) -> (PathBuf, Plan) {
+    let path = dir.join("in.safetensors");
+    let mut w = SafetensorsWriter::create(&path).unwrap();
+    for l in 0..3 {
+        let bytes: Vec<u8> =
+            (0..8 * 64).flat_map(|i| (((i * 37 + l * 11) % 101) as f32 / 100.0 - 0.5).to_le_bytes()).collect();
+        w.write(&format!("fc{l}.weight"), Dtype::F32, &[8, 64], &bytes).unwrap();
+    }
+    w.finish(&Default::default()).unwrap();
+    let spec = parse_compress(&steps, Some(&serde_json::json!(["safetensors"]))).unwrap();
+    let plan = prepare(spec, PlanInputs::model(read_header(&path, u64::MAX).unwrap()));
+    (path, plan)
+}
+
+/// A control that, at the first progress message equal to `at`, runs `edit` once.
+struct EditAt<'a> {
+    at: &'a str,
+    edit: Mutex<Option<Box<dyn FnOnce() + Send + 'a>>>,
+}
+
+impl Control for EditAt<'_> {
+    fn progress(&self, _: f64, _: &str, message: &str) {
+        if message == self.at {
+            if let Some(edit) = self.edit.lock().unwrap().take() {
+                edit();
+            }
+        }
+    }
+    fn canceled(&self) -> bool {
+        false
+    }
+}
+
+/// Overwrites the first 4 bytes of tensor `name` of the file at `path` with another value.
+fn overwrite(path: &Path, plan: &Plan, name: &str) {
+    let t = plan.header.get(name).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    file.write_all_at(&7.5f32.to_le_bytes(), t.start).unwrap();
+}
+
+fn run(path: &Path, plan: &Plan, sha: InputSha<'_>, out: &Path, ctl: &dyn Control) -> Result<String, EngineError> {
+    std::fs::create_dir_all(out).unwrap();
+    let inputs = Inputs { input_sha256: sha, ..Inputs::model(path, "", "0") };
+    execute(plan, &inputs, out, ctl).map(|o| o.report.input_sha256)
+}
+
+fn regions(plan: &Plan) -> Vec<(u64, u64)> {
+    plan.header.tensors.iter().map(|t| (t.start, t.end)).collect()
+}
+
+#[test]
+fn the_hash_computed_alongside_is_the_files_and_names_the_bytes_compressed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, plan) = model(dir.path(), serde_json::json!([{"op": "quantize", "bits": 8}]));
+    let pending = PendingSha::start(&path, regions(&plan));
+    let sha = run(&path, &plan, InputSha::Pending(&pending), &dir.path().join("out"), &super::Silent).unwrap();
+    assert_eq!(sha, sha256_file(&path).unwrap().0);
+}
+
+#[test]
+fn a_file_changed_after_it_was_hashed_fails_the_job_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, plan) = model(dir.path(), serde_json::json!([{"op": "quantize", "bits": 8}]));
+    let pending = PendingSha::start(&path, regions(&plan));
+    // Before the main pass reads fc2: the hash has read the whole file, then fc2 changes.
+    let ctl = EditAt {
+        at: "tensor fc2.weight",
+        edit: Mutex::new(Some(Box::new(|| {
+            pending.wait().unwrap();
+            overwrite(&path, &plan, "fc2.weight");
+        }))),
+    };
+    match run(&path, &plan, InputSha::Pending(&pending), &dir.path().join("out"), &ctl) {
+        Err(EngineError::Job { code: "input_changed", detail }) => {
+            assert!(detail.contains("`fc2.weight`") && detail.contains("changed while the job read it"), "{detail}")
+        }
+        other => panic!("expected input_changed, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_tensor_whose_two_reads_disagree_fails_the_job_even_with_a_known_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps = serde_json::json!([{"op": "prune", "method": "magnitude", "scope": "global", "sparsity": 0.5}]);
+    let (path, plan) = model(dir.path(), steps);
+    // The global threshold's pass has read every tensor; fc1 changes before the main pass.
+    let ctl =
+        EditAt { at: "tensor fc1.weight", edit: Mutex::new(Some(Box::new(|| overwrite(&path, &plan, "fc1.weight")))) };
+    match run(&path, &plan, InputSha::Known("0"), &dir.path().join("out"), &ctl) {
+        Err(EngineError::Job { code: "input_changed", detail }) => {
+            assert!(detail.contains("`fc1.weight`") && detail.contains("two reads"), "{detail}")
+        }
+        other => panic!("expected input_changed, got {other:?}"),
+    }
+    // Unchanged, the same job succeeds.
+    let (path, plan) = model(
+        dir.path(),
+        serde_json::json!([{"op": "prune", "method": "magnitude", "scope": "global", "sparsity": 0.5}]),
+    );
+    run(&path, &plan, InputSha::Known("0"), &dir.path().join("out2"), &super::Silent).unwrap();
+}
