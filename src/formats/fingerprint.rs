@@ -42,3 +42,45 @@ pub fn piece_fingerprint(bytes: &[u8]) -> u64 {
     }
     lanes.iter().fold(bytes.len() as u64, |h, l| (h ^ l).wrapping_mul(K[0]).rotate_left(27))
 }
+
+/// The [`fingerprint`] of `len` bytes of `file` at `offset`, equal to that of the same bytes in
+/// memory. Each piece is read and hashed by whichever core takes it, into a buffer of one piece:
+/// the reads run on every core and no buffer of the whole range is held.
+pub fn fingerprint_file_range(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<u64> {
+    use rayon::prelude::*;
+    use std::os::unix::fs::FileExt;
+    let chunk = FINGERPRINT_CHUNK as u64;
+    let pieces: Vec<u64> = (0..len.div_ceil(chunk))
+        .into_par_iter()
+        .map_init(
+            || vec![0u8; FINGERPRINT_CHUNK],
+            |buf, k| {
+                let n = chunk.min(len - k * chunk) as usize;
+                file.read_exact_at(&mut buf[..n], offset + k * chunk)?;
+                Ok(piece_fingerprint(&buf[..n]))
+            },
+        )
+        .collect::<std::io::Result<_>>()?;
+    Ok(fold_fingerprints(&pieces, len as usize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_range_has_the_fingerprint_of_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let bytes: Vec<u8> = (0..3 * FINGERPRINT_CHUNK + 1234).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        for (at, len) in [(0, bytes.len()), (5, 2 * FINGERPRINT_CHUNK), (100, 0), (17, 300)] {
+            assert_eq!(
+                fingerprint_file_range(&file, at as u64, len as u64).unwrap(),
+                fingerprint(&bytes[at..at + len])
+            );
+        }
+        assert!(fingerprint_file_range(&file, 10, bytes.len() as u64).is_err(), "a range past the end");
+    }
+}
