@@ -106,22 +106,48 @@ impl InputSha<'_> {
 }
 
 /// SHA-256 of a file, computed by a thread of its own (one core; SHA-256 is sequential), which
-/// also fingerprints each tensor's bytes as it hashes them, so the job can prove it read the
-/// bytes the hash names (see [`execute`]: a file changed under the job fails it).
+/// also learns each tensor's [`Facts`] from the bytes it hashes: the job can prove it read the
+/// bytes the hash names (see [`execute`]: a file changed under the job fails it), and copy an
+/// untouched tensor without reading it again.
 pub struct PendingSha {
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<std::io::Result<Hashed>>>>,
     value: std::sync::OnceLock<Hashed>,
 }
 
-/// The input's SHA-256 (hex) and the fingerprint of each tensor's bytes, by start offset.
-type Hashed = (String, HashMap<u64, u64>);
+/// The input's SHA-256 (hex) and each tensor's [`Facts`], by start offset.
+type Hashed = (String, HashMap<u64, Facts>);
+
+/// A tensor's byte range in the input file and its element size.
+#[derive(Debug, Clone, Copy)]
+pub struct Region {
+    pub start: u64,
+    pub end: u64,
+    /// Bytes per element (1, 2, 4 or 8).
+    pub element: usize,
+}
+
+impl Region {
+    /// The regions of a validated header's tensors, in file order.
+    pub fn of(tensors: &[TensorInfo]) -> Vec<Region> {
+        tensors.iter().map(|t| Region { start: t.start, end: t.end, element: t.dtype.size() }).collect()
+    }
+}
+
+/// What the hash thread learned of one tensor's bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Facts {
+    /// Their [`fingerprint`].
+    pub print: u64,
+    /// Elements that are not all-zero bytes.
+    pub nonzeros: u64,
+}
 
 impl PendingSha {
-    /// Starts hashing `path`; `tensors` are the byte ranges `[start, end)` of its tensors, in file
-    /// order (a validated header's), whose fingerprints are recorded on the way.
-    pub fn start(path: &Path, tensors: Vec<(u64, u64)>) -> PendingSha {
+    /// Starts hashing `path`; `tensors` are its tensors' regions in file order (a validated
+    /// header's, [`Region::of`]), whose [`Facts`] are recorded on the way.
+    pub fn start(path: &Path, tensors: Vec<Region>) -> PendingSha {
         let path = path.to_owned();
-        let thread = std::thread::spawn(move || sha256_and_prints(&path, &tensors));
+        let thread = std::thread::spawn(move || sha256_and_facts(&path, &tensors));
         PendingSha { thread: std::sync::Mutex::new(Some(thread)), value: std::sync::OnceLock::new() }
     }
 
@@ -130,9 +156,9 @@ impl PendingSha {
         self.joined().map(|(sha, _)| sha.as_str())
     }
 
-    /// The [`fingerprint`] of each tensor's bytes as the hash read them, by start offset.
-    pub fn prints(&self) -> std::io::Result<&HashMap<u64, u64>> {
-        self.joined().map(|(_, prints)| prints)
+    /// Each tensor's [`Facts`] as the hash read its bytes, by start offset.
+    pub fn facts(&self) -> std::io::Result<&HashMap<u64, Facts>> {
+        self.joined().map(|(_, facts)| facts)
     }
 
     fn joined(&self) -> std::io::Result<&Hashed> {
@@ -148,9 +174,9 @@ impl PendingSha {
     }
 }
 
-/// SHA-256 (hex) of the file at `path`, read once in 1 MiB pieces, and the [`fingerprint`] of
-/// each of `tensors` (`[start, end)`, in file order, not overlapping) from the same bytes.
-fn sha256_and_prints(path: &Path, tensors: &[(u64, u64)]) -> std::io::Result<Hashed> {
+/// SHA-256 (hex) of the file at `path`, read once in 1 MiB pieces, and the [`Facts`] of each of
+/// `tensors` (in file order, not overlapping) from the same bytes.
+fn sha256_and_facts(path: &Path, tensors: &[Region]) -> std::io::Result<Hashed> {
     use sha2::Digest;
     use std::os::unix::fs::FileExt;
     const PIECE: usize = 1 << 20;
@@ -158,33 +184,45 @@ fn sha256_and_prints(path: &Path, tensors: &[(u64, u64)]) -> std::io::Result<Has
     let len = file.metadata()?.len();
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; PIECE];
-    let mut prints = HashMap::with_capacity(tensors.len());
-    // Hashes [from, to), fingerprinting it as one tensor when `tensor`.
-    let mut span = |from: u64, to: u64, tensor: bool| -> std::io::Result<()> {
-        let mut pieces = Vec::new();
+    let mut facts = HashMap::with_capacity(tensors.len());
+    // Hashes [from, to), learning its facts as one tensor's when `element` is given.
+    let mut span = |from: u64, to: u64, element: Option<usize>| -> std::io::Result<()> {
+        let (mut pieces, mut nonzeros) = (Vec::new(), 0);
         let mut at = from;
         while at < to {
             let n = PIECE.min((to - at) as usize);
             file.read_exact_at(&mut buf[..n], at)?;
             hasher.update(&buf[..n]);
-            if tensor {
+            if let Some(size) = element {
                 pieces.extend(buf[..n].chunks(verify::FINGERPRINT_CHUNK).map(verify::piece_fingerprint));
+                nonzeros += count_nonzero(&buf[..n], size);
             }
             at += n as u64;
         }
-        if tensor {
-            prints.insert(from, verify::fold_fingerprints(&pieces, (to - from) as usize));
+        if element.is_some() {
+            facts.insert(from, Facts { print: verify::fold_fingerprints(&pieces, (to - from) as usize), nonzeros });
         }
         Ok(())
     };
     let mut at = 0;
-    for &(start, end) in tensors {
-        span(at, start.max(at), false)?;
-        span(start.max(at), end, true)?;
-        at = end;
+    for r in tensors {
+        span(at, r.start.max(at), None)?;
+        span(r.start.max(at), r.end, Some(r.element))?;
+        at = r.end;
     }
-    span(at, len.max(at), false)?;
-    Ok((hex::encode(hasher.finalize()), prints))
+    span(at, len.max(at), None)?;
+    Ok((hex::encode(hasher.finalize()), facts))
+}
+
+/// How many `size`-byte elements of `bytes` are not all-zero bytes (whole words per element
+/// size, so the count vectorises).
+fn count_nonzero(bytes: &[u8], size: usize) -> u64 {
+    (match size {
+        2 => bytes.chunks_exact(2).filter(|c| u16::from_ne_bytes([c[0], c[1]]) != 0).count(),
+        4 => bytes.chunks_exact(4).filter(|c| u32::from_ne_bytes((*c).try_into().expect("4")) != 0).count(),
+        8 => bytes.chunks_exact(8).filter(|c| u64::from_ne_bytes((*c).try_into().expect("8")) != 0).count(),
+        _ => bytes.chunks_exact(size).filter(|c| c.iter().any(|x| *x != 0)).count(),
+    }) as u64
 }
 
 /// SHA-256 (hex) and length of the file at `path`, read in 1 MiB pieces.
@@ -504,6 +542,12 @@ pub fn execute(
 
     // A second handle on the input: unchanged tensors are copied from it file to file.
     let input_file = source.reader.file().try_clone()?;
+    // With the hash computed alongside, an untouched tensor that every output copies file to file
+    // is not read by this pass at all: the hash thread reads it anyway and learns its figures.
+    let hashed_alongside = matches!(job.inputs.input_sha256, InputSha::Pending(_));
+    let copy_unread = hashed_alongside && sinks.iter().all(|s| s.copies_raw());
+    // (index in `reports`, start offset) of the tensors copied unread.
+    let mut copied_unread = Vec::new();
     let source_file = &mut source;
     for tp in &job.plan.tensors {
         let (src, t) = (&job.plan.header.tensors[tp.index], &tp.out);
@@ -511,7 +555,13 @@ pub fn execute(
         let t0 = Instant::now();
         let mut notes: Vec<String> = tp.skipped.iter().map(|s| format!("step {}: {}", s.step, s.reason)).collect();
         notes.extend(tp.notes.iter().cloned());
-        if tp.actions.is_empty() {
+        if tp.actions.is_empty() && copy_unread && !before_names.contains(&t.name) && !after_names.contains(&t.name) {
+            for sink in &mut sinks {
+                sink.copy_raw(t, &input_file, src.start)?;
+            }
+            copied_unread.push((reports.len(), src.start));
+            reports.push(unchanged_report(t, 0, notes, t0));
+        } else if tp.actions.is_empty() {
             let raw = source_file.reader.read_raw(src)?;
             for sink in &mut sinks {
                 sink.write_raw(t, raw, &input_file, src.start)?;
@@ -618,8 +668,18 @@ pub fn execute(
     // Every header gets the input's hash now: wait for it if another thread computes it, and
     // prove the job read the bytes the hash names.
     job.inputs.input_sha256.wait()?;
-    if let (InputSha::Pending(p), Some(read)) = (job.inputs.input_sha256, source.reader.read_prints()) {
-        same_bytes_as_hashed(&job.plan.header.tensors, p.prints()?, read)?;
+    if let InputSha::Pending(p) = job.inputs.input_sha256 {
+        let facts = p.facts()?;
+        if let Some(read) = source.reader.read_prints() {
+            same_bytes_as_hashed(&job.plan.header.tensors, facts, read)?;
+        }
+        // Tensors copied unread: their figures are the hash's (their copy is checked below).
+        for (i, start) in copied_unread {
+            let (r, f) = (&mut reports[i], facts[&start]);
+            r.nonzeros = f.nonzeros;
+            r.sparsity = 1.0 - f.nonzeros as f64 / r.parameters.max(1) as f64;
+            expected.insert(r.name.clone(), f.print);
+        }
     }
     let metadata = provenance(job);
     let mut artifacts = Vec::new();
@@ -710,17 +770,17 @@ pub fn execute(
     Ok(EngineOutput { artifacts, report })
 }
 
-/// Fails the job when a tensor's bytes as the job read them (`read`) differ from the bytes the
-/// input hash read (`hashed`): the file changed under the job, and its provenance would name a
-/// hash of bytes it did not compress. Both are [`fingerprint`]s by the tensor's start offset.
+/// Fails the job when a tensor's bytes as the job read them (`read`, [`fingerprint`]s) differ
+/// from the bytes the input hash read (`hashed`): the file changed under the job, and its
+/// provenance would name a hash of bytes it did not compress. Both by the tensor's start offset.
 fn same_bytes_as_hashed(
     tensors: &[TensorInfo],
-    hashed: &HashMap<u64, u64>,
+    hashed: &HashMap<u64, Facts>,
     read: &HashMap<u64, u64>,
 ) -> Result<(), EngineError> {
     for t in tensors {
         if let (Some(h), Some(r)) = (hashed.get(&t.start), read.get(&t.start)) {
-            if h != r {
+            if h.print != *r {
                 let detail = "the bytes the job compressed are not the bytes its input hash read".into();
                 return Err(crate::formats::safetensors::InputChanged { tensor: t.name.clone(), detail }
                     .into_io()
@@ -773,16 +833,7 @@ fn raw_pass(raw: &[u8], size: usize) -> (u64, u64) {
     use rayon::prelude::*;
     let pieces: Vec<(u64, u64)> = raw
         .par_chunks(verify::FINGERPRINT_CHUNK)
-        .map(|piece| {
-            // Whole words per element size, so the count vectorises.
-            let nonzeros = match size {
-                2 => piece.chunks_exact(2).filter(|c| u16::from_ne_bytes([c[0], c[1]]) != 0).count(),
-                4 => piece.chunks_exact(4).filter(|c| u32::from_ne_bytes((*c).try_into().expect("4")) != 0).count(),
-                8 => piece.chunks_exact(8).filter(|c| u64::from_ne_bytes((*c).try_into().expect("8")) != 0).count(),
-                _ => piece.chunks_exact(size).filter(|c| c.iter().any(|x| *x != 0)).count(),
-            } as u64;
-            (verify::piece_fingerprint(piece), nonzeros)
-        })
+        .map(|piece| (verify::piece_fingerprint(piece), count_nonzero(piece, size)))
         .collect();
     let prints: Vec<u64> = pieces.iter().map(|p| p.0).collect();
     (verify::fold_fingerprints(&prints, raw.len()), pieces.iter().map(|p| p.1).sum())

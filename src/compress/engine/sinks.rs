@@ -55,6 +55,15 @@ pub trait Sink {
     fn write_raw(&mut self, t: &TensorInfo, raw: &[u8], _source: &std::fs::File, _offset: u64) -> std::io::Result<()> {
         self.write(t, &TensorData::Raw(raw))
     }
+    /// Whether [`Self::copy_raw`] stores an untouched tensor without its bytes being read.
+    fn copies_raw(&self) -> bool {
+        false
+    }
+    /// An untouched tensor of `t.bytes()` bytes at `offset` in `source`, copied without being
+    /// read by the caller; only called when [`Self::copies_raw`].
+    fn copy_raw(&mut self, t: &TensorInfo, _source: &std::fs::File, _offset: u64) -> std::io::Result<()> {
+        Err(std::io::Error::other(format!("tensor `{}`: this layout cannot copy a tensor unread", t.name)))
+    }
     fn finish(self: Box<Self>, metadata: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>>;
 }
 
@@ -168,8 +177,16 @@ impl Sink for DenseSink {
         self.writer.write(&t.name, data.dense())
     }
 
-    fn write_raw(&mut self, t: &TensorInfo, raw: &[u8], source: &std::fs::File, offset: u64) -> std::io::Result<()> {
-        self.writer.copy_from(&t.name, source, offset, raw.len() as u64)
+    fn write_raw(&mut self, t: &TensorInfo, _raw: &[u8], source: &std::fs::File, offset: u64) -> std::io::Result<()> {
+        self.copy_raw(t, source, offset)
+    }
+
+    fn copies_raw(&self) -> bool {
+        true
+    }
+
+    fn copy_raw(&mut self, t: &TensorInfo, source: &std::fs::File, offset: u64) -> std::io::Result<()> {
+        self.writer.copy_from(&t.name, source, offset, t.bytes())
     }
 
     fn finish(self: Box<Self>, metadata: &BTreeMap<String, String>) -> std::io::Result<Vec<ArtifactFile>> {

@@ -57,8 +57,8 @@ fn run(path: &Path, plan: &Plan, sha: InputSha<'_>, out: &Path, ctl: &dyn Contro
     execute(plan, &inputs, out, ctl).map(|o| o.report.input_sha256)
 }
 
-fn regions(plan: &Plan) -> Vec<(u64, u64)> {
-    plan.header.tensors.iter().map(|t| (t.start, t.end)).collect()
+fn regions(plan: &Plan) -> Vec<super::Region> {
+    super::Region::of(&plan.header.tensors)
 }
 
 #[test]
@@ -111,4 +111,36 @@ fn a_tensor_whose_two_reads_disagree_fails_the_job_even_with_a_known_hash() {
         serde_json::json!([{"op": "prune", "method": "magnitude", "scope": "global", "sparsity": 0.5}]),
     );
     run(&path, &plan, InputSha::Known("0"), &dir.path().join("out2"), &super::Silent).unwrap();
+}
+
+#[test]
+fn untouched_tensors_copied_unread_get_the_hash_threads_figures_and_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let steps = serde_json::json!([{"op": "quantize", "bits": 8, "targets": ["fc0.*"]}]);
+    let (path, plan) = model(dir.path(), steps);
+    // fc1 gets some zeros, so its non-zero count is not simply its size.
+    let fc1 = plan.header.get("fc1.weight").unwrap().clone();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.write_all_at(&[0u8; 40], fc1.start).unwrap();
+    let pending = PendingSha::start(&path, regions(&plan));
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let inputs = Inputs { input_sha256: InputSha::Pending(&pending), ..Inputs::model(&path, "", "0") };
+    let done = execute(&plan, &inputs, &out, &super::Silent).unwrap();
+    let mut input = vec![0u8; fc1.bytes() as usize];
+    std::fs::File::open(&path).unwrap().read_exact_at(&mut input, fc1.start).unwrap();
+    let zeros = input.chunks_exact(4).filter(|c| c == &[0u8; 4]).count();
+    assert!(zeros >= 10);
+    let report = done.report.tensors.iter().find(|t| t.name == "fc1.weight").unwrap();
+    assert_eq!((report.scheme.as_str(), report.nonzeros), ("unchanged", (512 - zeros) as u64));
+    assert!((report.sparsity - zeros as f64 / 512.0).abs() < 1e-12, "{}", report.sparsity);
+    // The copy holds the input's bytes, and the output check covered it.
+    let written = done.artifacts.iter().find(|a| a.name == "model.safetensors").unwrap();
+    let h = read_header(&written.path, u64::MAX).unwrap();
+    let t = h.get("fc1.weight").unwrap();
+    let mut copied = vec![0u8; t.bytes() as usize];
+    std::fs::File::open(&written.path).unwrap().read_exact_at(&mut copied, t.start).unwrap();
+    assert_eq!(copied, input);
+    let check = done.report.checks.iter().find(|c| c.format == "safetensors").unwrap();
+    assert_eq!(check.tensors_checked, 3);
 }
