@@ -120,6 +120,23 @@ impl ErrorAccumulator {
         self.fold_lanes([x2, y2, xy, d2, mx], xs.remainder(), ys.remainder());
     }
 
+    /// The sum of squared differences of `original` and `approx` (equal lengths), summed in
+    /// fixed pieces on every core and merged in order, so it is the same on every run.
+    pub fn par_squared_error(original: &[f32], approx: &[f32]) -> f64 {
+        use rayon::prelude::*;
+        const PIECE: usize = 1 << 16;
+        let pieces: Vec<f64> = original
+            .par_chunks(PIECE)
+            .zip(approx.par_chunks(PIECE))
+            .map(|(o, a)| {
+                let mut acc = ErrorAccumulator::default();
+                acc.add(o, a);
+                acc.sum_d2
+            })
+            .collect();
+        pieces.iter().sum()
+    }
+
     pub fn merge(&mut self, other: &ErrorAccumulator) {
         self.sum_x2 += other.sum_x2;
         self.sum_y2 += other.sum_y2;

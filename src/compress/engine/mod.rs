@@ -941,7 +941,7 @@ fn dense_bytes<'a>(dtype: Dtype, values: &'a [f32], dense: &'a [u8]) -> &'a [u8]
 
 /// `dst` becomes a copy of `src`, copied by every core in pieces (a single-threaded copy of a
 /// 64 MiB tensor is ~10 ms on the main thread's critical path). `dst` keeps its allocation.
-fn par_copy(dst: &mut Vec<f32>, src: &[f32]) {
+pub(crate) fn par_copy(dst: &mut Vec<f32>, src: &[f32]) {
     use rayon::prelude::*;
     const PIECE: usize = 1 << 18;
     dst.resize(src.len(), 0.0);

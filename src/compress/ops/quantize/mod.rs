@@ -318,11 +318,10 @@ impl StepOp for QuantizeStep {
             let mut cands = Vec::with_capacity(fits.len());
             let mut measured = Vec::with_capacity(fits.len());
             for c in &fits {
-                probe.work.clear();
-                probe.work.extend_from_slice(&cx.b.work);
+                crate::compress::engine::par_copy(&mut probe.work, &cx.b.work);
                 let ctl = cx.control();
                 crate::compress::engine::quantize(&t, c, &mut probe, &|| ctl.canceled())?;
-                let error: f64 = cx.b.work.iter().zip(&probe.work).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
+                let error = crate::compress::metrics::ErrorAccumulator::par_squared_error(&cx.b.work, &probe.work);
                 cands.push(Candidate { bits_per_weight: scheme_bits(c, &t), error });
                 measured.push((scheme_name(c), error));
             }
