@@ -44,24 +44,49 @@ pub fn piece_fingerprint(bytes: &[u8]) -> u64 {
 }
 
 /// The [`fingerprint`] of `len` bytes of `file` at `offset`, equal to that of the same bytes in
-/// memory. Each piece is read and hashed by whichever core takes it, into a buffer of one piece:
-/// the reads run on every core and no buffer of the whole range is held.
+/// memory ([`file_range_facts`] without the count).
 pub fn fingerprint_file_range(file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<u64> {
+    file_range_facts(file, offset, len, None).map(|(print, _)| print)
+}
+
+/// The [`fingerprint`] of `len` bytes of `file` at `offset` and, with `element` (bytes per
+/// element), how many elements are not all-zero bytes ([`count_nonzero`]). Each piece is read and
+/// hashed by whichever core takes it, into a buffer of one piece: the reads run on every core and
+/// no buffer of the whole range is held.
+pub fn file_range_facts(
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+    element: Option<usize>,
+) -> std::io::Result<(u64, u64)> {
     use rayon::prelude::*;
     use std::os::unix::fs::FileExt;
     let chunk = FINGERPRINT_CHUNK as u64;
-    let pieces: Vec<u64> = (0..len.div_ceil(chunk))
+    let pieces: Vec<(u64, u64)> = (0..len.div_ceil(chunk))
         .into_par_iter()
         .map_init(
             || vec![0u8; FINGERPRINT_CHUNK],
             |buf, k| {
                 let n = chunk.min(len - k * chunk) as usize;
                 file.read_exact_at(&mut buf[..n], offset + k * chunk)?;
-                Ok(piece_fingerprint(&buf[..n]))
+                Ok((piece_fingerprint(&buf[..n]), element.map_or(0, |size| count_nonzero(&buf[..n], size))))
             },
         )
         .collect::<std::io::Result<_>>()?;
-    Ok(fold_fingerprints(&pieces, len as usize))
+    let prints: Vec<u64> = pieces.iter().map(|p| p.0).collect();
+    Ok((fold_fingerprints(&prints, len as usize), pieces.iter().map(|p| p.1).sum()))
+}
+
+/// How many `size`-byte elements of `bytes` are not all-zero bytes (whole words per element
+/// size, so the count vectorises). Every element size divides [`FINGERPRINT_CHUNK`], so counts
+/// of pieces add up.
+pub fn count_nonzero(bytes: &[u8], size: usize) -> u64 {
+    (match size {
+        2 => bytes.chunks_exact(2).filter(|c| u16::from_ne_bytes([c[0], c[1]]) != 0).count(),
+        4 => bytes.chunks_exact(4).filter(|c| u32::from_ne_bytes((*c).try_into().expect("4")) != 0).count(),
+        8 => bytes.chunks_exact(8).filter(|c| u64::from_ne_bytes((*c).try_into().expect("8")) != 0).count(),
+        _ => bytes.chunks_exact(size.max(1)).filter(|c| c.iter().any(|x| *x != 0)).count(),
+    }) as u64
 }
 
 #[cfg(test)]
@@ -82,5 +107,8 @@ mod tests {
             );
         }
         assert!(fingerprint_file_range(&file, 10, bytes.len() as u64).is_err(), "a range past the end");
+        let zeros = bytes[4..].chunks_exact(4).filter(|c| c == &[0u8; 4]).count() as u64;
+        let len = (bytes.len() - 4) / 4 * 4;
+        assert_eq!(file_range_facts(&file, 4, len as u64, Some(4)).unwrap().1, len as u64 / 4 - zeros);
     }
 }

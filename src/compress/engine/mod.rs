@@ -195,7 +195,7 @@ fn sha256_and_facts(path: &Path, tensors: &[Region]) -> std::io::Result<Hashed> 
             hasher.update(&buf[..n]);
             if let Some(size) = element {
                 pieces.extend(buf[..n].chunks(verify::FINGERPRINT_CHUNK).map(verify::piece_fingerprint));
-                nonzeros += count_nonzero(&buf[..n], size);
+                nonzeros += crate::formats::fingerprint::count_nonzero(&buf[..n], size);
             }
             at += n as u64;
         }
@@ -212,17 +212,6 @@ fn sha256_and_facts(path: &Path, tensors: &[Region]) -> std::io::Result<Hashed> 
     }
     span(at, len.max(at), None)?;
     Ok((hex::encode(hasher.finalize()), facts))
-}
-
-/// How many `size`-byte elements of `bytes` are not all-zero bytes (whole words per element
-/// size, so the count vectorises).
-fn count_nonzero(bytes: &[u8], size: usize) -> u64 {
-    (match size {
-        2 => bytes.chunks_exact(2).filter(|c| u16::from_ne_bytes([c[0], c[1]]) != 0).count(),
-        4 => bytes.chunks_exact(4).filter(|c| u32::from_ne_bytes((*c).try_into().expect("4")) != 0).count(),
-        8 => bytes.chunks_exact(8).filter(|c| u64::from_ne_bytes((*c).try_into().expect("8")) != 0).count(),
-        _ => bytes.chunks_exact(size).filter(|c| c.iter().any(|x| *x != 0)).count(),
-    }) as u64
 }
 
 /// SHA-256 (hex) and length of the file at `path`, read in 1 MiB pieces.
@@ -542,11 +531,12 @@ pub fn execute(
 
     // A second handle on the input: unchanged tensors are copied from it file to file.
     let input_file = source.reader.file().try_clone()?;
-    // With the hash computed alongside, an untouched tensor that every output copies file to file
-    // is not read by this pass at all: the hash thread reads it anyway and learns its figures.
+    // An untouched tensor that every output copies file to file is never read into memory. With
+    // the hash computed alongside it is not read by this pass at all (the hash thread reads it
+    // anyway and learns its figures); otherwise its figures come from one parallel piecewise read.
     let hashed_alongside = matches!(job.inputs.input_sha256, InputSha::Pending(_));
-    let copy_unread = hashed_alongside && sinks.iter().all(|s| s.copies_raw());
-    // (index in `reports`, start offset) of the tensors copied unread.
+    let copy_unread = sinks.iter().all(|s| s.copies_raw());
+    // (index in `reports`, start offset) of the tensors copied unread, figures from the hash.
     let mut copied_unread = Vec::new();
     let source_file = &mut source;
     for tp in &job.plan.tensors {
@@ -559,8 +549,16 @@ pub fn execute(
             for sink in &mut sinks {
                 sink.copy_raw(t, &input_file, src.start)?;
             }
-            copied_unread.push((reports.len(), src.start));
-            reports.push(unchanged_report(t, 0, notes, t0));
+            if hashed_alongside {
+                copied_unread.push((reports.len(), src.start));
+                reports.push(unchanged_report(t, 0, notes, t0));
+            } else {
+                let element = Some(src.dtype.size());
+                let (print, nonzeros) =
+                    crate::formats::fingerprint::file_range_facts(&input_file, src.start, src.bytes(), element)?;
+                expected.insert(t.name.clone(), print);
+                reports.push(unchanged_report(t, nonzeros, notes, t0));
+            }
         } else if tp.actions.is_empty() {
             let raw = source_file.reader.read_raw(src)?;
             for sink in &mut sinks {
@@ -833,7 +831,7 @@ fn raw_pass(raw: &[u8], size: usize) -> (u64, u64) {
     use rayon::prelude::*;
     let pieces: Vec<(u64, u64)> = raw
         .par_chunks(verify::FINGERPRINT_CHUNK)
-        .map(|piece| (verify::piece_fingerprint(piece), count_nonzero(piece, size)))
+        .map(|piece| (verify::piece_fingerprint(piece), crate::formats::fingerprint::count_nonzero(piece, size)))
         .collect();
     let prints: Vec<u64> = pieces.iter().map(|p| p.0).collect();
     (verify::fold_fingerprints(&prints, raw.len()), pieces.iter().map(|p| p.1).sum())

@@ -114,7 +114,7 @@ fn a_tensor_whose_two_reads_disagree_fails_the_job_even_with_a_known_hash() {
 }
 
 #[test]
-fn untouched_tensors_copied_unread_get_the_hash_threads_figures_and_are_checked() {
+fn untouched_tensors_copied_unread_get_their_figures_from_the_hash_or_one_read_and_are_checked() {
     let dir = tempfile::tempdir().unwrap();
     let steps = serde_json::json!([{"op": "quantize", "bits": 8, "targets": ["fc0.*"]}]);
     let (path, plan) = model(dir.path(), steps);
@@ -123,12 +123,19 @@ fn untouched_tensors_copied_unread_get_the_hash_threads_figures_and_are_checked(
     let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     file.write_all_at(&[0u8; 40], fc1.start).unwrap();
     let pending = PendingSha::start(&path, regions(&plan));
-    let out = dir.path().join("out");
-    std::fs::create_dir_all(&out).unwrap();
-    let inputs = Inputs { input_sha256: InputSha::Pending(&pending), ..Inputs::model(&path, "", "0") };
-    let done = execute(&plan, &inputs, &out, &super::Silent).unwrap();
+    // The CLI (hash computed alongside: figures from the hash thread) and the server (hash known).
+    for (k, sha) in [InputSha::Pending(&pending), InputSha::Known("0")].into_iter().enumerate() {
+        let out = dir.path().join(format!("out{k}"));
+        std::fs::create_dir_all(&out).unwrap();
+        let inputs = Inputs { input_sha256: sha, ..Inputs::model(&path, "", "0") };
+        let done = execute(&plan, &inputs, &out, &super::Silent).unwrap();
+        check_copied(&path, &fc1, &done);
+    }
+}
+
+fn check_copied(path: &Path, fc1: &crate::formats::safetensors::TensorInfo, done: &super::EngineOutput) {
     let mut input = vec![0u8; fc1.bytes() as usize];
-    std::fs::File::open(&path).unwrap().read_exact_at(&mut input, fc1.start).unwrap();
+    std::fs::File::open(path).unwrap().read_exact_at(&mut input, fc1.start).unwrap();
     let zeros = input.chunks_exact(4).filter(|c| c == &[0u8; 4]).count();
     assert!(zeros >= 10);
     let report = done.report.tensors.iter().find(|t| t.name == "fc1.weight").unwrap();
