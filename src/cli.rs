@@ -454,7 +454,7 @@ fn compress(job: &JobArgs, out: &Path, memory_limit: u64) -> anyhow::Result<Exit
     }
     let model = model.path.as_path();
     // Hashed by a thread of its own while the job runs, never as a pass before it.
-    let input_sha = engine::PendingSha::start(model, engine::Region::of(&plan.header.tensors));
+    let input_sha = engine::PendingSha::start(model, engine::Region::of(&plan));
     let spec_sha = work_hash;
     let bar = indicatif::ProgressBar::new(1000).with_style(
         indicatif::ProgressStyle::with_template("{bar:40} {percent:>3}% {elapsed_precise} {msg}").expect("template"),

@@ -114,22 +114,32 @@ pub struct PendingSha {
     value: std::sync::OnceLock<Hashed>,
 }
 
-/// The input's SHA-256 (hex) and each tensor's [`Facts`], by start offset.
-type Hashed = (String, HashMap<u64, Facts>);
+/// The input's SHA-256 (hex) and each tensor's [`Facts`], by [`TensorInfo::span`].
+type Hashed = (String, HashMap<(u64, u64), Facts>);
 
-/// A tensor's byte range in the input file and its element size.
+/// A tensor's byte range in the input file, its element size, and whether the job may leave it
+/// untouched (then the hash thread also counts its non-zero elements for the report).
 #[derive(Debug, Clone, Copy)]
 pub struct Region {
     pub start: u64,
     pub end: u64,
     /// Bytes per element (1, 2, 4 or 8).
     pub element: usize,
+    pub untouched: bool,
 }
 
 impl Region {
-    /// The regions of a validated header's tensors, in file order.
-    pub fn of(tensors: &[TensorInfo]) -> Vec<Region> {
-        tensors.iter().map(|t| Region { start: t.start, end: t.end, element: t.dtype.size() }).collect()
+    /// The regions of the plan's input tensors, in file order.
+    pub fn of(plan: &Plan) -> Vec<Region> {
+        let untouched: std::collections::HashSet<usize> =
+            plan.tensors.iter().filter(|tp| tp.actions.is_empty()).map(|tp| tp.index).collect();
+        let region = |(i, t): (usize, &TensorInfo)| Region {
+            start: t.start,
+            end: t.end,
+            element: t.dtype.size(),
+            untouched: untouched.contains(&i),
+        };
+        plan.header.tensors.iter().enumerate().map(region).collect()
     }
 }
 
@@ -138,13 +148,13 @@ impl Region {
 pub struct Facts {
     /// Their [`fingerprint`].
     pub print: u64,
-    /// Elements that are not all-zero bytes.
-    pub nonzeros: u64,
+    /// Elements that are not all-zero bytes, counted for untouched regions only.
+    pub nonzeros: Option<u64>,
 }
 
 impl PendingSha {
-    /// Starts hashing `path`; `tensors` are its tensors' regions in file order (a validated
-    /// header's, [`Region::of`]), whose [`Facts`] are recorded on the way.
+    /// Starts hashing `path`; `tensors` are its tensors' regions in file order (the plan's,
+    /// [`Region::of`]), whose [`Facts`] are recorded on the way.
     pub fn start(path: &Path, tensors: Vec<Region>) -> PendingSha {
         let path = path.to_owned();
         let thread = std::thread::spawn(move || sha256_and_facts(&path, &tensors));
@@ -156,8 +166,8 @@ impl PendingSha {
         self.joined().map(|(sha, _)| sha.as_str())
     }
 
-    /// Each tensor's [`Facts`] as the hash read its bytes, by start offset.
-    pub fn facts(&self) -> std::io::Result<&HashMap<u64, Facts>> {
+    /// Each tensor's [`Facts`] as the hash read its bytes, by [`TensorInfo::span`].
+    pub fn facts(&self) -> std::io::Result<&HashMap<(u64, u64), Facts>> {
         self.joined().map(|(_, facts)| facts)
     }
 
@@ -185,30 +195,34 @@ fn sha256_and_facts(path: &Path, tensors: &[Region]) -> std::io::Result<Hashed> 
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; PIECE];
     let mut facts = HashMap::with_capacity(tensors.len());
-    // Hashes [from, to), learning its facts as one tensor's when `element` is given.
-    let mut span = |from: u64, to: u64, element: Option<usize>| -> std::io::Result<()> {
-        let (mut pieces, mut nonzeros) = (Vec::new(), 0);
+    // Hashes [from, to); as one tensor's bytes (`Some(count)`), learns their facts, counting
+    // non-zeros with `count` = Some(element size).
+    let mut span = |from: u64, to: u64, tensor: Option<Option<usize>>| -> std::io::Result<()> {
+        let (mut pieces, mut nonzeros) = (Vec::new(), tensor.flatten().map(|_| 0));
         let mut at = from;
         while at < to {
             let n = PIECE.min((to - at) as usize);
             file.read_exact_at(&mut buf[..n], at)?;
             hasher.update(&buf[..n]);
-            if let Some(size) = element {
+            if let Some(count) = tensor {
                 pieces.extend(buf[..n].chunks(verify::FINGERPRINT_CHUNK).map(verify::piece_fingerprint));
-                nonzeros += crate::formats::fingerprint::count_nonzero(&buf[..n], size);
+                if let (Some(size), Some(total)) = (count, nonzeros.as_mut()) {
+                    *total += crate::formats::fingerprint::count_nonzero(&buf[..n], size);
+                }
             }
             at += n as u64;
         }
-        if element.is_some() {
-            facts.insert(from, Facts { print: verify::fold_fingerprints(&pieces, (to - from) as usize), nonzeros });
+        if tensor.is_some() {
+            let print = verify::fold_fingerprints(&pieces, (to - from) as usize);
+            facts.insert((from, to), Facts { print, nonzeros });
         }
         Ok(())
     };
     let mut at = 0;
     for r in tensors {
         span(at, r.start.max(at), None)?;
-        span(r.start.max(at), r.end, Some(r.element))?;
-        at = r.end;
+        span(r.start.max(at), r.end, Some(r.untouched.then_some(r.element)))?;
+        at = r.end.max(at);
     }
     span(at, len.max(at), None)?;
     Ok((hex::encode(hasher.finalize()), facts))
@@ -536,8 +550,11 @@ pub fn execute(
     // anyway and learns its figures); otherwise its figures come from one parallel piecewise read.
     let hashed_alongside = matches!(job.inputs.input_sha256, InputSha::Pending(_));
     let copy_unread = sinks.iter().all(|s| s.copies_raw());
-    // (index in `reports`, start offset) of the tensors copied unread, figures from the hash.
+    // (index in `reports`, span, element size) of the tensors copied unread whose figures come
+    // from the hash.
     let mut copied_unread = Vec::new();
+    // Every tensor copied unread by name: only the output check reads its bytes.
+    let mut copied_spans = HashMap::new();
     let source_file = &mut source;
     for tp in &job.plan.tensors {
         let (src, t) = (&job.plan.header.tensors[tp.index], &tp.out);
@@ -549,8 +566,9 @@ pub fn execute(
             for sink in &mut sinks {
                 sink.copy_raw(t, &input_file, src.start)?;
             }
+            copied_spans.insert(t.name.clone(), src.span());
             if hashed_alongside {
-                copied_unread.push((reports.len(), src.start));
+                copied_unread.push((reports.len(), src.span(), src.dtype.size()));
                 reports.push(unchanged_report(t, 0, notes, t0));
             } else {
                 let element = Some(src.dtype.size());
@@ -560,7 +578,8 @@ pub fn execute(
                 reports.push(unchanged_report(t, nonzeros, notes, t0));
             }
         } else if tp.actions.is_empty() {
-            let raw = source_file.reader.read_raw(src)?;
+            // Fingerprinted once, by the pass that also counts: the reader records that print.
+            let raw = source_file.reader.read_raw_unnoted(src)?;
             for sink in &mut sinks {
                 sink.write_raw(t, raw, &input_file, src.start)?;
             }
@@ -576,6 +595,7 @@ pub fn execute(
                     after.insert(t.name.clone(), (t.shape.clone(), values));
                 }
             }
+            source_file.reader.note(src, print)?;
             reports.push(unchanged_report(t, nonzeros, notes, t0));
         } else {
             source_file.read(job.plan, tp, &mut b.orig, true)?;
@@ -672,10 +692,21 @@ pub fn execute(
             same_bytes_as_hashed(&job.plan.header.tensors, facts, read)?;
         }
         // Tensors copied unread: their figures are the hash's (their copy is checked below).
-        for (i, start) in copied_unread {
-            let (r, f) = (&mut reports[i], facts[&start]);
-            r.nonzeros = f.nonzeros;
-            r.sparsity = 1.0 - f.nonzeros as f64 / r.parameters.max(1) as f64;
+        for (i, span, element) in copied_unread {
+            let f = facts.get(&span).ok_or_else(|| {
+                std::io::Error::other(format!("the input hash has no figures for tensor `{}`", reports[i].name))
+            })?;
+            let r = &mut reports[i];
+            // A tensor the plan did not expect to leave untouched (a structural step's replanning)
+            // was not counted by the hash thread: counted now.
+            r.nonzeros = match f.nonzeros {
+                Some(n) => n,
+                None => {
+                    let (start, end) = span;
+                    crate::formats::fingerprint::file_range_facts(&input_file, start, end - start, Some(element))?.1
+                }
+            };
+            r.sparsity = 1.0 - r.nonzeros as f64 / r.parameters.max(1) as f64;
             expected.insert(r.name.clone(), f.print);
         }
     }
@@ -688,7 +719,29 @@ pub fn execute(
     // The check has buffers of its own: the main pass's go first, so the peak stays the main pass's.
     drop((b, dense));
     let outs: Vec<TensorInfo> = job.plan.tensors.iter().map(|tp| tp.out.clone()).collect();
-    let checks = verify::verify(&artifacts, &outs, &expected, job.plan.llama_cpp.as_ref())?;
+    let checks = match verify::verify(&artifacts, &outs, &expected, job.plan.llama_cpp.as_ref()) {
+        // A tensor copied unread that does not match what was learned of it: if the input's bytes
+        // are no longer those, the file changed under the job (not a layout fault).
+        Err(EngineError::Tensor { tensor, code: "layout_mismatch", detail }) => {
+            let changed = match (copied_spans.get(&tensor), expected.get(&tensor)) {
+                (Some(&(start, end)), Some(&want)) => {
+                    crate::formats::fingerprint::fingerprint_file_range(&input_file, start, end - start)? != want
+                }
+                _ => false,
+            };
+            return Err(match changed {
+                true => EngineError::from(
+                    crate::formats::safetensors::InputChanged {
+                        tensor,
+                        detail: "the bytes copied to the output are not the bytes it had when first read".into(),
+                    }
+                    .into_io(),
+                ),
+                false => EngineError::Tensor { tensor, code: "layout_mismatch", detail },
+            });
+        }
+        other => other?,
+    };
     if let Some(g) = &final_graph {
         let path = out_dir.join("graph.json");
         std::fs::write(&path, serde_json::to_vec_pretty(g).expect("graph JSON"))?;
@@ -770,14 +823,14 @@ pub fn execute(
 
 /// Fails the job when a tensor's bytes as the job read them (`read`, [`fingerprint`]s) differ
 /// from the bytes the input hash read (`hashed`): the file changed under the job, and its
-/// provenance would name a hash of bytes it did not compress. Both by the tensor's start offset.
+/// provenance would name a hash of bytes it did not compress. Both by [`TensorInfo::span`].
 fn same_bytes_as_hashed(
     tensors: &[TensorInfo],
-    hashed: &HashMap<u64, Facts>,
-    read: &HashMap<u64, u64>,
+    hashed: &HashMap<(u64, u64), Facts>,
+    read: &HashMap<(u64, u64), u64>,
 ) -> Result<(), EngineError> {
     for t in tensors {
-        if let (Some(h), Some(r)) = (hashed.get(&t.start), read.get(&t.start)) {
+        if let (Some(h), Some(r)) = (hashed.get(&t.span()), read.get(&t.span())) {
             if h.print != *r {
                 let detail = "the bytes the job compressed are not the bytes its input hash read".into();
                 return Err(crate::formats::safetensors::InputChanged { tensor: t.name.clone(), detail }

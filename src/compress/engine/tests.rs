@@ -58,7 +58,7 @@ fn run(path: &Path, plan: &Plan, sha: InputSha<'_>, out: &Path, ctl: &dyn Contro
 }
 
 fn regions(plan: &Plan) -> Vec<super::Region> {
-    super::Region::of(&plan.header.tensors)
+    super::Region::of(plan)
 }
 
 #[test]
@@ -150,4 +150,63 @@ fn check_copied(path: &Path, fc1: &crate::formats::safetensors::TensorInfo, done
     assert_eq!(copied, input);
     let check = done.report.checks.iter().find(|c| c.format == "safetensors").unwrap();
     assert_eq!(check.tensors_checked, 3);
+}
+
+#[test]
+fn an_untouched_tensor_changed_after_it_was_hashed_fails_as_input_changed_not_as_a_layout_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, plan) = model(dir.path(), serde_json::json!([{"op": "quantize", "bits": 8, "targets": ["fc0.*"]}]));
+    let pending = PendingSha::start(&path, regions(&plan));
+    // fc2 is untouched: copied file to file unread, its figures taken from the hash thread.
+    let ctl = EditAt {
+        at: "tensor fc2.weight",
+        edit: Mutex::new(Some(Box::new(|| {
+            pending.wait().unwrap();
+            overwrite(&path, &plan, "fc2.weight");
+        }))),
+    };
+    match run(&path, &plan, InputSha::Pending(&pending), &dir.path().join("out"), &ctl) {
+        // This detail is the copy's: a tensor the main pass read would fail on its read instead.
+        Err(EngineError::Job { code: "input_changed", detail }) => {
+            assert!(detail.contains("`fc2.weight`") && detail.contains("bytes copied to the output"), "{detail}")
+        }
+        other => panic!("expected input_changed, got {other:?}"),
+    }
+}
+
+/// An empty tensor starts where the next one does: fingerprints and figures are keyed by the
+/// whole span, so neither is taken for the other's (a false `input_changed` or `layout_mismatch`).
+#[test]
+fn an_empty_tensor_between_two_others_is_neither_mistaken_for_the_next_nor_a_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("in.safetensors");
+    let mut w = SafetensorsWriter::create(&path).unwrap();
+    let bytes = |l: usize| -> Vec<u8> {
+        (0..8 * 64).flat_map(|i| (((i * 37 + l * 11) % 101) as f32 / 100.0 - 0.5).to_le_bytes()).collect()
+    };
+    w.write("fc0.weight", Dtype::F32, &[8, 64], &bytes(0)).unwrap();
+    w.write("empty", Dtype::F32, &[0], &[]).unwrap();
+    w.write("fc1.weight", Dtype::F32, &[8, 64], &bytes(1)).unwrap();
+    w.finish(&Default::default()).unwrap();
+    for (k, steps) in [
+        serde_json::json!([{"op": "quantize", "bits": 8, "targets": ["fc0.*"]}]),
+        serde_json::json!([{"op": "quantize", "bits": 8}]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let spec = parse_compress(&steps, Some(&serde_json::json!(["safetensors"]))).unwrap();
+        let plan = prepare(spec, PlanInputs::model(read_header(&path, u64::MAX).unwrap()));
+        let pending = PendingSha::start(&path, regions(&plan));
+        for (j, sha) in [InputSha::Pending(&pending), InputSha::Known("0")].into_iter().enumerate() {
+            let out = dir.path().join(format!("out{k}{j}"));
+            std::fs::create_dir_all(&out).unwrap();
+            let inputs = Inputs { input_sha256: sha, ..Inputs::model(&path, "", "0") };
+            let done = execute(&plan, &inputs, &out, &super::Silent).unwrap_or_else(|e| panic!("{k}/{j}: {e:?}"));
+            let empty = done.report.tensors.iter().find(|t| t.name == "empty").unwrap();
+            assert_eq!(empty.nonzeros, 0, "{k}/{j}");
+            let fc1 = done.report.tensors.iter().find(|t| t.name == "fc1.weight").unwrap();
+            assert!(fc1.nonzeros > 500, "{k}/{j}: {}", fc1.nonzeros);
+        }
+    }
 }

@@ -18,14 +18,14 @@ use std::collections::HashMap;
 pub struct TensorReader {
     file: File,
     raw: Vec<u8>,
-    /// With [`Self::record_reads`]: the [`fingerprint`] of every tensor read, by start offset.
-    prints: Option<HashMap<u64, u64>>,
+    /// With [`Self::record_reads`]: the [`fingerprint`] of every tensor read, by [`TensorInfo::span`].
+    prints: Option<HashMap<(u64, u64), u64>>,
 }
 
 /// A tensor whose bytes differ between two reads of the same file in one job: the file was
 /// modified while the job ran. Carried inside the [`std::io::Error`] of the read that saw it.
 #[derive(Debug, thiserror::Error)]
-#[error("tensor `{tensor}`: the input file changed while the job read it ({detail}); run the job again on a file nothing writes to meanwhile")]
+#[error("tensor `{tensor}`: the input file changed while the job read it ({detail}); nothing may write to a model file while a job reads it")]
 pub struct InputChanged {
     pub tensor: String,
     pub detail: String,
@@ -55,13 +55,15 @@ impl TensorReader {
         self.prints.get_or_insert_with(HashMap::new);
     }
 
-    /// The fingerprint of each tensor's bytes as read, by the tensor's start offset.
-    pub fn read_prints(&self) -> Option<&HashMap<u64, u64>> {
+    /// The fingerprint of each tensor's bytes as read, by [`TensorInfo::span`].
+    pub fn read_prints(&self) -> Option<&HashMap<(u64, u64), u64>> {
         self.prints.as_ref()
     }
 
-    fn note(&mut self, t: &TensorInfo, print: u64) -> std::io::Result<()> {
-        match self.prints.as_mut().and_then(|p| p.insert(t.start, print)) {
+    /// Records that tensor `t` was read with bytes of fingerprint `print` (a caller that read it
+    /// with [`Self::read_raw_unnoted`] and fingerprinted it itself); fails as [`Self::read_raw`].
+    pub fn note(&mut self, t: &TensorInfo, print: u64) -> std::io::Result<()> {
+        match self.prints.as_mut().and_then(|p| p.insert(t.span(), print)) {
             Some(before) if before != print => {
                 Err(InputChanged { tensor: t.name.clone(), detail: "two reads of its bytes disagree".into() }.into_io())
             }
@@ -77,11 +79,18 @@ impl TensorReader {
 
     /// The tensor's bytes exactly as stored.
     pub fn read_raw(&mut self, t: &TensorInfo) -> std::io::Result<&[u8]> {
-        self.raw.resize(t.bytes() as usize, 0);
-        self.file.read_exact_at(&mut self.raw, t.start)?;
+        self.read_raw_unnoted(t)?;
         if self.prints.is_some() {
             self.note(t, fingerprint(&self.raw))?;
         }
+        Ok(&self.raw)
+    }
+
+    /// [`Self::read_raw`] without recording the read: the caller fingerprints the bytes in a pass
+    /// of its own and gives the fingerprint to [`Self::note`].
+    pub fn read_raw_unnoted(&mut self, t: &TensorInfo) -> std::io::Result<&[u8]> {
+        self.raw.resize(t.bytes() as usize, 0);
+        self.file.read_exact_at(&mut self.raw, t.start)?;
         Ok(&self.raw)
     }
 

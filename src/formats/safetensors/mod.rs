@@ -118,6 +118,12 @@ impl TensorInfo {
         self.end - self.start
     }
 
+    /// `(start, end)`: what identifies the tensor's bytes in the file (a start alone does not: an
+    /// empty tensor starts where the next one does).
+    pub fn span(&self) -> (u64, u64) {
+        (self.start, self.end)
+    }
+
     /// The tensor seen as a matrix of rows along its LAST dimension: cols = the last dim, rows =
     /// the product of all the others (a channel is every index but the last). This is how GGUF
     /// blocks run, and it gives a mixture-of-experts weight [experts, out, in] one row (and one
