@@ -10,14 +10,17 @@ use crate::compress::plan::{prepare, Plan, PlanInputs};
 use crate::compress::spec::parse_compress;
 use crate::formats::safetensors::{read_header, Dtype, SafetensorsWriter};
 
+/// The bytes of an f32 [8, 64] tensor, different for each `l`, with a few exact zeros.
+fn tensor_bytes(l: usize) -> Vec<u8> {
+    (0..8 * 64).flat_map(|i| (((i * 37 + l * 11) % 101) as f32 / 100.0 - 0.5).to_le_bytes()).collect()
+}
+
 /// A model of three f32 [8, 64] tensors `fc0..fc2.weight`, and the plan of `steps` on it.
 fn model(dir: &Path, steps: serde_json::Value) -> (PathBuf, Plan) {
     let path = dir.join("in.safetensors");
     let mut w = SafetensorsWriter::create(&path).unwrap();
     for l in 0..3 {
-        let bytes: Vec<u8> =
-            (0..8 * 64).flat_map(|i| (((i * 37 + l * 11) % 101) as f32 / 100.0 - 0.5).to_le_bytes()).collect();
-        w.write(&format!("fc{l}.weight"), Dtype::F32, &[8, 64], &bytes).unwrap();
+        w.write(&format!("fc{l}.weight"), Dtype::F32, &[8, 64], &tensor_bytes(l)).unwrap();
     }
     w.finish(&Default::default()).unwrap();
     let spec = parse_compress(&steps, Some(&serde_json::json!(["safetensors"]))).unwrap();
@@ -70,12 +73,13 @@ fn the_hash_computed_alongside_is_the_files_and_names_the_bytes_compressed() {
     assert_eq!(sha, sha256_file(&path).unwrap().0);
 }
 
-#[test]
-fn a_file_changed_after_it_was_hashed_fails_the_job_naming_the_tensor() {
+/// Runs `steps` with the hash computed alongside; just before the main pass reaches fc2 (the
+/// hash has read the whole file by then), fc2 changes. The job must fail with `input_changed`
+/// naming fc2, its detail containing `detail_part`.
+fn fc2_changed_after_hashing(steps: serde_json::Value, detail_part: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let (path, plan) = model(dir.path(), serde_json::json!([{"op": "quantize", "bits": 8}]));
+    let (path, plan) = model(dir.path(), steps);
     let pending = PendingSha::start(&path, regions(&plan));
-    // Before the main pass reads fc2: the hash has read the whole file, then fc2 changes.
     let ctl = EditAt {
         at: "tensor fc2.weight",
         edit: Mutex::new(Some(Box::new(|| {
@@ -85,10 +89,16 @@ fn a_file_changed_after_it_was_hashed_fails_the_job_naming_the_tensor() {
     };
     match run(&path, &plan, InputSha::Pending(&pending), &dir.path().join("out"), &ctl) {
         Err(EngineError::Job { code: "input_changed", detail }) => {
-            assert!(detail.contains("`fc2.weight`") && detail.contains("changed while the job read it"), "{detail}")
+            assert!(detail.contains("`fc2.weight`") && detail.contains(detail_part), "{detail}")
         }
         other => panic!("expected input_changed, got {other:?}"),
     }
+}
+
+#[test]
+fn a_file_changed_after_it_was_hashed_fails_the_job_naming_the_tensor() {
+    let steps = serde_json::json!([{"op": "quantize", "bits": 8}]);
+    fc2_changed_after_hashing(steps, "the bytes the job compressed are not the bytes its input hash read");
 }
 
 #[test]
@@ -154,24 +164,10 @@ fn check_copied(path: &Path, fc1: &crate::formats::safetensors::TensorInfo, done
 
 #[test]
 fn an_untouched_tensor_changed_after_it_was_hashed_fails_as_input_changed_not_as_a_layout_fault() {
-    let dir = tempfile::tempdir().unwrap();
-    let (path, plan) = model(dir.path(), serde_json::json!([{"op": "quantize", "bits": 8, "targets": ["fc0.*"]}]));
-    let pending = PendingSha::start(&path, regions(&plan));
-    // fc2 is untouched: copied file to file unread, its figures taken from the hash thread.
-    let ctl = EditAt {
-        at: "tensor fc2.weight",
-        edit: Mutex::new(Some(Box::new(|| {
-            pending.wait().unwrap();
-            overwrite(&path, &plan, "fc2.weight");
-        }))),
-    };
-    match run(&path, &plan, InputSha::Pending(&pending), &dir.path().join("out"), &ctl) {
-        // This detail is the copy's: a tensor the main pass read would fail on its read instead.
-        Err(EngineError::Job { code: "input_changed", detail }) => {
-            assert!(detail.contains("`fc2.weight`") && detail.contains("bytes copied to the output"), "{detail}")
-        }
-        other => panic!("expected input_changed, got {other:?}"),
-    }
+    // fc2 is untouched: copied file to file unread, its figures taken from the hash thread. This
+    // detail is the copy's: a tensor the main pass read fails with the other one instead.
+    let steps = serde_json::json!([{"op": "quantize", "bits": 8, "targets": ["fc0.*"]}]);
+    fc2_changed_after_hashing(steps, "the bytes copied to the output are not the bytes it had when first read");
 }
 
 /// An empty tensor starts where the next one does: fingerprints and figures are keyed by the
@@ -181,12 +177,9 @@ fn an_empty_tensor_between_two_others_is_neither_mistaken_for_the_next_nor_a_cha
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("in.safetensors");
     let mut w = SafetensorsWriter::create(&path).unwrap();
-    let bytes = |l: usize| -> Vec<u8> {
-        (0..8 * 64).flat_map(|i| (((i * 37 + l * 11) % 101) as f32 / 100.0 - 0.5).to_le_bytes()).collect()
-    };
-    w.write("fc0.weight", Dtype::F32, &[8, 64], &bytes(0)).unwrap();
+    w.write("fc0.weight", Dtype::F32, &[8, 64], &tensor_bytes(0)).unwrap();
     w.write("empty", Dtype::F32, &[0], &[]).unwrap();
-    w.write("fc1.weight", Dtype::F32, &[8, 64], &bytes(1)).unwrap();
+    w.write("fc1.weight", Dtype::F32, &[8, 64], &tensor_bytes(1)).unwrap();
     w.finish(&Default::default()).unwrap();
     for (k, steps) in [
         serde_json::json!([{"op": "quantize", "bits": 8, "targets": ["fc0.*"]}]),
