@@ -135,9 +135,10 @@ pub fn quantize(
     stop: &Stop<'_>,
 ) -> Result<(LastQuant, Option<String>), EngineError> {
     let (rows, cols) = t.matrix();
-    b.scratch.resize(b.work.len(), 0.0);
     match scheme {
         Scheme::Int(p) => {
+            // The dequantized values go to `scratch`, then swap with `work` (GGUF decodes in place).
+            b.scratch.resize(b.work.len(), 0.0);
             quantize_into_until(&b.work, rows, cols, p, store_dtype(t.dtype), &mut b.int, &mut b.scratch, stop)
                 .map_err(|e| quant_error(t, e))?;
             std::mem::swap(&mut b.work, &mut b.scratch);
