@@ -120,21 +120,9 @@ impl ErrorAccumulator {
         self.fold_lanes([x2, y2, xy, d2, mx], xs.remainder(), ys.remainder());
     }
 
-    /// The sum of squared differences of `original` and `approx` (equal lengths), summed in
-    /// fixed pieces on every core and merged in order, so it is the same on every run.
-    pub fn par_squared_error(original: &[f32], approx: &[f32]) -> f64 {
-        use rayon::prelude::*;
-        const PIECE: usize = 1 << 16;
-        let pieces: Vec<f64> = original
-            .par_chunks(PIECE)
-            .zip(approx.par_chunks(PIECE))
-            .map(|(o, a)| {
-                let mut acc = ErrorAccumulator::default();
-                acc.add(o, a);
-                acc.sum_d2
-            })
-            .collect();
-        pieces.iter().sum()
+    /// The sum of squared differences added so far.
+    pub fn squared_error(&self) -> f64 {
+        self.sum_d2
     }
 
     pub fn merge(&mut self, other: &ErrorAccumulator) {
@@ -175,9 +163,15 @@ impl ErrorAccumulator {
 /// Values per parallel piece of [`error_metrics`] (256 KiB of f32).
 const METRICS_CHUNK: usize = 1 << 16;
 
-/// Metrics of a whole tensor in one call, over every core: pieces of [`METRICS_CHUNK`] values
-/// are summed in parallel and merged in order, so the result does not depend on scheduling.
+/// Metrics of a whole tensor in one call, over every core ([`error_sums`]).
 pub fn error_metrics(original: &[f32], approx: &[f32]) -> ErrorMetrics {
+    error_sums(original, approx).finish()
+}
+
+/// The sums behind [`ErrorMetrics`] of a whole tensor, over every core: pieces of
+/// [`METRICS_CHUNK`] values are summed in parallel and merged in order, so the result does not
+/// depend on scheduling.
+pub fn error_sums(original: &[f32], approx: &[f32]) -> ErrorAccumulator {
     use rayon::prelude::*;
     debug_assert_eq!(original.len(), approx.len());
     let parts: Vec<ErrorAccumulator> = original
@@ -193,7 +187,7 @@ pub fn error_metrics(original: &[f32], approx: &[f32]) -> ErrorMetrics {
     for p in &parts {
         acc.merge(p);
     }
-    acc.finish()
+    acc
 }
 
 #[cfg(test)]

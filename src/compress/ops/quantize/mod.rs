@@ -321,7 +321,7 @@ impl StepOp for QuantizeStep {
                 crate::compress::engine::par_copy(&mut probe.work, &cx.b.work);
                 let ctl = cx.control();
                 crate::compress::engine::quantize(&t, c, &mut probe, &|| ctl.canceled())?;
-                let error = crate::compress::metrics::ErrorAccumulator::par_squared_error(&cx.b.work, &probe.work);
+                let error = crate::compress::metrics::error_sums(&cx.b.work, &probe.work).squared_error();
                 cands.push(Candidate { bits_per_weight: scheme_bits(c, &t), error });
                 measured.push((scheme_name(c), error));
             }
