@@ -3,14 +3,20 @@
 # (8 x 4096x4096 f32, normal(0, 0.02), seed 0) against the physical floor of this machine
 # (`cp` + `sync` of the same bytes) and, when LLAMA_QUANTIZE names a built llama-quantize,
 # against it on the same weights (an F32 GGUF of the same tensors), 2 threads each.
+# The global pruning job is also run by PyTorch (`benches/torch_prune.py`: `prune.global_unstructured`,
+# the issue's reference) when PYTHON has torch and safetensors (TORCH=0 skips it: ~26 s a round).
 # Rounds alternate the commands; the figures are medians of wall-clock seconds, then ratios.
 #   bash benches/whole_job.sh
-#   ROUNDS=7 BIN=target/release/modelpress LLAMA_QUANTIZE=/path/llama-quantize bash benches/whole_job.sh
+#   ROUNDS=7 BIN=target/release/modelpress LLAMA_QUANTIZE=/path/llama-quantize PYTHON=venv/bin/python bash benches/whole_job.sh
 # Needs python3 with numpy (and the `gguf` package for the llama-quantize comparison).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-5}
 PYTHON=${PYTHON:-python3}
+if [ -n "${LLAMA_QUANTIZE:-}" ] && ! command -v openssl >/dev/null; then
+  echo "openssl is needed for the llama-quantize + SHA-256 reference (apt-get install openssl)" >&2
+  exit 1
+fi
 if [ -z "${BIN:-}" ]; then
   cargo build --release --locked --bin modelpress >/dev/null
   BIN=target/release/modelpress
@@ -81,14 +87,40 @@ lq() {
   rm -f "$WORK/lq.gguf"
   seconds "$LLAMA_QUANTIZE" "$WORK/model-f32.gguf" "$WORK/lq.gguf" "$1" 2
 }
+# llama-quantize given two guarantees `modelpress compress` has and it lacks, with standard tools:
+# the input's SHA-256 for the provenance (OpenSSL's, which uses the SHA extensions as ModelPress's
+# does, where coreutils' sha256sum is several times slower; computed alongside, as ModelPress does)
+# and a durable output (a `sync` of the file, timed this time).
+lq_durable() {
+  rm -f "$WORK/lq.gguf"
+  seconds sh -c "openssl dgst -sha256 '$WORK/model-f32.gguf' >/dev/null & '$LLAMA_QUANTIZE' '$WORK/model-f32.gguf' '$WORK/lq.gguf' $1 2 && wait && sync '$WORK/lq.gguf'"
+}
+
+# PyTorch's whole process for the pruning job, when it can run here.
+TORCH=${TORCH:-1}
+if [ "$TORCH" = 1 ] && ! "$PYTHON" -c 'import torch, safetensors' 2>/dev/null; then
+  echo "skipping PyTorch's pruning: $PYTHON has no torch or safetensors (pip install torch safetensors)" >&2
+  TORCH=0
+fi
+torch_prune() {
+  rm -f "$WORK/torch.safetensors"
+  seconds "$PYTHON" benches/torch_prune.py "$WORK/model.safetensors" "$WORK/torch.safetensors" 2
+}
 
 declare -A T
 cases=(q8_0 q4_0 prune copy)
 for r in $(seq 1 "$ROUNDS"); do
   for c in "${cases[@]}"; do
     T[mp_$c]+="$(mp "$c") "
-    if [ -n "${LLAMA_QUANTIZE:-}" ] && [ "$c" = q8_0 ]; then T[lq_q8_0]+="$(lq Q8_0) "; fi
-    if [ -n "${LLAMA_QUANTIZE:-}" ] && [ "$c" = q4_0 ]; then T[lq_q4_0]+="$(lq Q4_0) "; fi
+    if [ "$TORCH" = 1 ] && [ "$c" = prune ]; then T[torch_prune]+="$(torch_prune) "; fi
+    if [ -n "${LLAMA_QUANTIZE:-}" ] && [ "$c" = q8_0 ]; then
+      T[lq_q8_0]+="$(lq Q8_0) "
+      T[lqd_q8_0]+="$(lq_durable Q8_0) "
+    fi
+    if [ -n "${LLAMA_QUANTIZE:-}" ] && [ "$c" = q4_0 ]; then
+      T[lq_q4_0]+="$(lq Q4_0) "
+      T[lqd_q4_0]+="$(lq_durable Q4_0) "
+    fi
   done
   T[floor]+="$(floor) "
   echo "round $r done" >&2
@@ -102,7 +134,10 @@ print(f"whole process, median of {sys.argv[1]} alternating rounds, 512 MiB model
 for k in sorted(med):
     print(f"  {k:10s} {med[k]:6.3f} s  ({min(t[k]):.3f}-{max(t[k]):.3f})")
 print(f"  copy vs cp+sync: {med['mp_copy'] / med['floor']:.2f}x the floor")
+if "torch_prune" in med:
+    print(f"  prune: PyTorch / modelpress = {med['torch_prune'] / med['mp_prune']:.1f}x")
 for q in ("q8_0", "q4_0"):
     if f"lq_{q}" in med:
-        print(f"  {q}: llama-quantize / modelpress = {med[f'lq_{q}'] / med[f'mp_{q}']:.2f}x")
+        print(f"  {q}: llama-quantize / modelpress = {med[f'lq_{q}'] / med[f'mp_{q}']:.2f}x;"
+              f" with SHA-256 + sync (lqd): {med[f'lqd_{q}'] / med[f'mp_{q}']:.2f}x")
 PY
