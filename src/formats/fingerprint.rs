@@ -77,6 +77,19 @@ pub fn file_range_facts(
     Ok((fold_fingerprints(&prints, len as usize), pieces.iter().map(|p| p.1).sum()))
 }
 
+/// [`file_range_facts`] of bytes in memory, in one parallel pass: their [`fingerprint`] and how
+/// many of their `element`-byte elements are not all-zero bytes. The two must agree: the engine
+/// compares what one path learned of a tensor with what the other did.
+pub fn bytes_facts(bytes: &[u8], element: usize) -> (u64, u64) {
+    use rayon::prelude::*;
+    let pieces: Vec<(u64, u64)> = bytes
+        .par_chunks(FINGERPRINT_CHUNK)
+        .map(|piece| (piece_fingerprint(piece), count_nonzero(piece, element)))
+        .collect();
+    let prints: Vec<u64> = pieces.iter().map(|p| p.0).collect();
+    (fold_fingerprints(&prints, bytes.len()), pieces.iter().map(|p| p.1).sum())
+}
+
 /// How many `size`-byte elements of `bytes` are not all-zero bytes (whole words per element
 /// size, so the count vectorises). Every element size divides [`FINGERPRINT_CHUNK`], so counts
 /// of pieces add up.
@@ -110,5 +123,7 @@ mod tests {
         let zeros = bytes[4..].chunks_exact(4).filter(|c| c == &[0u8; 4]).count() as u64;
         let len = (bytes.len() - 4) / 4 * 4;
         assert_eq!(file_range_facts(&file, 4, len as u64, Some(4)).unwrap().1, len as u64 / 4 - zeros);
+        // The same facts from the bytes in memory.
+        assert_eq!(file_range_facts(&file, 4, len as u64, Some(4)).unwrap(), bytes_facts(&bytes[4..4 + len], 4));
     }
 }

@@ -583,7 +583,7 @@ pub fn execute(
             for sink in &mut sinks {
                 sink.write_raw(t, raw, &input_file, src.start)?;
             }
-            let (print, nonzeros) = raw_pass(raw, t.dtype.size());
+            let (print, nonzeros) = crate::formats::fingerprint::bytes_facts(raw, t.dtype.size());
             expected.insert(t.name.clone(), print);
             if before_names.contains(&t.name) || after_names.contains(&t.name) {
                 let mut values = vec![0f32; t.numel()];
@@ -872,22 +872,6 @@ fn evaluate(
         Err(EvalError::Stopped) => Err(EngineError::Canceled),
         Err(err) => Err(failed(format!("evaluation: {err}"))),
     }
-}
-
-/// Makes every zero positive, encodes the final values in the tensor's own dtype into `dense` (the
-/// bytes every dense layout stores) and makes `values` exactly what those bytes decode to, so the
-/// report, the dense output and every compressed layout describe the same numbers. A value the dtype cannot hold (an f16
-/// overflow) fails the tensor: no job writes NaN/Inf it made itself.
-/// One parallel pass over an unchanged tensor's bytes: their [`fingerprint`] and how many of
-/// its `size`-byte elements are not all-zero bytes.
-fn raw_pass(raw: &[u8], size: usize) -> (u64, u64) {
-    use rayon::prelude::*;
-    let pieces: Vec<(u64, u64)> = raw
-        .par_chunks(verify::FINGERPRINT_CHUNK)
-        .map(|piece| (verify::piece_fingerprint(piece), crate::formats::fingerprint::count_nonzero(piece, size)))
-        .collect();
-    let prints: Vec<u64> = pieces.iter().map(|p| p.0).collect();
-    (verify::fold_fingerprints(&prints, raw.len()), pieces.iter().map(|p| p.1).sum())
 }
 
 /// What [`finalize`] learned about a changed tensor on its way out.
